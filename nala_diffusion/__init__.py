@@ -1,0 +1,50 @@
+"""nala_diffusion: NaLa (norm-aware linear attention) for diffusion transformers, on diffusers."""
+
+from .conversion import convert_dit_to_nala, load_dit
+from .kernels import (
+    apply_rope,
+    linear_attention,
+    nala_attention,
+    nala_key_features,
+    nala_query_features,
+    rope_2d_tables,
+    softmax_attention,
+)
+from .model import DIT_PRESETS, NaLaDiTTransformer2DModel, preset_config
+from .processors import (
+    ATTENTION_PROCESSORS,
+    ELULinearAttnProcessor,
+    KernelAttnProcessor,
+    NaLaAttnProcessor,
+    ReLULinearAttnProcessor,
+    SoftmaxAttnProcessor,
+)
+from .swap import ATTENTION_TYPES, restore_attention, self_attention_modules, set_attention, set_nala_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ATTENTION_PROCESSORS",
+    "ATTENTION_TYPES",
+    "DIT_PRESETS",
+    "ELULinearAttnProcessor",
+    "KernelAttnProcessor",
+    "NaLaAttnProcessor",
+    "NaLaDiTTransformer2DModel",
+    "ReLULinearAttnProcessor",
+    "SoftmaxAttnProcessor",
+    "apply_rope",
+    "convert_dit_to_nala",
+    "linear_attention",
+    "load_dit",
+    "nala_attention",
+    "nala_key_features",
+    "nala_query_features",
+    "preset_config",
+    "restore_attention",
+    "rope_2d_tables",
+    "self_attention_modules",
+    "set_attention",
+    "set_nala_attention",
+    "softmax_attention",
+]

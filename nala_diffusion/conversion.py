@@ -1,0 +1,134 @@
+"""Build a NaLa DiT from a pretrained diffusers DiT by weight inheritance.
+
+Every DiT weight is copied; only parameters the DiT does not have (processor extras) are new, and
+they start as identity (LePE zero-initialised). The output gate cannot start as identity, so it is
+refused here. With ``attention_type="softmax"`` the converted model computes exactly what the
+original did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Union
+
+import torch
+from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
+
+from .model import NaLaDiTTransformer2DModel
+
+CONVERTIBLE_CLASSES = ("Transformer2DModel", "DiTTransformer2DModel", "NaLaDiTTransformer2DModel")
+# Config keys that NaLaDiTTransformer2DModel shares with diffusers' DiT.
+DIT_CONFIG_KEYS = (
+    "num_attention_heads",
+    "attention_head_dim",
+    "in_channels",
+    "out_channels",
+    "num_layers",
+    "dropout",
+    "norm_num_groups",
+    "attention_bias",
+    "sample_size",
+    "patch_size",
+    "activation_fn",
+    "num_embeds_ada_norm",
+    "upcast_attention",
+    "norm_type",
+    "norm_elementwise_affine",
+    "norm_eps",
+)
+
+
+def _resolve_folder(path: str, subfolder: Optional[str]) -> str:
+    folder = os.path.join(path, subfolder) if subfolder else path
+    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
+        os.path.join(path, "transformer", "config.json")
+    ):
+        folder = os.path.join(path, "transformer")  # a pipeline folder such as facebook/DiT-XL-2-256
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"{folder!r} has no config.json; expected a DiT transformer folder or a DiT pipeline folder")
+    return folder
+
+
+def _check_dit_config(config: dict, where: str) -> None:
+    name = config.get("_class_name")
+    if name not in CONVERTIBLE_CLASSES:
+        raise ValueError(f"{where} holds a {name!r}, not a DiT; convertible classes: {CONVERTIBLE_CLASSES}")
+    if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or config.get("patch_size") is None:
+        raise ValueError(
+            f"{where} is a {name} without DiT's ada_norm_zero + patch_size layout "
+            f"(norm_type={config.get('norm_type')!r}, patch_size={config.get('patch_size')!r})"
+        )
+
+
+def load_dit(
+    path: Union[str, os.PathLike],
+    *,
+    subfolder: Optional[str] = None,
+    variant: Optional[str] = None,
+    torch_dtype: Optional[torch.dtype] = None,
+) -> DiTTransformer2DModel:
+    """Load a diffusers DiT from a local folder or Hub id, from safetensors only.
+
+    Accepts a transformer folder or a pipeline folder with a ``transformer/`` subfolder (the layout of
+    ``facebook/DiT-XL-2-256``), whose config may name the legacy ``Transformer2DModel``.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        folder = _resolve_folder(path, subfolder)
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+            _check_dit_config(json.load(handle), folder)
+        return DiTTransformer2DModel.from_pretrained(
+            folder, use_safetensors=True, variant=variant, torch_dtype=torch_dtype
+        )
+    # A Hub id: the pretrained DiTs keep the transformer in a subfolder.
+    return DiTTransformer2DModel.from_pretrained(
+        path, subfolder=subfolder or "transformer", use_safetensors=True, variant=variant, torch_dtype=torch_dtype
+    )
+
+
+def convert_dit_to_nala(
+    dit: Union[str, os.PathLike, DiTTransformer2DModel],
+    *,
+    attention_type: str = "nala",
+    subfolder: Optional[str] = None,
+    variant: Optional[str] = None,
+    num_classes: Optional[int] = None,
+    **attention_options,
+) -> NaLaDiTTransformer2DModel:
+    """A :class:`NaLaDiTTransformer2DModel` with the weights of a pretrained DiT.
+
+    Args:
+        dit: a ``DiTTransformer2DModel`` (or one of ours), or a folder / Hub id (see :func:`load_dit`).
+        attention_type: the attention of the new model (``"nala"`` by default).
+        num_classes: class count, defaults to the DiT's ``num_embeds_ada_norm``.
+        attention_options: config options of :class:`NaLaDiTTransformer2DModel` (``inhibit``,
+            ``use_lepe``, ``position_embedding``, ...). ``use_gate=True`` is refused: a gate cannot
+            start as identity.
+    """
+    if attention_options.get("use_gate"):
+        raise ValueError("use_gate cannot start as identity, so a converted model cannot have it; train one from scratch")
+    if not isinstance(dit, torch.nn.Module):
+        dit = load_dit(dit, subfolder=subfolder, variant=variant)
+    if not isinstance(dit, DiTTransformer2DModel):
+        raise ValueError(f"expected a DiTTransformer2DModel, got {type(dit).__name__}")
+    _check_dit_config(dict(dit.config), type(dit).__name__)
+
+    config = {k: dit.config[k] for k in DIT_CONFIG_KEYS if k in dit.config}
+    if num_classes is not None and num_classes != config["num_embeds_ada_norm"]:
+        raise ValueError(
+            f"num_classes={num_classes} does not match the DiT's {config['num_embeds_ada_norm']} classes"
+        )
+    config.update(attention_options, attention_type=attention_type)
+    parameter = next(dit.parameters())
+    model = NaLaDiTTransformer2DModel(**config).to(device=parameter.device, dtype=parameter.dtype)
+
+    source = dit.state_dict()
+    missing, unexpected = model.load_state_dict(source, strict=False)
+    not_new = [k for k in missing if ".processor." not in k]
+    if unexpected or not_new:
+        raise ValueError(
+            "the DiT's weights do not fit the NaLa model: "
+            f"unexpected {unexpected[:5]}, missing {not_new[:5]}"
+        )
+    return model.eval() if not dit.training else model

@@ -1,0 +1,261 @@
+"""Attention kernels: NaLa (norm-aware linear attention) and the baselines it is compared with.
+
+Every function takes ``query``, ``key``, ``value`` shaped ``(batch, heads, tokens, head_dim)`` and
+returns ``(batch, heads, query_tokens, head_dim)`` in the dtype of ``query``. Linear kernels compute
+in at least float32 (float16/bfloat16 are upcast, float64 stays float64) and never allocate a
+tokens x tokens matrix: they build a ``(features, head_dim)`` state from the keys and values once,
+then read it with every query.
+
+NaLa follows NaLaFormer (arXiv 2506.21137), see ``DESIGN.md`` section 1:
+
+    r = |q|, u = q / max(r, eps), p(r) = power_scale * (power_offset + tanh r)
+    relu_split: phi_q = [relu(u)^p, relu(-u)^p],          phi_k = [relu(k'), relu(-k')],  k' = sign(k) |k|^gamma
+    cosine:     phi_q = |u|^p * [cos t(u), sin t(u)],     phi_k = |k|^gamma * [cos t(k), sin t(k)],
+                t(x) = (pi / 4) * tanh(s * x / |x|)
+    o_i = phi_q(q_i) . S / (phi_q(q_i) . z + eps),  S = mean_j phi_k(k_j) v_j^T,  z = mean_j phi_k(k_j)
+
+A larger query norm raises the direction's entries to a higher power, which sharpens the attention
+(the temperature effect of softmax); unlike a scalar factor it does not cancel in the ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+INHIBIT_MODES = ("relu_split", "cosine")
+FEATURE_MAPS = ("relu", "elu")
+
+RotaryTables = Tuple[torch.Tensor, torch.Tensor]
+RopeArg = Optional[Union[RotaryTables, Callable[[torch.Tensor], torch.Tensor]]]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the linear kernels accumulate in: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+        raise ValueError(
+            "query, key and value must be shaped (batch, heads, tokens, head_dim); got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"query and key head_dim differ: {query.shape[-1]} vs {key.shape[-1]}")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"key and value token counts differ: {key.shape[-2]} vs {value.shape[-2]}")
+    if key.shape[-2] == 0:
+        raise ValueError("attention needs at least one key token")
+
+
+def _per_head(value: Union[float, torch.Tensor], like: torch.Tensor) -> Union[float, torch.Tensor]:
+    """A float stays a float; a per-head tensor of shape (heads,) becomes (1, heads, 1, 1)."""
+    if not torch.is_tensor(value):
+        return float(value)
+    value = value.to(device=like.device, dtype=like.dtype)
+    if value.ndim == 1:
+        if value.shape[0] != like.shape[1]:
+            raise ValueError(f"a per-head tensor needs {like.shape[1]} entries (one per head), got {value.shape[0]}")
+        value = value.view(1, -1, 1, 1)
+    return value
+
+
+def _angle(direction: torch.Tensor, sharpness: float) -> torch.Tensor:
+    """Per-coordinate angle in (-pi/4, pi/4): its sign is the coordinate's sign."""
+    return (math.pi / 4) * torch.tanh(sharpness * direction)
+
+
+def nala_query_features(
+    query: torch.Tensor,
+    *,
+    power_scale: Union[float, torch.Tensor] = 3.0,
+    power_offset: float = 0.5,
+    inhibit: str = "relu_split",
+    angle_sharpness: float = 20.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """phi_q: (batch, heads, tokens, d) -> (batch, heads, tokens, 2d), non-negative."""
+    norm = torch.linalg.vector_norm(query, dim=-1, keepdim=True)  # (B, H, N, 1)
+    direction = query / norm.clamp_min(eps)  # (B, H, N, d), entries in [-1, 1]
+    power = _per_head(power_scale, query) * (power_offset + torch.tanh(norm))  # (B, H, N, 1)
+    magnitude = direction.abs().pow(power)  # |u|^p, in [0, 1]
+    if inhibit == "relu_split":
+        # relu(u)^p and relu(-u)^p: the magnitude goes to the half that matches the sign.
+        positive = direction > 0
+        zero = torch.zeros((), dtype=magnitude.dtype, device=magnitude.device)
+        return torch.cat([torch.where(positive, magnitude, zero), torch.where(direction < 0, magnitude, zero)], -1)
+    if inhibit == "cosine":
+        angle = _angle(direction, angle_sharpness)
+        return torch.cat([magnitude * torch.cos(angle), magnitude * torch.sin(angle)], dim=-1)
+    raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {inhibit!r}")
+
+
+def nala_key_features(
+    key: torch.Tensor,
+    *,
+    key_power: float = 3,
+    inhibit: str = "relu_split",
+    angle_sharpness: float = 20.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """phi_k: (batch, heads, tokens, d) -> (batch, heads, tokens, 2d), non-negative."""
+    magnitude = key.abs().pow(key_power)  # |k|^gamma
+    if inhibit == "relu_split":
+        # k' = sign(k) |k|^gamma (= k^gamma for odd gamma); [relu(k'), relu(-k')]
+        zero = torch.zeros((), dtype=magnitude.dtype, device=magnitude.device)
+        return torch.cat([torch.where(key > 0, magnitude, zero), torch.where(key < 0, magnitude, zero)], dim=-1)
+    if inhibit == "cosine":
+        direction = key / torch.linalg.vector_norm(key, dim=-1, keepdim=True).clamp_min(eps)
+        angle = _angle(direction, angle_sharpness)
+        return torch.cat([magnitude * torch.cos(angle), magnitude * torch.sin(angle)], dim=-1)
+    raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {inhibit!r}")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dimension's two halves."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: RopeArg) -> torch.Tensor:
+    """Rotate ``x`` (..., tokens, dim) by ``rope``: a ``(cos, sin)`` pair of tables or a callable."""
+    if rope is None:
+        return x
+    if callable(rope):
+        return rope(x)
+    cos, sin = rope
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+def rope_2d_tables(
+    grid_size: Sequence[int],
+    dim: int,
+    *,
+    base: float = 10000.0,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
+) -> RotaryTables:
+    """Axial 2D rotary tables ``(cos, sin)``, each (rows * cols, dim), tokens in row-major order.
+
+    Rotation pairs are (i, i + dim/2) as in :func:`rotate_half`; the first half of the pairs turns
+    with the row index, the second half with the column index.
+    """
+    if dim % 2:
+        raise ValueError(f"rotary embedding needs an even feature dimension, got {dim}")
+    rows, cols = (int(s) for s in grid_size)
+    pairs = dim // 2
+    row_pairs, col_pairs = (pairs + 1) // 2, pairs // 2
+
+    def axis_angles(positions: torch.Tensor, count: int) -> torch.Tensor:
+        inv_freq = base ** (-torch.arange(count, device=device, dtype=torch.float64) / max(count, 1))
+        return positions[:, None].double() * inv_freq[None, :]  # (positions, count)
+
+    row_index = torch.arange(rows, device=device).repeat_interleave(cols)  # (N,)
+    col_index = torch.arange(cols, device=device).repeat(rows)  # (N,)
+    angles = torch.cat([axis_angles(row_index, row_pairs), axis_angles(col_index, col_pairs)], dim=-1)  # (N, d/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (N, dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _linear_readout(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    value: torch.Tensor,
+    eps: float,
+    rope: RopeArg = None,
+) -> torch.Tensor:
+    """o = phi_q . S / (phi_q . z + eps), S = mean_j phi_k v^T, z = mean_j phi_k; rope on the numerator only."""
+    num_keys = phi_k.shape[-2]
+    key_mean = phi_k.mean(dim=-2, keepdim=True)  # (B, H, 1, F)
+    denominator = (phi_q * key_mean).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
+    if rope is not None:
+        phi_q, phi_k = apply_rope(phi_q, rope), apply_rope(phi_k, rope)
+    state = torch.matmul(phi_k.transpose(-1, -2), value) / num_keys  # (B, H, F, d)
+    numerator = torch.matmul(phi_q, state)  # (B, H, N, d)
+    return numerator / (denominator + eps)
+
+
+def nala_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    power_scale: Union[float, torch.Tensor] = 3.0,
+    power_offset: float = 0.5,
+    key_power: float = 3,
+    inhibit: str = "relu_split",
+    angle_sharpness: float = 20.0,
+    eps: float = 1e-6,
+    rope: RopeArg = None,
+) -> torch.Tensor:
+    """Norm-aware linear attention, O(tokens * head_dim^2) time and O(head_dim^2) state per head.
+
+    Args:
+        query, key, value: ``(batch, heads, tokens, head_dim)``; keys and values may have another
+            token count than queries.
+        power_scale: lambda in p(r) = lambda * (tau + tanh r); a float or a per-head tensor ``(heads,)``.
+        power_offset: tau.
+        key_power: gamma, the power of the keys (odd keeps the sign).
+        inhibit: ``"relu_split"`` (released code) or ``"cosine"`` (the paper's angular form).
+        angle_sharpness: s in the ``cosine`` angle (pi/4) tanh(s x / |x|).
+        eps: guards the query normalisation and the output's denominator.
+        rope: rotary tables ``(cos, sin)`` broadcastable to ``(..., tokens, 2 * head_dim)`` (see
+            :func:`rope_2d_tables`), or a callable, applied to the numerator's features only.
+
+    Returns:
+        ``(batch, heads, query_tokens, head_dim)`` in ``query.dtype``.
+    """
+    _check_qkv(query, key, value)
+    if inhibit not in INHIBIT_MODES:
+        raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {inhibit!r}")
+    dtype = compute_dtype(query.dtype)
+    q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+    phi_q = nala_query_features(
+        q, power_scale=power_scale, power_offset=power_offset, inhibit=inhibit, angle_sharpness=angle_sharpness, eps=eps
+    )  # (B, H, N, 2d)
+    phi_k = nala_key_features(k, key_power=key_power, inhibit=inhibit, angle_sharpness=angle_sharpness, eps=eps)
+    return _linear_readout(phi_q, phi_k, v, eps, rope).to(query.dtype)
+
+
+def kernel_feature_map(x: torch.Tensor, feature_map: str) -> torch.Tensor:
+    if feature_map == "relu":
+        return F.relu(x)
+    if feature_map == "elu":
+        return F.elu(x) + 1.0
+    raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+
+
+def linear_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    feature_map: str = "relu",
+    eps: float = 1e-6,
+    rope: RopeArg = None,
+) -> torch.Tensor:
+    """Kernel linear attention: ``"relu"`` (as SANA) or ``"elu"`` (1 + ELU, Katharopoulos et al.)."""
+    _check_qkv(query, key, value)
+    dtype = compute_dtype(query.dtype)
+    phi_q = kernel_feature_map(query.to(dtype), feature_map)  # (B, H, N, d)
+    phi_k = kernel_feature_map(key.to(dtype), feature_map)
+    return _linear_readout(phi_q, phi_k, value.to(dtype), eps, rope).to(query.dtype)
+
+
+def softmax_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    attn_mask: Optional[torch.Tensor] = None,
+    rope: RopeArg = None,
+) -> torch.Tensor:
+    """Softmax attention through ``torch.nn.functional.scaled_dot_product_attention``."""
+    _check_qkv(query, key, value)
+    if rope is not None:
+        query, key = apply_rope(query, rope), apply_rope(key, rope)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)

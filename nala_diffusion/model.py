@@ -1,0 +1,282 @@
+"""NaLaDiTTransformer2DModel: diffusers' DiT with a configurable self-attention kernel.
+
+A subclass of ``DiTTransformer2DModel``: same modules, same parameter names, so DiT weights load.
+What it adds:
+
+- ``attention_type`` (``"nala"``, ``"softmax"``, ``"relu_linear"``, ``"elu_linear"``) and the
+  processor options in the config, so a saved model reloads with the attention it was trained with;
+- any height x width the patch divides (non-square, larger than ``sample_size``), with the sin-cos
+  position table built for that grid (``position_embedding="extend"``) or squeezed into the
+  training grid (``"interpolate"``, diffusers' ``PatchEmbed`` behaviour);
+- ``num_classes`` with the null class ``num_classes`` for classifier-free guidance, and no random
+  label drop inside the model (each DiT block would drop labels independently; drop them once, in
+  the training step).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
+
+from .kernels import INHIBIT_MODES
+from .swap import ATTENTION_TYPES, processor_options, set_attention
+
+POSITION_EMBEDDINGS = ("extend", "interpolate")
+
+# DiT sizes (Peebles & Xie, Table 1); every patch size 2, 4, 8 is offered as in the DiT repo.
+_DIT_SIZES = {
+    "S": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),  # hidden 384
+    "B": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64),  # hidden 768
+    "L": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64),  # hidden 1024
+    "XL": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72),  # hidden 1152
+}
+DIT_PRESETS: Dict[str, Dict[str, int]] = {
+    f"{size}/{patch}": {**dims, "patch_size": patch} for size, dims in _DIT_SIZES.items() for patch in (2, 4, 8)
+}
+
+
+def preset_config(name: str, **overrides) -> Dict[str, Any]:
+    """Config dict of a DiT size preset (``"S/2"``, ``"B/4"``, ``"XL/2"``, ...) with overrides."""
+    key = name.upper().removeprefix("DIT-")
+    if key not in DIT_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(DIT_PRESETS)}")
+    return {**DIT_PRESETS[key], **overrides}
+
+
+class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
+    r"""DiT (arXiv 2212.09748) whose self-attention kernel is chosen by ``attention_type``.
+
+    Parameters are those of ``DiTTransformer2DModel`` plus:
+        num_classes (`int`, *optional*): number of classes; labels ``0..num_classes-1`` and the null
+            class ``num_classes`` (unconditional). Defaults to ``num_embeds_ada_norm``.
+        attention_type (`str`, defaults to ``"nala"``): ``"nala"``, ``"softmax"``, ``"relu_linear"`` or
+            ``"elu_linear"``.
+        power_scale, power_offset, key_power, inhibit, angle_sharpness, attention_eps,
+        learnable_power: NaLa kernel options (see :func:`~nala_diffusion.nala_attention`);
+            ``attention_eps`` is the kernels' ``eps``.
+        use_lepe, lepe_kernel_size, use_gate, use_rope: processor extras
+            (see :class:`~nala_diffusion.NaLaAttnProcessor`).
+        position_embedding (`str`, defaults to ``"extend"``): for grids other than the training
+            grid, ``"extend"`` builds the sin-cos table for the new grid (positions 0..rows-1,
+            0..cols-1), ``"interpolate"`` squeezes each axis into the training range.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_attention_heads: int = 16,
+        attention_head_dim: int = 72,
+        in_channels: int = 4,
+        out_channels: Optional[int] = None,
+        num_layers: int = 28,
+        dropout: float = 0.0,
+        norm_num_groups: int = 32,
+        attention_bias: bool = True,
+        sample_size: int = 32,
+        patch_size: int = 2,
+        activation_fn: str = "gelu-approximate",
+        num_embeds_ada_norm: Optional[int] = 1000,
+        upcast_attention: bool = False,
+        norm_type: str = "ada_norm_zero",
+        norm_elementwise_affine: bool = False,
+        norm_eps: float = 1e-5,
+        num_classes: Optional[int] = None,
+        attention_type: str = "nala",
+        power_scale: float = 3.0,
+        power_offset: float = 0.5,
+        key_power: float = 3,
+        inhibit: str = "relu_split",
+        angle_sharpness: float = 20.0,
+        attention_eps: float = 1e-6,
+        learnable_power: bool = False,
+        use_lepe: bool = False,
+        lepe_kernel_size: int = 3,
+        use_gate: bool = False,
+        use_rope: bool = False,
+        position_embedding: str = "extend",
+    ):
+        if num_classes is None:
+            num_classes = num_embeds_ada_norm
+        elif num_embeds_ada_norm not in (None, 1000, num_classes):
+            raise ValueError(f"num_classes ({num_classes}) and num_embeds_ada_norm ({num_embeds_ada_norm}) disagree")
+        if attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
+        if inhibit not in INHIBIT_MODES:
+            raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {inhibit!r}")
+        if position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {position_embedding!r}")
+        super().__init__(
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            num_layers=num_layers,
+            dropout=dropout,
+            norm_num_groups=norm_num_groups,
+            attention_bias=attention_bias,
+            sample_size=sample_size,
+            patch_size=patch_size,
+            activation_fn=activation_fn,
+            num_embeds_ada_norm=num_classes,
+            upcast_attention=upcast_attention,
+            norm_type=norm_type,
+            norm_elementwise_affine=norm_elementwise_affine,
+            norm_eps=norm_eps,
+        )
+        # The config records the resolved class count under both names.
+        self.register_to_config(num_classes=num_classes, num_embeds_ada_norm=num_classes)
+        for block in self.transformer_blocks:
+            # Keep the null-class row of the label table (so DiT weights load) but never drop
+            # labels at random inside the model.
+            block.norm1.emb.class_embedder.dropout_prob = 0.0
+        set_attention(self, attention_type, **self.attention_options())
+
+    # -- configuration helpers ------------------------------------------------------------------
+    def attention_options(self) -> Dict[str, Any]:
+        """Processor options from the config that ``attention_type``'s processor accepts."""
+        config = self.config
+        candidates = {
+            "power_scale": config.power_scale,
+            "power_offset": config.power_offset,
+            "key_power": config.key_power,
+            "inhibit": config.inhibit,
+            "angle_sharpness": config.angle_sharpness,
+            "eps": config.attention_eps,
+            "learnable_power": config.learnable_power,
+            "use_lepe": config.use_lepe,
+            "lepe_kernel_size": config.lepe_kernel_size,
+            "use_gate": config.use_gate,
+            "use_rope": config.use_rope,
+        }
+        allowed = processor_options(config.attention_type)
+        return {k: v for k, v in candidates.items() if k in allowed}
+
+    @property
+    def null_class_label(self) -> int:
+        """The label that means "no class" (classifier-free guidance's unconditional branch)."""
+        return self.config.num_classes
+
+    @property
+    def training_grid(self):
+        side = self.config.sample_size // self.config.patch_size
+        return side, side
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "NaLaDiTTransformer2DModel":
+        """A freshly initialised model of a DiT size preset (``"S/2"``, ``"B/2"``, ``"L/2"``, ``"XL/2"``, ...)."""
+        return cls(**preset_config(name, **overrides))
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _position_table(self, rows: int, cols: int, mode: str, device) -> Optional[torch.Tensor]:
+        """(1, rows * cols, D) sin-cos table, or None where PatchEmbed's own table is the right one."""
+        if mode == "interpolate" or (rows, cols) == self.training_grid:
+            return None
+        scale = self.pos_embed.interpolation_scale
+        grid_h = torch.arange(rows, device=device, dtype=torch.float32) / scale
+        grid_w = torch.arange(cols, device=device, dtype=torch.float32) / scale
+        grid = torch.stack(torch.meshgrid(grid_w, grid_h, indexing="xy"), dim=0)  # (2, rows, cols), w first as in diffusers
+        table = get_2d_sincos_pos_embed_from_grid(self.inner_dim, grid, output_type="pt")  # (rows * cols, D)
+        return table.float().unsqueeze(0)
+
+    def _embed_patches(self, hidden_states: torch.Tensor, mode: str) -> torch.Tensor:
+        rows, cols = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
+        table = self._position_table(rows, cols, mode, hidden_states.device)
+        if table is None:
+            return self.pos_embed(hidden_states)  # training grid, or diffusers' interpolation
+        patches = self.pos_embed.proj(hidden_states).flatten(2).transpose(1, 2)  # (B, N, D)
+        if self.pos_embed.layer_norm:
+            patches = self.pos_embed.norm(patches)
+        return (patches + table).to(patches.dtype)
+
+    def _check_input(self, hidden_states: torch.Tensor) -> None:
+        if hidden_states.ndim != 4 or hidden_states.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"hidden_states must be (batch, {self.config.in_channels}, height, width); got {tuple(hidden_states.shape)}"
+            )
+        height, width = hidden_states.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"height and width must be multiples of the patch size {self.patch_size}; got {height}x{width}"
+            )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: Optional[torch.LongTensor] = None,
+        class_labels: Optional[torch.LongTensor] = None,
+        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
+        return_dict: bool = True,
+        position_embedding: Optional[str] = None,
+    ):
+        """Like ``DiTTransformer2DModel.forward``, for any height x width the patch divides.
+
+        Args:
+            hidden_states: ``(batch, in_channels, height, width)``.
+            timestep: ``(batch,)`` or a scalar.
+            class_labels: ``(batch,)`` in ``0..num_classes`` (``num_classes`` is the null class).
+            cross_attention_kwargs: passed to the attention processors; ``grid_size`` is added.
+            position_embedding: overrides the config's ``position_embedding`` for this call.
+
+        Returns:
+            ``Transformer2DModelOutput`` with ``sample`` ``(batch, out_channels, height, width)``,
+            or a tuple when ``return_dict`` is False.
+        """
+        # 1. Input
+        self._check_input(hidden_states)
+        mode = position_embedding or self.config.position_embedding
+        if mode not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {mode!r}")
+        batch = hidden_states.shape[0]
+        if timestep is not None:
+            timestep = torch.as_tensor(timestep, device=hidden_states.device)
+            if timestep.ndim == 0:
+                timestep = timestep.expand(batch)
+        rows, cols = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
+        hidden_states = self._embed_patches(hidden_states, mode)  # (B, rows * cols, D)
+        cross_attention_kwargs = dict(cross_attention_kwargs or {})
+        if self._processors_take_grid():
+            cross_attention_kwargs.setdefault("grid_size", (rows, cols))
+
+        # 2. Blocks
+        for block in self.transformer_blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(
+                    block, hidden_states, None, None, None, timestep, cross_attention_kwargs, class_labels
+                )
+            else:
+                hidden_states = block(
+                    hidden_states,
+                    attention_mask=None,
+                    encoder_hidden_states=None,
+                    encoder_attention_mask=None,
+                    timestep=timestep,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    class_labels=class_labels,
+                )  # (B, N, D)
+
+        # 3. Output
+        conditioning = self.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
+        shift, scale = self.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)  # (B, D) each
+        hidden_states = self.norm_out(hidden_states) * (1 + scale[:, None]) + shift[:, None]
+        hidden_states = self.proj_out_2(hidden_states)  # (B, N, p * p * C_out)
+
+        # 4. Unpatchify on the (rows, cols) grid
+        p, channels = self.patch_size, self.out_channels
+        hidden_states = hidden_states.reshape(-1, rows, cols, p, p, channels)
+        hidden_states = torch.einsum("nhwpqc->nchpwq", hidden_states)
+        output = hidden_states.reshape(-1, channels, rows * p, cols * p)  # (B, C_out, H, W)
+
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+    def _processors_take_grid(self) -> bool:
+        processor = self.transformer_blocks[0].attn1.processor
+        return "grid_size" in inspect.signature(processor.__call__).parameters

@@ -1,0 +1,340 @@
+"""diffusers attention processors that run the kernels of :mod:`nala_diffusion.kernels`.
+
+All processors share one shape (:class:`KernelAttnProcessor`): the projections, heads and
+``norm_q``/``norm_k`` of the ``Attention`` module they serve, the same optional extras (LePE, output
+gate, 2D RoPE), and a ``grid_size=(rows, cols)`` keyword that reaches them through
+``cross_attention_kwargs``. They differ only in the kernel, so a comparison swaps only the kernel.
+
+They are ``nn.Module``s: diffusers registers a module processor as a submodule of its
+``Attention``, so LePE, gate and learnable-power parameters are saved and loaded with the model
+(``...attn1.processor.lepe.weight``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence, Tuple, Type
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from .kernels import INHIBIT_MODES, linear_attention, nala_attention, rope_2d_tables, softmax_attention
+
+
+def _resolve_grid(grid_size: Optional[Sequence[int]], num_tokens: int) -> Tuple[int, int]:
+    """The (rows, cols) token grid: as given, or the square one when the token count is square."""
+    if grid_size is not None:
+        rows, cols = (int(s) for s in grid_size)
+        if rows * cols != num_tokens:
+            raise ValueError(f"grid_size {(rows, cols)} holds {rows * cols} tokens but the input has {num_tokens}")
+        return rows, cols
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(
+            f"{num_tokens} tokens do not form a square grid; pass grid_size=(rows, cols) through "
+            "cross_attention_kwargs so LePE/RoPE know the token layout"
+        )
+    return side, side
+
+
+class KernelAttnProcessor(nn.Module):
+    r"""Self-attention processor around one attention kernel, with optional NaLaFormer extras.
+
+    Args:
+        hidden_size: channels of the attention (``heads * head_dim``); needed by LePE, the gate and
+            a learnable power. :func:`~nala_diffusion.set_attention` fills it in.
+        num_heads: number of heads; needed by a learnable power.
+        query_dim: channels of the attention's input, for the gate (defaults to ``hidden_size``).
+        use_lepe: add a depthwise ``lepe_kernel_size`` convolution of V over the token grid to the
+            output (locally enhanced positional encoding), zero-initialised so it starts as identity.
+        lepe_kernel_size: odd kernel size of the LePE convolution.
+        use_gate: output gate ``LayerNorm(o) * SiLU(W_g x)``.
+        use_rope: 2D rotary embedding on the grid (for linear kernels: on the numerator's features).
+        rope_base: rotary frequency base.
+    """
+
+    kernel_name = "kernel"
+
+    def __init__(
+        self,
+        hidden_size: Optional[int] = None,
+        num_heads: Optional[int] = None,
+        query_dim: Optional[int] = None,
+        *,
+        use_lepe: bool = False,
+        lepe_kernel_size: int = 3,
+        use_gate: bool = False,
+        use_rope: bool = False,
+        rope_base: float = 10000.0,
+    ):
+        super().__init__()
+        if lepe_kernel_size < 1 or lepe_kernel_size % 2 == 0:
+            raise ValueError(f"lepe_kernel_size must be a positive odd integer, got {lepe_kernel_size}")
+        if (use_lepe or use_gate) and hidden_size is None:
+            raise ValueError("use_lepe and use_gate need hidden_size (the attention's heads * head_dim)")
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.use_lepe = bool(use_lepe)
+        self.lepe_kernel_size = int(lepe_kernel_size)
+        self.use_gate = bool(use_gate)
+        self.use_rope = bool(use_rope)
+        self.rope_base = float(rope_base)
+        if self.use_lepe:
+            self.lepe = nn.Conv2d(
+                hidden_size, hidden_size, lepe_kernel_size, padding=lepe_kernel_size // 2, groups=hidden_size
+            )
+            nn.init.zeros_(self.lepe.weight)
+            nn.init.zeros_(self.lepe.bias)
+        if self.use_gate:
+            self.gate_proj = nn.Linear(query_dim or hidden_size, hidden_size)
+            self.gate_norm = nn.LayerNorm(hidden_size)
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def rope_dim(self, head_dim: int) -> int:
+        """Width of the vectors the rotary embedding turns (queries/keys or their features)."""
+        return head_dim
+
+    def attend(self, query, key, value, rope=None, attention_mask=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def options(self) -> Dict[str, object]:
+        """Settings that rebuild this processor (with ``hidden_size``/``num_heads``)."""
+        return {
+            "use_lepe": self.use_lepe,
+            "lepe_kernel_size": self.lepe_kernel_size,
+            "use_gate": self.use_gate,
+            "use_rope": self.use_rope,
+            "rope_base": self.rope_base,
+        }
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+
+    # -- diffusers entry point ---------------------------------------------------------------
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        temb: Optional[torch.Tensor] = None,
+        grid_size: Optional[Sequence[int]] = None,
+    ) -> torch.Tensor:
+        # Named parameters (not *args/**kwargs): Attention.forward drops keywords a processor's
+        # __call__ does not name, and grid_size must get through.
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, grid_size)
+
+    def forward(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        temb: Optional[torch.Tensor] = None,
+        grid_size: Optional[Sequence[int]] = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None:
+            raise ValueError(
+                f"{type(self).__name__} is for self-attention; it was given encoder_hidden_states. "
+                "Swap only self-attention layers (set_attention does so)."
+            )
+        # Same steps, in the same order, as diffusers' AttnProcessor2_0.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            grid_size = (height, width)
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = hidden_states.shape  # (B, N, C)
+
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)  # (B, N, inner)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, N, d)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value_heads = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        grid = _resolve_grid(grid_size, sequence_length) if (self.use_lepe or self.use_rope) else None
+        rope = None
+        if self.use_rope:
+            rope = rope_2d_tables(grid, self.rope_dim(head_dim), base=self.rope_base, device=query.device)
+
+        out = self.attend(query, key, value_heads, rope=rope, attention_mask=attention_mask)  # (B, H, N, d)
+        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)  # (B, N, inner)
+        out = out.to(query.dtype)
+
+        if self.use_lepe:
+            rows, cols = grid
+            value_grid = value.transpose(1, 2).reshape(batch_size, inner_dim, rows, cols)  # (B, C, rows, cols)
+            out = out + self.lepe(value_grid).flatten(2).transpose(1, 2).to(out.dtype)  # (B, N, C)
+        if self.use_gate:
+            out = self.gate_norm(out) * nn.functional.silu(self.gate_proj(hidden_states))
+
+        out = attn.to_out[0](out)  # linear proj
+        out = attn.to_out[1](out)  # dropout
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class SoftmaxAttnProcessor(KernelAttnProcessor):
+    """Softmax attention (SDPA); with no extras it computes exactly what ``AttnProcessor2_0`` does."""
+
+    kernel_name = "softmax"
+
+    def attend(self, query, key, value, rope=None, attention_mask=None):
+        return softmax_attention(query, key, value, attn_mask=attention_mask, rope=rope)
+
+
+class _NoMaskMixin:
+    def _reject_mask(self, attention_mask):
+        if attention_mask is not None:
+            raise ValueError(f"{type(self).__name__} does not support attention_mask (linear attention over all tokens)")
+
+
+class LinearAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
+    """Kernel linear attention with ``feature_map`` ``"relu"`` (as SANA) or ``"elu"`` (1 + ELU)."""
+
+    kernel_name = "linear"
+    feature_map = "relu"
+
+    def __init__(self, hidden_size=None, num_heads=None, query_dim=None, *, eps: float = 1e-6, **extras):
+        super().__init__(hidden_size, num_heads, query_dim, **extras)
+        self.eps = float(eps)
+
+    def options(self):
+        return {"eps": self.eps, **super().options()}
+
+    def attend(self, query, key, value, rope=None, attention_mask=None):
+        self._reject_mask(attention_mask)
+        return linear_attention(query, key, value, feature_map=self.feature_map, eps=self.eps, rope=rope)
+
+
+class ReLULinearAttnProcessor(LinearAttnProcessor):
+    kernel_name = "relu_linear"
+    feature_map = "relu"
+
+
+class ELULinearAttnProcessor(LinearAttnProcessor):
+    kernel_name = "elu_linear"
+    feature_map = "elu"
+
+
+class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
+    r"""Norm-aware linear attention (NaLaFormer) as a diffusers attention processor.
+
+    Kernel options are those of :func:`~nala_diffusion.nala_attention`; ``learnable_power`` makes
+    ``power_scale`` a per-head parameter (kept positive through its logarithm), initialised to
+    ``power_scale``. The extras are those of :class:`KernelAttnProcessor`.
+
+    Example::
+
+        from nala_diffusion import NaLaAttnProcessor
+        attn.set_processor(NaLaAttnProcessor(inhibit="cosine"))
+        out = attn(hidden_states, grid_size=(16, 24))
+    """
+
+    kernel_name = "nala"
+
+    def __init__(
+        self,
+        hidden_size: Optional[int] = None,
+        num_heads: Optional[int] = None,
+        query_dim: Optional[int] = None,
+        *,
+        power_scale: float = 3.0,
+        power_offset: float = 0.5,
+        key_power: float = 3,
+        inhibit: str = "relu_split",
+        angle_sharpness: float = 20.0,
+        eps: float = 1e-6,
+        learnable_power: bool = False,
+        use_lepe: bool = False,
+        lepe_kernel_size: int = 3,
+        use_gate: bool = False,
+        use_rope: bool = False,
+        rope_base: float = 10000.0,
+    ):
+        super().__init__(
+            hidden_size,
+            num_heads,
+            query_dim,
+            use_lepe=use_lepe,
+            lepe_kernel_size=lepe_kernel_size,
+            use_gate=use_gate,
+            use_rope=use_rope,
+            rope_base=rope_base,
+        )
+        if inhibit not in INHIBIT_MODES:
+            raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {inhibit!r}")
+        if power_scale <= 0 or key_power <= 0:
+            raise ValueError(f"power_scale and key_power must be positive, got {power_scale} and {key_power}")
+        if learnable_power and num_heads is None:
+            raise ValueError("learnable_power needs num_heads (one power scale per head)")
+        self.power_scale = float(power_scale)
+        self.power_offset = float(power_offset)
+        self.key_power = key_power
+        self.inhibit = inhibit
+        self.angle_sharpness = float(angle_sharpness)
+        self.eps = float(eps)
+        self.learnable_power = bool(learnable_power)
+        if self.learnable_power:
+            self.log_power_scale = nn.Parameter(torch.full((num_heads,), math.log(power_scale)))
+
+    def options(self):
+        return {
+            "power_scale": self.power_scale,
+            "power_offset": self.power_offset,
+            "key_power": self.key_power,
+            "inhibit": self.inhibit,
+            "angle_sharpness": self.angle_sharpness,
+            "eps": self.eps,
+            "learnable_power": self.learnable_power,
+            **super().options(),
+        }
+
+    def rope_dim(self, head_dim: int) -> int:
+        return 2 * head_dim  # both inhibit variants give 2d features
+
+    def attend(self, query, key, value, rope=None, attention_mask=None):
+        self._reject_mask(attention_mask)
+        power_scale = self.log_power_scale.exp() if self.learnable_power else self.power_scale
+        return nala_attention(
+            query,
+            key,
+            value,
+            power_scale=power_scale,
+            power_offset=self.power_offset,
+            key_power=self.key_power,
+            inhibit=self.inhibit,
+            angle_sharpness=self.angle_sharpness,
+            eps=self.eps,
+            rope=rope,
+        )
+
+
+ATTENTION_PROCESSORS: Dict[str, Type[KernelAttnProcessor]] = {
+    "nala": NaLaAttnProcessor,
+    "softmax": SoftmaxAttnProcessor,
+    "relu_linear": ReLULinearAttnProcessor,
+    "elu_linear": ELULinearAttnProcessor,
+}

@@ -1,0 +1,95 @@
+"""Swap the self-attention processors of any diffusers model in place, and swap them back.
+
+``DiTTransformer2DModel`` has no ``set_attn_processor``, so this walks the model's ``Attention``
+modules itself. Cross-attention layers (``attn.is_cross_attention``) are left as they are.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Dict, Iterator, Tuple
+
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from .processors import ATTENTION_PROCESSORS, KernelAttnProcessor
+
+ATTENTION_TYPES = tuple(ATTENTION_PROCESSORS)
+
+
+def self_attention_modules(model: nn.Module) -> Iterator[Tuple[str, Attention]]:
+    """(name, module) for every self-attention ``Attention`` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, Attention) and not module.is_cross_attention:
+            yield name, module
+
+
+def processor_options(attention_type: str) -> Tuple[str, ...]:
+    """Keyword options a processor of ``attention_type`` accepts (besides the sizes)."""
+    cls = processor_class(attention_type)
+    names = []
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            continue
+        for name, param in inspect.signature(klass.__init__).parameters.items():
+            if param.kind is param.KEYWORD_ONLY or (param.default is not param.empty and name not in names):
+                names.append(name)
+    return tuple(n for n in dict.fromkeys(names) if n not in ("hidden_size", "num_heads", "query_dim"))
+
+
+def processor_class(attention_type: str):
+    try:
+        return ATTENTION_PROCESSORS[attention_type]
+    except KeyError:
+        raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}") from None
+
+
+def make_processor(attention_type: str, attn: Attention, **options) -> KernelAttnProcessor:
+    """A processor of ``attention_type`` sized for ``attn``, on its device and dtype."""
+    cls = processor_class(attention_type)
+    allowed = processor_options(attention_type)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{cls.__name__} does not take option(s) {unknown}; allowed: {sorted(allowed)}")
+    processor = cls(hidden_size=attn.inner_dim, num_heads=attn.heads, query_dim=attn.query_dim, **options)
+    weight = attn.to_q.weight
+    return processor.to(device=weight.device, dtype=weight.dtype)
+
+
+def set_attention(model: nn.Module, attention_type: str = "nala", **options) -> Dict[str, object]:
+    """Give every self-attention layer of ``model`` a fresh ``attention_type`` processor.
+
+    Returns the processors that were there before, keyed like diffusers' ``attn_processors``
+    (``"transformer_blocks.0.attn1.processor"``); :func:`restore_attention` puts them back.
+    """
+    previous = {}
+    modules = list(self_attention_modules(model))
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no self-attention Attention modules to swap")
+    for name, attn in modules:
+        previous[f"{name}.processor"] = attn.processor
+        attn.set_processor(make_processor(attention_type, attn, **options))
+    return previous
+
+
+def set_nala_attention(model: nn.Module, **options) -> Dict[str, object]:
+    """Swap NaLa into every self-attention layer of ``model``; returns the previous processors.
+
+    ``options`` are :class:`~nala_diffusion.NaLaAttnProcessor`'s (``inhibit``, ``power_scale``,
+    ``use_lepe``, ...). Example::
+
+        previous = set_nala_attention(dit, inhibit="cosine")
+        ...
+        restore_attention(dit, previous)  # bit-identical to before
+    """
+    return set_attention(model, "nala", **options)
+
+
+def restore_attention(model: nn.Module, processors: Dict[str, object]) -> None:
+    """Put back processors returned by :func:`set_attention` / :func:`set_nala_attention`."""
+    for key, processor in processors.items():
+        name = key[: -len(".processor")] if key.endswith(".processor") else key
+        module = model.get_submodule(name)
+        if not isinstance(module, Attention):
+            raise ValueError(f"{name!r} is not an Attention module of {type(model).__name__}")
+        module.set_processor(processor)

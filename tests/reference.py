@@ -1,0 +1,66 @@
+"""Independent float64 O(N^2) implementation of DESIGN.md section 1, written from the formulas.
+
+The attention weights w_ij = phi_q(q_i) . phi_k(k_j) are built explicitly, one query at a time,
+and normalised; nothing here shares code with nala_diffusion.kernels.
+"""
+
+import math
+
+import torch
+
+
+def phi_query(q, power_scale=3.0, power_offset=0.5, inhibit="relu_split", s=20.0, eps=1e-6):
+    r = math.sqrt(float((q * q).sum()))
+    u = q / max(r, eps)
+    p = power_scale * (power_offset + math.tanh(r))
+    if inhibit == "relu_split":
+        return torch.cat([torch.clamp(u, min=0) ** p, torch.clamp(-u, min=0) ** p])
+    theta = (math.pi / 4) * torch.tanh(s * u)
+    return torch.cat([u.abs() ** p * torch.cos(theta), u.abs() ** p * torch.sin(theta)])
+
+
+def phi_key(k, gamma=3, inhibit="relu_split", s=20.0, eps=1e-6):
+    if inhibit == "relu_split":
+        kp = torch.sign(k) * k.abs() ** gamma
+        return torch.cat([torch.clamp(kp, min=0), torch.clamp(-kp, min=0)])
+    norm = math.sqrt(float((k * k).sum()))
+    theta = (math.pi / 4) * torch.tanh(s * k / max(norm, eps))
+    return torch.cat([k.abs() ** gamma * torch.cos(theta), k.abs() ** gamma * torch.sin(theta)])
+
+
+def nala_reference(q, k, v, power_scale=3.0, power_offset=0.5, key_power=3, inhibit="relu_split",
+                   angle_sharpness=20.0, eps=1e-6, rope=None):
+    """q, k, v: (B, H, N, d) -> (B, H, N, d), float64. power_scale may be a list per head."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, N, d = q.shape
+    M = k.shape[2]
+    out = torch.zeros(B, H, N, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            lam = power_scale[h] if isinstance(power_scale, (list, tuple)) else power_scale
+            fk = torch.stack([phi_key(k[b, h, j], key_power, inhibit, angle_sharpness, eps) for j in range(M)])
+            for i in range(N):
+                fq = phi_query(q[b, h, i], lam, power_offset, inhibit, angle_sharpness, eps)
+                weights = fk @ fq / M  # w_ij / M, (M,)
+                if rope is None:
+                    numerator = weights @ v[b, h]
+                else:
+                    cos, sin = rope
+                    rot = lambda x, c, s_: x * c + torch.cat([-x[len(x) // 2:], x[: len(x) // 2]]) * s_
+                    fq_r = rot(fq, cos[i].double(), sin[i].double())
+                    w_num = torch.stack([rot(fk[j], cos[j].double(), sin[j].double()) @ fq_r for j in range(M)]) / M
+                    numerator = w_num @ v[b, h]
+                out[b, h, i] = numerator / (weights.sum() + eps)
+    return out
+
+
+def linear_reference(q, k, v, feature_map="relu", eps=1e-6):
+    q, k, v = q.double(), k.double(), v.double()
+    f = (lambda x: torch.clamp(x, min=0)) if feature_map == "relu" else (lambda x: torch.where(x > 0, x + 1, torch.exp(x)))
+    weights = torch.einsum("bhnd,bhmd->bhnm", f(q), f(k)) / k.shape[2]
+    return weights @ v / (weights.sum(-1, keepdim=True) + eps)
+
+
+def softmax_reference(q, k, v):
+    q, k, v = q.double(), k.double(), v.double()
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v

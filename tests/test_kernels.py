@@ -1,0 +1,162 @@
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from nala_diffusion import linear_attention, nala_attention, rope_2d_tables, softmax_attention
+from reference import linear_reference, nala_reference, softmax_reference
+
+INHIBITS = ["relu_split", "cosine"]
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("inhibit", INHIBITS)
+@pytest.mark.parametrize("n,d", [(1, 8), (7, 13), (64, 32), (300, 72)])
+def test_nala_matches_float64_reference(inhibit, n, d):
+    q, k, v = (torch.randn(1, 2, n, d) for _ in range(3))
+    expected = nala_reference(q, k, v, inhibit=inhibit)
+    assert rel_err(nala_attention(q, k, v, inhibit=inhibit), expected) < 1e-4
+    assert rel_err(nala_attention(q.double(), k.double(), v.double(), inhibit=inhibit), expected) < 1e-10
+
+
+@pytest.mark.parametrize("inhibit", INHIBITS)
+def test_nala_options_and_cross_lengths_match_reference(inhibit):
+    q = torch.randn(2, 2, 5, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 9, 8, dtype=torch.float64), torch.randn(2, 2, 9, 8, dtype=torch.float64)
+    opts = dict(power_offset=0.2, key_power=5, angle_sharpness=7.0, inhibit=inhibit)
+    got = nala_attention(q, k, v, power_scale=torch.tensor([2.0, 4.0], dtype=torch.float64), **opts)
+    assert rel_err(got, nala_reference(q, k, v, power_scale=[2.0, 4.0], **opts)) < 1e-10
+
+
+@pytest.mark.parametrize("inhibit", INHIBITS)
+def test_nala_rope_on_numerator_matches_reference(inhibit):
+    q, k, v = (torch.randn(1, 1, 12, 8, dtype=torch.float64) for _ in range(3))
+    rope = rope_2d_tables((3, 4), 16, dtype=torch.float64)
+    got = nala_attention(q, k, v, inhibit=inhibit, rope=rope)
+    assert rel_err(got, nala_reference(q, k, v, inhibit=inhibit, rope=rope)) < 1e-10
+    assert rel_err(got, nala_attention(q, k, v, inhibit=inhibit)) > 1e-3  # the rotation does something
+
+
+def test_norm_changes_sharpness():
+    # Scaling a query changes its NaLa output (the norm is not cancelled), unlike ReLU linear attention.
+    q, k, v = (torch.randn(1, 1, 16, 8, dtype=torch.float64) for _ in range(3))
+    small, large = nala_attention(q * 0.1, k, v), nala_attention(q * 10, k, v)
+    assert rel_err(small, large) > 1e-2
+    assert rel_err(linear_attention(q * 0.1, k, v, eps=0), linear_attention(q * 10, k, v, eps=0)) < 1e-10
+
+
+@pytest.mark.parametrize("inhibit", INHIBITS)
+def test_gradcheck(inhibit):
+    q, k, v = (torch.randn(1, 2, 4, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    lam = torch.tensor([2.5, 3.5], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, lam: nala_attention(q, k, v, power_scale=lam, inhibit=inhibit), (q, k, v, lam)
+    )
+
+
+@pytest.mark.parametrize("inhibit", INHIBITS)
+def test_finite_for_zero_query_and_large_inputs(inhibit):
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    q[:, :, :4] = 0
+    q[:, 0, 4:5, :3] = 0  # zero coordinates, where a learnable power's gradient needs care
+    lam = torch.tensor([3.0, 3.0], requires_grad=True)
+    out = nala_attention(q, k, v, inhibit=inhibit, power_scale=lam)
+    assert torch.isfinite(out).all() and out[:, :, :4].abs().max() == 0
+    out.sum().backward()
+    assert torch.isfinite(lam.grad).all()
+    big = nala_attention(q * 1e3, k * 1e3, v * 1e3, inhibit=inhibit)
+    assert torch.isfinite(big).all()
+    assert rel_err(big / 1e3, nala_reference(q * 1e3, k * 1e3, v, inhibit=inhibit)) < 1e-4
+
+
+@pytest.mark.parametrize("inhibit", INHIBITS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_upcast(inhibit, dtype):
+    q, k, v = (torch.randn(2, 2, 33, 16) for _ in range(3))
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = nala_attention(q, k, v, inhibit=inhibit)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, nala_reference(q, k, v, inhibit=inhibit)) < 1e-2
+    huge = nala_attention(q * 200, k * 200, v, inhibit=inhibit)  # |k|^3 ~ 1e7 overflows float16
+    assert torch.isfinite(huge).all()
+
+
+def test_float64_stays_float64():
+    q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    assert nala_attention(q, q, q).dtype == torch.float64
+    assert linear_attention(q, q, q).dtype == torch.float64
+
+
+@pytest.mark.parametrize("feature_map", ["relu", "elu"])
+def test_linear_baselines_match_reference(feature_map):
+    q, k, v = (torch.randn(2, 3, 50, 16) for _ in range(3))
+    got = linear_attention(q, k, v, feature_map=feature_map)
+    assert rel_err(got, linear_reference(q, k, v, feature_map)) < 1e-4
+
+
+def test_softmax_baseline_matches_reference():
+    q, k, v = (torch.randn(2, 3, 50, 16) for _ in range(3))
+    assert rel_err(softmax_attention(q, k, v), softmax_reference(q, k, v)) < 1e-5
+
+
+def test_bad_arguments_raise():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="inhibit"):
+        nala_attention(q, q, q, inhibit="sigmoid")
+    with pytest.raises(ValueError, match="feature_map"):
+        linear_attention(q, q, q, feature_map="tanh")
+    with pytest.raises(ValueError, match="batch, heads, tokens, head_dim"):
+        nala_attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="one per head"):
+        nala_attention(q, q, q, power_scale=torch.ones(3))
+
+
+class _LargestAllocation(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if torch.is_tensor(t):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("inhibit", INHIBITS)
+def test_no_tokens_by_tokens_tensor(inhibit):
+    n, d = 2048, 16
+    q, k, v = (torch.randn(1, 1, n, d, requires_grad=True) for _ in range(3))
+    with _LargestAllocation() as mode:
+        nala_attention(q, k, v, inhibit=inhibit, rope=rope_2d_tables((32, 64), 2 * d)).sum().backward()
+    assert mode.largest <= n * 2 * d  # the largest tensor is a (tokens, features) one, far below n * n
+    with _LargestAllocation() as mode:
+        softmax_reference(q.detach()[..., :64, :], k.detach()[..., :64, :], v.detach()[..., :64, :])
+    assert mode.largest >= 64 * 64  # the probe does see an N x N matrix when there is one
+
+
+MEMORY_SCRIPT = """
+import resource, torch
+from nala_diffusion import nala_attention
+torch.manual_seed(0)
+nala_attention(*(torch.randn(1, 1, 256, 64) for _ in range(3)))  # warm-up
+q, k, v = (torch.randn(1, 1, 65536, 64) for _ in range(3))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = nala_attention(q, k, v)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert torch.isfinite(out).all()
+print((after - before) * 1024)
+"""
+
+
+def test_65536_tokens_fit_in_one_gib():
+    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, check=True)
+    extra_bytes = int(result.stdout.strip().splitlines()[-1])
+    assert extra_bytes < 2**30, f"peak memory grew by {extra_bytes / 2**20:.0f} MiB"
