@@ -78,6 +78,12 @@ def load_dit(
         folder = _resolve_folder(path, subfolder)
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
             _check_dit_config(json.load(handle), folder)
+        if not any(name.endswith((".safetensors", ".safetensors.index.json")) for name in os.listdir(folder)):
+            others = sorted(n for n in os.listdir(folder) if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+            raise ValueError(
+                f"{folder!r} holds no safetensors weights (found {others or 'none'}); only safetensors are loaded, "
+                "since pickled checkpoints can run code. Re-save the model with save_pretrained(safe_serialization=True)."
+            )
         return DiTTransformer2DModel.from_pretrained(
             folder, use_safetensors=True, variant=variant, torch_dtype=torch_dtype
         )
@@ -112,7 +118,7 @@ def convert_dit_to_nala(
         dit = load_dit(dit, subfolder=subfolder, variant=variant)
     if not isinstance(dit, DiTTransformer2DModel):
         raise ValueError(f"expected a DiTTransformer2DModel, got {type(dit).__name__}")
-    _check_dit_config(dict(dit.config), type(dit).__name__)
+    _check_dit_config({**dit.config, "_class_name": "DiTTransformer2DModel"}, type(dit).__name__)
 
     config = {k: dit.config[k] for k in DIT_CONFIG_KEYS if k in dit.config}
     if num_classes is not None and num_classes != config["num_embeds_ada_norm"]:

@@ -1,0 +1,54 @@
+"""Tiny model factories shared by the tests (2 layers, 2 heads, head_dim 8)."""
+
+import torch
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+
+from nala_diffusion import NaLaDiTTransformer2DModel
+
+TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, sample_size=8, patch_size=2, norm_num_groups=1)
+
+
+def tiny_dit(in_channels=4, out_channels=None, num_classes=10, seed=0):
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(**TINY, in_channels=in_channels, out_channels=out_channels, num_embeds_ada_norm=num_classes)
+    return randomize(model).eval()
+
+
+def tiny_nala(seed=0, **config):
+    torch.manual_seed(seed)
+    kwargs = {**TINY, "in_channels": 3, "num_classes": 10, **config}
+    return randomize(NaLaDiTTransformer2DModel(**kwargs)).eval()
+
+
+def tiny_pixart(seed=0):
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        norm_num_groups=1,
+        cross_attention_dim=16,
+        caption_channels=12,
+        sample_size=8,
+        patch_size=2,
+        use_additional_conditions=False,
+    )
+    return randomize(model).eval()
+
+
+def randomize(model, scale=0.2):
+    """Replace zero/identity initialisations (adaLN-Zero, LePE) so every path changes the output."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * scale)
+    return model
+
+
+def dit_inputs(batch=2, channels=4, height=8, width=8, num_classes=10, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, height, width, generator=generator)
+    t = torch.randint(0, 1000, (batch,), generator=generator)
+    y = torch.randint(0, num_classes, (batch,), generator=generator)
+    return x, t, y

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+
+from nala_diffusion import NaLaDiTTransformer2DModel, convert_dit_to_nala, set_nala_attention
+from helpers import dit_inputs, tiny_dit
+
+# Extra keys of the legacy Transformer2DModel config that facebook/DiT-XL-2-256 ships.
+LEGACY_KEYS = {
+    "_class_name": "Transformer2DModel",
+    "cross_attention_dim": None,
+    "double_self_attention": False,
+    "num_vector_embeds": None,
+    "only_cross_attention": False,
+    "use_linear_projection": False,
+}
+
+
+def run(model, inputs):
+    x, t, y = inputs
+    with torch.no_grad():
+        return model(x, timestep=t, class_labels=y).sample
+
+
+def save_legacy_dit(model, folder):
+    transformer = folder / "transformer"
+    model.save_pretrained(transformer)
+    config = json.loads((transformer / "config.json").read_text())
+    config.update(LEGACY_KEYS)
+    (transformer / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_softmax_conversion_is_exact():
+    dit, inputs = tiny_dit(out_channels=8), dit_inputs()
+    converted = convert_dit_to_nala(dit, attention_type="softmax")
+    assert isinstance(converted, NaLaDiTTransformer2DModel)
+    assert torch.equal(run(converted, inputs), run(dit, inputs))
+
+
+def test_nala_conversion_copies_every_weight_and_extras_start_as_identity(tmp_path):
+    dit, inputs = tiny_dit(out_channels=8), dit_inputs()
+    folder = save_legacy_dit(dit, tmp_path)
+    converted = convert_dit_to_nala(folder, inhibit="cosine", use_lepe=True)
+    source = dit.state_dict()
+    for name, tensor in converted.state_dict().items():
+        if ".processor." in name:
+            assert tensor.abs().sum() == 0, name  # LePE zero-initialised
+        else:
+            assert torch.equal(tensor, source[name]), name
+    set_nala_attention(dit, inhibit="cosine")
+    assert torch.equal(run(converted, inputs), run(dit, inputs))
+    assert converted.config.num_classes == 10 and converted.config.out_channels == 8
+
+
+def test_converted_model_round_trips(tmp_path):
+    converted = convert_dit_to_nala(tiny_dit(), use_lepe=True, learnable_power=True)
+    converted.save_pretrained(tmp_path)
+    loaded = NaLaDiTTransformer2DModel.from_pretrained(tmp_path)
+    assert torch.equal(run(loaded, dit_inputs()), run(converted, dit_inputs()))
+
+
+def test_conversion_errors(tmp_path):
+    with pytest.raises(ValueError, match="use_gate"):
+        convert_dit_to_nala(tiny_dit(), use_gate=True)
+    with pytest.raises(ValueError, match="no config.json"):
+        convert_dit_to_nala(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(ValueError, match="not a DiT"):
+        convert_dit_to_nala(tmp_path)
+    with pytest.raises(ValueError, match="num_classes"):
+        convert_dit_to_nala(tiny_dit(), num_classes=7)
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    dit = tiny_dit()
+    dit.save_pretrained(tmp_path, safe_serialization=False)
+    assert not list(tmp_path.glob("*.safetensors"))
+    with pytest.raises(ValueError, match="holds no safetensors weights"):
+        convert_dit_to_nala(tmp_path)
