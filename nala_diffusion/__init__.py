@@ -21,6 +21,12 @@ from .processors import (
 )
 from .swap import ATTENTION_TYPES, restore_attention, self_attention_modules, set_attention, set_nala_attention
 
+# diffusers' pipeline loader looks up base classes such as ModelMixin in the namespace of the
+# library named in model_index.json; these names make "nala_diffusion" such a library.
+from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: E402,F401
+
+from .pipelines import HighResPipelineOutput, NaLaDiTHighResPipeline, NaLaDiTPipeline  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -29,7 +35,10 @@ __all__ = [
     "DIT_PRESETS",
     "ELULinearAttnProcessor",
     "KernelAttnProcessor",
+    "HighResPipelineOutput",
     "NaLaAttnProcessor",
+    "NaLaDiTHighResPipeline",
+    "NaLaDiTPipeline",
     "NaLaDiTTransformer2DModel",
     "ReLULinearAttnProcessor",
     "SoftmaxAttnProcessor",

@@ -66,7 +66,7 @@ def load_dit(
     *,
     subfolder: Optional[str] = None,
     variant: Optional[str] = None,
-    torch_dtype: Optional[torch.dtype] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> DiTTransformer2DModel:
     """Load a diffusers DiT from a local folder or Hub id, from safetensors only.
 
@@ -85,11 +85,11 @@ def load_dit(
                 "since pickled checkpoints can run code. Re-save the model with save_pretrained(safe_serialization=True)."
             )
         return DiTTransformer2DModel.from_pretrained(
-            folder, use_safetensors=True, variant=variant, torch_dtype=torch_dtype
+            folder, use_safetensors=True, variant=variant, dtype=dtype
         )
     # A Hub id: the pretrained DiTs keep the transformer in a subfolder.
     return DiTTransformer2DModel.from_pretrained(
-        path, subfolder=subfolder or "transformer", use_safetensors=True, variant=variant, torch_dtype=torch_dtype
+        path, subfolder=subfolder or "transformer", use_safetensors=True, variant=variant, dtype=dtype
     )
 
 

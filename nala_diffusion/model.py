@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' pipeline loader looks it up here)
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
 from .kernels import INHIBIT_MODES

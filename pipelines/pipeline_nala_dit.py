@@ -1,0 +1,319 @@
+"""NaLaDiTPipeline: class-conditional sampling with a NaLa DiT, in latent or pixel space.
+
+Also usable as a diffusers community pipeline::
+
+    DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipelines/pipeline_nala_dit.py", trust_remote_code=True)
+
+so this file holds exactly one ``DiffusionPipeline`` subclass and imports the rest by absolute path.
+"""
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+
+from nala_diffusion.model import NaLaDiTTransformer2DModel
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+LabelArg = Union[int, str, Sequence[Union[int, str]]]
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers import DDIMScheduler
+        >>> from nala_diffusion import NaLaDiTPipeline, NaLaDiTTransformer2DModel
+
+        >>> transformer = NaLaDiTTransformer2DModel.from_preset("S/4", in_channels=3, sample_size=32, num_classes=2)
+        >>> pipe = NaLaDiTPipeline(transformer, DDIMScheduler(), id2label={0: "cat", 1: "dog"})
+        >>> images = pipe(["cat", 1], num_inference_steps=4, generator=torch.manual_seed(0)).images
+        >>> images[0].size
+        (32, 32)
+        >>> pipe(["dog"], height=32, width=64, num_inference_steps=4, output_type="np").images.shape
+        (1, 32, 64, 3)
+        ```
+"""
+
+
+def _atomic_write_json(path: str, data: Dict[str, Any]) -> None:
+    folder = os.path.dirname(path) or "."
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(handle.name, path)
+
+
+class NaLaDiTPipeline(DiffusionPipeline):
+    r"""Class-conditional image generation with a :class:`~nala_diffusion.NaLaDiTTransformer2DModel`.
+
+    Args:
+        transformer: the denoiser; its config's ``num_classes`` is the null class for guidance.
+        scheduler: any diffusers scheduler (DDPM, DDIM, DPM-Solver++, Euler, ...).
+        vae: optional ``AutoencoderKL``; without one the transformer works in pixel space (3
+            channels in [-1, 1]).
+        id2label: class names, ``{id: "name"}`` or ``{id: "name, synonym"}`` as in DiT; saved in
+            ``model_index.json``, so names survive ``save_pretrained``.
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+    _optional_components = ["vae"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        transformer: NaLaDiTTransformer2DModel,
+        scheduler: SchedulerMixin,
+        vae: Optional[AutoencoderKL] = None,
+        id2label: Optional[Dict[Union[int, str], str]] = None,
+    ):
+        super().__init__()
+        if vae is None and transformer.config.in_channels != 3:
+            raise ValueError(
+                f"without a vae the transformer must work on 3-channel images; it has in_channels={transformer.config.in_channels}"
+            )
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
+        num_classes = transformer.config.num_classes
+        bad = [k for k in id2label if not 0 <= k < num_classes]
+        if bad:
+            raise ValueError(f"id2label has ids {bad} outside the model's classes 0..{num_classes - 1}")
+        self.register_to_config(id2label={str(k): v for k, v in sorted(id2label.items())})
+        self.id2label = id2label
+        self.labels = {name.strip(): k for k, v in id2label.items() for name in v.split(",") if name.strip()}
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # -- labels and sizes ----------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.transformer.config.num_classes
+
+    def get_label_ids(self, labels: LabelArg) -> List[int]:
+        """Class ids for labels given as ids, names from ``id2label``, or a list of either."""
+        if isinstance(labels, (int, str)) or torch.is_tensor(labels) and labels.ndim == 0:
+            labels = [labels]
+        if len(labels) == 0:
+            raise ValueError("class_labels is empty; give at least one class id or name")
+        ids = []
+        for label in labels:
+            if isinstance(label, str):
+                if label not in self.labels:
+                    known = ", ".join(sorted(self.labels)[:20]) or "none: this pipeline has no id2label"
+                    raise ValueError(f"class_labels: unknown label name {label!r}; known names: {known}")
+                ids.append(self.labels[label])
+                continue
+            label = int(label)
+            if not 0 <= label < self.num_classes:
+                raise ValueError(f"class_labels: id {label} is out of range; allowed ids are 0..{self.num_classes - 1}")
+            ids.append(label)
+        return ids
+
+    @property
+    def size_unit(self) -> int:
+        """Height and width must be multiples of this: the patch size times the VAE's downsampling."""
+        return self.transformer.config.patch_size * self.vae_scale_factor
+
+    @property
+    def default_sample_size(self) -> int:
+        return self.transformer.config.sample_size * self.vae_scale_factor
+
+    def check_inputs(self, height, width, num_inference_steps, guidance_scale, output_type, num_images_per_label):
+        unit = self.size_unit
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % unit:
+                raise ValueError(f"{name}={value} must be a positive multiple of {unit} (patch size x VAE factor)")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (1 disables guidance), got {guidance_scale}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not isinstance(num_images_per_label, int) or num_images_per_label < 1:
+            raise ValueError(f"num_images_per_label must be an integer >= 1, got {num_images_per_label}")
+
+    def prepare_latents(self, batch_size, height, width, generator, latents=None):
+        channels = self.transformer.config.in_channels
+        shape = (batch_size, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        device, dtype = self._execution_device, self.transformer.dtype
+        if latents is None:
+            if isinstance(generator, list) and len(generator) != batch_size:
+                raise ValueError(f"generator: got a list of {len(generator)} generators for {batch_size} images")
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; for this call they must be {shape}")
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    # -- the denoising loop, shared with the high-resolution pipeline -----------------------------
+    def _step_kwargs(self, generator) -> Dict[str, Any]:
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        return {"generator": generator} if "generator" in accepted else {}
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        class_ids: torch.Tensor,
+        timesteps: torch.Tensor,
+        guidance_scale: float,
+        generator=None,
+        callback_on_step_end: Optional[Callable] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        position_embedding: Optional[str] = None,
+        description: Optional[str] = None,
+    ) -> torch.Tensor:
+        """Run the scheduler over ``timesteps`` from ``latents``; returns the final latents."""
+        do_guidance = guidance_scale != 1.0
+        channels = self.transformer.config.in_channels
+        learned_sigma = self.transformer.config.out_channels == 2 * channels
+        if do_guidance:
+            null = torch.full_like(class_ids, self.transformer.null_class_label)
+            class_ids = torch.cat([class_ids, null])  # (2B,): conditional, then unconditional
+        step_kwargs = self._step_kwargs(generator)
+        progress = self.progress_bar(total=len(timesteps))
+        if description:
+            progress.set_description(description)
+        with progress:
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents, latents]) if do_guidance else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                timestep = t.expand(model_input.shape[0]).to(model_input.device) if torch.is_tensor(t) else t
+                prediction = self.transformer(
+                    model_input, timestep=timestep, class_labels=class_ids, position_embedding=position_embedding
+                ).sample  # (B or 2B, C or 2C, h, w)
+                if learned_sigma:  # as DiT's pipeline: the scheduler gets the mean prediction only
+                    prediction = prediction[:, :channels]
+                if do_guidance:
+                    cond, uncond = prediction.chunk(2)
+                    prediction = uncond + guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
+                if callback_on_step_end is not None:
+                    local = {"latents": latents}
+                    outputs = callback_on_step_end(
+                        self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                    ) or {}
+                    latents = outputs.get("latents", latents)
+                progress.update()
+        return latents
+
+    def decode(self, latents: torch.Tensor, output_type: str):
+        """Latents to images of ``output_type`` (``latent`` returns them unchanged)."""
+        if output_type == "latent":
+            return latents
+        if self.vae is not None:
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
+            images = self.vae.decode(latents).sample
+        else:
+            images = latents  # pixel space, in [-1, 1]
+        return self.image_processor.postprocess(images.float(), output_type=output_type)
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        class_labels: LabelArg,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 4.0,
+        num_images_per_label: int = 1,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Optional[Callable[..., Dict[str, Any]]] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],  # noqa: B006 (diffusers' convention)
+        position_embedding: Optional[str] = None,
+    ):
+        r"""Generate images of the given classes.
+
+        Args:
+            class_labels (`int`, `str` or a list of them):
+                Class ids, or names from ``id2label``; one image per entry and ``num_images_per_label``.
+            height (`int`, *optional*, defaults to `None`):
+                Image height in pixels; `None` means the training size. Any positive multiple of the patch
+                size times the VAE factor.
+            width (`int`, *optional*, defaults to `None`):
+                Image width in pixels, as ``height``; non-square sizes are allowed.
+            num_inference_steps (`int`, *optional*, defaults to `50`):
+                Number of denoising steps (at least 1).
+            guidance_scale (`float`, *optional*, defaults to `4.0`):
+                Classifier-free guidance against the null class; `1.0` skips the unconditional half.
+            num_images_per_label (`int`, *optional*, defaults to `1`):
+                Images generated for each entry of ``class_labels``.
+            generator (`torch.Generator` or a list of them, *optional*, defaults to `None`):
+                Random source; a list gives one generator per image.
+            latents (`torch.Tensor`, *optional*, defaults to `None`):
+                Starting noise of shape (images, channels, height / VAE factor, width / VAE factor).
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"`, `"np"` (B, H, W, 3 in [0, 1]), `"pt"` (B, 3, H, W in [0, 1]) or `"latent"`.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Return an ``ImagePipelineOutput`` rather than a tuple.
+            callback_on_step_end (`Callable`, *optional*, defaults to `None`):
+                Called as ``callback(pipe, step, timestep, callback_kwargs)`` after each step; may return
+                ``{"latents": ...}`` to replace the latents.
+            callback_on_step_end_tensor_inputs (`List[str]`, *optional*, defaults to `["latents"]`):
+                Tensors passed in ``callback_kwargs``.
+            position_embedding (`str`, *optional*, defaults to `None`):
+                `"extend"` or `"interpolate"` for sizes other than the training size; `None` uses the
+                transformer's config.
+
+        Examples:
+
+        Returns:
+            ``ImagePipelineOutput`` with ``images``, or a tuple ``(images,)`` when ``return_dict`` is False.
+        """
+        height = self.default_sample_size if height is None else height
+        width = self.default_sample_size if width is None else width
+        self.check_inputs(height, width, num_inference_steps, guidance_scale, output_type, num_images_per_label)
+        bad_inputs = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if bad_inputs:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {sorted(bad_inputs)} not in {self._callback_tensor_inputs}")
+        ids = self.get_label_ids(class_labels)
+        device = self._execution_device
+        class_ids = torch.tensor(ids, device=device).repeat_interleave(num_images_per_label)  # (B,)
+
+        latents = self.prepare_latents(len(class_ids), height, width, generator, latents)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = self.denoise(
+            latents,
+            class_ids,
+            self.scheduler.timesteps,
+            guidance_scale,
+            generator=generator,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            position_embedding=position_embedding,
+        )
+        images = self.decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    # -- saving with the pipeline code ----------------------------------------------------------
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], include_code: bool = False, **kwargs):
+        """``DiffusionPipeline.save_pretrained``; ``include_code=True`` also writes this pipeline's source
+        file into the folder and names it in ``model_index.json``, so that
+        ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it (the Hub's
+        custom-pipeline convention; ``nala_diffusion`` must be installed where it is loaded)."""
+        super().save_pretrained(save_directory, **kwargs)
+        if include_code:
+            source = inspect.getsourcefile(type(self))
+            module_name = os.path.splitext(os.path.basename(source))[0]
+            shutil.copyfile(source, os.path.join(save_directory, module_name + ".py"))
+            index_path = os.path.join(save_directory, "model_index.json")
+            with open(index_path, encoding="utf-8") as handle:
+                index = json.load(handle)
+            index["_class_name"] = [module_name, type(self).__name__]
+            _atomic_write_json(index_path, index)

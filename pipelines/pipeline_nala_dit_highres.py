@@ -1,0 +1,193 @@
+"""NaLaDiTHighResPipeline: sampling above the training resolution.
+
+Two modes:
+
+- ``direct``: denoise the whole canvas at once, positions extended or interpolated;
+- ``progressive``: generate at the training size, then per x2 stage upsample the latents, re-noise
+  them to ``strength`` and denoise at the next size (upscale-and-refine, as DemoFusion, LinFusion
+  and CLEAR do). The later stages keep the layout of the first and add detail.
+
+With NaLa no stage allocates a tokens x tokens matrix, so memory grows linearly with the pixel count.
+Also usable with ``custom_pipeline=``; the base pipeline is imported as a module so that this file
+holds exactly one ``DiffusionPipeline`` subclass.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+
+from nala_diffusion.pipelines import pipeline_nala_dit as base
+
+HIGHRES_MODES = ("direct", "progressive")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers import DDIMScheduler
+        >>> from nala_diffusion import NaLaDiTHighResPipeline, NaLaDiTTransformer2DModel
+
+        >>> transformer = NaLaDiTTransformer2DModel.from_preset("S/4", in_channels=3, sample_size=32, num_classes=2)
+        >>> pipe = NaLaDiTHighResPipeline(transformer, DDIMScheduler())
+        >>> out = pipe([0], height=64, width=128, highres_mode="progressive", num_inference_steps=4, output_type="np")
+        >>> out.images.shape, [(s["height"], s["width"]) for s in out.stages]
+        ((1, 64, 128, 3), [(32, 64), (64, 128)])
+        ```
+"""
+
+
+@dataclass
+class HighResPipelineOutput(BaseOutput):
+    """Images, and per stage its ``height``, ``width``, ``steps`` and ``seconds``."""
+
+    images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
+    stages: List[Dict[str, Any]] = field(default_factory=list)
+
+
+class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
+    r"""High-resolution class-conditional sampling; components as :class:`NaLaDiTPipeline`.
+
+    Works with softmax models too, for comparison (their memory grows with the square of the pixel
+    count unless the attention processor is a flash-style one).
+    """
+
+    def enable_vae_tiling(self):
+        """Decode large images tile by tile (needs a VAE)."""
+        if self.vae is None:
+            raise ValueError("this pipeline has no vae (pixel space); there is nothing to tile")
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self):
+        if self.vae is not None:
+            self.vae.disable_tiling()
+
+    def stage_sizes(self, height: int, width: int, num_stages: Optional[int] = None) -> List[tuple]:
+        """Sizes of the progressive stages, smallest first, ending at (height, width); each stage doubles."""
+        unit = self.size_unit
+        if num_stages is None:
+            ratio = max(height, width) / self.default_sample_size
+            num_stages = max(1, round(math.log2(ratio)) + 1) if ratio > 1 else 1
+        if num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+        sizes = []
+        for k in reversed(range(num_stages)):
+            h = max(unit, int(height / 2**k) // unit * unit)
+            w = max(unit, int(width / 2**k) // unit * unit)
+            sizes.append((h, w))
+        return sizes
+
+    def _refine_timesteps(self, num_inference_steps: int, strength: float, device):
+        """The tail of the schedule that starts at noise level ``strength`` (as diffusers' img2img)."""
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        init_steps = min(int(num_inference_steps * strength), num_inference_steps)
+        t_start = max(num_inference_steps - init_steps, 0)
+        timesteps = self.scheduler.timesteps[t_start * self.scheduler.order :]
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(t_start * self.scheduler.order)
+        return timesteps
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        class_labels,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 4.0,
+        num_images_per_label: int = 1,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Optional[Callable[..., Dict[str, Any]]] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],  # noqa: B006 (diffusers' convention)
+        position_embedding: Optional[str] = None,
+        highres_mode: str = "direct",
+        strength: float = 0.6,
+        num_stages: Optional[int] = None,
+        refine_steps: Optional[int] = None,
+    ):
+        r"""Generate images, possibly far above the training size.
+
+        Args:
+            class_labels, num_inference_steps, guidance_scale, num_images_per_label, generator,
+            output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            position_embedding: as :meth:`NaLaDiTPipeline.__call__`.
+            height (`int`, *optional*, defaults to `None`):
+                Output height in pixels (`None`: twice the training size).
+            width (`int`, *optional*, defaults to `None`):
+                Output width in pixels (`None`: twice the training size).
+            latents (`torch.Tensor`, *optional*, defaults to `None`):
+                Starting noise of the first stage (the whole canvas in ``direct`` mode).
+            highres_mode (`str`, *optional*, defaults to `"direct"`):
+                `"direct"` (one pass at full size) or `"progressive"` (upscale and refine in x2 stages).
+            strength (`float`, *optional*, defaults to `0.6`):
+                Progressive mode: noise level each refinement starts from, in (0, 1].
+            num_stages (`int`, *optional*, defaults to `None`):
+                Progressive mode: number of stages including the first; `None` picks the number of x2
+                steps from the training size to the output size.
+            refine_steps (`int`, *optional*, defaults to `None`):
+                Progressive mode: schedule length of each refinement (`None`: ``num_inference_steps``).
+
+        Examples:
+
+        Returns:
+            ``HighResPipelineOutput`` with ``images`` and ``stages`` (size and seconds of each stage), or a
+            tuple ``(images, stages)`` when ``return_dict`` is False.
+        """
+        height = 2 * self.default_sample_size if height is None else height
+        width = 2 * self.default_sample_size if width is None else width
+        if highres_mode not in HIGHRES_MODES:
+            raise ValueError(f"highres_mode must be one of {HIGHRES_MODES}, got {highres_mode!r}")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        refine_steps = num_inference_steps if refine_steps is None else refine_steps
+        self.check_inputs(height, width, num_inference_steps, guidance_scale, output_type, num_images_per_label)
+        if not isinstance(refine_steps, int) or refine_steps < 1:
+            raise ValueError(f"refine_steps must be an integer >= 1, got {refine_steps}")
+        ids = self.get_label_ids(class_labels)
+        device = self._execution_device
+        class_ids = torch.tensor(ids, device=device).repeat_interleave(num_images_per_label)  # (B,)
+        sizes = [(height, width)] if highres_mode == "direct" else self.stage_sizes(height, width, num_stages)
+        common = dict(
+            guidance_scale=guidance_scale,
+            generator=generator,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            position_embedding=position_embedding,
+        )
+
+        stages = []
+        for index, (h, w) in enumerate(sizes):
+            start = time.perf_counter()
+            description = f"stage {index + 1}/{len(sizes)} {h}x{w}"
+            if index == 0:
+                latents = self.prepare_latents(len(class_ids), h, w, generator, latents)
+                self.scheduler.set_timesteps(num_inference_steps, device=device)
+                timesteps = self.scheduler.timesteps
+            else:
+                shape = (h // self.vae_scale_factor, w // self.vae_scale_factor)
+                upsampled = F.interpolate(latents.float(), size=shape, mode="bicubic", align_corners=False)
+                upsampled = upsampled.to(latents.dtype)  # (B, C, h', w')
+                timesteps = self._refine_timesteps(refine_steps, strength, device)
+                noise = randn_tensor(upsampled.shape, generator=generator, device=device, dtype=upsampled.dtype)
+                latents = self.scheduler.add_noise(upsampled, noise, timesteps[:1].repeat(len(upsampled)))
+            latents = self.denoise(latents, class_ids, timesteps, description=description, **common)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            stages.append({"height": h, "width": w, "steps": len(timesteps), "seconds": time.perf_counter() - start})
+
+        images = self.decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, stages
+        return HighResPipelineOutput(images=images, stages=stages)
