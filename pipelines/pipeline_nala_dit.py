@@ -40,6 +40,7 @@ EXAMPLE_DOC_STRING = """
         (32, 32)
         >>> pipe(["dog"], height=32, width=64, num_inference_steps=4, output_type="np").images.shape
         (1, 32, 64, 3)
+
         ```
 """
 

@@ -37,9 +37,10 @@ EXAMPLE_DOC_STRING = """
 
         >>> transformer = NaLaDiTTransformer2DModel.from_preset("S/4", in_channels=3, sample_size=32, num_classes=2)
         >>> pipe = NaLaDiTHighResPipeline(transformer, DDIMScheduler())
-        >>> out = pipe([0], height=64, width=128, highres_mode="progressive", num_inference_steps=4, output_type="np")
+        >>> out = pipe([0], height=64, width=64, highres_mode="progressive", num_inference_steps=4, output_type="np")
         >>> out.images.shape, [(s["height"], s["width"]) for s in out.stages]
-        ((1, 64, 128, 3), [(32, 64), (64, 128)])
+        ((1, 64, 64, 3), [(32, 32), (64, 64)])
+
         ```
 """
 
@@ -134,7 +135,7 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
                 Progressive mode: noise level each refinement starts from, in (0, 1].
             num_stages (`int`, *optional*, defaults to `None`):
                 Progressive mode: number of stages including the first; `None` picks the number of x2
-                steps from the training size to the output size.
+                steps that brings the longer side of the output down to the training size.
             refine_steps (`int`, *optional*, defaults to `None`):
                 Progressive mode: schedule length of each refinement (`None`: ``num_inference_steps``).
 

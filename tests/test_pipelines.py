@@ -1,0 +1,250 @@
+import ast
+import doctest
+import inspect
+import re
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline
+
+import nala_diffusion.pipelines.pipeline_nala_dit as pipeline_module
+import nala_diffusion.pipelines.pipeline_nala_dit_highres as highres_module
+from nala_diffusion import NaLaDiTHighResPipeline, NaLaDiTPipeline
+from nala_diffusion.pipelines.sample import main as sample_main
+from nala_diffusion.pipelines.schedulers import SCHEDULERS, scheduler_from_name
+from helpers import tiny_nala
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+ID2LABEL = {0: "cat", 1: "dog, puppy", 2: "bird"}
+
+
+def tiny_pipeline(cls=NaLaDiTPipeline, **config):
+    transformer = tiny_nala(sample_size=16, num_classes=3, **config)
+    return cls(transformer, DDIMScheduler(), id2label=ID2LABEL)
+
+
+def sample(pipe, labels=(0, 1), seed=0, **kwargs):
+    kwargs = {"height": 48, "width": 32, "num_inference_steps": 4, "output_type": "np", **kwargs}
+    return pipe(list(labels), generator=torch.manual_seed(seed), **kwargs).images
+
+
+@pytest.fixture
+def saved(tmp_path):
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "plain")
+    pipe.save_pretrained(tmp_path / "with_code", include_code=True)
+    return pipe, tmp_path
+
+
+def test_three_loading_paths_give_identical_images(saved):
+    pipe, root = saved
+    expected = sample(pipe, labels=["cat", 1])
+    assert expected.shape == (2, 48, 32, 3)
+    loaded = [
+        NaLaDiTPipeline.from_pretrained(root / "plain"),
+        DiffusionPipeline.from_pretrained(
+            root / "plain", custom_pipeline=str(REPO / "pipelines" / "pipeline_nala_dit.py"), trust_remote_code=True
+        ),
+        DiffusionPipeline.from_pretrained(root / "with_code", trust_remote_code=True),
+    ]
+    for other in loaded:
+        assert type(other).__name__ == "NaLaDiTPipeline"
+        assert other.labels == pipe.labels  # names survive save/load
+        np.testing.assert_array_equal(sample(other, labels=["cat", 1]), expected)
+    assert (root / "with_code" / "pipeline_nala_dit.py").exists()
+
+
+def test_highres_file_works_as_custom_pipeline(saved):
+    _, root = saved
+    pipe = DiffusionPipeline.from_pretrained(
+        root / "plain", custom_pipeline=str(REPO / "pipelines" / "pipeline_nala_dit_highres.py"), trust_remote_code=True
+    )
+    assert type(pipe).__name__ == "NaLaDiTHighResPipeline"
+    assert sample(pipe, highres_mode="progressive", height=64, width=64).shape == (2, 64, 64, 3)
+
+
+def test_seed_determinism_and_per_image_generators():
+    pipe = tiny_pipeline()
+    np.testing.assert_array_equal(sample(pipe, seed=3), sample(pipe, seed=3))
+    assert np.abs(sample(pipe, seed=3) - sample(pipe, seed=4)).max() > 1e-3
+    pair = pipe([0, 1], generator=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)],
+                num_inference_steps=3, output_type="np").images
+    single = pipe([1], generator=[torch.Generator().manual_seed(6)], num_inference_steps=3, output_type="np").images
+    np.testing.assert_allclose(pair[1], single[0], atol=1e-5)  # image depends on its seed, not the batch
+
+
+def test_output_types_and_images_per_label():
+    pipe = tiny_pipeline()
+    pil = sample(pipe, output_type="pil")
+    assert len(pil) == 2 and isinstance(pil[0], PIL.Image.Image) and pil[0].size == (32, 48)
+    pt = sample(pipe, output_type="pt")
+    assert pt.shape == (2, 3, 48, 32) and 0 <= pt.min() and pt.max() <= 1
+    latent = sample(pipe, output_type="latent")
+    assert latent.shape == (2, 3, 48, 32)
+    assert sample(pipe, labels=["bird"], num_images_per_label=3).shape == (3, 48, 32, 3)
+
+
+def test_guidance_one_skips_the_unconditional_half():
+    pipe = tiny_pipeline()
+    seen = []
+    pipe.transformer.register_forward_hook(lambda module, args, kwargs_out: seen.append(args[0].shape[0]))
+    sample(pipe, guidance_scale=1.0)
+    assert set(seen) == {2}
+    seen.clear()
+    sample(pipe, guidance_scale=4.0)
+    assert set(seen) == {4}
+    assert np.abs(sample(pipe, guidance_scale=1.0) - sample(pipe, guidance_scale=4.0)).max() > 1e-3
+
+
+def test_learned_sigma_and_latent_space_with_vae(tmp_path):
+    sigma = NaLaDiTPipeline(tiny_nala(sample_size=16, num_classes=3, out_channels=6), DDIMScheduler())
+    assert np.isfinite(sample(sigma)).all()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=32,
+    ).eval()
+    pipe = NaLaDiTPipeline(tiny_nala(in_channels=4, out_channels=8, num_classes=3), DDIMScheduler(), vae=vae)
+    assert pipe.size_unit == 4 and pipe.default_sample_size == 16
+    images = sample(pipe, height=24, width=40)
+    assert images.shape == (2, 24, 40, 3) and np.isfinite(images).all()
+    assert sample(pipe, height=24, width=40, output_type="latent").shape == (2, 4, 12, 20)
+    pipe.save_pretrained(tmp_path)
+    np.testing.assert_array_equal(sample(NaLaDiTPipeline.from_pretrained(tmp_path), height=24, width=40), images)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_samples(name):
+    pipe = tiny_pipeline()
+    pipe.scheduler = scheduler_from_name(name, pipe.scheduler.config)
+    images = sample(pipe, num_inference_steps=3)
+    assert images.shape == (2, 48, 32, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(labels=["horse"]), "unknown label name 'horse'"),
+        (dict(labels=[3]), r"id 3 is out of range; allowed ids are 0..2"),
+        (dict(labels=[]), "class_labels is empty"),
+        (dict(height=47), "height=47 must be a positive multiple of 2"),
+        (dict(width=0), "width=0"),
+        (dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1"),
+        (dict(guidance_scale=-1.0), "guidance_scale must be >= 0"),
+        (dict(output_type="jpg"), "output_type"),
+        (dict(latents=torch.randn(2, 3, 8, 8)), r"latents have shape \(2, 3, 8, 8\)"),
+        (dict(highres_mode="tiled"), "highres_mode"),
+        (dict(strength=0.0), "strength"),
+    ],
+)
+def test_bad_inputs_raise_value_error(kwargs, match):
+    pipe = tiny_pipeline(NaLaDiTHighResPipeline)
+    labels = kwargs.pop("labels", [0, 1])
+    with pytest.raises(ValueError, match=match):
+        sample(pipe, labels=labels, **kwargs)
+
+
+def test_bad_components_raise():
+    with pytest.raises(ValueError, match="id2label has ids"):
+        NaLaDiTPipeline(tiny_nala(num_classes=3), DDIMScheduler(), id2label={7: "x"})
+    with pytest.raises(ValueError, match="without a vae"):
+        NaLaDiTPipeline(tiny_nala(in_channels=4), DDIMScheduler())
+    with pytest.raises(ValueError, match="no vae"):
+        tiny_pipeline(NaLaDiTHighResPipeline).enable_vae_tiling()
+
+
+def test_callback_on_step_end_can_replace_latents():
+    pipe = tiny_pipeline()
+    steps = []
+
+    def callback(pipe, i, t, tensors):
+        steps.append(i)
+        return {"latents": torch.zeros_like(tensors["latents"])}
+
+    images = sample(pipe, num_inference_steps=3, callback_on_step_end=callback, output_type="pt")
+    assert steps == [0, 1, 2]
+    assert torch.allclose(images, torch.full_like(images, 0.5))  # zero latents decode to mid-grey
+
+
+def documented_defaults(function):
+    """{name: default} from ``name (`type`, *optional*, defaults to `value`)`` lines of a docstring."""
+    found = {}
+    for name, value in re.findall(r"^\s*(\w+) \(`[^`]*`(?:[^)]*?)defaults to `([^`]*)`\)", function.__doc__, re.M):
+        found[name] = None if value == "None" else ast.literal_eval(value)
+    return found
+
+
+@pytest.mark.parametrize("cls", [NaLaDiTPipeline, NaLaDiTHighResPipeline])
+def test_docstring_defaults_equal_signature(cls):
+    documented = documented_defaults(cls.__call__)
+    signature = inspect.signature(cls.__call__).parameters
+    assert len(documented) >= 5
+    for name, value in documented.items():
+        assert signature[name].default == value, name
+
+
+@pytest.mark.parametrize("module", [pipeline_module, highres_module])
+def test_docstring_examples_run(module):
+    results = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert results.attempted >= 4 and results.failed == 0
+
+
+@pytest.mark.parametrize("mode", ["direct", "progressive"])
+@pytest.mark.parametrize("attention_type", ["nala", "softmax"])
+def test_highres_modes_reach_twice_the_training_side(mode, attention_type):
+    pipe = tiny_pipeline(NaLaDiTHighResPipeline, attention_type=attention_type)
+    out = pipe([0, 2], highres_mode=mode, num_inference_steps=4, output_type="np", generator=torch.manual_seed(0))
+    assert out.images.shape == (2, 32, 32, 3) and np.isfinite(out.images).all()
+    expected = [(32, 32)] if mode == "direct" else [(16, 16), (32, 32)]
+    assert [(s["height"], s["width"]) for s in out.stages] == expected
+    assert all(s["seconds"] > 0 for s in out.stages)
+
+
+def test_progressive_stage_sizes():
+    pipe = tiny_pipeline(NaLaDiTHighResPipeline)
+    assert pipe.stage_sizes(64, 128) == [(8, 16), (16, 32), (32, 64), (64, 128)]  # longer side starts at 16
+    assert pipe.stage_sizes(64, 64, num_stages=2) == [(32, 32), (64, 64)]
+    assert pipe.stage_sizes(16, 16) == [(16, 16)]
+
+
+class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if torch.is_tensor(t):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_nala_largest_tensor_grows_linearly_with_pixels():
+    transformer = tiny_nala(sample_size=16, num_classes=3)
+    largest = []
+    for side in (32, 64, 128):
+        with torch.no_grad(), _LargestAllocation() as probe:
+            transformer(torch.randn(1, 3, side, side), timestep=torch.tensor([10]), class_labels=torch.tensor([0]))
+        largest.append(probe.largest)
+    assert largest[1] / largest[0] <= 4.5 and largest[2] / largest[1] <= 4.5  # 4x pixels -> about 4x memory
+
+
+def test_nala_sample_cli_writes_a_png(saved, capsys):
+    _, root = saved
+    out = root / "grid.png"
+    code = sample_main(["--model", str(root / "plain"), "--labels", "cat", "2", "--steps", "2",
+                        "--height", "32", "--width", "48", "--out", str(out), "--scheduler", "dpm"])
+    assert code == 0 and PIL.Image.open(out).size == (2 * 48 + 3 * 2, 32 + 2 * 2)
+    progressive = root / "big.png"
+    code = sample_main(["--model", str(root / "plain"), "--labels", "bird", "--steps", "2", "--height", "64",
+                        "--width", "64", "--highres-mode", "progressive", "--out", str(progressive)])
+    assert code == 0 and PIL.Image.open(progressive).size == (64, 64)  # one image: no grid padding
+    assert "stage 32x32" in capsys.readouterr().out
+    assert sample_main(["--model", str(root / "plain"), "--labels", "horse", "--out", str(root / "x.png")]) == 2
+    assert not (root / "x.png").exists()
