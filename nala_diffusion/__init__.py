@@ -1,6 +1,6 @@
 """nala_diffusion: NaLa (norm-aware linear attention) for diffusion transformers, on diffusers."""
 
-from .conversion import convert_dit_to_nala, load_dit
+from .conversion import convert_dit_to_nala, load_dit, load_transformer
 from .kernels import (
     apply_rope,
     linear_attention,
@@ -46,6 +46,7 @@ __all__ = [
     "convert_dit_to_nala",
     "linear_attention",
     "load_dit",
+    "load_transformer",
     "nala_attention",
     "nala_key_features",
     "nala_query_features",

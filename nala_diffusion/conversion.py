@@ -138,3 +138,14 @@ def convert_dit_to_nala(
             f"unexpected {unexpected[:5]}, missing {not_new[:5]}"
         )
     return model.eval() if not dit.training else model
+
+
+def load_transformer(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None) -> DiTTransformer2DModel:
+    """A DiT-family transformer from a transformer or pipeline folder: ours as saved, diffusers' DiT as DiT."""
+    folder = _resolve_folder(os.fspath(path), None)
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    _check_dit_config(config, folder)
+    if config["_class_name"] == "NaLaDiTTransformer2DModel":
+        return NaLaDiTTransformer2DModel.from_pretrained(folder, use_safetensors=True, dtype=dtype)
+    return load_dit(folder, dtype=dtype)

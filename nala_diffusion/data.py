@@ -1,0 +1,152 @@
+"""Training data: class-per-folder image datasets, with checks that say what is wrong.
+
+Images come out as (3, resolution, resolution) tensors in [-1, 1] (resize of the shorter side,
+center crop). Random flips are applied in the training step, from a generator seeded per step,
+so that a resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Dict, List, Optional
+
+import PIL.Image
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
+
+# name -> factory(split, resolution) -> Dataset with .classes; filled by built-in dataset modules.
+BUILTIN_DATASETS: Dict[str, Callable[..., Dataset]] = {}
+
+
+def image_transform(resolution: int) -> Callable:
+    """Shorter side to ``resolution``, center crop, to [-1, 1]."""
+    return transforms.Compose(
+        [
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+            transforms.CenterCrop(resolution),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ]
+    )
+
+
+class ImageFolderDataset(datasets.ImageFolder):
+    """``torchvision.datasets.ImageFolder`` (one subfolder per class) that checks every image once.
+
+    Unreadable images are skipped with a warning and counted in ``skipped``; a missing or empty
+    folder, or a class folder with no readable image, raises ``ValueError``.
+    """
+
+    def __init__(self, root: str, resolution: int):
+        if not os.path.isdir(root):
+            raise ValueError(f"train_data_dir {root!r} does not exist or is not a folder")
+        self.skipped: List[str] = []
+        try:
+            super().__init__(root, transform=image_transform(resolution), is_valid_file=self._readable)
+        except FileNotFoundError as error:
+            raise ValueError(
+                f"train_data_dir {root!r} needs one subfolder per class, each with at least one readable image "
+                f"({', '.join(IMAGE_EXTENSIONS)}): {error}"
+            ) from None
+        if self.skipped:
+            logger.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(self.skipped), root, self.skipped[:3])
+
+    def _readable(self, path: str) -> bool:
+        if not path.lower().endswith(IMAGE_EXTENSIONS):
+            return False
+        try:
+            with PIL.Image.open(path) as image:
+                image.verify()
+            return True
+        except Exception:  # any decoder error means the file cannot be used
+            self.skipped.append(path)
+            return False
+
+
+def load_dataset(spec: str, resolution: int, split: str = "train") -> Dataset:
+    """A dataset from a folder path or ``builtin:<name>``; it has ``classes`` (index -> name)."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTIN_DATASETS:
+            available = ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_DATASETS)) or "none installed"
+            raise ValueError(f"unknown built-in dataset {spec!r}; available: {available}")
+        return BUILTIN_DATASETS[name](split=split, resolution=resolution)
+    return ImageFolderDataset(spec, resolution)
+
+
+def dataset_id2label(dataset: Dataset) -> Dict[int, str]:
+    return {i: str(name) for i, name in enumerate(getattr(dataset, "classes"))}
+
+
+def dataset_fingerprint(dataset: Dataset, resolution: int, extra: Optional[str] = None) -> str:
+    """A short hash of the file list and settings, naming a latent cache that fits this data."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{resolution}|{extra}".encode())
+    for path, label in getattr(dataset, "samples", []):
+        stat = os.stat(path)
+        digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    digest.update(str(len(dataset)).encode())
+    return digest.hexdigest()[:16]
+
+
+class LatentMomentsDataset(Dataset):
+    """Precomputed VAE latent moments (mean and log-variance) of every image and its mirror image.
+
+    Item: ``(moments (2, 2 * C, h, w), label)``; index 0 of the first axis is the image as is, 1 the
+    horizontally flipped image. Sampling ``mean + exp(logvar / 2) * noise`` in the training step gives
+    the same distribution as encoding the (flipped) image each step.
+    """
+
+    def __init__(self, moments: torch.Tensor, labels: torch.Tensor, classes: List[str]):
+        if len(moments) != len(labels):
+            raise ValueError(f"latent cache is inconsistent: {len(moments)} latents for {len(labels)} labels")
+        self.moments, self.labels, self.classes = moments, labels, classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.moments[index], int(self.labels[index])
+
+
+@torch.no_grad()
+def encode_moments(vae, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, 2 * C, h, w) latent mean and log-variance."""
+    return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.parameters.float().cpu()
+
+
+def build_latent_cache(dataset: Dataset, vae, path: str, batch_size: int = 32, show_progress: bool = True):
+    """Encode ``dataset`` (both orientations) into a safetensors file at ``path``, written atomically."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    moments, labels = [], []
+    for images, batch_labels in tqdm(loader, desc="caching latents", disable=not show_progress):
+        both = torch.stack([encode_moments(vae, images), encode_moments(vae, images.flip(-1))], dim=1)
+        moments.append(both)  # (B, 2, 2C, h, w)
+        labels.append(torch.as_tensor(batch_labels))
+    tensors = {"moments": torch.cat(moments).contiguous(), "labels": torch.cat(labels).long()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, temporary)
+    os.replace(temporary, path)
+
+
+def load_latent_cache(path: str, classes: List[str]) -> LatentMomentsDataset:
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except Exception as error:
+        raise ValueError(f"latent cache {path!r} is unreadable ({error}); delete it to rebuild") from None
+    if set(tensors) != {"moments", "labels"}:
+        raise ValueError(f"latent cache {path!r} holds {sorted(tensors)}, not moments and labels; delete it to rebuild")
+    return LatentMomentsDataset(tensors["moments"], tensors["labels"], classes)

@@ -1,0 +1,1 @@
+"""Training tools of nala_diffusion (installed as ``nala_diffusion.train``)."""

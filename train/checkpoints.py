@@ -1,0 +1,126 @@
+"""Checkpoints that lose nothing: written aside and renamed into place, resumable, pruned.
+
+A checkpoint folder ``checkpoint-<step>`` holds accelerate's ``save_state`` output (model weights as
+safetensors, optimizer, LR schedule, RNG states), the EMA weights as safetensors and
+``training_state.json`` (step, model config, data settings). It only ever appears complete: it is
+written as ``.tmp-checkpoint-<step>`` and renamed, so a run killed mid-save leaves the previous
+checkpoint as the latest one. The optimizer and RNG files are accelerate's own (pickled) format:
+resume only from checkpoints you wrote.
+"""
+
+import json
+import os
+import re
+import shutil
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "checkpoint-"
+TEMPORARY_PREFIX = ".tmp-checkpoint-"
+STATE_FILE = "training_state.json"
+EMA_FILE = "ema.safetensors"
+EMA_STATE_FILE = "ema_state.json"
+
+
+def list_checkpoints(folder: str) -> List[Tuple[int, str]]:
+    """Complete checkpoints in ``folder`` as (step, path), oldest first."""
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        match = re.fullmatch(rf"{PREFIX}(\d+)", name)
+        if match and os.path.isfile(os.path.join(folder, name, STATE_FILE)):
+            found.append((int(match.group(1)), os.path.join(folder, name)))
+    return sorted(found)
+
+
+def remove_partial_checkpoints(folder: str) -> List[str]:
+    """Delete checkpoints that were being written when a run died; returns what was removed."""
+    removed = []
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(TEMPORARY_PREFIX):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+                removed.append(name)
+    return removed
+
+
+def resolve_resume(folder: str, resume: Optional[str]) -> Optional[str]:
+    """The checkpoint path for ``--resume_from_checkpoint`` (``latest`` or a path), or None."""
+    if not resume:
+        return None
+    if resume == "latest":
+        checkpoints = list_checkpoints(folder)
+        return checkpoints[-1][1] if checkpoints else None
+    path = resume if os.path.isabs(resume) or os.path.isdir(resume) else os.path.join(folder, resume)
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise ValueError(f"resume_from_checkpoint {resume!r} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def save_ema(ema, model: torch.nn.Module, folder: str) -> None:
+    names = [name for name, p in model.named_parameters()]
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    save_file({name: p.detach().cpu().contiguous() for name, p in zip(names, shadow)}, os.path.join(folder, EMA_FILE))
+    with open(os.path.join(folder, EMA_STATE_FILE), "w", encoding="utf-8") as handle:
+        json.dump(state, handle)
+
+
+def load_ema(ema, model: torch.nn.Module, folder: str) -> None:
+    tensors = load_file(os.path.join(folder, EMA_FILE))
+    with open(os.path.join(folder, EMA_STATE_FILE), encoding="utf-8") as handle:
+        state = json.load(handle)
+    names = [name for name, _ in model.named_parameters()]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ValueError(f"checkpoint EMA weights do not fit the model: missing {missing[:5]}")
+    device = ema.shadow_params[0].device
+    ema.load_state_dict({**state, "shadow_params": [tensors[n].to(device) for n in names]})
+
+
+def save_checkpoint(accelerator, folder: str, step: int, state: Dict[str, Any], ema=None, model=None,
+                    total_limit: Optional[int] = None) -> str:
+    """Write ``checkpoint-<step>`` atomically on every process's behalf; returns its path."""
+    final = os.path.join(folder, f"{PREFIX}{step}")
+    temporary = os.path.join(folder, f"{TEMPORARY_PREFIX}{step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temporary)
+    if accelerator.is_main_process:
+        if ema is not None:
+            save_ema(ema, model, temporary)
+        with open(os.path.join(temporary, STATE_FILE), "w", encoding="utf-8") as handle:
+            json.dump(state, handle, indent=2, sort_keys=True, default=str)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        if total_limit:
+            for _, old in list_checkpoints(folder)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_state(path: str) -> Dict[str, Any]:
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], path: str) -> None:
+    """Refuse to resume when the model or the data layout differs from the checkpoint's."""
+    problems = []
+    saved_model, current_model = saved.get("model_config", {}), current["model_config"]
+    for key in sorted(set(saved_model) | set(current_model)):
+        if not key.startswith("_") and saved_model.get(key) != current_model.get(key):
+            problems.append(f"model {key}: checkpoint {saved_model.get(key)!r}, this run {current_model.get(key)!r}")
+    for key in ("dataset_size", "train_batch_size", "gradient_accumulation_steps", "num_processes", "latent_space"):
+        if saved.get(key) != current.get(key):
+            problems.append(f"{key}: checkpoint {saved.get(key)!r}, this run {current.get(key)!r}")
+    if problems:
+        raise ValueError(f"cannot resume from {path}: incompatible configuration\n  " + "\n  ".join(problems))

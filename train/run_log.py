@@ -1,0 +1,26 @@
+"""A CSV training log that survives resumes: rows after the resumed step are dropped, then appended to."""
+
+import csv
+import os
+from typing import Dict
+
+COLUMNS = ("step", "loss", "loss_target", "loss_distill", "lr", "images_per_second")
+
+
+class CsvLog:
+    def __init__(self, path: str, keep_until_step: int = 0):
+        self.path = path
+        rows = []
+        if os.path.exists(path) and keep_until_step > 0:
+            with open(path, newline="", encoding="utf-8") as handle:
+                rows = [r for r in csv.DictReader(handle) if r.get("step", "").isdigit() and int(r["step"]) <= keep_until_step]
+        temporary = f"{path}.tmp"
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(temporary, path)
+
+    def write(self, row: Dict[str, float]) -> None:
+        with open(self.path, "a", newline="", encoding="utf-8") as handle:
+            csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore").writerow(row)

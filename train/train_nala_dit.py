@@ -1,0 +1,418 @@
+"""Train a class-conditional NaLa DiT with accelerate: from scratch, or converted from a DiT and distilled.
+
+    python train/train_nala_dit.py --train_data_dir DATA --resolution 32 --model_config S/2 \\
+        --max_train_steps 10000 --output_dir runs/s2
+    accelerate launch --num_processes 8 train/train_nala_dit.py ...   # DDP, FSDP, DeepSpeed as configured
+    nala-train --init_from facebook/DiT-XL-2-256 --teacher facebook/DiT-XL-2-256 --vae VAE_DIR ...
+
+The output folder becomes a pipeline folder (EMA weights) that ``NaLaDiTPipeline.from_pretrained``
+loads, with ``args.json``, ``log.csv``, sample grids in ``samples/`` and ``checkpoint-<step>`` folders.
+Noise, timesteps, label drops and flips come from a generator seeded by (seed, batch index,
+process), so a resumed run draws exactly what an uninterrupted one would.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from nala_diffusion import ATTENTION_TYPES, NaLaDiTPipeline, NaLaDiTTransformer2DModel
+from nala_diffusion.conversion import convert_dit_to_nala, load_transformer
+from nala_diffusion.data import build_latent_cache, dataset_fingerprint, dataset_id2label, load_dataset, load_latent_cache
+from nala_diffusion.model import preset_config
+from nala_diffusion.pipelines.sample import save_grid_atomically
+from nala_diffusion.train import checkpoints
+from nala_diffusion.train.run_log import CsvLog
+
+logger = get_logger(__name__)
+NALA_OPTIONS = ("inhibit", "power_scale", "power_offset", "key_power", "use_lepe", "use_gate", "use_rope", "learnable_power")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    data = p.add_argument_group("data")
+    data.add_argument("--train_data_dir", default=None, help="ImageFolder: one subfolder per class")
+    data.add_argument("--dataset", default=None, help="builtin:<name>, a built-in offline dataset")
+    data.add_argument("--resolution", type=int, default=32, help="images are resized and center-cropped to this")
+    data.add_argument("--no_random_flip", dest="random_flip", action="store_false", help="disable horizontal flips")
+    data.add_argument("--vae", default=None, help="local AutoencoderKL folder: train in its latent space")
+    data.add_argument("--cache_latents", action="store_true", help="encode the data once (both flips) and reuse it")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    model = p.add_argument_group("model")
+    model.add_argument("--model_config", default="S/2", help="preset (S/2, B/2, L/2, XL/2, ...) or a JSON config file")
+    model.add_argument("--init_from", default=None, help="DiT or NaLa DiT folder (or Hub id) to inherit weights from")
+    model.add_argument("--attention", choices=ATTENTION_TYPES, default=None, help="override the attention type")
+    model.add_argument("--inhibit", choices=["relu_split", "cosine"], default=None)
+    for name in ("power_scale", "power_offset"):
+        model.add_argument(f"--{name}", type=float, default=None)
+    model.add_argument("--key_power", type=int, default=None)
+    for name in ("use_lepe", "use_gate", "use_rope", "learnable_power"):
+        model.add_argument(f"--{name}", action="store_const", const=True, default=None)
+    objective = p.add_argument_group("objective")
+    objective.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
+    objective.add_argument("--class_dropout_prob", type=float, default=0.1, help="labels dropped to the null class")
+    objective.add_argument("--teacher", default=None, help="frozen softmax DiT folder to distill from")
+    objective.add_argument("--distill_weight", type=float, default=1.0)
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--max_train_steps", type=int, required=True)
+    optim.add_argument("--train_batch_size", type=int, default=32, help="per process")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--learning_rate", type=float, default=1e-4)
+    optim.add_argument("--lr_scheduler", default="constant", help="any diffusers.optimization scheduler name")
+    optim.add_argument("--lr_warmup_steps", type=int, default=0)
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=0.0)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    optim.add_argument("--gradient_checkpointing", action="store_true")
+    optim.add_argument("--use_ema", action="store_true")
+    optim.add_argument("--ema_decay", type=float, default=0.9999)
+    optim.add_argument("--seed", type=int, default=0)
+    out = p.add_argument_group("output")
+    out.add_argument("--output_dir", required=True)
+    out.add_argument("--checkpointing_steps", type=int, default=500)
+    out.add_argument("--checkpoints_total_limit", type=int, default=None)
+    out.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    out.add_argument("--logging_steps", type=int, default=10)
+    out.add_argument("--validation_steps", type=int, default=None, help="write a sample grid every N steps")
+    out.add_argument("--validation_labels", type=int, nargs="+", default=None)
+    out.add_argument("--validation_inference_steps", type=int, default=25)
+    out.add_argument("--report_to", default="auto", help="'auto' (tensorboard when installed), 'tensorboard' or 'none'")
+    args = p.parse_args(argv)
+    if (args.train_data_dir is None) == (args.dataset is None):
+        p.error("give exactly one of --train_data_dir and --dataset")
+    if args.cache_latents and not args.vae:
+        p.error("--cache_latents needs --vae")
+    if not 0 <= args.class_dropout_prob < 1:
+        p.error("--class_dropout_prob must be in [0, 1)")
+    return args
+
+
+def attention_overrides(args) -> Dict[str, Any]:
+    overrides = {k: getattr(args, k) for k in NALA_OPTIONS if getattr(args, k) is not None}
+    if args.attention:
+        overrides["attention_type"] = args.attention
+    return overrides
+
+
+def build_model(args, in_channels: int, sample_size: int, num_classes: int) -> NaLaDiTTransformer2DModel:
+    expected = {"in_channels": in_channels, "sample_size": sample_size, "num_classes": num_classes}
+    overrides = attention_overrides(args)
+    if args.init_from:
+        model = load_transformer(args.init_from)
+        if not isinstance(model, NaLaDiTTransformer2DModel) or overrides:
+            model = convert_dit_to_nala(model, **{"attention_type": "nala", **overrides})
+        config = dict(model.config)
+    elif os.path.isfile(args.model_config):
+        with open(args.model_config, encoding="utf-8") as handle:
+            config = {k: v for k, v in json.load(handle).items() if not k.startswith("_")}
+    else:
+        config = preset_config(args.model_config)
+    for key, value in expected.items():
+        if config.get(key, value) != value and not (key == "num_classes" and config.get(key) is None):
+            raise ValueError(f"the model has {key}={config[key]} but the data needs {key}={value}")
+    if args.init_from:
+        return model
+    return NaLaDiTTransformer2DModel(**{**config, **expected, **overrides})
+
+
+def step_generator(seed: int, batch_index: int, process_index: int, device) -> torch.Generator:
+    """The random source of one batch: depends on nothing but the run's seed and the batch's position."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + batch_index) * 1009 + process_index)
+
+
+def clean_latents(batch, vae, cached: bool, flip: torch.Tensor, generator) -> torch.Tensor:
+    """x0 for the diffusion loss: pixels in [-1, 1], or VAE latents x scaling_factor."""
+    if cached:  # (B, 2, 2C, h, w): moments of the image and of its mirror
+        moments = batch[torch.arange(len(batch)), flip.long()]
+        mean, logvar = moments.chunk(2, dim=1)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise) * vae.config.scaling_factor
+    pixels = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    if vae is None:
+        return pixels
+    with torch.no_grad():
+        return vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator=generator).float() * vae.config.scaling_factor
+
+
+def save_pipeline_atomically(pipeline: NaLaDiTPipeline, output_dir: str) -> None:
+    """Write the pipeline aside, then move its entries into ``output_dir`` (model_index.json last)."""
+    temporary = os.path.join(output_dir, ".tmp-pipeline")
+    shutil.rmtree(temporary, ignore_errors=True)
+    pipeline.save_pretrained(temporary)
+    names = sorted(os.listdir(temporary), key=lambda n: n == "model_index.json")
+    for name in names:
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(temporary, name), target)
+    shutil.rmtree(temporary, ignore_errors=True)
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def agreed(self, accelerator) -> bool:
+        flag = torch.tensor(float(self.signal is not None), device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, "max")
+        return bool(flag.item())
+
+
+def main(args) -> int:
+    report_to = args.report_to
+    if report_to == "auto":
+        report_to = "tensorboard" if _has_tensorboard() else None
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if report_to in (None, "none") else report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    stop = StopRequest()
+    os.makedirs(args.output_dir, exist_ok=True)
+    if accelerator.is_main_process:
+        removed = checkpoints.remove_partial_checkpoints(args.output_dir)
+        if removed:
+            logger.warning(f"removed partially written checkpoints {removed}", main_process_only=True)
+    resume_path = checkpoints.resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    has_run = checkpoints.list_checkpoints(args.output_dir) or os.path.exists(os.path.join(args.output_dir, "model_index.json"))
+    if has_run and args.resume_from_checkpoint is None:
+        raise ValueError(
+            f"output_dir {args.output_dir!r} already holds a training run; pass --resume_from_checkpoint latest "
+            "to continue it, or choose another output_dir (nothing was overwritten)"
+        )
+
+    # 1. Data and VAE
+    vae = AutoencoderKL.from_pretrained(args.vae, use_safetensors=True).to(accelerator.device).eval() if args.vae else None
+    if vae is not None:
+        vae.requires_grad_(False)
+    dataset = load_dataset(args.dataset or args.train_data_dir, args.resolution)
+    if len(dataset) == 0:
+        raise ValueError("the dataset holds no images")
+    id2label = dataset_id2label(dataset)
+    if args.cache_latents:
+        cache = os.path.join(args.output_dir, "latent_cache", f"{dataset_fingerprint(dataset, args.resolution, args.vae)}.safetensors")
+        if accelerator.is_main_process and not os.path.exists(cache):
+            build_latent_cache(dataset, vae, cache)
+        accelerator.wait_for_everyone()
+        dataset = load_latent_cache(cache, dataset.classes)
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    if args.resolution % vae_factor:
+        raise ValueError(f"resolution {args.resolution} must be a multiple of the VAE factor {vae_factor}")
+    in_channels = vae.config.latent_channels if vae is not None else 3
+
+    # 2. Models
+    model = build_model(args, in_channels, args.resolution // vae_factor, len(id2label))
+    null_label = model.null_class_label
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    teacher = None
+    if args.teacher:
+        teacher = load_transformer(args.teacher).to(accelerator.device).eval().requires_grad_(False)
+        if teacher.config.in_channels != in_channels or teacher.config.num_embeds_ada_norm != len(id2label):
+            raise ValueError("the teacher's channels or classes do not match the student's data")
+    ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=NaLaDiTTransformer2DModel,
+                   model_config=model.config) if args.use_ema else None
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                                    prediction_type=args.prediction_type, clip_sample=vae is None)
+
+    # 3. Optimisation
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
+                                         num_workers=args.dataloader_num_workers)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+
+    # 4. Resume
+    unwrapped = accelerator.unwrap_model(model)
+    run_state = {
+        "model_config": {k: v for k, v in dict(unwrapped.config).items() if not k.startswith("_")},
+        "dataset_size": len(dataset), "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": accelerator.num_processes, "latent_space": vae is not None, "args": vars(args),
+    }
+    global_step = batch_index = 0
+    if resume_path:
+        saved = checkpoints.read_state(resume_path)
+        checkpoints.check_compatible(saved, run_state, resume_path)
+        accelerator.load_state(resume_path)
+        if ema is not None:
+            checkpoints.load_ema(ema, unwrapped, resume_path)
+        global_step, batch_index = saved["global_step"], saved["batch_index"]
+        logger.info(f"resumed from {resume_path} at step {global_step}", main_process_only=True)
+    elif args.resume_from_checkpoint:
+        logger.info("no checkpoint to resume from; starting a new run", main_process_only=True)
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "args.json"), "w", encoding="utf-8") as handle:
+            json.dump(vars(args), handle, indent=2)
+    log = CsvLog(os.path.join(args.output_dir, "log.csv"), keep_until_step=global_step) if accelerator.is_main_process else None
+    if report_to not in (None, "none"):
+        accelerator.init_trackers("nala_dit", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    def checkpoint():
+        state = {**run_state, "global_step": global_step, "batch_index": batch_index}
+        checkpoints.save_checkpoint(accelerator, args.output_dir, global_step, state, ema, unwrapped, args.checkpoints_total_limit)
+
+    # 5. Train
+    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
+    window_start, window_images, window_batches, sums = time.perf_counter(), 0, 0, {}
+    model.train()
+    while global_step < args.max_train_steps:
+        epoch = global_step // steps_per_epoch
+        loader.set_epoch(epoch)
+        skip = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch, labels in epoch_loader:
+            generator = step_generator(args.seed, batch_index, accelerator.process_index, accelerator.device)
+            batch_index += 1
+            with accelerator.accumulate(model):
+                losses = training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, null_label,
+                                         in_channels, generator)
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + accelerator.reduce(value.detach(), "mean").item()
+            window_images += len(labels) * accelerator.num_processes
+            window_batches += 1
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(unwrapped.parameters())
+            global_step += 1
+            progress.update(1)
+            if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+                elapsed = time.perf_counter() - window_start
+                row = {"step": global_step, "lr": lr_scheduler.get_last_lr()[0], "images_per_second": window_images / elapsed,
+                       **{k: v / window_batches for k, v in sums.items()}}
+                progress.set_postfix(loss=f"{row['loss']:.4f}")
+                if log is not None:
+                    log.write(row)
+                accelerator.log(row, step=global_step)
+                window_start, window_images, window_batches, sums = time.perf_counter(), 0, 0, {}
+            if global_step % args.checkpointing_steps == 0:
+                checkpoint()
+            if args.validation_steps and global_step % args.validation_steps == 0:
+                validate(args, accelerator, unwrapped, ema, noise_scheduler, vae, id2label, global_step)
+            if stop.agreed(accelerator):
+                if global_step % args.checkpointing_steps:
+                    checkpoint()
+                logger.warning(f"stopped by signal at step {global_step}; resume with --resume_from_checkpoint latest",
+                               main_process_only=True)
+                accelerator.end_training()
+                return 128 + (stop.signal or signal.SIGTERM)
+            if global_step >= args.max_train_steps:
+                break
+    progress.close()
+
+    # 6. Save the EMA weights as a pipeline
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(unwrapped.parameters())
+        pipeline = NaLaDiTPipeline(transformer=unwrapped.float().eval(), vae=vae, id2label=id2label,
+                                   scheduler=DDIMScheduler.from_config(noise_scheduler.config))
+        save_pipeline_atomically(pipeline, args.output_dir)
+        logger.info(f"saved the pipeline to {args.output_dir}")
+    accelerator.end_training()
+    return 0
+
+
+def training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, null_label, channels, generator):
+    """MSE to the target (+ distill_weight x MSE to the teacher); draws in a fixed order from ``generator``."""
+    device = batch.device
+    count = len(labels)
+    flip = torch.rand(count, generator=generator, device=device) < 0.5 if args.random_flip else torch.zeros(count, dtype=torch.bool, device=device)
+    x0 = clean_latents(batch, vae, args.cache_latents, flip, generator)
+    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (count,), generator=generator, device=device)
+    drop = torch.rand(count, generator=generator, device=device) < args.class_dropout_prob
+    labels = torch.where(drop, torch.full_like(labels, null_label), labels)
+    noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+    target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, timesteps)
+    prediction = model(noisy, timestep=timesteps, class_labels=labels).sample[:, :channels]  # mean channels only
+    losses = {"loss_target": F.mse_loss(prediction.float(), target.float())}
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_prediction = teacher(noisy.to(teacher.dtype), timestep=timesteps, class_labels=labels).sample[:, :channels]
+        losses["loss_distill"] = F.mse_loss(prediction.float(), teacher_prediction.float())
+    losses["loss"] = losses["loss_target"] + args.distill_weight * losses.get("loss_distill", 0.0)
+    return losses
+
+
+@torch.no_grad()
+def validate(args, accelerator, model, ema, noise_scheduler, vae, id2label, step):
+    """Sample a grid with the (EMA) weights on the main process; others wait."""
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+        model.eval()
+        pipeline = NaLaDiTPipeline(model, DDIMScheduler.from_config(noise_scheduler.config), vae=vae, id2label=id2label)
+        pipeline.set_progress_bar_config(disable=True)
+        labels = args.validation_labels or list(range(min(len(id2label), 8)))
+        generators = [torch.Generator(accelerator.device).manual_seed(args.seed + i) for i in range(len(labels))]
+        images = pipeline(labels, num_inference_steps=args.validation_inference_steps, generator=generators, output_type="pt").images
+        save_grid_atomically(images.float().cpu(), os.path.join(args.output_dir, "samples", f"step-{step:06d}.png"), nrow=len(labels))
+        model.train()
+        if ema is not None:
+            ema.restore(model.parameters())
+    accelerator.wait_for_everyone()
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return main(parse_args(argv))
+    except ValueError as error:
+        print(f"nala-train: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
