@@ -3,6 +3,7 @@
     python train/train_nala_dit.py --train_data_dir DATA --resolution 32 --model_config S/2 \\
         --max_train_steps 10000 --output_dir runs/s2
     accelerate launch --num_processes 8 train/train_nala_dit.py ...   # DDP, FSDP, DeepSpeed as configured
+    accelerate launch --multi_gpu --num_processes 2 train/train_nala_dit.py ...   # no GPU: 2 CPU processes (gloo)
     nala-train --init_from facebook/DiT-XL-2-256 --teacher facebook/DiT-XL-2-256 --vae VAE_DIR ...
 
 The output folder becomes a pipeline folder (EMA weights) that ``NaLaDiTPipeline.from_pretrained``
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 
 from nala_diffusion import ATTENTION_TYPES, NaLaDiTPipeline, NaLaDiTTransformer2DModel
 from nala_diffusion.conversion import convert_dit_to_nala, load_transformer
+from nala_diffusion.distributed import use_cpu_processes
 from nala_diffusion.data import build_latent_cache, dataset_fingerprint, dataset_id2label, load_dataset, load_latent_cache
 from nala_diffusion.model import preset_config
 from nala_diffusion.pipelines.sample import save_grid_atomically
@@ -190,6 +192,7 @@ def main(args) -> int:
     if report_to == "auto":
         report_to = "tensorboard" if _has_tensorboard() else None
     accelerator = Accelerator(
+        cpu=use_cpu_processes(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if report_to in (None, "none") else report_to,
