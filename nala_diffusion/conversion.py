@@ -127,7 +127,9 @@ def convert_dit_to_nala(
         )
     config.update(attention_options, attention_type=attention_type)
     parameter = next(dit.parameters())
-    model = NaLaDiTTransformer2DModel(**config).to(device=parameter.device, dtype=parameter.dtype)
+    model = NaLaDiTTransformer2DModel(**config).to(parameter.device)
+    if parameter.dtype != torch.float32:
+        model = model.to(dtype=parameter.dtype)
 
     source = dit.state_dict()
     missing, unexpected = model.load_state_dict(source, strict=False)

@@ -188,6 +188,20 @@ class StopRequest:
 
 
 def main(args) -> int:
+    # 0. Checks that need no accelerator: the output folder and the data
+    resume_path = checkpoints.resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    has_run = checkpoints.list_checkpoints(args.output_dir) or os.path.exists(os.path.join(args.output_dir, "model_index.json"))
+    if has_run and args.resume_from_checkpoint is None:
+        raise ValueError(
+            f"output_dir {args.output_dir!r} already holds a training run; pass --resume_from_checkpoint latest "
+            "to continue it, or choose another output_dir (nothing was overwritten)"
+        )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    dataset = load_dataset(args.dataset or args.train_data_dir, args.resolution)
+    if len(dataset) == 0:
+        raise ValueError("the dataset holds no images")
+    id2label = dataset_id2label(dataset)
+
     report_to = args.report_to
     if report_to == "auto":
         report_to = "tensorboard" if _has_tensorboard() else None
@@ -199,7 +213,6 @@ def main(args) -> int:
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
     stop = StopRequest()
     os.makedirs(args.output_dir, exist_ok=True)
@@ -207,22 +220,11 @@ def main(args) -> int:
         removed = checkpoints.remove_partial_checkpoints(args.output_dir)
         if removed:
             logger.warning(f"removed partially written checkpoints {removed}", main_process_only=True)
-    resume_path = checkpoints.resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    has_run = checkpoints.list_checkpoints(args.output_dir) or os.path.exists(os.path.join(args.output_dir, "model_index.json"))
-    if has_run and args.resume_from_checkpoint is None:
-        raise ValueError(
-            f"output_dir {args.output_dir!r} already holds a training run; pass --resume_from_checkpoint latest "
-            "to continue it, or choose another output_dir (nothing was overwritten)"
-        )
 
     # 1. Data and VAE
     vae = AutoencoderKL.from_pretrained(args.vae, use_safetensors=True).to(accelerator.device).eval() if args.vae else None
     if vae is not None:
         vae.requires_grad_(False)
-    dataset = load_dataset(args.dataset or args.train_data_dir, args.resolution)
-    if len(dataset) == 0:
-        raise ValueError("the dataset holds no images")
-    id2label = dataset_id2label(dataset)
     if args.cache_latents:
         cache = os.path.join(args.output_dir, "latent_cache", f"{dataset_fingerprint(dataset, args.resolution, args.vae)}.safetensors")
         if accelerator.is_main_process and not os.path.exists(cache):

@@ -1,0 +1,197 @@
+"""The training script, run as users run it: in subprocesses, on a tiny ImageFolder."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from nala_diffusion import NaLaDiTPipeline, NaLaDiTTransformer2DModel
+from nala_diffusion.train.train_nala_dit import cli
+from helpers import TINY, tiny_dit
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO / "train" / "train_nala_dit.py")
+TINY_CONFIG = {k: v for k, v in TINY.items() if k != "sample_size"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / "images" / f"class{c}").mkdir(parents=True)
+        for i in range(6):
+            pixels = (rng.random((20, 24, 3)) * 80 + c * 80).astype("uint8")
+            Image.fromarray(pixels).save(root / "images" / f"class{c}" / f"{i}.png")
+    (root / "images" / "class0" / "broken.png").write_bytes(b"not a png")
+    (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    return root
+
+
+def base_args(data, out, steps=6, **extra):
+    args = ["--train_data_dir", str(data / "images"), "--resolution", "16", "--model_config", str(data / "tiny.json"),
+            "--train_batch_size", "4", "--max_train_steps", str(steps), "--output_dir", str(out), "--logging_steps", "1",
+            "--checkpointing_steps", "4", "--report_to", "none"]
+    for key, value in extra.items():
+        args += [f"--{key}"] + ([] if value is True else [str(value)])
+    return args
+
+
+def train(args, launcher=(sys.executable,), check=True, **popen):
+    result = subprocess.run([*launcher, SCRIPT, *args], capture_output=True, text=True, timeout=600, **popen)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def log_rows(out):
+    with open(out / "log.csv", newline="") as handle:
+        return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def test_run_writes_a_loadable_pipeline_and_its_records(data, tmp_path):
+    out = tmp_path / "run"
+    result = train(base_args(data, out, steps=6, use_ema=True, validation_steps=3, validation_inference_steps=2))
+    assert "skipped 1 unreadable image" in result.stderr
+    for name in ["model_index.json", "args.json", "log.csv", "samples/step-000003.png", "samples/step-000006.png",
+                 "checkpoint-4/model.safetensors", "checkpoint-4/ema.safetensors", "transformer/config.json"]:
+        assert (out / name).exists(), name
+    assert [r["step"] for r in log_rows(out)] == [1, 2, 3, 4, 5, 6]
+    assert all(r["loss"] > 0 and r["lr"] == 1e-4 and r["images_per_second"] > 0 for r in log_rows(out))
+    assert json.loads((out / "args.json").read_text())["max_train_steps"] == 6
+    pipe = NaLaDiTPipeline.from_pretrained(out)
+    assert pipe.labels == {"class0": 0, "class1": 1, "class2": 2}
+    images = pipe(["class2"], num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+    # the saved transformer holds the EMA weights of the last checkpoint's EMA, advanced to the end
+    ema = load_file(out / "checkpoint-4" / "ema.safetensors")
+    final = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert set(ema) <= set(final)
+
+
+def test_killed_run_resumes_exactly(data, tmp_path):
+    extra = dict(gradient_accumulation_steps=2, lr_scheduler="cosine", lr_warmup_steps=2, use_ema=True)
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    train(base_args(data, reference, steps=14, **extra))
+    process = subprocess.Popen([sys.executable, SCRIPT, *base_args(data, killed, steps=14, **extra)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-4").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    steps_before = [r["step"] for r in log_rows(killed)]
+    assert steps_before[-1] < 14 and not (killed / "model_index.json").exists()
+    result = train(base_args(data, killed, steps=14, resume_from_checkpoint="latest", **extra))
+    assert "resumed from" in result.stderr
+    resumed_rows, reference_rows = log_rows(killed), log_rows(reference)
+    assert [r["step"] for r in resumed_rows] == list(range(1, 15))  # the step count never restarted
+    for a, b in zip(resumed_rows, reference_rows):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["lr"] == pytest.approx(b["lr"])
+    weights = [load_file(run / "transformer" / "diffusion_pytorch_model.safetensors") for run in (reference, killed)]
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
+
+
+def test_sigterm_writes_a_checkpoint_before_exit(data, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, SCRIPT, *base_args(data, out, steps=100000, checkpointing_steps=100000)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((out / "log.csv").exists() and len(log_rows(out)) >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and int(checkpoints[0].name.split("-")[1]) >= 3
+    assert "resume with --resume_from_checkpoint latest" in stderr
+
+
+def test_two_cpu_processes(data, tmp_path):
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    train(base_args(data, out, steps=4), launcher=launcher, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    state = json.loads((out / "checkpoint-4" / "training_state.json").read_text())
+    assert state["num_processes"] == 2 and (out / "checkpoint-4" / "random_states_1.pkl").exists()
+    images = NaLaDiTPipeline.from_pretrained(out)([0, 1], num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+
+
+def test_distillation_from_a_converted_dit(data, tmp_path):
+    teacher = tmp_path / "teacher"
+    dit = tiny_dit(in_channels=3, num_classes=3)
+    dit.save_pretrained(teacher)
+    (teacher / "config.json").write_text(json.dumps({**json.loads((teacher / "config.json").read_text()),
+                                                     "sample_size": 16}))
+    out = tmp_path / "student"
+    args = base_args(data, out, steps=4, init_from=teacher, teacher=teacher, distill_weight=0.5, inhibit="cosine")
+    args[args.index("--model_config") + 1] = "S/2"  # ignored: --init_from decides the architecture
+    train(args)
+    rows = log_rows(out)
+    assert all(r["loss_distill"] is not None and r["loss_distill"] > 0 for r in rows)
+    assert all(r["loss"] == pytest.approx(r["loss_target"] + 0.5 * r["loss_distill"], rel=1e-5) for r in rows)
+    config = NaLaDiTTransformer2DModel.load_config(out / "transformer")
+    assert config["attention_type"] == "nala" and config["inhibit"] == "cosine"
+
+
+def test_latent_space_with_cached_latents(data, tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        layers_per_block=1, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "run"
+    train(base_args(data, out, steps=4, vae=tmp_path / "vae", cache_latents=True))
+    assert len(list((out / "latent_cache").glob("*.safetensors"))) == 1
+    pipe = NaLaDiTPipeline.from_pretrained(out)
+    assert pipe.vae is not None and pipe.transformer.config.in_channels == 4 and pipe.transformer.config.sample_size == 8
+    assert pipe([1], num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+
+
+def test_errors_are_clear_and_overwrite_nothing(data, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "hollow" / "a").mkdir(parents=True)
+    (tmp_path / "hollow" / "b").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "hollow" / "a" / "x.png")
+    cases = [
+        (["--train_data_dir", str(tmp_path / "missing")], "does not exist"),
+        (["--train_data_dir", str(empty)], "one subfolder per class"),
+        (["--train_data_dir", str(tmp_path / "hollow")], "Found no valid file for the classes b"),
+        (["--dataset", "builtin:nothing"], "unknown built-in dataset"),
+    ]
+    for data_args, message in cases:
+        args = base_args(data, tmp_path / "out")
+        index = args.index("--train_data_dir")
+        args[index: index + 2] = data_args
+        assert cli(args) == 2  # in-process: these fail before any accelerator or model is made
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+    out = tmp_path / "run"
+    train(base_args(data, out, steps=4))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert cli(base_args(data, out, steps=4)) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    wider = json.loads((data / "tiny.json").read_text())
+    wider["attention_head_dim"] = 16
+    (tmp_path / "wider.json").write_text(json.dumps(wider))
+    args = base_args(data, out, steps=8, resume_from_checkpoint="latest")
+    args[args.index("--model_config") + 1] = str(tmp_path / "wider.json")
+    incompatible = train(args, check=False)
+    assert incompatible.returncode == 2 and "incompatible configuration" in incompatible.stderr
+    assert "model attention_head_dim: checkpoint 8, this run 16" in incompatible.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
