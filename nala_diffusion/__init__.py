@@ -1,5 +1,6 @@
 """nala_diffusion: NaLa (norm-aware linear attention) for diffusion transformers, on diffusers."""
 
+from .classifier import DomainClassifier
 from .conversion import convert_dit_to_nala, load_dit, load_transformer
 from .kernels import (
     apply_rope,
@@ -33,6 +34,7 @@ __all__ = [
     "ATTENTION_PROCESSORS",
     "ATTENTION_TYPES",
     "DIT_PRESETS",
+    "DomainClassifier",
     "ELULinearAttnProcessor",
     "KernelAttnProcessor",
     "HighResPipelineOutput",

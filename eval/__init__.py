@@ -1,0 +1,1 @@
+"""Evaluation tools of nala_diffusion (installed as ``nala_diffusion.eval``)."""

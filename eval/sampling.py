@@ -1,0 +1,109 @@
+"""Sampling for evaluation that does not depend on the number of processes (as NVlabs/edm does).
+
+Image ``i`` has its own generator seeded ``seed + i`` and its own label. The indices are cut into
+fixed batches of ``batch_size`` consecutive indices, and the batches are dealt to the processes as
+``batches[rank::world_size]``: a batch holds the same images on 1 or 64 processes, so every image
+comes out byte-identical. Each image is written as ``samples/{i:06d}.png`` (aside, then renamed); a
+rerun regenerates the batches that hold a missing or unreadable image and writes only those images.
+"""
+
+import os
+import tempfile
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from tqdm.auto import tqdm
+
+SAMPLE_DIR = "samples"
+
+
+def sample_path(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, SAMPLE_DIR, f"{index:06d}.png")
+
+
+def is_valid_image(path: str, size: Optional[Sequence[int]] = None) -> bool:
+    """True when ``path`` is a complete, decodable image (of ``size`` = (width, height) if given)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()  # decodes every byte: a truncated PNG fails here
+            return size is None or tuple(image.size) == tuple(size)
+    except Exception:  # any decoder error means the file must be written again
+        return False
+
+
+def balanced_labels(num_samples: int, num_classes: int, labels: Optional[Sequence[int]] = None) -> List[int]:
+    """Label of every image index: the given labels cycled, or every class in turn (class-balanced)."""
+    cycle = list(labels) if labels else list(range(num_classes))
+    return [cycle[i % len(cycle)] for i in range(num_samples)]
+
+
+def rank_batches(num_samples: int, batch_size: int, rank: int, world_size: int) -> List[List[int]]:
+    batches = [list(range(start, min(start + batch_size, num_samples))) for start in range(0, num_samples, batch_size)]
+    return batches[rank::world_size]
+
+
+def save_png_atomically(image: PIL.Image.Image, path: str) -> None:
+    folder = os.path.dirname(path)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+    os.close(handle)
+    try:
+        image.save(temporary, format="PNG")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def generate_samples(
+    pipe,
+    out_dir: str,
+    num_samples: int,
+    *,
+    labels: Sequence[int],
+    seed: int = 0,
+    batch_size: int = 16,
+    rank: int = 0,
+    world_size: int = 1,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    show_progress: bool = True,
+    **call_kwargs,
+) -> int:
+    """Write this process's share of the samples; returns how many images it wrote."""
+    os.makedirs(os.path.join(out_dir, SAMPLE_DIR), exist_ok=True)
+    height = height or pipe.default_sample_size
+    width = width or pipe.default_sample_size
+    device = pipe._execution_device
+    todo = [
+        batch for batch in rank_batches(num_samples, batch_size, rank, world_size)
+        if any(not is_valid_image(sample_path(out_dir, i), (width, height)) for i in batch)
+    ]
+    written = 0
+    pipe.set_progress_bar_config(disable=True)
+    for batch in tqdm(todo, desc=f"sampling (process {rank})", disable=not show_progress):
+        missing = [i for i in batch if not is_valid_image(sample_path(out_dir, i), (width, height))]
+        generators = [torch.Generator(device).manual_seed(seed + i) for i in batch]
+        output = pipe([labels[i] for i in batch], height=height, width=width, generator=generators,
+                      output_type="pil", **call_kwargs)
+        for i, image in zip(batch, output.images):
+            if i in missing:
+                save_png_atomically(image, sample_path(out_dir, i))
+                written += 1
+    return written
+
+
+def iter_sample_paths(out_dir: str, num_samples: int) -> Iterator[str]:
+    for i in range(num_samples):
+        yield sample_path(out_dir, i)
+
+
+def pack_npz(out_dir: str, num_samples: int, path: str) -> None:
+    """All samples as ``arr_0`` (N, H, W, 3) uint8, the format of OpenAI's ADM evaluator."""
+    images = np.stack([np.asarray(PIL.Image.open(p).convert("RGB")) for p in iter_sample_paths(out_dir, num_samples)])
+    temporary = f"{path}.tmp.npz"
+    np.savez(temporary, arr_0=images)
+    os.replace(temporary, path)
