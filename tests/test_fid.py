@@ -1,0 +1,123 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from scipy import linalg
+
+from nala_diffusion import DomainClassifier, NaLaDiTPipeline
+from nala_diffusion.eval import features as F
+from nala_diffusion.eval.fid import cli
+from helpers import tiny_nala
+
+REPO = Path(__file__).resolve().parents[1]
+JSON_FIELDS = {"fid", "kid", "num_samples", "model", "model_config_hash", "attention_type", "scheduler", "steps",
+               "guidance", "seeds", "feature_extractor", "sampling_seconds", "feature_seconds", "reference"}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fid")
+    NaLaDiTPipeline(tiny_nala(sample_size=16, num_classes=3), DDIMScheduler()).save_pretrained(root / "pipe")
+    torch.manual_seed(0)
+    DomainClassifier(num_classes=3, image_size=16, widths=(8, 16)).save_pretrained(root / "classifier")
+    rng = np.random.default_rng(0)
+    (root / "real").mkdir()
+    for i in range(24):
+        PIL.Image.fromarray((rng.random((16, 16, 3)) * 255).astype("uint8")).save(root / "real" / f"{i}.png")
+    return root
+
+
+def sample_args(assets, out, n=10):
+    return ["--model", str(assets / "pipe"), "--num_samples", str(n), "--out", str(out), "--steps", "2",
+            "--batch_size", "4"]
+
+
+def test_one_and_two_processes_write_identical_images(assets, tmp_path):
+    assert cli(["sample", *sample_args(assets, tmp_path / "one")]) == 0
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    result = subprocess.run([*launcher, str(REPO / "eval" / "fid.py"), "sample", *sample_args(assets, tmp_path / "two")],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = sorted((tmp_path / "one" / "samples").glob("*.png"))
+    assert [p.name for p in one] == [f"{i:06d}.png" for i in range(10)]
+    for path in one:
+        assert path.read_bytes() == (tmp_path / "two" / "samples" / path.name).read_bytes(), path.name
+
+
+def test_rerun_regenerates_exactly_the_missing_and_broken_images(assets, tmp_path):
+    out = tmp_path / "run"
+    assert cli(["sample", *sample_args(assets, out)]) == 0
+    paths = {i: out / "samples" / f"{i:06d}.png" for i in range(10)}
+    original = {i: p.read_bytes() for i, p in paths.items()}
+    paths[3].unlink()
+    paths[7].write_bytes(original[7][: len(original[7]) // 2])  # truncated
+    untouched = {i: paths[i].stat().st_mtime_ns for i in paths if i not in (3, 7)}
+    assert cli(["sample", *sample_args(assets, out)]) == 0
+    assert {i: p.read_bytes() for i, p in paths.items()} == original
+    assert {i: paths[i].stat().st_mtime_ns for i in untouched} == untouched
+
+
+def test_folder_against_itself_and_a_direct_frechet_computation(assets, tmp_path, capsys):
+    extractor = ["--feature_extractor", str(assets / "classifier")]
+    assert cli(["compare", str(assets / "real"), str(assets / "real"), *extractor, "--json", str(tmp_path / "self.json")]) == 0
+    assert abs(json.loads((tmp_path / "self.json").read_text())["fid"]) < 1e-3
+
+    assert cli(["sample", *sample_args(assets, tmp_path / "gen", n=20)]) == 0
+    assert cli(["compare", str(tmp_path / "gen" / "samples"), str(assets / "real"), *extractor,
+                "--json", str(tmp_path / "pair.json")]) == 0
+    reported = json.loads((tmp_path / "pair.json").read_text())
+
+    # the same features computed by hand from the PNGs (16x16, the classifier's size: no resize)
+    classifier = DomainClassifier.from_pretrained(assets / "classifier").eval()
+
+    def feats(folder):
+        images = [np.asarray(PIL.Image.open(p).convert("RGB")) for p in sorted(Path(folder).glob("*.png"))]
+        batch = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            return classifier.features(batch).double().numpy()
+
+    a, b = feats(tmp_path / "gen" / "samples"), feats(assets / "real")
+    mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert reported["fid"] == pytest.approx(expected, rel=1e-3, abs=1e-6) and reported["fid"] > 1e-3
+    assert reported["kid"] is not None
+
+
+def test_calc_writes_every_field_and_stats_files_give_the_same_fid(assets, tmp_path):
+    extractor = ["--feature_extractor", str(assets / "classifier")]
+    stats = tmp_path / "real.npz"
+    assert cli(["ref", "--images", str(assets / "real"), "--out", str(stats), "--keep_features", *extractor]) == 0
+    out = tmp_path / "calc"
+    with pytest.warns(UserWarning, match="fewer than the feature dimension"):
+        assert cli(["calc", *sample_args(assets, out), "--ref", str(assets / "real"), *extractor, "--npz"]) == 0
+    result = json.loads((out / "fid.json").read_text())
+    assert JSON_FIELDS <= set(result) and result["num_samples"] == 10 and result["attention_type"] == "nala"
+    assert np.load(out / "samples.npz")["arr_0"].shape == (10, 16, 16, 3)
+    assert cli(["calc", *sample_args(assets, out), "--ref", str(stats), *extractor, "--json", str(tmp_path / "b.json")]) == 0
+    again = json.loads((tmp_path / "b.json").read_text())
+    assert again["fid"] == pytest.approx(result["fid"]) and again["kid"] == pytest.approx(result["kid"])
+
+
+def test_stats_made_with_another_extractor_are_refused(assets, tmp_path, capsys):
+    stats = tmp_path / "real.npz"
+    np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048), extractor=np.array("inception"), mode=np.array("clean"))
+    code = cli(["calc", *sample_args(assets, tmp_path / "c"), "--ref", str(stats),
+                "--feature_extractor", str(assets / "classifier")])
+    assert code == 2 and "was made with extractor inception" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.path.exists(os.path.join(F.DEFAULT_WEIGHTS_DIR, F.TORCHSCRIPT_WEIGHTS)),
+                    reason="Inception weights are present on this machine")
+def test_missing_inception_weights_name_the_file(assets, capsys):
+    code = cli(["compare", str(assets / "real"), str(assets / "real")])
+    error = capsys.readouterr().err
+    assert code == 2 and "inception-2015-12-05.pt" in error and "--inception_weights" in error
+    assert cli(["compare", str(assets / "real"), str(assets / "real"), "--inception_weights", "/nowhere/x.pt"]) == 2
