@@ -3,6 +3,7 @@
 from .classifier import DomainClassifier
 from .conversion import convert_dit_to_nala, load_dit, load_transformer
 from .kernels import (
+    nala_attention_explicit,
     apply_rope,
     linear_attention,
     nala_attention,
@@ -50,6 +51,7 @@ __all__ = [
     "load_dit",
     "load_transformer",
     "nala_attention",
+    "nala_attention_explicit",
     "nala_key_features",
     "nala_query_features",
     "preset_config",

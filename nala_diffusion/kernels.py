@@ -179,6 +179,134 @@ def _linear_readout(
     return numerator / (denominator + eps)
 
 
+class _MagnitudePower(torch.autograd.Function):
+    """|x|^p as exp(p log|x|), about twice as fast as ``pow`` with a tensor exponent; its backward
+    gives 0 (not NaN) where x = 0, as ``pow``'s does."""
+
+    @staticmethod
+    def forward(ctx, magnitude: torch.Tensor, power: torch.Tensor) -> torch.Tensor:
+        result = torch.exp(power * torch.log(magnitude))  # log 0 = -inf -> exp(-inf) = 0
+        ctx.save_for_backward(magnitude, power, result)
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):
+        magnitude, power, result = ctx.saved_tensors
+        positive = magnitude > 0
+        grad_magnitude = grad_power = None
+        if ctx.needs_input_grad[0]:
+            grad_magnitude = torch.where(positive, grad * power * result / magnitude, 0.0)
+        if ctx.needs_input_grad[1]:
+            grad_power = torch.where(positive, grad * result * torch.log(magnitude), 0.0)
+            grad_power = grad_power.sum_to_size(power.shape)
+        return grad_magnitude, grad_power
+
+
+def _query_magnitude(query, power_scale, power_offset, eps):
+    """(|u|^p(r), u) with u = q / max(|q|, eps)."""
+    norm = torch.linalg.vector_norm(query, dim=-1, keepdim=True)  # (B, H, N, 1)
+    direction = query / norm.clamp_min(eps)  # (B, H, N, d)
+    power = _per_head(power_scale, query) * (power_offset + torch.tanh(norm))  # (B, H, N, 1)
+    if not torch.is_tensor(power) or power.shape != norm.shape:
+        power = torch.as_tensor(power, dtype=query.dtype, device=query.device).expand_as(norm)
+    return _MagnitudePower.apply(direction.abs(), power), direction
+
+
+def _odd_integer(value) -> bool:
+    return float(value).is_integer() and int(value) % 2 == 1
+
+
+def _split_readout(q_parts, k_parts, value: torch.Tensor, eps: float) -> torch.Tensor:
+    """o = sum_i q_i S_i / (sum_i q_i z_i + eps) for feature blocks q_i, k_i, which is the readout of
+    the concatenated features without building them: S_i = mean_j k_ij v_j^T, z_i = mean_j k_ij."""
+    batch, heads, tokens, _ = q_parts[0].shape
+    num_keys, dim = value.shape[-2], value.shape[-1]
+    value = value.reshape(batch * heads, num_keys, dim)
+    numerator = denominator = None
+    for q_i, k_i in zip(q_parts, k_parts):
+        q_i = q_i.reshape(batch * heads, tokens, -1)
+        k_i = k_i.reshape(batch * heads, num_keys, -1)
+        state = _bmm(k_i.transpose(1, 2), value) / num_keys  # (BH, F, d)
+        key_mean = k_i.mean(dim=1).unsqueeze(-1)  # (BH, F, 1)
+        num_i, den_i = _bmm(q_i, state), _bmm(q_i, key_mean)  # (BH, N, d), (BH, N, 1)
+        numerator = num_i if numerator is None else numerator + num_i
+        denominator = den_i if denominator is None else denominator + den_i
+    if torch.is_grad_enabled() and numerator.requires_grad:
+        return (numerator / (denominator + eps)).view(batch, heads, tokens, dim)
+    return numerator.div_(denominator.add_(eps)).view(batch, heads, tokens, dim)
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bmm, or the 2-D mm/mv for a batch of one (faster on CPU for these skinny shapes)."""
+    if a.shape[0] == 1:
+        return (torch.mv(a[0], b[0, :, 0]).unsqueeze(-1) if b.shape[-1] == 1 else torch.mm(a[0], b[0])).unsqueeze(0)
+    return torch.bmm(a, b)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in tensors)
+
+
+def _signed_key_power(k: torch.Tensor, key_power) -> torch.Tensor:
+    """k' = sign(k) |k|^gamma, with plain products for odd integer gamma."""
+    if _odd_integer(key_power):
+        return k.pow(int(key_power))
+    return torch.copysign(k.abs().pow(key_power), k)
+
+
+_CHUNK_BYTES = 8 * 2**20  # feature buffers per chunk of heads: small enough to stay in cache and off mmap
+
+
+@torch.no_grad()
+def _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps) -> torch.Tensor:
+    """The relu_split kernel without autograd, chunked over heads: the same arithmetic as the
+    differentiable path, written in place into one (tokens, 2 * head_dim) buffer per side, so that
+    the readout is a single matmul and the buffers stay small."""
+    batch, heads, tokens, dim = q.shape
+    num_keys = k.shape[-2]
+    lam = _per_head(power_scale, q)
+    lam = lam.expand(batch, heads, 1, 1) if torch.is_tensor(lam) else None
+    out = q.new_empty(batch, heads, tokens, dim)
+    step = max(1, _CHUNK_BYTES // ((tokens + num_keys) * 2 * dim * q.element_size()))
+    for b in range(batch):
+        for h in range(0, heads, step):
+            part = slice(h, min(heads, h + step))
+            scale = power_scale if lam is None else lam[b, part]
+            q_features = _relu_split_query_features(q[b, part], scale, power_offset, eps)  # (h, N, 2d)
+            k_features = _relu_split_key_features(k[b, part], key_power)  # (h, M, 2d)
+            out[b, part] = _split_readout((q_features[None],), (k_features[None],), v[b, part][None], eps)[0]
+    return out
+
+
+def _relu_split_query_features(q, power_scale, power_offset, eps):
+    """[relu(u)^p, relu(-u)^p] computed in place; q is (..., N, d)."""
+    dim = q.shape[-1]
+    norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True)  # (..., N, 1)
+    power = power_scale * (power_offset + torch.tanh(norm))  # (..., N, 1)
+    log_norm = norm.clamp_min(eps).log_()
+    features = q.new_empty(*q.shape[:-1], 2 * dim)
+    positive, negative = features[..., :dim], features[..., dim:]
+    torch.abs(q, out=positive).log_().sub_(log_norm).mul_(power).exp_()  # |u|^p = exp(p (log|q| - log r))
+    torch.copysign(positive, q, out=negative)  # sign(u) |u|^p
+    torch.clamp(negative, min=0, out=positive)  # relu(u)^p
+    negative.sub_(positive).neg_()  # relu(-u)^p, exact: one of the two is zero
+    return features
+
+
+def _relu_split_key_features(k, key_power):
+    """[relu(k'), relu(-k')] computed in place; k is (..., M, d)."""
+    dim = k.shape[-1]
+    features = k.new_empty(*k.shape[:-1], 2 * dim)
+    positive, negative = features[..., :dim], features[..., dim:]
+    if float(key_power) == 3:
+        torch.mul(k, k, out=negative).mul_(k)  # k^3 without pow
+    else:
+        negative.copy_(_signed_key_power(k, key_power))
+    torch.clamp(negative, min=0, out=positive)
+    negative.sub_(positive).neg_()
+    return features
+
+
 def nala_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -208,10 +336,65 @@ def nala_attention(
 
     Returns:
         ``(batch, heads, query_tokens, head_dim)`` in ``query.dtype``.
+
+    The 2d-wide features are never concatenated: the readout runs on their two d-wide halves (the
+    positive/negative parts, or the cosine/sine parts), which is exact. With ``rope`` the features
+    are built whole (:func:`nala_attention_explicit`), since the rotation mixes the halves.
     """
     _check_qkv(query, key, value)
     if inhibit not in INHIBIT_MODES:
         raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {inhibit!r}")
+    if rope is not None:
+        return nala_attention_explicit(
+            query, key, value, power_scale=power_scale, power_offset=power_offset, key_power=key_power,
+            inhibit=inhibit, angle_sharpness=angle_sharpness, eps=eps, rope=rope,
+        )
+    dtype = compute_dtype(query.dtype)
+    q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+    if inhibit == "relu_split" and not _needs_grad(q, k, v, power_scale):
+        return _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps).to(query.dtype)
+    magnitude, direction = _query_magnitude(q, power_scale, power_offset, eps)  # (B, H, N, d) each
+    if inhibit == "relu_split":
+        signed = torch.copysign(magnitude, direction)
+        q_positive = torch.relu(signed)  # relu(u)^p
+        q_negative = q_positive - signed  # relu(-u)^p, exact: one of the two is zero
+        k_signed = _signed_key_power(k, key_power)  # k' = sign(k) |k|^gamma
+        k_positive = torch.relu(k_signed)
+        k_negative = k_positive - k_signed
+        out = _split_readout((q_positive, q_negative), (k_positive, k_negative), v, eps)
+    else:
+        angle = _angle(direction, angle_sharpness)
+        k_direction = k / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(eps)
+        k_angle = _angle(k_direction, angle_sharpness)
+        k_magnitude = k.abs().pow(key_power)
+        out = _split_readout(
+            (magnitude * torch.cos(angle), magnitude * torch.sin(angle)),
+            (k_magnitude * torch.cos(k_angle), k_magnitude * torch.sin(k_angle)),
+            v,
+            eps,
+        )
+    return out.to(query.dtype)
+
+
+def nala_attention_explicit(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    power_scale: Union[float, torch.Tensor] = 3.0,
+    power_offset: float = 0.5,
+    key_power: float = 3,
+    inhibit: str = "relu_split",
+    angle_sharpness: float = 20.0,
+    eps: float = 1e-6,
+    rope: RopeArg = None,
+) -> torch.Tensor:
+    """NaLa written literally from the formulas: the 2d-wide features are built, then read out.
+
+    Same arguments and result as :func:`nala_attention`, slower; it serves RoPE (which mixes the
+    feature halves) and as the straightforward baseline of the benchmarks.
+    """
+    _check_qkv(query, key, value)
     dtype = compute_dtype(query.dtype)
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
     phi_q = nala_query_features(

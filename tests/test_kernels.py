@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nala_diffusion import linear_attention, nala_attention, rope_2d_tables, softmax_attention
+from nala_diffusion import linear_attention, nala_attention, nala_attention_explicit, rope_2d_tables, softmax_attention
 from reference import linear_reference, nala_reference, softmax_reference
 
 INHIBITS = ["relu_split", "cosine"]
@@ -160,3 +160,15 @@ def test_65536_tokens_fit_in_one_gib():
     result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, check=True)
     extra_bytes = int(result.stdout.strip().splitlines()[-1])
     assert extra_bytes < 2**30, f"peak memory grew by {extra_bytes / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 40, 8), (1, 6, 17, 64)])
+def test_inference_path_equals_differentiable_path(shape):
+    q, k, v = (torch.randn(*shape) for _ in range(3))
+    lam = torch.tensor([2.0, 3.0, 4.0, 2.5, 3.5, 3.0][: shape[1]])
+    with torch.no_grad():
+        fast = nala_attention(q, k, v, power_scale=lam)
+    graph = nala_attention(q.requires_grad_(), k, v, power_scale=lam)
+    torch.testing.assert_close(fast, graph.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast, nala_attention_explicit(q.detach(), k, v, power_scale=lam), rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(torch.autograd.grad(graph.sum(), q)[0]).all()
