@@ -1,0 +1,221 @@
+"""nala-bench: time and memory of attention kernels and of whole DiTs, side by side, in one run.
+
+    nala-bench --out docs/benchmarks/cpu                       # op level 256..65,536 tokens, DiT-S/2 models
+    nala-bench --tokens 256 1024 --skip_model --out /tmp/bench # quick
+
+Op level: softmax SDPA, diffusers' plain attention (scores materialised as AttnProcessor does), ReLU
+linear, 1+ELU linear, NaLa written literally (explicit features) and the project's NaLa, per call, as
+ratios against SDPA. Model level: a DiT-S/2 forward at many tokens, and forward+backward at the
+training size, NaLa against softmax. Medians of repeated runs after warm-up; peak memory is the
+largest total of live tensor bytes during a call (CUDA: ``torch.cuda.max_memory_allocated``).
+Writes ``results.json`` and ``benchmark.png``.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import weakref
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from tqdm.auto import tqdm
+
+from nala_diffusion import NaLaDiTTransformer2DModel, linear_attention, nala_attention, nala_attention_explicit
+
+KERNELS: Dict[str, Callable] = {
+    "sdpa": lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+    "plain": lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v,
+    "relu_linear": lambda q, k, v: linear_attention(q, k, v, feature_map="relu"),
+    "elu_linear": lambda q, k, v: linear_attention(q, k, v, feature_map="elu"),
+    "nala_explicit": lambda q, k, v: nala_attention_explicit(q, k, v),
+    "nala": lambda q, k, v: nala_attention(q, k, v),
+}
+QUADRATIC = {"sdpa", "plain"}
+
+
+class PeakBytes(TorchDispatchMode):
+    """Peak of the bytes held by tensors created inside the mode (a CPU stand-in for max_memory_allocated)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen = set()
+
+    def _release(self, key, size):
+        self._seen.discard(key)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if torch.is_tensor(t) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self._seen and storage.nbytes() > 0:
+                    self._seen.add(key)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._release, key, storage.nbytes())
+        return out
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory(fn, device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with PeakBytes() as probe:
+        fn()
+    return probe.peak
+
+
+@torch.no_grad()
+def op_level(tokens: Sequence[int], heads: int, head_dim: int, device, repeats: int, max_seconds: float,
+             max_bytes: float) -> Dict[str, Dict[int, dict]]:
+    results = {name: {} for name in KERNELS}
+    last_time: Dict[str, tuple] = {}
+    for n in tqdm(tokens, desc="op level"):
+        q, k, v = (torch.randn(1, heads, n, head_dim, device=device) for _ in range(3))
+        for name, kernel in KERNELS.items():
+            if name == "plain" and heads * n * n * 4 * 2 > max_bytes:
+                results[name][n] = {"skipped": f"the {n}x{n} score matrix needs more than {max_bytes / 2**30:.0f} GiB"}
+                continue
+            if name in last_time:
+                seconds, previous = last_time[name]
+                growth = (n / previous) ** (2 if name in QUADRATIC else 1)
+                if seconds * growth * (repeats + 1) > max_seconds:
+                    results[name][n] = {"skipped": f"estimated {seconds * growth:.0f} s per call"}
+                    continue
+            seconds = median_seconds(lambda: kernel(q, k, v), device, repeats)
+            last_time[name] = (seconds, n)
+            results[name][n] = {"seconds": seconds, "peak_bytes": peak_memory(lambda: kernel(q, k, v), device)}
+    for name, by_tokens in results.items():
+        for n, row in by_tokens.items():
+            base = results["sdpa"].get(n, {}).get("seconds")
+            if "seconds" in row and base:
+                row["time_vs_sdpa"] = row["seconds"] / base
+    return results
+
+
+def model_level(device, repeats: int, model_tokens: int, train_tokens: int, train_batch: int, preset: str) -> dict:
+    out = {}
+    torch.manual_seed(0)
+    models = {kind: NaLaDiTTransformer2DModel.from_preset(preset, sample_size=32, attention_type=kind).to(device)
+              for kind in ("softmax", "nala")}
+    patch = models["nala"].config.patch_size
+    for name, tokens, batch, train in (("forward", model_tokens, 1, False), ("forward_backward", train_tokens, train_batch, True)):
+        side = int(round(tokens ** 0.5)) * patch
+        x = torch.randn(batch, 4, side, side, device=device)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        y = torch.randint(0, 1000, (batch,), device=device)
+        row = {"tokens": (side // patch) ** 2, "batch": batch}
+        for kind, model in models.items():
+            model.train(train)
+
+            def step():
+                if train:
+                    model.zero_grad(set_to_none=True)
+                    model(x, timestep=t, class_labels=y).sample.square().mean().backward()
+                else:
+                    with torch.no_grad():
+                        model(x, timestep=t, class_labels=y)
+
+            row[kind] = {"seconds": median_seconds(step, device, repeats)}
+        row["nala_vs_softmax"] = row["nala"]["seconds"] / row["softmax"]["seconds"]
+        out[name] = row
+    return out
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, by_tokens in results["op_level"].items():
+        rows = sorted((int(n), r) for n, r in by_tokens.items() if "seconds" in r)
+        if rows:
+            axes[0].loglog([n for n, _ in rows], [r["seconds"] * 1e3 for _, r in rows], "o-", label=name)
+            axes[1].loglog([n for n, _ in rows], [max(r["peak_bytes"], 1) / 2**20 for _, r in rows], "o-", label=name)
+    axes[0].set(xlabel="tokens", ylabel="ms per call", title=f"time ({results['device']})")
+    axes[1].set(xlabel="tokens", ylabel="peak MiB", title="memory")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="nala-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384, 65536])
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--head_dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max_seconds", type=float, default=120.0, help="skip a kernel whose run would take longer")
+    p.add_argument("--max_gib", type=float, default=8.0, help="skip plain attention above this score size")
+    p.add_argument("--skip_model", action="store_true")
+    p.add_argument("--preset", default="S/2")
+    p.add_argument("--model_tokens", type=int, default=16384)
+    p.add_argument("--train_tokens", type=int, default=256)
+    p.add_argument("--train_batch", type=int, default=8)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="benchmark_results")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "heads": args.heads, "head_dim": args.head_dim, "repeats": args.repeats,
+        "command": " ".join(["nala-bench", *(argv if argv is not None else sys.argv[1:])]),
+    }
+    results["op_level"] = op_level(args.tokens, args.heads, args.head_dim, device, args.repeats, args.max_seconds,
+                                   args.max_gib * 2**30)
+    if not args.skip_model:
+        results["model_level"] = model_level(device, args.repeats, args.model_tokens, args.train_tokens,
+                                             args.train_batch, args.preset)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    plot(results, os.path.join(args.out, "benchmark.png"))
+    for name, by_tokens in results["op_level"].items():
+        cells = [f"{n}: {r['seconds'] * 1e3:.1f} ms" if "seconds" in r else f"{n}: skipped" for n, r in by_tokens.items()]
+        print(f"{name:14s} " + ", ".join(cells))
+    for name, row in results.get("model_level", {}).items():
+        print(f"DiT {name} at {row['tokens']} tokens: nala/softmax time {row['nala_vs_softmax']:.2f}")
+    print(f"wrote {args.out}/results.json and {args.out}/benchmark.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The benchmark and entropy scripts run on tiny sizes and write valid JSON and PNG (no timing asserted)."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from nala_diffusion import NaLaDiTPipeline
+from nala_diffusion.eval import attention_entropy, benchmark
+from helpers import tiny_nala
+
+
+def test_benchmark_writes_json_and_plot(tmp_path):
+    out = tmp_path / "bench"
+    assert benchmark.main(["--tokens", "16", "64", "--repeats", "1", "--preset", "S/8", "--model_tokens", "16",
+                           "--train_tokens", "4", "--train_batch", "2", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["op_level"]) == set(benchmark.KERNELS)
+    for name, rows in results["op_level"].items():
+        assert rows["64"]["seconds"] > 0 and rows["64"]["peak_bytes"] > 0, name
+    assert results["op_level"]["sdpa"]["64"]["time_vs_sdpa"] == pytest.approx(1.0)
+    assert {"forward", "forward_backward"} <= set(results["model_level"])
+    assert PIL.Image.open(out / "benchmark.png").size[0] > 100
+
+
+def test_peak_bytes_sees_the_score_matrix():
+    q = torch.randn(1, 1, 512, 8)
+    with torch.no_grad():
+        plain = benchmark.peak_memory(lambda: benchmark.KERNELS["plain"](q, q, q), torch.device("cpu"))
+        nala = benchmark.peak_memory(lambda: benchmark.KERNELS["nala"](q, q, q), torch.device("cpu"))
+    assert plain >= 512 * 512 * 4 > nala
+
+
+def test_entropy_on_random_inputs(tmp_path):
+    path = tmp_path / "entropy.json"
+    assert attention_entropy.main(["--random", "--tokens", "256", "--heads", "2", "--json", str(path),
+                                   "--plot", str(tmp_path / "entropy.png")]) == 0
+    result = json.loads(path.read_text())
+    assert set(result) == {"softmax", "relu_linear", "nala"}
+    assert result["softmax"]["spearman"] < -0.4 and result["nala"]["spearman"] < -0.4
+    assert abs(result["relu_linear"]["spearman"]) < 0.15
+    assert result["nala"]["mean_entropy"] < result["relu_linear"]["mean_entropy"]
+    assert PIL.Image.open(tmp_path / "entropy.png").size[0] > 100
+
+
+def test_entropy_of_a_model_per_layer(tmp_path):
+    NaLaDiTPipeline(tiny_nala(sample_size=16, num_classes=2), DDIMScheduler()).save_pretrained(tmp_path / "pipe")
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
+        PIL.Image.fromarray((rng.random((16, 16, 3)) * 255).astype("uint8")).save(tmp_path / "data" / f"c{c}" / "a.png")
+    path = tmp_path / "layers.json"
+    assert attention_entropy.main(["--model", str(tmp_path / "pipe"), "--data", str(tmp_path / "data"),
+                                   "--json", str(path), "--plot", str(tmp_path / "layers.png")]) == 0
+    layers = json.loads(path.read_text())["layers"]
+    assert sorted(layers) == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert all(set(v) == {"softmax", "relu_linear", "nala"} for v in layers.values())
