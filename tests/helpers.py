@@ -1,6 +1,7 @@
 """Tiny model factories shared by the tests (2 layers, 2 heads, head_dim 8)."""
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
 from nala_diffusion import NaLaDiTTransformer2DModel
@@ -52,3 +53,18 @@ def dit_inputs(batch=2, channels=4, height=8, width=8, num_classes=10, seed=1):
     t = torch.randint(0, 1000, (batch,), generator=generator)
     y = torch.randint(0, num_classes, (batch,), generator=generator)
     return x, t, y
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the element count of the largest tensor any operator returns inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if torch.is_tensor(t):
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from nala_diffusion import linear_attention, nala_attention, nala_attention_explicit, rope_2d_tables, softmax_attention
+from helpers import LargestAllocation
 from reference import linear_reference, nala_reference, softmax_reference
 
 INHIBITS = ["relu_split", "cosine"]
@@ -117,27 +117,16 @@ def test_bad_arguments_raise():
         nala_attention(q, q, q, power_scale=torch.ones(3))
 
 
-class _LargestAllocation(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if torch.is_tensor(t):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("inhibit", INHIBITS)
 def test_no_tokens_by_tokens_tensor(inhibit):
     n, d = 2048, 16
     q, k, v = (torch.randn(1, 1, n, d, requires_grad=True) for _ in range(3))
-    with _LargestAllocation() as mode:
+    with LargestAllocation() as mode:
         nala_attention(q, k, v, inhibit=inhibit, rope=rope_2d_tables((32, 64), 2 * d)).sum().backward()
     assert mode.largest <= n * 2 * d  # the largest tensor is a (tokens, features) one, far below n * n
-    with _LargestAllocation() as mode:
+    with LargestAllocation() as mode:
         softmax_reference(q.detach()[..., :64, :], k.detach()[..., :64, :], v.detach()[..., :64, :])
     assert mode.largest >= 64 * 64  # the probe does see an N x N matrix when there is one
 

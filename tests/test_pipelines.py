@@ -14,7 +14,7 @@ import nala_diffusion.pipelines.pipeline_nala_dit_highres as highres_module
 from nala_diffusion import NaLaDiTHighResPipeline, NaLaDiTPipeline
 from nala_diffusion.pipelines.sample import main as sample_main
 from nala_diffusion.pipelines.schedulers import SCHEDULERS, scheduler_from_name
-from helpers import tiny_nala
+from helpers import LargestAllocation, tiny_nala
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 ID2LABEL = {0: "cat", 1: "dog, puppy", 2: "bird"}
@@ -214,22 +214,13 @@ def test_progressive_stage_sizes():
     assert pipe.stage_sizes(16, 16) == [(16, 16)]
 
 
-class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
-    largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if torch.is_tensor(t):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def test_nala_largest_tensor_grows_linearly_with_pixels():
     transformer = tiny_nala(sample_size=16, num_classes=3)
     largest = []
     for side in (32, 64, 128):
-        with torch.no_grad(), _LargestAllocation() as probe:
+        with torch.no_grad(), LargestAllocation() as probe:
             transformer(torch.randn(1, 3, side, side), timestep=torch.tensor([10]), class_labels=torch.tensor([0]))
         largest.append(probe.largest)
     assert largest[1] / largest[0] <= 4.5 and largest[2] / largest[1] <= 4.5  # 4x pixels -> about 4x memory
