@@ -1,5 +1,6 @@
 """nala_diffusion: NaLa (norm-aware linear attention) for diffusion transformers, on diffusers."""
 
+from .assets import demo_classifier_path, demo_pipeline_path
 from .classifier import DomainClassifier
 from .conversion import convert_dit_to_nala, load_dit, load_transformer
 from .kernels import (
@@ -47,6 +48,8 @@ __all__ = [
     "SoftmaxAttnProcessor",
     "apply_rope",
     "convert_dit_to_nala",
+    "demo_classifier_path",
+    "demo_pipeline_path",
     "linear_attention",
     "load_dit",
     "load_transformer",

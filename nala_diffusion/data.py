@@ -20,8 +20,15 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
 
-# name -> factory(split, resolution) -> Dataset with .classes; filled by built-in dataset modules.
-BUILTIN_DATASETS: Dict[str, Callable[..., Dataset]] = {}
+
+def _photos(split: str, resolution: int) -> Dataset:
+    from .builtin_photos import BuiltinPhotos
+
+    return BuiltinPhotos(split=split, resolution=resolution)
+
+
+# name -> factory(split, resolution) -> Dataset with .classes
+BUILTIN_DATASETS: Dict[str, Callable[..., Dataset]] = {"photos": _photos}
 
 
 def image_transform(resolution: int) -> Callable:

@@ -28,7 +28,8 @@ def parse_label(text: str) -> Union[int, str]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="nala-sample", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="pipeline folder (save_pretrained output) or Hub id")
+    parser.add_argument("--model", default=None,
+                        help="pipeline folder (save_pretrained output) or Hub id (default: the shipped demo pipeline)")
     parser.add_argument("--labels", nargs="+", type=parse_label, default=None,
                         help="class ids or names (default: every class, in order)")
     parser.add_argument("--images-per-label", type=int, default=1)
@@ -67,6 +68,10 @@ def save_grid_atomically(images: torch.Tensor, path: str, nrow: int) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.model is None:
+        from nala_diffusion.assets import demo_pipeline_path
+
+        args.model = demo_pipeline_path()
     try:
         pipe = NaLaDiTHighResPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
     except (OSError, ValueError) as error:

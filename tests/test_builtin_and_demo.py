@@ -1,0 +1,53 @@
+"""The built-in dataset, the shipped domain classifier and the shipped demo pipeline."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import nala_diffusion
+from nala_diffusion import DomainClassifier, NaLaDiTPipeline
+from nala_diffusion.data import load_dataset
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return load_dataset("builtin:photos", 32, split="train"), load_dataset("builtin:photos", 32, split="test")
+
+
+def test_builtin_photos_is_deterministic_and_split(photos):
+    train, test = photos
+    assert len(train.classes) == 10 and len(train) == 3000 and len(test) == 1000
+    assert train[0][0].shape == (3, 32, 32) and -1 <= train.images.min() and train.images.max() <= 1
+    assert torch.bincount(train.labels).tolist() == [300] * 10
+    again = load_dataset("builtin:photos", 32, split="train")
+    assert torch.equal(again.images, train.images)
+    # no test crop equals a training crop
+    flat_train = {bytes(x.numpy().tobytes()) for x in train.images[::7]}
+    assert not any(bytes(x.numpy().tobytes()) in flat_train for x in test.images)
+    assert load_dataset("builtin:photos", 16).images.shape[-1] == 16
+
+
+def test_builtin_photos_export(photos, tmp_path):
+    _, test = photos
+    assert test.export(tmp_path) == 1000
+    assert sorted(os.listdir(tmp_path)) == sorted(test.classes)
+    first = np.asarray(PIL.Image.open(tmp_path / test.classes[0] / "00000.png"))
+    assert first.shape == (32, 32, 3)
+
+
+def test_shipped_classifier_beats_its_reported_accuracy_minus_a_margin(photos):
+    _, test = photos
+    path = nala_diffusion.demo_classifier_path()
+    reported = json.load(open(os.path.join(path, "metrics.json")))["test_accuracy"]
+    classifier = DomainClassifier.from_pretrained(path).eval()
+    with torch.no_grad():
+        predictions = classifier((test.images + 1) / 2).argmax(-1)
+    accuracy = (predictions == test.labels).float().mean().item()
+    assert accuracy >= reported - 0.02 and accuracy > 0.5
+    assert classifier.features(torch.rand(2, 3, 64, 64)).shape == (2, classifier.feature_dim)
