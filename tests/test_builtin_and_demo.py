@@ -51,3 +51,20 @@ def test_shipped_classifier_beats_its_reported_accuracy_minus_a_margin(photos):
     accuracy = (predictions == test.labels).float().mean().item()
     assert accuracy >= reported - 0.02 and accuracy > 0.5
     assert classifier.features(torch.rand(2, 3, 64, 64)).shape == (2, classifier.feature_dim)
+
+
+def test_quality_tool_reports_accuracy_and_fid_ratio(tmp_path):
+    from diffusers import DDIMScheduler
+
+    from nala_diffusion import NaLaDiTTransformer2DModel
+    from nala_diffusion.eval import quality
+
+    torch.manual_seed(0)
+    transformer = NaLaDiTTransformer2DModel(num_layers=1, num_attention_heads=2, attention_head_dim=8, in_channels=3,
+                                            sample_size=32, patch_size=8, num_classes=10, norm_num_groups=1)
+    NaLaDiTPipeline(transformer, DDIMScheduler()).save_pretrained(tmp_path / "pipe")
+    assert quality.main(["--model", str(tmp_path / "pipe"), "--classifier", nala_diffusion.demo_classifier_path(),
+                         "--num_samples", "20", "--steps", "2", "--out", str(tmp_path / "q")]) == 0
+    result = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert 0 <= result["class_accuracy"]["accuracy"] <= 1 and len(result["class_accuracy"]["per_class"]) == 10
+    assert result["fid_trained"] > 0 and result["fid_untrained"] > 0 and "fid_ratio_trained_to_untrained" in result
