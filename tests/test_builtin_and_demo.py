@@ -68,3 +68,18 @@ def test_quality_tool_reports_accuracy_and_fid_ratio(tmp_path):
     result = json.loads((tmp_path / "q" / "quality.json").read_text())
     assert 0 <= result["class_accuracy"]["accuracy"] <= 1 and len(result["class_accuracy"]["per_class"]) == 10
     assert result["fid_trained"] > 0 and result["fid_untrained"] > 0 and "fid_ratio_trained_to_untrained" in result
+
+
+def test_shipped_demo_pipeline_loads_and_samples():
+    pipe = NaLaDiTPipeline.from_pretrained(nala_diffusion.demo_pipeline_path())
+    assert pipe.num_classes == 10 and pipe.labels["cat"] == 1
+    images = pipe(["cat", "rocket"], num_inference_steps=4, output_type="np", generator=torch.manual_seed(0)).images
+    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_main_command_writes_a_grid_from_any_folder(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "nala_diffusion.pipelines.sample", "--steps", "4", "--out", "grid.png"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    grid = PIL.Image.open(tmp_path / "grid.png")
+    assert grid.size == (8 * 32 + 9 * 2, 2 * 32 + 3 * 2)  # 10 classes, 8 per row, 2-px padding
