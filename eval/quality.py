@@ -34,13 +34,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--untrained_samples", type=int, default=None,
+                   help="samples of the untrained baseline (default: --num_samples); the FID ratio uses equal counts")
     p.add_argument("--batch_size", type=int, default=100)
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
 
 
-def sample(pipe, folder, args, labels):
-    generate_samples(pipe, folder, args.num_samples, labels=labels, seed=args.seed, batch_size=args.batch_size,
+def sample(pipe, folder, args, labels, count):
+    generate_samples(pipe, folder, count, labels=labels, seed=args.seed, batch_size=args.batch_size,
                      num_inference_steps=args.steps, guidance_scale=args.guidance)
     return os.path.join(folder, SAMPLE_DIR)
 
@@ -63,11 +65,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not os.path.isdir(real):
         load_dataset(args.dataset, resolution, split="test").export(real)
     labels = balanced_labels(args.num_samples, pipe.num_classes)
-    trained_dir = sample(pipe, os.path.join(args.out, "trained"), args, labels)
+    untrained_count = min(args.untrained_samples or args.num_samples, args.num_samples)
+    trained_dir = sample(pipe, os.path.join(args.out, "trained"), args, labels, args.num_samples)
     torch.manual_seed(args.seed)  # the untrained baseline is a fixed random initialisation
     untrained = NaLaDiTPipeline(NaLaDiTTransformer2DModel.from_config(pipe.transformer.config).eval(), pipe.scheduler,
                                 vae=pipe.vae, id2label=pipe.id2label)
-    untrained_dir = sample(untrained, os.path.join(args.out, "untrained"), args, labels)
+    untrained_dir = sample(untrained, os.path.join(args.out, "untrained"), args, labels, untrained_count)
 
     classifier = DomainClassifier.from_pretrained(args.classifier).eval()
     extractor = F.classifier_extractor(args.classifier, torch.device("cpu"))
@@ -75,15 +78,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = {"model": os.path.abspath(args.model), "num_samples": args.num_samples, "steps": args.steps,
               "guidance": args.guidance, "classes": pipe.id2label,
               "class_accuracy": class_accuracy(classifier, os.path.join(args.out, "trained"), labels, pipe.num_classes)}
-    for name, folder in (("trained", trained_dir), ("untrained", untrained_dir)):
-        feats = F.folder_features(folder, extractor, "cpu", verbose=False)
-        result[f"fid_{name}"] = F.frechet_distance(*F.statistics(feats), *F.statistics(real_feats))
-        result[f"kid_{name}"] = F.kernel_inception_distance(feats, real_feats)
-    result["fid_ratio_trained_to_untrained"] = result["fid_trained"] / result["fid_untrained"]
+    trained_feats = F.folder_features(trained_dir, extractor, "cpu", verbose=False)
+    untrained_feats = F.folder_features(untrained_dir, extractor, "cpu", verbose=False)[:untrained_count]
+    real_stats = F.statistics(real_feats)
+    result["fid_trained"] = F.frechet_distance(*F.statistics(trained_feats), *real_stats)
+    result["kid_trained"] = F.kernel_inception_distance(trained_feats, real_feats)
+    # the ratio compares equal numbers of samples (FID is biased by the sample count)
+    result["untrained_samples"] = untrained_count
+    result["fid_trained_same_count"] = F.frechet_distance(*F.statistics(trained_feats[:untrained_count]), *real_stats)
+    result["fid_untrained"] = F.frechet_distance(*F.statistics(untrained_feats), *real_stats)
+    result["kid_untrained"] = F.kernel_inception_distance(untrained_feats, real_feats)
+    result["fid_ratio_trained_to_untrained"] = result["fid_trained_same_count"] / result["fid_untrained"]
     with open(os.path.join(args.out, "quality.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2)
     print(f"class accuracy {result['class_accuracy']['accuracy']:.3f}; domain FID trained {result['fid_trained']:.3f}, "
-          f"untrained {result['fid_untrained']:.3f} (ratio {result['fid_ratio_trained_to_untrained']:.3f})")
+          f"untrained {result['fid_untrained']:.3f} on {untrained_count} samples "
+          f"(ratio at equal counts {result['fid_ratio_trained_to_untrained']:.3f})")
     return 0
 
 

@@ -64,10 +64,13 @@ def test_quality_tool_reports_accuracy_and_fid_ratio(tmp_path):
                                             sample_size=32, patch_size=8, num_classes=10, norm_num_groups=1)
     NaLaDiTPipeline(transformer, DDIMScheduler()).save_pretrained(tmp_path / "pipe")
     assert quality.main(["--model", str(tmp_path / "pipe"), "--classifier", nala_diffusion.demo_classifier_path(),
-                         "--num_samples", "20", "--steps", "2", "--out", str(tmp_path / "q")]) == 0
+                         "--num_samples", "20", "--untrained_samples", "10", "--steps", "2",
+                         "--out", str(tmp_path / "q")]) == 0
     result = json.loads((tmp_path / "q" / "quality.json").read_text())
     assert 0 <= result["class_accuracy"]["accuracy"] <= 1 and len(result["class_accuracy"]["per_class"]) == 10
-    assert result["fid_trained"] > 0 and result["fid_untrained"] > 0 and "fid_ratio_trained_to_untrained" in result
+    assert result["fid_trained"] > 0 and result["fid_untrained"] > 0 and result["untrained_samples"] == 10
+    assert result["fid_ratio_trained_to_untrained"] == pytest.approx(result["fid_trained_same_count"] / result["fid_untrained"])
+    assert len(os.listdir(tmp_path / "q" / "untrained" / "samples")) == 10
 
 
 def test_shipped_demo_pipeline_loads_and_samples():
