@@ -78,14 +78,14 @@ def generate_samples(
     height = height or pipe.default_sample_size
     width = width or pipe.default_sample_size
     device = pipe._execution_device
-    todo = [
-        batch for batch in rank_batches(num_samples, batch_size, rank, world_size)
-        if any(not is_valid_image(sample_path(out_dir, i), (width, height)) for i in batch)
-    ]
+    todo = []  # (batch, the images of it to write), each image checked once
+    for batch in rank_batches(num_samples, batch_size, rank, world_size):
+        missing = {i for i in batch if not is_valid_image(sample_path(out_dir, i), (width, height))}
+        if missing:
+            todo.append((batch, missing))
     written = 0
     pipe.set_progress_bar_config(disable=True)
-    for batch in tqdm(todo, desc=f"sampling (process {rank})", disable=not show_progress):
-        missing = [i for i in batch if not is_valid_image(sample_path(out_dir, i), (width, height))]
+    for batch, missing in tqdm(todo, desc=f"sampling (process {rank})", disable=not show_progress):
         generators = [torch.Generator(device).manual_seed(seed + i) for i in batch]
         output = pipe([labels[i] for i in batch], height=height, width=width, generator=generators,
                       output_type="pil", **call_kwargs)

@@ -207,8 +207,6 @@ def _query_magnitude(query, power_scale, power_offset, eps):
     norm = torch.linalg.vector_norm(query, dim=-1, keepdim=True)  # (B, H, N, 1)
     direction = query / norm.clamp_min(eps)  # (B, H, N, d)
     power = _per_head(power_scale, query) * (power_offset + torch.tanh(norm))  # (B, H, N, 1)
-    if not torch.is_tensor(power) or power.shape != norm.shape:
-        power = torch.as_tensor(power, dtype=query.dtype, device=query.device).expand_as(norm)
     return _MagnitudePower.apply(direction.abs(), power), direction
 
 
