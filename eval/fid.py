@@ -40,8 +40,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_samples", type=int, required=True)
     p.add_argument("--out", required=True, help="folder; images go to OUT/samples/{i:06d}.png")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=1.5)
+    p.add_argument("--steps", type=int, default=None, help="default: the pipeline's sampling_defaults, else 50")
+    p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's sampling_defaults, else 4.0")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -90,6 +90,8 @@ def run_sampling(args, state: PartialState) -> dict:
     if args.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
     labels = balanced_labels(args.num_samples, pipe.num_classes, args.labels)
+    settings = pipe.sampling_settings(args.steps, args.guidance)
+    args.steps, args.guidance = settings["num_inference_steps"], settings["guidance_scale"]
     start = time.perf_counter()
     written = generate_samples(
         pipe, args.out, args.num_samples, labels=labels, seed=args.seed, batch_size=args.batch_size,

@@ -1,6 +1,7 @@
 """nala-quality: class accuracy and domain FID of a class-conditional pipeline on a built-in dataset.
 
     nala-quality --model RUN --classifier CLASSIFIER --dataset builtin:photos --out quality_run
+    nala-quality --out quality_demo        # the shipped demo pipeline and classifier
 
 1. Exports the dataset's held-out (test) split as PNGs: the real reference.
 2. Samples ``--num_samples`` class-balanced images (seed + i per image) from the model and from an
@@ -20,6 +21,7 @@ import PIL.Image
 import torch
 
 from nala_diffusion import DomainClassifier, NaLaDiTPipeline, NaLaDiTTransformer2DModel
+from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path
 from nala_diffusion.data import load_dataset
 from nala_diffusion.eval import features as F
 from nala_diffusion.eval.sampling import SAMPLE_DIR, balanced_labels, generate_samples, sample_path
@@ -27,12 +29,12 @@ from nala_diffusion.eval.sampling import SAMPLE_DIR, balanced_labels, generate_s
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nala-quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--classifier", required=True)
+    p.add_argument("--model", default=None, help="pipeline folder (default: the shipped demo pipeline)")
+    p.add_argument("--classifier", default=None, help="DomainClassifier folder (default: the shipped photos classifier)")
     p.add_argument("--dataset", default="builtin:photos")
     p.add_argument("--num_samples", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--steps", type=int, default=None, help="default: the pipeline's sampling_defaults, else 50")
+    p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's sampling_defaults, else 4.0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--untrained_samples", type=int, default=None,
                    help="samples of the untrained baseline (default: --num_samples); the FID ratio uses equal counts")
@@ -59,7 +61,13 @@ def class_accuracy(classifier: DomainClassifier, folder: str, labels, num_classe
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.model is None:
+        args.model = demo_pipeline_path()
+    if args.classifier is None:
+        args.classifier = demo_classifier_path()
     pipe = NaLaDiTPipeline.from_pretrained(args.model)
+    settings = pipe.sampling_settings(args.steps, args.guidance)
+    args.steps, args.guidance = settings["num_inference_steps"], settings["guidance_scale"]
     resolution = pipe.default_sample_size
     real = os.path.join(args.out, "real")
     if not os.path.isdir(real):
@@ -69,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     trained_dir = sample(pipe, os.path.join(args.out, "trained"), args, labels, args.num_samples)
     torch.manual_seed(args.seed)  # the untrained baseline is a fixed random initialisation
     untrained = NaLaDiTPipeline(NaLaDiTTransformer2DModel.from_config(pipe.transformer.config).eval(), pipe.scheduler,
-                                vae=pipe.vae, id2label=pipe.id2label)
+                                vae=pipe.vae, id2label=pipe.id2label, sampling_defaults=settings)
     untrained_dir = sample(untrained, os.path.join(args.out, "untrained"), args, labels, untrained_count)
 
     classifier = DomainClassifier.from_pretrained(args.classifier).eval()

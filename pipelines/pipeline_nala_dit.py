@@ -24,6 +24,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from nala_diffusion.model import NaLaDiTTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# what ``__call__`` uses when neither the call nor the pipeline's ``sampling_defaults`` say otherwise (DiT's)
+SAMPLING_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 4.0}
 LabelArg = Union[int, str, Sequence[Union[int, str]]]
 
 EXAMPLE_DOC_STRING = """
@@ -63,6 +65,10 @@ class NaLaDiTPipeline(DiffusionPipeline):
             channels in [-1, 1]).
         id2label: class names, ``{id: "name"}`` or ``{id: "name, synonym"}`` as in DiT; saved in
             ``model_index.json``, so names survive ``save_pretrained``.
+        sampling_defaults: the sampler settings this model was measured with, e.g.
+            ``{"num_inference_steps": 25, "guidance_scale": 2.0}``; saved in ``model_index.json`` and
+            used by ``__call__`` (and the command-line tools) when a call leaves them out. Unset keys
+            fall back to DiT's 50 steps and guidance 4.0.
     """
 
     model_cpu_offload_seq = "transformer->vae"
@@ -75,6 +81,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
         scheduler: SchedulerMixin,
         vae: Optional[AutoencoderKL] = None,
         id2label: Optional[Dict[Union[int, str], str]] = None,
+        sampling_defaults: Optional[Dict[str, Union[int, float]]] = None,
     ):
         super().__init__()
         if vae is None and transformer.config.in_channels != 3:
@@ -89,9 +96,26 @@ class NaLaDiTPipeline(DiffusionPipeline):
             raise ValueError(f"id2label has ids {bad} outside the model's classes 0..{num_classes - 1}")
         self.register_to_config(id2label={str(k): v for k, v in sorted(id2label.items())})
         self.id2label = id2label
+        sampling_defaults = dict(sampling_defaults or {})
+        unknown = sorted(set(sampling_defaults) - set(SAMPLING_DEFAULTS))
+        if unknown:
+            raise ValueError(f"sampling_defaults: unknown keys {unknown}; allowed: {sorted(SAMPLING_DEFAULTS)}")
+        self.register_to_config(sampling_defaults=sampling_defaults)
         self.labels = {name.strip(): k for k, v in id2label.items() for name in v.split(",") if name.strip()}
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def sampling_settings(
+        self, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None
+    ) -> Dict[str, Union[int, float]]:
+        """The steps and guidance a call uses: the arguments, else the pipeline's ``sampling_defaults``,
+        else DiT's (50 steps, guidance 4.0)."""
+        chosen = {**SAMPLING_DEFAULTS, **(self.config.get("sampling_defaults") or {})}
+        if num_inference_steps is not None:
+            chosen["num_inference_steps"] = num_inference_steps
+        if guidance_scale is not None:
+            chosen["guidance_scale"] = guidance_scale
+        return chosen
 
     # -- labels and sizes ----------------------------------------------------------------------
     @property
@@ -225,8 +249,8 @@ class NaLaDiTPipeline(DiffusionPipeline):
         class_labels: LabelArg,
         height: Optional[int] = None,
         width: Optional[int] = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 4.0,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
         num_images_per_label: int = 1,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         latents: Optional[torch.Tensor] = None,
@@ -246,10 +270,12 @@ class NaLaDiTPipeline(DiffusionPipeline):
                 size times the VAE factor.
             width (`int`, *optional*, defaults to `None`):
                 Image width in pixels, as ``height``; non-square sizes are allowed.
-            num_inference_steps (`int`, *optional*, defaults to `50`):
-                Number of denoising steps (at least 1).
-            guidance_scale (`float`, *optional*, defaults to `4.0`):
+            num_inference_steps (`int`, *optional*, defaults to `None`):
+                Number of denoising steps (at least 1); `None` takes the pipeline's ``sampling_defaults``
+                (50 if it has none).
+            guidance_scale (`float`, *optional*, defaults to `None`):
                 Classifier-free guidance against the null class; `1.0` skips the unconditional half.
+                `None` takes the pipeline's ``sampling_defaults`` (4.0 if it has none).
             num_images_per_label (`int`, *optional*, defaults to `1`):
                 Images generated for each entry of ``class_labels``.
             generator (`torch.Generator` or a list of them, *optional*, defaults to `None`):
@@ -276,6 +302,8 @@ class NaLaDiTPipeline(DiffusionPipeline):
         """
         height = self.default_sample_size if height is None else height
         width = self.default_sample_size if width is None else width
+        settings = self.sampling_settings(num_inference_steps, guidance_scale)
+        num_inference_steps, guidance_scale = settings["num_inference_steps"], settings["guidance_scale"]
         self.check_inputs(height, width, num_inference_steps, guidance_scale, output_type, num_images_per_label)
         bad_inputs = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if bad_inputs:

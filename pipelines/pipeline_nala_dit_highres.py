@@ -102,8 +102,8 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
         class_labels,
         height: Optional[int] = None,
         width: Optional[int] = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 4.0,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
         num_images_per_label: int = 1,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         latents: Optional[torch.Tensor] = None,
@@ -151,6 +151,8 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
             raise ValueError(f"highres_mode must be one of {HIGHRES_MODES}, got {highres_mode!r}")
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
+        settings = self.sampling_settings(num_inference_steps, guidance_scale)
+        num_inference_steps, guidance_scale = settings["num_inference_steps"], settings["guidance_scale"]
         refine_steps = num_inference_steps if refine_steps is None else refine_steps
         self.check_inputs(height, width, num_inference_steps, guidance_scale, output_type, num_images_per_label)
         if not isinstance(refine_steps, int) or refine_steps < 1:

@@ -35,8 +35,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--images-per-label", type=int, default=1)
     parser.add_argument("--height", type=int, default=None, help="pixels (default: the training size)")
     parser.add_argument("--width", type=int, default=None, help="pixels (default: the training size)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps (default: the pipeline's sampling_defaults, else 50)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale, 1 = off (default: the pipeline's sampling_defaults, else 4.0)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
                         help="sampler (default: the one saved with the pipeline)")
@@ -106,7 +108,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     save_grid_atomically(output.images.float().cpu(), args.out, nrow)
     for stage in output.stages:
         print(f"stage {stage['height']}x{stage['width']}: {stage['steps']} steps, {stage['seconds']:.2f} s")
-    print(f"wrote {args.out} ({count} images of {height}x{width})")
+    settings = pipe.sampling_settings(args.steps, args.guidance)
+    print(f"wrote {args.out} ({count} images of {height}x{width}, {settings['num_inference_steps']} steps, "
+          f"guidance {settings['guidance_scale']})")
     return 0
 
 

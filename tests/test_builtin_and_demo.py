@@ -86,3 +86,17 @@ def test_main_command_writes_a_grid_from_any_folder(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     grid = PIL.Image.open(tmp_path / "grid.png")
     assert grid.size == (8 * 32 + 9 * 2, 2 * 32 + 3 * 2)  # 10 classes, 8 per row, 2-px padding
+
+
+def test_shipped_demo_samples_are_recognised_by_the_classifier():
+    """A small-sample check of the shipped model's class accuracy at its recorded sampler settings."""
+    pipe = NaLaDiTPipeline.from_pretrained(nala_diffusion.demo_pipeline_path())
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.sampling_settings() == {"num_inference_steps": 25, "guidance_scale": 2.0}
+    labels = [c for c in range(10) for _ in range(3)]
+    generators = [torch.Generator().manual_seed(i) for i in range(len(labels))]
+    images = pipe(labels, generator=generators, output_type="pt").images
+    classifier = DomainClassifier.from_pretrained(nala_diffusion.demo_classifier_path()).eval()
+    with torch.no_grad():
+        predictions = classifier((images * 255).round() / 255).argmax(-1)  # as the PNGs hold them
+    assert (predictions == torch.tensor(labels)).float().mean().item() >= 0.8

@@ -226,6 +226,26 @@ def test_nala_largest_tensor_grows_linearly_with_pixels():
     assert largest[1] / largest[0] <= 4.5 and largest[2] / largest[1] <= 4.5  # 4x pixels -> about 4x memory
 
 
+def test_sampling_defaults_are_saved_and_used_when_a_call_leaves_them_out(tmp_path):
+    pipe = tiny_pipeline()
+    assert pipe.sampling_settings() == {"num_inference_steps": 50, "guidance_scale": 4.0}  # DiT's
+    pipe = NaLaDiTPipeline(pipe.transformer, pipe.scheduler, id2label=ID2LABEL,
+                           sampling_defaults={"num_inference_steps": 3, "guidance_scale": 1.0})
+    pipe.save_pretrained(tmp_path)
+    loaded = NaLaDiTHighResPipeline.from_pretrained(tmp_path)
+    assert loaded.sampling_settings() == {"num_inference_steps": 3, "guidance_scale": 1.0}
+    assert loaded.sampling_settings(7, 2.5) == {"num_inference_steps": 7, "guidance_scale": 2.5}
+    batch_sizes = []
+    loaded.transformer.register_forward_hook(lambda module, args, out: batch_sizes.append(args[0].shape[0]))
+    loaded([0, 1], height=16, width=16, output_type="np")
+    assert batch_sizes == [2, 2, 2]  # 3 steps, guidance 1 (no unconditional half)
+    batch_sizes.clear()
+    loaded([0, 1], height=16, width=16, num_inference_steps=2, guidance_scale=3.0, output_type="np")
+    assert batch_sizes == [4, 4]
+    with pytest.raises(ValueError, match="unknown keys"):
+        NaLaDiTPipeline(pipe.transformer, pipe.scheduler, sampling_defaults={"steps": 3})
+
+
 def test_nala_sample_cli_writes_a_png(saved, capsys):
     _, root = saved
     out = root / "grid.png"
