@@ -5,7 +5,9 @@
 
 Op level: softmax SDPA, diffusers' plain attention (scores materialised as AttnProcessor does), ReLU
 linear, 1+ELU linear, NaLa written literally (explicit features) and the project's NaLa, per call, as
-ratios against SDPA. Model level: a DiT-S/2 forward at many tokens, and forward+backward at the
+ratios against SDPA, ReLU linear and the literal NaLa; NaLa fused by ``torch.compile``
+(``nala_compiled``, its compilation is the warm-up); and the readout matmuls alone, which bound how
+close NaLa (2d-wide features) can come to ReLU linear (d-wide). Model level: a DiT-S/2 forward at many tokens, and forward+backward at the
 training size, NaLa against softmax. Medians of repeated runs after warm-up; peak memory is the
 largest total of live tensor bytes during a call (CUDA: ``torch.cuda.max_memory_allocated``).
 Writes ``results.json`` and ``benchmark.png``.
@@ -33,8 +35,10 @@ KERNELS: Dict[str, Callable] = {
     "elu_linear": lambda q, k, v: linear_attention(q, k, v, feature_map="elu"),
     "nala_explicit": lambda q, k, v: nala_attention_explicit(q, k, v),
     "nala": lambda q, k, v: nala_attention(q, k, v),
+    "nala_compiled": lambda q, k, v: nala_attention(q, k, v, compile=True),
 }
 QUADRATIC = {"sdpa", "plain"}
+COMPILED = {"nala_compiled"}  # the first call per shape compiles: it is warm-up, not timed
 
 
 class PeakBytes(TorchDispatchMode):
@@ -113,13 +117,37 @@ def op_level(tokens: Sequence[int], heads: int, head_dim: int, device, repeats: 
                     continue
             seconds = median_seconds(lambda: kernel(q, k, v), device, repeats)
             last_time[name] = (seconds, n)
-            results[name][n] = {"seconds": seconds, "peak_bytes": peak_memory(lambda: kernel(q, k, v), device)}
+            results[name][n] = {"seconds": seconds}
+            if name in COMPILED and device.type != "cuda":
+                # compiled kernels allocate their buffers outside the CPU probe's view
+                results[name][n]["peak_bytes"] = None
+            else:
+                results[name][n]["peak_bytes"] = peak_memory(lambda: kernel(q, k, v), device)
     for name, by_tokens in results.items():
         for n, row in by_tokens.items():
-            base = results["sdpa"].get(n, {}).get("seconds")
-            if "seconds" in row and base:
-                row["time_vs_sdpa"] = row["seconds"] / base
+            for base_name in ("sdpa", "relu_linear", "nala_explicit"):
+                base = results[base_name].get(n, {}).get("seconds")
+                if "seconds" in row and base:
+                    row[f"time_vs_{base_name}"] = row["seconds"] / base
     return results
+
+
+@torch.no_grad()
+def matmul_floor(tokens: int, heads: int, head_dim: int, device, repeats: int) -> dict:
+    """Time of the readout matmuls alone (state and output, features given) for ReLU linear (d-wide
+    features) and NaLa (2d-wide): the part of each kernel no elementwise fusion can remove."""
+    out = {"tokens": tokens}
+    for name, width in (("relu_linear", head_dim), ("nala", 2 * head_dim)):
+        phi_q, phi_k = (torch.rand(heads, tokens, width, device=device) for _ in range(2))
+        value = torch.randn(heads, tokens, head_dim, device=device)
+
+        def matmuls():
+            state = torch.bmm(phi_k.transpose(1, 2), value)  # (H, F, d)
+            return torch.bmm(phi_q, state)  # (H, N, d)
+
+        out[name] = {"seconds": median_seconds(matmuls, device, repeats)}
+    out["nala_vs_relu_linear"] = out["nala"]["seconds"] / out["relu_linear"]["seconds"]
+    return out
 
 
 def model_level(device, repeats: int, model_tokens: int, train_tokens: int, train_batch: int, preset: str) -> dict:
@@ -162,7 +190,9 @@ def plot(results: dict, path: str) -> None:
         rows = sorted((int(n), r) for n, r in by_tokens.items() if "seconds" in r)
         if rows:
             axes[0].loglog([n for n, _ in rows], [r["seconds"] * 1e3 for _, r in rows], "o-", label=name)
-            axes[1].loglog([n for n, _ in rows], [max(r["peak_bytes"], 1) / 2**20 for _, r in rows], "o-", label=name)
+            memory = [(n, r["peak_bytes"]) for n, r in rows if r.get("peak_bytes") is not None]
+            if memory:
+                axes[1].loglog([n for n, _ in memory], [max(b, 1) / 2**20 for _, b in memory], "o-", label=name)
     axes[0].set(xlabel="tokens", ylabel="ms per call", title=f"time ({results['device']})")
     axes[1].set(xlabel="tokens", ylabel="peak MiB", title="memory")
     for ax in axes:
@@ -201,6 +231,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     results["op_level"] = op_level(args.tokens, args.heads, args.head_dim, device, args.repeats, args.max_seconds,
                                    args.max_gib * 2**30)
+    floor_tokens = max([n for n in args.tokens if n <= 16384] or [min(args.tokens)])
+    results["matmul_floor"] = matmul_floor(floor_tokens, args.heads, args.head_dim, device, args.repeats)
     if not args.skip_model:
         results["model_level"] = model_level(device, args.repeats, args.model_tokens, args.train_tokens,
                                              args.train_batch, args.preset)
@@ -211,6 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, by_tokens in results["op_level"].items():
         cells = [f"{n}: {r['seconds'] * 1e3:.1f} ms" if "seconds" in r else f"{n}: skipped" for n, r in by_tokens.items()]
         print(f"{name:14s} " + ", ".join(cells))
+    floor = results["matmul_floor"]
+    print(f"readout matmuls alone at {floor['tokens']} tokens: nala/relu_linear time {floor['nala_vs_relu_linear']:.2f}")
     for name, row in results.get("model_level", {}).items():
         print(f"DiT {name} at {row['tokens']} tokens: nala/softmax time {row['nala_vs_softmax']:.2f}")
     print(f"wrote {args.out}/results.json and {args.out}/benchmark.png")

@@ -22,7 +22,14 @@ from .processors import (
     ReLULinearAttnProcessor,
     SoftmaxAttnProcessor,
 )
-from .swap import ATTENTION_TYPES, restore_attention, self_attention_modules, set_attention, set_nala_attention
+from .swap import (
+    ATTENTION_TYPES,
+    restore_attention,
+    self_attention_modules,
+    set_attention,
+    set_fused_attention,
+    set_nala_attention,
+)
 
 # diffusers' pipeline loader looks up base classes such as ModelMixin in the namespace of the
 # library named in model_index.json; these names make "nala_diffusion" such a library.
@@ -63,5 +70,6 @@ __all__ = [
     "self_attention_modules",
     "set_attention",
     "set_nala_attention",
+    "set_fused_attention",
     "softmax_attention",
 ]

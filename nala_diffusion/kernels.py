@@ -317,6 +317,7 @@ def nala_attention(
     angle_sharpness: float = 20.0,
     eps: float = 1e-6,
     rope: RopeArg = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Norm-aware linear attention, O(tokens * head_dim^2) time and O(head_dim^2) state per head.
 
@@ -331,6 +332,8 @@ def nala_attention(
         eps: guards the query normalisation and the output's denominator.
         rope: rotary tables ``(cos, sin)`` broadcastable to ``(..., tokens, 2 * head_dim)`` (see
             :func:`rope_2d_tables`), or a callable, applied to the numerator's features only.
+        compile: without autograd and without ``rope``, run the kernel fused by ``torch.compile``
+            (:mod:`nala_diffusion.fused`; the first call per shape compiles). Otherwise ignored.
 
     Returns:
         ``(batch, heads, query_tokens, head_dim)`` in ``query.dtype``.
@@ -349,6 +352,12 @@ def nala_attention(
         )
     dtype = compute_dtype(query.dtype)
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+    if compile and not _needs_grad(q, k, v, power_scale):
+        from .fused import nala_attention_fused
+
+        return nala_attention_fused(
+            q, k, v, power_scale, power_offset, key_power, inhibit, angle_sharpness, eps
+        ).to(query.dtype)
     if inhibit == "relu_split" and not _needs_grad(q, k, v, power_scale):
         return _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps).to(query.dtype)
     magnitude, direction = _query_magnitude(q, power_scale, power_offset, eps)  # (B, H, N, d) each

@@ -297,6 +297,7 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
         self.angle_sharpness = float(angle_sharpness)
         self.eps = float(eps)
         self.learnable_power = bool(learnable_power)
+        self.compile = False  # a run-time choice, not saved: see set_fused_attention
         if self.learnable_power:
             self.log_power_scale = nn.Parameter(torch.full((num_heads,), math.log(power_scale)))
 
@@ -329,6 +330,7 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
             angle_sharpness=self.angle_sharpness,
             eps=self.eps,
             rope=rope,
+            compile=self.compile,
         )
 
 

@@ -93,3 +93,17 @@ def restore_attention(model: nn.Module, processors: Dict[str, object]) -> None:
         if not isinstance(module, Attention):
             raise ValueError(f"{name!r} is not an Attention module of {type(model).__name__}")
         module.set_processor(processor)
+
+
+def set_fused_attention(model: nn.Module, enabled: bool = True) -> int:
+    """Run every NaLa processor of ``model`` with the ``torch.compile``-fused inference kernel
+    (``nala_attention(..., compile=True)``; training steps keep the eager kernel). A run-time switch,
+    not saved with the model. Returns the number of processors switched."""
+    from .processors import NaLaAttnProcessor
+
+    count = 0
+    for _, attn in self_attention_modules(model):
+        if isinstance(attn.processor, NaLaAttnProcessor):
+            attn.processor.compile = bool(enabled)
+            count += 1
+    return count

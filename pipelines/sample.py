@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torchvision.utils import make_grid, save_image
 
+from nala_diffusion.swap import set_fused_attention
 from nala_diffusion.pipelines.pipeline_nala_dit_highres import HIGHRES_MODES, NaLaDiTHighResPipeline
 from nala_diffusion.pipelines.schedulers import SCHEDULERS, scheduler_from_name
 
@@ -48,6 +49,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: per label)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--fused-attention", action="store_true",
+                        help="NaLa layers run the torch.compile-fused kernel (compiles on first use; pays off at many tokens)")
     parser.add_argument("--out", default="grid.png", help="PNG file to write")
     return parser.parse_args(argv)
 
@@ -80,6 +83,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"nala-sample: cannot load a pipeline from {args.model!r}: {error}", file=sys.stderr)
         return 2
     pipe.to(device)
+    if args.fused_attention:
+        set_fused_attention(pipe.transformer)
     if args.scheduler:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     labels: List[Union[int, str]] = args.labels if args.labels is not None else list(range(pipe.num_classes))

@@ -171,3 +171,18 @@ def test_half_precision_model_is_finite(dtype):
     with torch.no_grad():
         out = model(x.to(dtype), timestep=t, class_labels=y).sample
     assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_set_fused_attention_switches_nala_layers_and_keeps_outputs():
+    from nala_diffusion import set_fused_attention
+    from helpers import tiny_nala
+
+    model = tiny_nala(sample_size=16, num_classes=3).eval()
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), torch.tensor([0, 2])
+    with torch.no_grad():
+        eager = model(x, timestep=t, class_labels=y).sample
+        assert set_fused_attention(model) == model.config.num_layers
+        fused = model(x, timestep=t, class_labels=y).sample
+        assert set_fused_attention(model, False) == model.config.num_layers
+    assert all(not block.attn1.processor.compile for block in model.transformer_blocks)
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
