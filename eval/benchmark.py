@@ -105,6 +105,7 @@ def op_level(tokens: Sequence[int], heads: int, head_dim: int, device, repeats: 
     last_time: Dict[str, tuple] = {}
     for n in tqdm(tokens, desc="op level"):
         q, k, v = (torch.randn(1, heads, n, head_dim, device=device) for _ in range(3))
+        chosen = {}
         for name, kernel in KERNELS.items():
             if name == "plain" and heads * n * n * 4 * 2 > max_bytes:
                 results[name][n] = {"skipped": f"the {n}x{n} score matrix needs more than {max_bytes / 2**30:.0f} GiB"}
@@ -115,7 +116,21 @@ def op_level(tokens: Sequence[int], heads: int, head_dim: int, device, repeats: 
                 if seconds * growth * (repeats + 1) > max_seconds:
                     results[name][n] = {"skipped": f"estimated {seconds * growth:.0f} s per call"}
                     continue
-            seconds = median_seconds(lambda: kernel(q, k, v), device, repeats)
+            chosen[name] = kernel
+        # repeats interleave the kernels (A B C, A B C, ...) so that a slow spell of the machine
+        # touches every kernel alike and the ratios stay fair
+        for kernel in chosen.values():
+            kernel(q, k, v)  # warm-up (and compilation)
+        times = {name: [] for name in chosen}
+        for _ in range(repeats):
+            for name, kernel in chosen.items():
+                synchronize(device)
+                start = time.perf_counter()
+                kernel(q, k, v)
+                synchronize(device)
+                times[name].append(time.perf_counter() - start)
+        for name, kernel in chosen.items():
+            seconds = statistics.median(times[name])
             last_time[name] = (seconds, n)
             results[name][n] = {"seconds": seconds}
             if name in COMPILED and device.type != "cuda":
@@ -137,15 +152,20 @@ def matmul_floor(tokens: int, heads: int, head_dim: int, device, repeats: int) -
     """Time of the readout matmuls alone (state and output, features given) for ReLU linear (d-wide
     features) and NaLa (2d-wide): the part of each kernel no elementwise fusion can remove."""
     out = {"tokens": tokens}
+    calls = {}
     for name, width in (("relu_linear", head_dim), ("nala", 2 * head_dim)):
         phi_q, phi_k = (torch.rand(heads, tokens, width, device=device) for _ in range(2))
         value = torch.randn(heads, tokens, head_dim, device=device)
-
-        def matmuls():
-            state = torch.bmm(phi_k.transpose(1, 2), value)  # (H, F, d)
-            return torch.bmm(phi_q, state)  # (H, N, d)
-
-        out[name] = {"seconds": median_seconds(matmuls, device, repeats)}
+        # state (H, F, d), then the output (H, N, d)
+        calls[name] = lambda phi_q=phi_q, phi_k=phi_k, value=value: torch.bmm(phi_q, torch.bmm(phi_k.transpose(1, 2), value))
+    times = {name: [] for name in calls}
+    for name, call in calls.items():
+        call()
+    for _ in range(max(repeats, 3)):
+        for name, call in calls.items():
+            times[name].append(median_seconds(call, device, 1, warmup=0))
+    for name in calls:
+        out[name] = {"seconds": statistics.median(times[name])}
     out["nala_vs_relu_linear"] = out["nala"]["seconds"] / out["relu_linear"]["seconds"]
     return out
 
@@ -162,10 +182,11 @@ def model_level(device, repeats: int, model_tokens: int, train_tokens: int, trai
         t = torch.randint(0, 1000, (batch,), device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
         row = {"tokens": (side // patch) ** 2, "batch": batch}
+        steps = {}
         for kind, model in models.items():
             model.train(train)
 
-            def step():
+            def step(model=model):
                 if train:
                     model.zero_grad(set_to_none=True)
                     model(x, timestep=t, class_labels=y).sample.square().mean().backward()
@@ -173,7 +194,14 @@ def model_level(device, repeats: int, model_tokens: int, train_tokens: int, trai
                     with torch.no_grad():
                         model(x, timestep=t, class_labels=y)
 
-            row[kind] = {"seconds": median_seconds(step, device, repeats)}
+            steps[kind] = step
+            step()  # warm-up
+        times = {kind: [] for kind in steps}
+        for _ in range(repeats):  # interleaved, as at op level
+            for kind, step in steps.items():
+                times[kind].append(median_seconds(step, device, 1, warmup=0))
+        for kind in steps:
+            row[kind] = {"seconds": statistics.median(times[kind])}
         row["nala_vs_softmax"] = row["nala"]["seconds"] / row["softmax"]["seconds"]
         out[name] = row
     return out

@@ -63,3 +63,30 @@ def test_entropy_of_a_model_per_layer(tmp_path):
     layers = json.loads(path.read_text())["layers"]
     assert sorted(layers) == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
     assert all(set(v) == {"softmax", "relu_linear", "nala"} for v in layers.values())
+
+
+def test_study_runs_every_stage_on_a_tiny_budget_and_resumes(tmp_path):
+    from nala_diffusion.eval import study
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 8,
+                                  "norm_num_groups": 1, "use_lepe": True}))
+    argv = ["--out", str(tmp_path / "study"), "--steps", "5", "--seeds", "0", "--batch_size", "4",
+            "--num_samples", "10", "--sample_steps", "2", "--highres_samples", "1", "--crops_per_image", "3",
+            "--model_config", str(config)]
+    assert study.main(argv) == 0
+    results = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert set(results["scratch"]) == set(study.VARIANTS)
+    for runs in results["scratch"].values():
+        run = runs[0]
+        assert 0 <= run["class_accuracy"] <= 1 and run["fid"] > 0 and run["heldout_loss"] > 0 and run["seconds_per_step"] > 0
+    assert results["conversion"]["nala_from_softmax"]["steps"] == 1
+    assert [(r["side"], r["mode"]) for r in results["highres"]["nala_relu_split"]] == [
+        (64, "direct"), (64, "progressive"), (128, "direct"), (128, "progressive")]
+    assert all(len(layers) == 1 for layers in results["entropy"].values())
+    table = (tmp_path / "study" / "results.md").read_text()
+    assert "| nala_cosine | 1 |" in table and "convert" not in table.split("| conversion")[0]
+    # a rerun reuses every finished stage
+    before = {p: p.stat().st_mtime for p in (tmp_path / "study" / "scores").iterdir()}
+    assert study.main(argv) == 0
+    assert {p: p.stat().st_mtime for p in (tmp_path / "study" / "scores").iterdir()} == before

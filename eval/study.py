@@ -1,0 +1,259 @@
+"""nala-study: the quality study in miniature, rerun from scratch with one command.
+
+    nala-study --out study                      # every stage; a rerun skips what is finished
+    nala-study --out study --steps 400 --seeds 0 1 --num_samples 200
+
+On ``builtin:photos`` (32 px, pixel space), with the demo's architecture (4 layers, hidden 128,
+2 heads, patch 4, LePE) and the same steps, batch, learning rate, EMA and data for every run:
+
+1. **Five attentions**: softmax, relu_linear, elu_linear, nala (relu_split), nala (cosine), one run
+   per seed. Each is scored on class-balanced samples (fixed seeds, DDIM, fixed steps and guidance)
+   with the shipped domain classifier: class accuracy, domain FID and KID against the held-out test
+   crops, the held-out denoising loss (epsilon MSE on the test crops at fixed noise and timesteps),
+   and the training time per step.
+2. **Conversion**: NaLa initialised from the first softmax run and fine-tuned for
+   ``--conversion_fraction`` of the steps, without and with distillation from that softmax model.
+3. **High resolution**: the first softmax and NaLa runs sampled at 2x and 4x the training side, direct
+   and progressive; domain FID of random training-size crops against the test crops, seconds per
+   image and peak tensor memory of one image.
+4. **Attention entropy** per layer of the first run of every kind (``nala-entropy --model``).
+
+Writes ``OUT/results.json`` and ``OUT/results.md`` (the tables).
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DDPMScheduler
+
+from nala_diffusion import DomainClassifier, NaLaDiTHighResPipeline, NaLaDiTPipeline
+from nala_diffusion.assets import demo_classifier_path
+from nala_diffusion.data import load_dataset
+from nala_diffusion.eval import attention_entropy, benchmark
+from nala_diffusion.eval import features as F
+from nala_diffusion.eval.quality import class_accuracy
+from nala_diffusion.eval.sampling import SAMPLE_DIR, balanced_labels, generate_samples, save_png_atomically
+from nala_diffusion.train import train_nala_dit
+
+ARCHITECTURE = {"num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 64, "patch_size": 4,
+                "norm_num_groups": 32, "use_lepe": True}
+VARIANTS: Dict[str, List[str]] = {
+    "softmax": ["--attention", "softmax"],
+    "relu_linear": ["--attention", "relu_linear"],
+    "elu_linear": ["--attention", "elu_linear"],
+    "nala_relu_split": ["--attention", "nala", "--inhibit", "relu_split"],
+    "nala_cosine": ["--attention", "nala", "--inhibit", "cosine"],
+}
+ENTROPY_KIND = {"softmax": "softmax", "relu_linear": "relu_linear", "elu_linear": "relu_linear",
+                "nala_relu_split": "nala", "nala_cosine": "nala"}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="nala-study", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=400, help="training steps of every scratch run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--learning_rate", type=float, default=5e-4)
+    p.add_argument("--conversion_fraction", type=float, default=0.2)
+    p.add_argument("--num_samples", type=int, default=200, help="samples per model for accuracy/FID/KID")
+    p.add_argument("--sample_steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--highres_samples", type=int, default=10, help="images per high-resolution setting")
+    p.add_argument("--crops_per_image", type=int, default=16)
+    p.add_argument("--classifier", default=None, help="DomainClassifier folder (default: the shipped one)")
+    p.add_argument("--model_config", default=None, help="JSON file of model options replacing the demo architecture")
+    return p.parse_args(argv)
+
+
+def train(out: str, name: str, extra: List[str], steps: int, seed: int, args) -> dict:
+    """One training run in OUT/runs/NAME (resumed if interrupted); returns its time per step."""
+    folder = os.path.join(out, "runs", name)
+    marker = os.path.join(folder, "study_run.json")
+    if os.path.exists(marker):
+        return json.load(open(marker, encoding="utf-8"))
+    config = os.path.join(out, "model_config.json")
+    with open(config, "w", encoding="utf-8") as handle:
+        json.dump(args.architecture, handle)
+    train_nala_dit.cli([
+        "--dataset", "builtin:photos", "--resolution", "32", "--model_config", config,
+        "--max_train_steps", str(steps), "--train_batch_size", str(args.batch_size),
+        "--learning_rate", str(args.learning_rate), "--lr_warmup_steps", str(min(100, steps // 10)),
+        "--use_ema", "--ema_decay", "0.995", "--checkpointing_steps", str(max(steps // 2, 1)),
+        "--checkpoints_total_limit", "1", "--seed", str(seed), "--report_to", "none",
+        "--output_dir", folder, "--resume_from_checkpoint", "latest", *extra,
+    ])
+    with open(os.path.join(folder, "log.csv"), newline="", encoding="utf-8") as handle:
+        speeds = [float(r["images_per_second"]) for r in csv.DictReader(handle) if r.get("images_per_second")]
+    info = {"folder": folder, "steps": steps, "seed": seed, "arguments": extra,
+            "seconds_per_step": args.batch_size / float(np.median(speeds)) if speeds else None}
+    with open(marker, "w", encoding="utf-8") as handle:
+        json.dump(info, handle, indent=2)
+    return info
+
+
+@torch.no_grad()
+def heldout_loss(pipe: NaLaDiTPipeline, test, seed: int = 0) -> float:
+    """Epsilon MSE on the test crops, one fixed timestep and noise per crop (the same for every model)."""
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = test.images, test.labels
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(images),), generator=generator)
+    noise = torch.randn(images.shape, generator=generator)
+    model = pipe.transformer.eval()
+    total = 0.0
+    for part in torch.arange(len(images)).split(250):
+        noisy = scheduler.add_noise(images[part], noise[part], timesteps[part])
+        prediction = model(noisy, timestep=timesteps[part], class_labels=labels[part]).sample[:, :3]
+        total += float((prediction - noise[part]).square().mean(dim=(1, 2, 3)).sum())
+    return total / len(images)
+
+
+def score(run: str, out: str, args, real_feats, real_stats, extractor, classifier, test) -> dict:
+    """Accuracy, FID, KID of samples and held-out loss of one run (cached in OUT/scores/NAME.json)."""
+    name = os.path.basename(run)
+    path = os.path.join(out, "scores", f"{name}.json")
+    if os.path.exists(path):
+        return json.load(open(path, encoding="utf-8"))
+    pipe = NaLaDiTPipeline.from_pretrained(run)
+    pipe.set_progress_bar_config(disable=True)
+    folder = os.path.join(out, "samples", name)
+    labels = balanced_labels(args.num_samples, pipe.num_classes)
+    generate_samples(pipe, folder, args.num_samples, labels=labels, seed=0, batch_size=100,
+                     num_inference_steps=args.sample_steps, guidance_scale=args.guidance)
+    feats = F.folder_features(os.path.join(folder, SAMPLE_DIR), extractor, "cpu", verbose=False)
+    result = {"class_accuracy": class_accuracy(classifier, folder, labels, pipe.num_classes)["accuracy"],
+              "fid": F.frechet_distance(*F.statistics(feats), *real_stats),
+              "kid": F.kernel_inception_distance(feats, real_feats),
+              "heldout_loss": heldout_loss(pipe, test)}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2)
+    return result
+
+
+def highres(run: str, out: str, args, real_stats, extractor) -> List[dict]:
+    """Sampling at 2x and 4x the training side, direct and progressive, scored on random crops."""
+    name = os.path.basename(run)
+    path = os.path.join(out, "scores", f"{name}_highres.json")
+    if os.path.exists(path):
+        return json.load(open(path, encoding="utf-8"))
+    pipe = NaLaDiTHighResPipeline.from_pretrained(run)
+    pipe.set_progress_bar_config(disable=True)
+    side = pipe.default_sample_size
+    labels = balanced_labels(args.highres_samples, pipe.num_classes)
+    rows = []
+    for factor in (2, 4):
+        for mode in ("direct", "progressive"):
+            call = dict(height=factor * side, width=factor * side, highres_mode=mode, output_type="np",
+                        num_inference_steps=args.sample_steps, guidance_scale=args.guidance)
+            start = time.perf_counter()
+            images = pipe(labels, generator=[torch.Generator().manual_seed(i) for i in range(len(labels))], **call).images
+            seconds = (time.perf_counter() - start) / len(labels)
+            probe = benchmark.PeakBytes()
+            with probe:
+                pipe(labels[:1], generator=torch.Generator().manual_seed(0), **call)
+            crops = os.path.join(out, "highres", f"{name}_{factor}x_{mode}")
+            rng = np.random.RandomState(0)
+            for i, image in enumerate(images):
+                for j in range(args.crops_per_image):
+                    y, x = rng.randint(0, image.shape[0] - side + 1, size=2)
+                    pixels = (image[y:y + side, x:x + side] * 255).round().astype(np.uint8)
+                    save_png_atomically(PIL.Image.fromarray(pixels), os.path.join(crops, f"{i:04d}_{j:02d}.png"))
+            feats = F.folder_features(crops, extractor, "cpu", verbose=False)
+            rows.append({"factor": factor, "mode": mode, "side": factor * side, "seconds_per_image": seconds,
+                         "peak_mib_one_image": probe.peak / 2**20, "crop_fid": F.frechet_distance(*F.statistics(feats), *real_stats)})
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(rows, handle, indent=2)
+    return rows
+
+
+def entropy(run: str, out: str, kind: str) -> Dict[str, dict]:
+    path = os.path.join(out, "scores", f"{os.path.basename(run)}_entropy.json")
+    if not os.path.exists(path):
+        attention_entropy.main(["--model", run, "--data", "builtin:photos", "--json", path])
+    layers = json.load(open(path, encoding="utf-8"))["layers"]
+    return {layer: stats[ENTROPY_KIND[kind]] for layer, stats in layers.items()}
+
+
+def mean_std(values: List[float]) -> str:
+    values = [v for v in values if v is not None]
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{np.mean(values):.4g} ± {np.std(values, ddof=1):.2g}"
+
+
+def tables(results: dict) -> str:
+    lines = [f"Command: `{results['command']}`", "", "| attention | seeds | class accuracy | domain FID | KID | held-out loss | s/step |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, runs in results["scratch"].items():
+        cells = [mean_std([r[key] for r in runs]) for key in ("class_accuracy", "fid", "kid", "heldout_loss", "seconds_per_step")]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += ["", "| conversion | steps | class accuracy | domain FID | KID | held-out loss | s/step |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in results["conversion"].items():
+        lines.append(f"| {name} | {r['steps']} | " + " | ".join(f"{r[k]:.4g}" for k in ("class_accuracy", "fid", "kid", "heldout_loss", "seconds_per_step")) + " |")
+    lines += ["", "| model | side | mode | crop FID | s/image | peak MiB (one image) |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, rows in results["highres"].items():
+        for r in rows:
+            lines.append(f"| {name} | {r['side']} | {r['mode']} | {r['crop_fid']:.4g} | {r['seconds_per_image']:.3g} | {r['peak_mib_one_image']:.1f} |")
+    lines += ["", "| model | layer | Spearman(entropy, ‖q‖) | mean entropy |", "| --- | --- | --- | --- |"]
+    for name, layers in results["entropy"].items():
+        for layer, s in layers.items():
+            lines.append(f"| {name} | {layer} | {s['spearman']:+.3f} | {s['mean_entropy']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    args.architecture = dict(ARCHITECTURE)
+    if args.model_config:
+        with open(args.model_config, encoding="utf-8") as handle:
+            args.architecture = json.load(handle)
+    os.makedirs(args.out, exist_ok=True)
+    classifier_path = args.classifier or demo_classifier_path()
+    test = load_dataset("builtin:photos", 32, split="test")
+    real = os.path.join(args.out, "real")
+    if not os.path.isdir(real):
+        test.export(real)
+    extractor = F.classifier_extractor(classifier_path, torch.device("cpu"))
+    classifier = DomainClassifier.from_pretrained(classifier_path).eval()
+    real_feats = F.folder_features(real, extractor, "cpu", verbose=False)
+    real_stats = F.statistics(real_feats)
+    results = {"command": " ".join(["nala-study", *(argv if argv is not None else sys.argv[1:])]),
+               "architecture": args.architecture, "scratch": {}, "conversion": {}, "highres": {}, "entropy": {}}
+
+    def run_and_score(name, extra, steps, seed):
+        info = train(args.out, name, extra, steps, seed, args)
+        return {**info, **score(info["folder"], args.out, args, real_feats, real_stats, extractor, classifier, test)}
+
+    for kind, extra in VARIANTS.items():
+        results["scratch"][kind] = [run_and_score(f"{kind}_s{seed}", extra, args.steps, seed) for seed in args.seeds]
+    teacher = results["scratch"]["softmax"][0]["folder"]
+    short = max(1, round(args.conversion_fraction * args.steps))
+    convert = ["--init_from", teacher, "--attention", "nala", "--inhibit", "relu_split"]
+    results["conversion"]["nala_from_softmax"] = run_and_score("convert_nala", convert, short, args.seeds[0])
+    results["conversion"]["nala_from_softmax_distilled"] = run_and_score(
+        "convert_nala_distilled", convert + ["--teacher", teacher], short, args.seeds[0])
+    for kind in ("softmax", "nala_relu_split"):
+        run = results["scratch"][kind][0]["folder"]
+        results["highres"][kind] = highres(run, args.out, args, real_stats, extractor)
+    for kind, runs in results["scratch"].items():
+        results["entropy"][kind] = entropy(runs[0]["folder"], args.out, kind)
+    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as handle:
+        handle.write(tables(results))
+    print(tables(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
