@@ -1,7 +1,7 @@
 """nala-study: the quality study in miniature, rerun from scratch with one command.
 
     nala-study --out study                      # every stage; a rerun skips what is finished
-    nala-study --out study --steps 400 --seeds 0 1 --num_samples 200
+    nala-study --out study --steps 500 --seeds 0 1 --num_samples 200   # the defaults, spelled out
 
 On ``builtin:photos`` (32 px, pixel space), with the demo's architecture (4 layers, hidden 128,
 2 heads, patch 4, LePE) and the same steps, batch, learning rate, EMA and data for every run:
@@ -59,7 +59,7 @@ ENTROPY_KIND = {"softmax": "softmax", "relu_linear": "relu_linear", "elu_linear"
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nala-study", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=400, help="training steps of every scratch run")
+    p.add_argument("--steps", type=int, default=500, help="training steps of every scratch run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=5e-4)
@@ -83,7 +83,7 @@ def train(out: str, name: str, extra: List[str], steps: int, seed: int, args) ->
     config = os.path.join(out, "model_config.json")
     with open(config, "w", encoding="utf-8") as handle:
         json.dump(args.architecture, handle)
-    train_nala_dit.cli([
+    code = train_nala_dit.cli([
         "--dataset", "builtin:photos", "--resolution", "32", "--model_config", config,
         "--max_train_steps", str(steps), "--train_batch_size", str(args.batch_size),
         "--learning_rate", str(args.learning_rate), "--lr_warmup_steps", str(min(100, steps // 10)),
@@ -91,6 +91,8 @@ def train(out: str, name: str, extra: List[str], steps: int, seed: int, args) ->
         "--checkpoints_total_limit", "1", "--seed", str(seed), "--report_to", "none",
         "--output_dir", folder, "--resume_from_checkpoint", "latest", *extra,
     ])
+    if code != 0:
+        raise RuntimeError(f"nala-study: training {name} failed (exit code {code}); see the messages above")
     with open(os.path.join(folder, "log.csv"), newline="", encoding="utf-8") as handle:
         speeds = [float(r["images_per_second"]) for r in csv.DictReader(handle) if r.get("images_per_second")]
     info = {"folder": folder, "steps": steps, "seed": seed, "arguments": extra,
@@ -162,6 +164,7 @@ def highres(run: str, out: str, args, real_stats, extractor) -> List[dict]:
             with probe:
                 pipe(labels[:1], generator=torch.Generator().manual_seed(0), **call)
             crops = os.path.join(out, "highres", f"{name}_{factor}x_{mode}")
+            os.makedirs(crops, exist_ok=True)
             rng = np.random.RandomState(0)
             for i, image in enumerate(images):
                 for j in range(args.crops_per_image):

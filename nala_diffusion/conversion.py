@@ -8,6 +8,7 @@ original did.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Optional, Union
@@ -109,11 +110,11 @@ def convert_dit_to_nala(
         attention_type: the attention of the new model (``"nala"`` by default).
         num_classes: class count, defaults to the DiT's ``num_embeds_ada_norm``.
         attention_options: config options of :class:`NaLaDiTTransformer2DModel` (``inhibit``,
-            ``use_lepe``, ``position_embedding``, ...). ``use_gate=True`` is refused: a gate cannot
-            start as identity.
+            ``use_lepe``, ``position_embedding``, ...). From one of our models (any attention type)
+            its options and extras (LePE, gate, RoPE) and their weights come along unless overridden.
+            Adding ``use_gate=True`` to a model without a gate is refused: a gate cannot start as
+            identity.
     """
-    if attention_options.get("use_gate"):
-        raise ValueError("use_gate cannot start as identity, so a converted model cannot have it; train one from scratch")
     if not isinstance(dit, torch.nn.Module):
         dit = load_dit(dit, subfolder=subfolder, variant=variant)
     if not isinstance(dit, DiTTransformer2DModel):
@@ -121,6 +122,11 @@ def convert_dit_to_nala(
     _check_dit_config({**dit.config, "_class_name": "DiTTransformer2DModel"}, type(dit).__name__)
 
     config = {k: dit.config[k] for k in DIT_CONFIG_KEYS if k in dit.config}
+    if isinstance(dit, NaLaDiTTransformer2DModel):
+        accepted = set(inspect.signature(NaLaDiTTransformer2DModel.__init__).parameters) - {"self", "attention_type"}
+        attention_options = {**{k: v for k, v in dit.config.items() if k in accepted}, **attention_options}
+    if attention_options.get("use_gate") and not dit.config.get("use_gate"):
+        raise ValueError("use_gate cannot start as identity, so a converted model cannot have it; train one from scratch")
     if num_classes is not None and num_classes != config["num_embeds_ada_norm"]:
         raise ValueError(
             f"num_classes={num_classes} does not match the DiT's {config['num_embeds_ada_norm']} classes"
