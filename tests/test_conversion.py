@@ -79,3 +79,21 @@ def test_pickle_weights_are_refused(tmp_path):
     assert not list(tmp_path.glob("*.safetensors"))
     with pytest.raises(ValueError, match="holds no safetensors weights"):
         convert_dit_to_nala(tmp_path)
+
+
+def test_converting_one_of_our_models_keeps_its_extras_and_their_weights():
+    from helpers import tiny_nala
+
+    source = tiny_nala(sample_size=16, num_classes=3, attention_type="softmax", use_lepe=True)
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if ".processor.lepe." in name:
+                p.normal_()  # a trained LePE, not the zero init
+    converted = convert_dit_to_nala(source, inhibit="cosine")
+    assert converted.config.attention_type == "nala" and converted.config.use_lepe
+    assert converted.config.inhibit == "cosine"
+    target = converted.state_dict()
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(target[name], tensor), name
+    with pytest.raises(ValueError, match="use_gate"):
+        convert_dit_to_nala(source, use_gate=True)
