@@ -85,6 +85,18 @@ def median_seconds(fn, device, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(calls: Dict[str, Callable[[], object]], device, repeats: int) -> Dict[str, float]:
+    """Median seconds of each call, timed in turn (A B C, A B C, ...) after one warm-up each, so that
+    a slow spell of the machine touches every call alike and their ratios stay fair."""
+    for call in calls.values():
+        call()  # warm-up (and any compilation)
+    times: Dict[str, list] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            times[name].append(median_seconds(call, device, 1, warmup=0))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def peak_memory(fn, device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -117,20 +129,10 @@ def op_level(tokens: Sequence[int], heads: int, head_dim: int, device, repeats: 
                     results[name][n] = {"skipped": f"estimated {seconds * growth:.0f} s per call"}
                     continue
             chosen[name] = kernel
-        # repeats interleave the kernels (A B C, A B C, ...) so that a slow spell of the machine
-        # touches every kernel alike and the ratios stay fair
-        for kernel in chosen.values():
-            kernel(q, k, v)  # warm-up (and compilation)
-        times = {name: [] for name in chosen}
-        for _ in range(repeats):
-            for name, kernel in chosen.items():
-                synchronize(device)
-                start = time.perf_counter()
-                kernel(q, k, v)
-                synchronize(device)
-                times[name].append(time.perf_counter() - start)
+        medians = interleaved_medians({name: (lambda kernel=kernel: kernel(q, k, v)) for name, kernel in chosen.items()},
+                                      device, repeats)
         for name, kernel in chosen.items():
-            seconds = statistics.median(times[name])
+            seconds = medians[name]
             last_time[name] = (seconds, n)
             results[name][n] = {"seconds": seconds}
             if name in COMPILED and device.type != "cuda":
@@ -158,14 +160,8 @@ def matmul_floor(tokens: int, heads: int, head_dim: int, device, repeats: int) -
         value = torch.randn(heads, tokens, head_dim, device=device)
         # state (H, F, d), then the output (H, N, d)
         calls[name] = lambda phi_q=phi_q, phi_k=phi_k, value=value: torch.bmm(phi_q, torch.bmm(phi_k.transpose(1, 2), value))
-    times = {name: [] for name in calls}
-    for name, call in calls.items():
-        call()
-    for _ in range(max(repeats, 3)):
-        for name, call in calls.items():
-            times[name].append(median_seconds(call, device, 1, warmup=0))
-    for name in calls:
-        out[name] = {"seconds": statistics.median(times[name])}
+    for name, seconds in interleaved_medians(calls, device, max(repeats, 3)).items():
+        out[name] = {"seconds": seconds}
     out["nala_vs_relu_linear"] = out["nala"]["seconds"] / out["relu_linear"]["seconds"]
     return out
 
@@ -195,13 +191,8 @@ def model_level(device, repeats: int, model_tokens: int, train_tokens: int, trai
                         model(x, timestep=t, class_labels=y)
 
             steps[kind] = step
-            step()  # warm-up
-        times = {kind: [] for kind in steps}
-        for _ in range(repeats):  # interleaved, as at op level
-            for kind, step in steps.items():
-                times[kind].append(median_seconds(step, device, 1, warmup=0))
-        for kind in steps:
-            row[kind] = {"seconds": statistics.median(times[kind])}
+        for kind, seconds in interleaved_medians(steps, device, repeats).items():
+            row[kind] = {"seconds": seconds}
         row["nala_vs_softmax"] = row["nala"]["seconds"] / row["softmax"]["seconds"]
         out[name] = row
     return out

@@ -74,12 +74,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def cached(path: str, compute):
+    """``compute()``'s JSON-able result, kept in ``path`` (written atomically): a rerun reads it back."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    result = compute()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2)
+    os.replace(f"{path}.tmp", path)
+    return result
+
+
 def train(out: str, name: str, extra: List[str], steps: int, seed: int, args) -> dict:
     """One training run in OUT/runs/NAME (resumed if interrupted); returns its time per step."""
     folder = os.path.join(out, "runs", name)
-    marker = os.path.join(folder, "study_run.json")
-    if os.path.exists(marker):
-        return json.load(open(marker, encoding="utf-8"))
+    return cached(os.path.join(folder, "study_run.json"), lambda: _train(folder, out, extra, steps, seed, args))
+
+
+def _train(folder: str, out: str, extra: List[str], steps: int, seed: int, args) -> dict:
     config = os.path.join(out, "model_config.json")
     with open(config, "w", encoding="utf-8") as handle:
         json.dump(args.architecture, handle)
@@ -92,14 +106,11 @@ def train(out: str, name: str, extra: List[str], steps: int, seed: int, args) ->
         "--output_dir", folder, "--resume_from_checkpoint", "latest", *extra,
     ])
     if code != 0:
-        raise RuntimeError(f"nala-study: training {name} failed (exit code {code}); see the messages above")
+        raise RuntimeError(f"nala-study: training {os.path.basename(folder)} failed (exit code {code}); see the messages above")
     with open(os.path.join(folder, "log.csv"), newline="", encoding="utf-8") as handle:
         speeds = [float(r["images_per_second"]) for r in csv.DictReader(handle) if r.get("images_per_second")]
-    info = {"folder": folder, "steps": steps, "seed": seed, "arguments": extra,
+    return {"folder": folder, "steps": steps, "seed": seed, "arguments": extra,
             "seconds_per_step": args.batch_size / float(np.median(speeds)) if speeds else None}
-    with open(marker, "w", encoding="utf-8") as handle:
-        json.dump(info, handle, indent=2)
-    return info
 
 
 @torch.no_grad()
@@ -122,32 +133,32 @@ def heldout_loss(pipe: NaLaDiTPipeline, test, seed: int = 0) -> float:
 def score(run: str, out: str, args, real_feats, real_stats, extractor, classifier, test) -> dict:
     """Accuracy, FID, KID of samples and held-out loss of one run (cached in OUT/scores/NAME.json)."""
     name = os.path.basename(run)
-    path = os.path.join(out, "scores", f"{name}.json")
-    if os.path.exists(path):
-        return json.load(open(path, encoding="utf-8"))
+    return cached(os.path.join(out, "scores", f"{name}.json"),
+                  lambda: _score(run, os.path.join(out, "samples", name), args, real_feats, real_stats, extractor,
+                                 classifier, test))
+
+
+def _score(run: str, folder: str, args, real_feats, real_stats, extractor, classifier, test) -> dict:
     pipe = NaLaDiTPipeline.from_pretrained(run)
     pipe.set_progress_bar_config(disable=True)
-    folder = os.path.join(out, "samples", name)
     labels = balanced_labels(args.num_samples, pipe.num_classes)
     generate_samples(pipe, folder, args.num_samples, labels=labels, seed=0, batch_size=100,
                      num_inference_steps=args.sample_steps, guidance_scale=args.guidance)
     feats = F.folder_features(os.path.join(folder, SAMPLE_DIR), extractor, "cpu", verbose=False)
-    result = {"class_accuracy": class_accuracy(classifier, folder, labels, pipe.num_classes)["accuracy"],
-              "fid": F.frechet_distance(*F.statistics(feats), *real_stats),
-              "kid": F.kernel_inception_distance(feats, real_feats),
-              "heldout_loss": heldout_loss(pipe, test)}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2)
-    return result
+    return {"class_accuracy": class_accuracy(classifier, folder, labels, pipe.num_classes)["accuracy"],
+            "fid": F.frechet_distance(*F.statistics(feats), *real_stats),
+            "kid": F.kernel_inception_distance(feats, real_feats),
+            "heldout_loss": heldout_loss(pipe, test)}
 
 
 def highres(run: str, out: str, args, real_stats, extractor) -> List[dict]:
     """Sampling at 2x and 4x the training side, direct and progressive, scored on random crops."""
     name = os.path.basename(run)
-    path = os.path.join(out, "scores", f"{name}_highres.json")
-    if os.path.exists(path):
-        return json.load(open(path, encoding="utf-8"))
+    return cached(os.path.join(out, "scores", f"{name}_highres.json"),
+                  lambda: _highres(run, os.path.join(out, "highres", name), args, real_stats, extractor))
+
+
+def _highres(run: str, crop_root: str, args, real_stats, extractor) -> List[dict]:
     pipe = NaLaDiTHighResPipeline.from_pretrained(run)
     pipe.set_progress_bar_config(disable=True)
     side = pipe.default_sample_size
@@ -163,7 +174,7 @@ def highres(run: str, out: str, args, real_stats, extractor) -> List[dict]:
             probe = benchmark.PeakBytes()
             with probe:
                 pipe(labels[:1], generator=torch.Generator().manual_seed(0), **call)
-            crops = os.path.join(out, "highres", f"{name}_{factor}x_{mode}")
+            crops = os.path.join(crop_root, f"{factor}x_{mode}")
             os.makedirs(crops, exist_ok=True)
             rng = np.random.RandomState(0)
             for i, image in enumerate(images):
@@ -174,8 +185,6 @@ def highres(run: str, out: str, args, real_stats, extractor) -> List[dict]:
             feats = F.folder_features(crops, extractor, "cpu", verbose=False)
             rows.append({"factor": factor, "mode": mode, "side": factor * side, "seconds_per_image": seconds,
                          "peak_mib_one_image": probe.peak / 2**20, "crop_fid": F.frechet_distance(*F.statistics(feats), *real_stats)})
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(rows, handle, indent=2)
     return rows
 
 

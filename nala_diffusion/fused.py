@@ -13,17 +13,13 @@ first call for a new shape compiles (seconds on a CPU; it needs a C++ compiler t
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-_CHUNK_BYTES = 8 * 2**20  # feature bytes per chunk of heads (queries + keys)
+from .kernels import _CHUNK_BYTES, _angle
+
 _compiled = None
-
-
-def _angle(x: torch.Tensor, sharpness: float) -> torch.Tensor:
-    return (math.pi / 4) * torch.tanh(sharpness * x)
 
 
 def nala_chunk(q, k, v, power_scale, power_offset: float, key_power: float, inhibit: str, angle_sharpness: float,
