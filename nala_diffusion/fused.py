@@ -1,11 +1,12 @@
 """NaLa inference fused with ``torch.compile``: ``nala_attention(..., compile=True)``.
 
 The eager kernel (:func:`~nala_diffusion.nala_attention`) runs each elementwise step of the feature
-maps as its own pass over memory. Here the same formulas are written as one plain function of a
-chunk of heads, which TorchInductor turns into a single fused loop per feature map (norm, tanh,
-|u|^p = exp(p (log|q| - log r)), sign split or angles, and the concatenation), followed by the two
-readout matmuls. Heads are processed in chunks so that the feature buffers stay small (large fresh
-allocations are slow to touch on some machines).
+maps as its own pass over memory. Compiled, TorchInductor turns each feature map into a single
+fused loop (norm, tanh, |u|^p = exp(p (log|q| - log r)), sign split or angles, concatenation):
+for ``relu_split`` the two feature functions of the eager kernel are compiled and the readout stays
+the same (gather-sum on CPU); for ``cosine`` one plain function of a chunk of heads, features and
+readout matmuls, is compiled. Heads are processed in chunks so that the feature buffers stay small
+(large fresh allocations are slow to touch on some machines).
 
 Inference only: with autograd the eager kernel runs (its backward keeps O(tokens) memory). The
 first call for a new shape compiles (seconds on a CPU; it needs a C++ compiler there).
@@ -17,48 +18,78 @@ from typing import Optional
 
 import torch
 
-from .kernels import _CHUNK_BYTES, _angle
+from .kernels import _CHUNK_BYTES, _angle, _feature_index, _relu_split_inference, _signed_key_power
 
-_compiled = None
+_compiled = {}
 
 
-def nala_chunk(q, k, v, power_scale, power_offset: float, key_power: float, inhibit: str, angle_sharpness: float,
-               eps: float) -> torch.Tensor:
-    """NaLa on (heads, tokens, d) chunks, written as plain math for the compiler; ``power_scale`` is
-    a (heads, 1, 1) tensor. Same formulas as :func:`~nala_diffusion.kernels.nala_attention`."""
+def relu_split_query_terms(q, power_scale, power_offset: float, eps: float):
+    """:func:`nala_diffusion.kernels.relu_split_query_terms` as plain code for the compiler."""
+    norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True)  # (h, N, 1)
+    power = power_scale * (power_offset + torch.tanh(norm))
+    magnitude = torch.exp(power * (torch.log(q.abs()) - torch.log(norm.clamp_min(eps))))  # |u|^p
+    return magnitude, _feature_index(q)
+
+
+def relu_split_key_features(k, key_power):
+    """:func:`nala_diffusion.kernels.relu_split_key_features` as plain code for the compiler."""
+    k_signed = k * k * k if float(key_power) == 3 else _signed_key_power(k, key_power)
+    return torch.cat([torch.relu(k_signed), torch.clamp(k_signed, max=0)], dim=-1)
+
+
+def cosine_chunk(q, k, v, power_scale, power_offset: float, key_power: float, angle_sharpness: float,
+                 eps: float) -> torch.Tensor:
+    """NaLa (``cosine``) on (heads, tokens, d) chunks, written as plain math for the compiler;
+    ``power_scale`` is a (heads, 1, 1) tensor. Same formulas as :func:`~nala_diffusion.nala_attention`."""
     norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True)  # (h, N, 1)
     power = power_scale * (power_offset + torch.tanh(norm))
     q_magnitude = torch.exp(power * (torch.log(q.abs()) - torch.log(norm.clamp_min(eps))))  # |u|^p
     k_magnitude = k.abs() ** key_power  # |k|^gamma
-    if inhibit == "relu_split":
-        signed = torch.copysign(q_magnitude, q)
-        phi_q = torch.cat([torch.relu(signed), torch.relu(-signed)], dim=-1)  # (h, N, 2d)
-        k_signed = torch.copysign(k_magnitude, k)
-        phi_k = torch.cat([torch.relu(k_signed), torch.relu(-k_signed)], dim=-1)  # (h, M, 2d)
-    else:  # cosine
-        q_angle = _angle(q / norm.clamp_min(eps), angle_sharpness)
-        k_norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True)
-        k_angle = _angle(k / k_norm.clamp_min(eps), angle_sharpness)
-        phi_q = torch.cat([q_magnitude * torch.cos(q_angle), q_magnitude * torch.sin(q_angle)], dim=-1)
-        phi_k = torch.cat([k_magnitude * torch.cos(k_angle), k_magnitude * torch.sin(k_angle)], dim=-1)
+    q_angle = _angle(q / norm.clamp_min(eps), angle_sharpness)
+    k_norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True)
+    k_angle = _angle(k / k_norm.clamp_min(eps), angle_sharpness)
+    phi_q = torch.cat([q_magnitude * torch.cos(q_angle), q_magnitude * torch.sin(q_angle)], dim=-1)  # (h, N, 2d)
+    phi_k = torch.cat([k_magnitude * torch.cos(k_angle), k_magnitude * torch.sin(k_angle)], dim=-1)  # (h, M, 2d)
     num_keys = k.shape[-2]
     state = torch.bmm(phi_k.transpose(1, 2), v) / num_keys  # (h, 2d, d)
     key_mean = phi_k.mean(dim=1).unsqueeze(-1)  # (h, 2d, 1)
     return torch.bmm(phi_q, state) / (torch.bmm(phi_q, key_mean) + eps)  # (h, N, d)
 
 
-def compiled_chunk():
-    """The compiled :func:`nala_chunk`, built once per process."""
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(nala_chunk, dynamic=None)
-    return _compiled
+def compiled(function):
+    """``torch.compile(function)``, built once per process."""
+    if function not in _compiled:
+        _compiled[function] = torch.compile(function, dynamic=None)
+    return _compiled[function]
+
+
+def _compile_error(error: Exception) -> Exception:
+    if type(error).__module__.startswith("torch._dynamo") or "inductor" in repr(error).lower():
+        return RuntimeError(
+            "nala_attention(compile=True) could not compile its kernel with torch.compile "
+            f"(on CPU TorchInductor needs a C++ compiler): {error}. Use compile=False."
+        )
+    return error
 
 
 @torch.no_grad()
 def nala_attention_fused(q, k, v, power_scale, power_offset, key_power, inhibit, angle_sharpness, eps,
                          heads_per_chunk: Optional[int] = None) -> torch.Tensor:
     """(batch, heads, tokens, d) in the compute dtype -> the same shape; see the module docstring."""
+    try:
+        if inhibit == "relu_split":
+            return _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps,
+                                         query_terms=compiled(relu_split_query_terms),
+                                         key_features=compiled(relu_split_key_features))
+        return _cosine_fused(q, k, v, power_scale, power_offset, key_power, angle_sharpness, eps, heads_per_chunk)
+    except Exception as error:  # compilation errors come in many types
+        raised = _compile_error(error)
+        if raised is error:
+            raise
+        raise raised from error
+
+
+def _cosine_fused(q, k, v, power_scale, power_offset, key_power, angle_sharpness, eps, heads_per_chunk):
     batch, heads, tokens, dim = q.shape
     num_keys = k.shape[-2]
     if torch.is_tensor(power_scale):
@@ -71,19 +102,11 @@ def nala_attention_fused(q, k, v, power_scale, power_offset, key_power, inhibit,
         raise ValueError(f"a per-head power_scale needs {heads} entries (one per head), got {scales.numel()}")
     scales = scales.view(heads, 1, 1)
     step = heads_per_chunk or max(1, _CHUNK_BYTES // ((tokens + num_keys) * 2 * dim * q.element_size()))
-    kernel = compiled_chunk()
+    kernel = compiled(cosine_chunk)
     out = q.new_empty(batch, heads, tokens, dim)
     for b in range(batch):
         for h in range(0, heads, step):
             part = slice(h, min(heads, h + step))
-            try:
-                out[b, part] = kernel(q[b, part], k[b, part], v[b, part], scales[part], power_offset, key_power,
-                                      inhibit, angle_sharpness, eps)
-            except Exception as error:  # compilation errors come in many types
-                if type(error).__module__.startswith("torch._dynamo") or "inductor" in repr(error).lower():
-                    raise RuntimeError(
-                        "nala_attention(compile=True) could not compile its kernel with torch.compile "
-                        f"(on CPU TorchInductor needs a C++ compiler): {error}. Use compile=False."
-                    ) from error
-                raise
+            out[b, part] = kernel(q[b, part], k[b, part], v[b, part], scales[part], power_offset, key_power,
+                                  angle_sharpness, eps)
     return out

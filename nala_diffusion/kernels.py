@@ -255,44 +255,44 @@ def _signed_key_power(k: torch.Tensor, key_power) -> torch.Tensor:
 _CHUNK_BYTES = 8 * 2**20  # feature buffers per chunk of heads: small enough to stay in cache and off mmap
 
 
-@torch.no_grad()
-def _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps) -> torch.Tensor:
-    """The relu_split kernel without autograd, chunked over heads: the same arithmetic as the
-    differentiable path, written in place into one (tokens, 2 * head_dim) buffer per side, so that
-    the readout is a single matmul and the buffers stay small."""
-    batch, heads, tokens, dim = q.shape
-    num_keys = k.shape[-2]
-    lam = _per_head(power_scale, q)
-    lam = lam.expand(batch, heads, 1, 1) if torch.is_tensor(lam) else None
-    out = q.new_empty(batch, heads, tokens, dim)
-    step = max(1, _CHUNK_BYTES // ((tokens + num_keys) * 2 * dim * q.element_size()))
-    for b in range(batch):
-        for h in range(0, heads, step):
-            part = slice(h, min(heads, h + step))
-            scale = power_scale if lam is None else lam[b, part]
-            q_features = _relu_split_query_features(q[b, part], scale, power_offset, eps)  # (h, N, 2d)
-            k_features = _relu_split_key_features(k[b, part], key_power)  # (h, M, 2d)
-            out[b, part] = _split_readout((q_features[None],), (k_features[None],), v[b, part][None], eps)[0]
-    return out
+def _sign_bit(x: torch.Tensor) -> torch.Tensor:
+    """-1 where x's sign bit is set (negative numbers and -0.0), else 0; an arithmetic shift of the
+    float's bits, one vectorised pass (comparisons and bool-to-int conversions take several)."""
+    bits = {4: torch.int32, 8: torch.int64}[x.element_size()]
+    return x.view(bits) >> (8 * x.element_size() - 1)
 
 
-def _relu_split_query_features(q, power_scale, power_offset, eps):
-    """[relu(u)^p, relu(-u)^p] computed in place; q is (..., N, d)."""
-    dim = q.shape[-1]
-    norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True)  # (..., N, 1)
-    power = power_scale * (power_offset + torch.tanh(norm))  # (..., N, 1)
-    log_norm = norm.clamp_min(eps).log_()
-    features = q.new_empty(*q.shape[:-1], 2 * dim)
-    positive, negative = features[..., :dim], features[..., dim:]
-    torch.abs(q, out=positive).log_().sub_(log_norm).mul_(power).exp_()  # |u|^p = exp(p (log|q| - log r))
-    torch.copysign(positive, q, out=negative)  # sign(u) |u|^p
-    torch.clamp(negative, min=0, out=positive)  # relu(u)^p
-    negative.sub_(positive).neg_()  # relu(-u)^p, exact: one of the two is zero
-    return features
+def _feature_index(q: torch.Tensor) -> torch.Tensor:
+    """For q (heads, N, d): the index of the non-zero relu_split query feature of each coordinate in
+    a table of all heads' 2d feature rows: 2d h + m for u_m > 0, 2d h + d + m otherwise."""
+    heads, _, dim = q.shape
+    first = torch.arange(heads, device=q.device, dtype=torch.int32).view(heads, 1, 1) * (2 * dim)
+    first = first + torch.arange(dim, device=q.device, dtype=torch.int32)  # (h, 1, d)
+    index = torch.empty(q.shape, dtype=torch.int32, device=q.device)  # contiguous whatever q's strides
+    return torch.sub(first, _sign_bit(q), alpha=dim, out=index)  # + d where the sign bit is set
 
 
-def _relu_split_key_features(k, key_power):
-    """[relu(k'), relu(-k')] computed in place; k is (..., M, d)."""
+def relu_split_query_terms(q: torch.Tensor, power_scale: torch.Tensor, power_offset: float, eps: float):
+    """The relu_split query features in gather form, for ``q`` of shape (heads, N, d).
+
+    phi_q = [relu(u)^p, relu(-u)^p] has exactly one non-zero of each pair (m, d + m): |u_m|^p, at m
+    for u_m > 0 and at d + m otherwise. Returns that magnitude ``|u|^p`` (heads, N, d) and its
+    feature index (:func:`_feature_index`). ``power_scale`` is (heads, 1, 1). Computed in place
+    (:mod:`nala_diffusion.fused` has the same as plain code for the compiler).
+    """
+    norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True)  # (h, N, 1)
+    power = power_scale * (power_offset + torch.tanh(norm))  # (h, N, 1)
+    shift = norm.clamp_min_(eps).log_().mul_(power).neg_()  # -p log r
+    # |u|^p = exp(p log|q| - p log r); log 0 = -inf gives 0 for zero coordinates (and for q = 0)
+    magnitude = torch.abs(q, out=torch.empty(q.shape, dtype=q.dtype, device=q.device)).log_()  # contiguous
+    torch.addcmul(shift, power, magnitude, out=magnitude).exp_()
+    return magnitude, _feature_index(q)
+
+
+def relu_split_key_features(k: torch.Tensor, key_power) -> torch.Tensor:
+    """[relu(k'), -relu(-k')] with k' = sign(k) |k|^gamma: (..., M, d) -> (..., M, 2d), in place. The
+    second half carries a minus sign (one clamp instead of a clamp and a negation); the readout
+    removes it from the small state instead."""
     dim = k.shape[-1]
     features = k.new_empty(*k.shape[:-1], 2 * dim)
     positive, negative = features[..., :dim], features[..., dim:]
@@ -301,8 +301,55 @@ def _relu_split_key_features(k, key_power):
     else:
         negative.copy_(_signed_key_power(k, key_power))
     torch.clamp(negative, min=0, out=positive)
-    negative.sub_(positive).neg_()
+    negative.clamp_(max=0)
     return features
+
+
+def _relu_split_state(k_features: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The readout table (h, 2d, width): rows [S; z] per feature, S = mean_j phi_k v^T (columns :d)
+    and z = mean_j phi_k (column d); the width is padded to a multiple of 16 for the gather."""
+    heads, num_keys, features = k_features.shape
+    dim = v.shape[-1]
+    table = k_features.new_zeros(heads, features, -(-(dim + 1) // 16) * 16)
+    table[..., :dim] = torch.bmm(k_features.transpose(1, 2), v)
+    table[..., dim] = k_features.sum(dim=1)
+    table[:, features // 2:].neg_()  # the key features' second half was -relu(-k')
+    return table.div_(num_keys)
+
+
+@torch.no_grad()
+def _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps, query_terms=relu_split_query_terms,
+                          key_features=relu_split_key_features, gather: Optional[bool] = None) -> torch.Tensor:
+    """The relu_split kernel without autograd, by chunks of heads (buffers stay small).
+
+    Each query reads only d of its 2d feature rows (one per coordinate, chosen by the sign), so on
+    CPU the readout is a weighted gather-sum (``embedding_bag``) over the table [S; z]: N d (d + 1)
+    multiply-adds instead of the dense 2 N d (d + 1). Other devices run the dense matmul (``gather``
+    chooses). The two feature functions may be compiled versions of the defaults
+    (:mod:`nala_diffusion.fused`).
+    """
+    batch, heads, tokens, dim = q.shape
+    num_keys = k.shape[-2]
+    scales = _per_head(power_scale, q)
+    scales = scales.expand(batch, heads, 1, 1) if torch.is_tensor(scales) else q.new_full((batch, heads, 1, 1), scales)
+    gather = q.device.type == "cpu" if gather is None else gather
+    out = q.new_empty(batch, heads, tokens, dim)
+    step = max(1, _CHUNK_BYTES // ((tokens + num_keys) * 2 * dim * q.element_size()))
+    for b in range(batch):
+        for h in range(0, heads, step):
+            part = slice(h, min(heads, h + step))
+            magnitude, index = query_terms(q[b, part], scales[b, part], power_offset, eps)  # (h, N, d) each
+            table = _relu_split_state(key_features(k[b, part], key_power), v[b, part])  # (h, 2d, width)
+            if gather:
+                read = F.embedding_bag(index.reshape(-1, dim), table.view(-1, table.shape[-1]), mode="sum",
+                                       per_sample_weights=magnitude.reshape(-1, dim)).view(-1, tokens, table.shape[-1])
+            else:
+                negative = _sign_bit(q[b, part]).bool()
+                zero = magnitude.new_zeros(())
+                q_features = torch.cat([torch.where(negative, zero, magnitude), torch.where(negative, magnitude, zero)], -1)
+                read = torch.bmm(q_features, table)  # (h, N, width)
+            torch.div(read[..., :dim], read[..., dim:dim + 1].add_(eps), out=out[b, part])
+    return out
 
 
 def nala_attention(

@@ -163,6 +163,23 @@ def test_inference_path_equals_differentiable_path(shape):
     assert torch.isfinite(torch.autograd.grad(graph.sum(), q)[0]).all()
 
 
+@pytest.mark.parametrize("gather", [True, False])
+def test_inference_readouts_match_reference_on_edge_cases(gather):
+    # the gather-sum readout (CPU) and the dense one (other devices) on strided inputs, cross lengths,
+    # per-head powers, zero and negative-zero coordinates and a zero query
+    from nala_diffusion.kernels import _relu_split_inference
+
+    q = torch.randn(2, 5, 3, 8, dtype=torch.float64).transpose(1, 2)  # (2, 3, 5, 8), not contiguous
+    k, v = torch.randn(2, 3, 11, 8, dtype=torch.float64), torch.randn(2, 3, 11, 8, dtype=torch.float64)
+    q[0, 0, 1, :4] = 0.0
+    q[0, 0, 2, :4] = -0.0
+    q[1, 2, 0] = 0.0
+    lam = torch.tensor([2.0, 3.0, 4.5], dtype=torch.float64)
+    got = _relu_split_inference(q, k, v, lam, 0.5, 3, 1e-6, gather=gather)
+    assert rel_err(got, nala_reference(q, k, v, power_scale=lam.tolist())) < 1e-10
+    assert got[1, 2, 0].abs().max() == 0
+
+
 @pytest.mark.parametrize("inhibit", INHIBITS)
 def test_compiled_kernel_matches_float64_reference(inhibit):
     q = torch.randn(2, 2, 37, 16)
