@@ -4,10 +4,11 @@
     nala-bench --tokens 256 1024 --skip_model --out /tmp/bench # quick
 
 Op level: softmax SDPA, diffusers' plain attention (scores materialised as AttnProcessor does), ReLU
-linear, 1+ELU linear, NaLa written literally (explicit features) and the project's NaLa, per call, as
-ratios against SDPA, ReLU linear and the literal NaLa; NaLa fused by ``torch.compile``
-(``nala_compiled``, its compilation is the warm-up); and the readout matmuls alone, which bound how
-close NaLa (2d-wide features) can come to ReLU linear (d-wide). Model level: a DiT-S/2 forward at many tokens, and forward+backward at the
+linear (the project's, and SANA's processor arithmetic), 1+ELU linear, NaLa written literally
+(explicit features) and the project's NaLa, per call, as ratios against SDPA, both ReLU linears and
+the literal NaLa; NaLa fused by ``torch.compile`` (``nala_compiled``, its compilation is the
+warm-up); and the readout products alone, which bound how close NaLa (2d features) can come to ReLU
+linear (d features). Model level: a DiT-S/2 forward at many tokens, and forward+backward at the
 training size, NaLa against softmax. Medians of repeated runs after warm-up; peak memory is the
 largest total of live tensor bytes during a call (CUDA: ``torch.cuda.max_memory_allocated``).
 Writes ``results.json`` and ``benchmark.png``.
@@ -23,15 +24,27 @@ import weakref
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
 from nala_diffusion import NaLaDiTTransformer2DModel, linear_attention, nala_attention, nala_attention_explicit
 
+def sana_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ReLU linear attention computed as diffusers' ``SanaLinearAttnProcessor2_0`` does: channels-first,
+    the value padded with a row of ones so that one matmul gives numerator and denominator."""
+    query = torch.relu(q).transpose(-1, -2).float()  # (B, H, d, N)
+    key = torch.relu(k).float()  # (B, H, N, d)
+    value = F.pad(v.transpose(-1, -2).float(), (0, 0, 0, 1), mode="constant", value=1.0)  # (B, H, d + 1, N)
+    hidden = torch.matmul(torch.matmul(value, key), query)  # (B, H, d + 1, N)
+    return (hidden[:, :, :-1] / (hidden[:, :, -1:] + 1e-15)).transpose(-1, -2).to(q.dtype)
+
+
 KERNELS: Dict[str, Callable] = {
-    "sdpa": lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+    "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
     "plain": lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v,
     "relu_linear": lambda q, k, v: linear_attention(q, k, v, feature_map="relu"),
+    "relu_linear_sana": sana_linear,
     "elu_linear": lambda q, k, v: linear_attention(q, k, v, feature_map="elu"),
     "nala_explicit": lambda q, k, v: nala_attention_explicit(q, k, v),
     "nala": lambda q, k, v: nala_attention(q, k, v),
@@ -142,7 +155,7 @@ def op_level(tokens: Sequence[int], heads: int, head_dim: int, device, repeats: 
                 results[name][n]["peak_bytes"] = peak_memory(lambda: kernel(q, k, v), device)
     for name, by_tokens in results.items():
         for n, row in by_tokens.items():
-            for base_name in ("sdpa", "relu_linear", "nala_explicit"):
+            for base_name in ("sdpa", "relu_linear", "relu_linear_sana", "nala_explicit"):
                 base = results[base_name].get(n, {}).get("seconds")
                 if "seconds" in row and base:
                     row[f"time_vs_{base_name}"] = row["seconds"] / base
@@ -151,18 +164,32 @@ def op_level(tokens: Sequence[int], heads: int, head_dim: int, device, repeats: 
 
 @torch.no_grad()
 def matmul_floor(tokens: int, heads: int, head_dim: int, device, repeats: int) -> dict:
-    """Time of the readout matmuls alone (state and output, features given) for ReLU linear (d-wide
-    features) and NaLa (2d-wide): the part of each kernel no elementwise fusion can remove."""
+    """Time of the readout products alone (features given): the state (features x d, summed over the
+    keys) and the output. ReLU linear has d features; NaLa has 2d, read densely (2 N 2d d) or, as
+    the CPU kernel does, by a gather-sum of the d rows each query uses. The part of each kernel that
+    no elementwise fusion can remove."""
     out = {"tokens": tokens}
-    calls = {}
-    for name, width in (("relu_linear", head_dim), ("nala", 2 * head_dim)):
-        phi_q, phi_k = (torch.rand(heads, tokens, width, device=device) for _ in range(2))
-        value = torch.randn(heads, tokens, head_dim, device=device)
-        # state (H, F, d), then the output (H, N, d)
-        calls[name] = lambda phi_q=phi_q, phi_k=phi_k, value=value: torch.bmm(phi_q, torch.bmm(phi_k.transpose(1, 2), value))
+    value = torch.randn(heads, tokens, head_dim, device=device)
+    phi = {width: (torch.rand(heads, tokens, width, device=device), torch.rand(heads, tokens, width, device=device))
+           for width in (head_dim, 2 * head_dim)}
+    index = (torch.arange(head_dim, device=device) + head_dim * (torch.randn(heads * tokens, head_dim, device=device) < 0))
+    magnitude = torch.rand(heads * tokens, head_dim, device=device)
+    table = torch.randn(2 * head_dim, head_dim + 16, device=device)
+
+    def product(width):
+        phi_q, phi_k = phi[width]
+        return lambda: torch.bmm(phi_q, torch.bmm(phi_k.transpose(1, 2), value))  # state (H, F, d), output (H, N, d)
+
+    def gathered():
+        phi_q, phi_k = phi[2 * head_dim]
+        torch.bmm(phi_k.transpose(1, 2), value)
+        return F.embedding_bag(index, table, mode="sum", per_sample_weights=magnitude)
+
+    calls = {"relu_linear": product(head_dim), "nala_dense": product(2 * head_dim), "nala_gather": gathered}
     for name, seconds in interleaved_medians(calls, device, max(repeats, 3)).items():
         out[name] = {"seconds": seconds}
-    out["nala_vs_relu_linear"] = out["nala"]["seconds"] / out["relu_linear"]["seconds"]
+    for name in ("nala_dense", "nala_gather"):
+        out[f"{name}_vs_relu_linear"] = out[name]["seconds"] / out["relu_linear"]["seconds"]
     return out
 
 
@@ -263,7 +290,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cells = [f"{n}: {r['seconds'] * 1e3:.1f} ms" if "seconds" in r else f"{n}: skipped" for n, r in by_tokens.items()]
         print(f"{name:14s} " + ", ".join(cells))
     floor = results["matmul_floor"]
-    print(f"readout matmuls alone at {floor['tokens']} tokens: nala/relu_linear time {floor['nala_vs_relu_linear']:.2f}")
+    print(f"readout products alone at {floor['tokens']} tokens, nala/relu_linear time: dense "
+          f"{floor['nala_dense_vs_relu_linear']:.2f}, gather {floor['nala_gather_vs_relu_linear']:.2f}")
     for name, row in results.get("model_level", {}).items():
         print(f"DiT {name} at {row['tokens']} tokens: nala/softmax time {row['nala_vs_softmax']:.2f}")
     print(f"wrote {args.out}/results.json and {args.out}/benchmark.png")

@@ -24,11 +24,18 @@ def test_benchmark_writes_json_and_plot(tmp_path):
         assert rows["64"]["peak_bytes"] is None if name in benchmark.COMPILED else rows["64"]["peak_bytes"] > 0, name
     assert results["op_level"]["sdpa"]["64"]["time_vs_sdpa"] == pytest.approx(1.0)
     assert results["op_level"]["nala"]["64"]["time_vs_relu_linear"] > 0
+    assert results["op_level"]["nala"]["64"]["time_vs_relu_linear_sana"] > 0
     floor = results["matmul_floor"]
-    assert floor["tokens"] == 64 and floor["nala_vs_relu_linear"] == pytest.approx(
-        floor["nala"]["seconds"] / floor["relu_linear"]["seconds"])
+    assert floor["tokens"] == 64 and floor["nala_gather_vs_relu_linear"] == pytest.approx(
+        floor["nala_gather"]["seconds"] / floor["relu_linear"]["seconds"])
     assert {"forward", "forward_backward"} <= set(results["model_level"])
     assert PIL.Image.open(out / "benchmark.png").size[0] > 100
+
+
+def test_sana_linear_baseline_is_relu_linear_attention():
+    q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
+    torch.testing.assert_close(benchmark.sana_linear(q, k, v), benchmark.KERNELS["relu_linear"](q, k, v),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_peak_bytes_sees_the_score_matrix():
