@@ -27,13 +27,13 @@ def relu_split_query_terms(q, power_scale, power_offset: float, eps: float):
     """:func:`nala_diffusion.kernels.relu_split_query_terms` as plain code for the compiler."""
     norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True)  # (h, N, 1)
     power = power_scale * (power_offset + torch.tanh(norm))
-    magnitude = torch.exp(power * (torch.log(q.abs()) - torch.log(norm.clamp_min(eps))))  # |u|^p
+    magnitude = torch.exp2(power * (torch.log2(q.abs()) - torch.log2(norm.clamp_min(eps))))  # |u|^p
     return magnitude, _feature_index(q)
 
 
 def relu_split_key_features(k, key_power):
     """:func:`nala_diffusion.kernels.relu_split_key_features` as plain code for the compiler."""
-    k_signed = k * k * k if float(key_power) == 3 else _signed_key_power(k, key_power)
+    k_signed = _signed_key_power(k, key_power)
     return torch.cat([torch.relu(k_signed), torch.clamp(k_signed, max=0)], dim=-1)
 
 

@@ -282,10 +282,11 @@ def relu_split_query_terms(q: torch.Tensor, power_scale: torch.Tensor, power_off
     """
     norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True)  # (h, N, 1)
     power = power_scale * (power_offset + torch.tanh(norm))  # (h, N, 1)
-    shift = norm.clamp_min_(eps).log_().mul_(power).neg_()  # -p log r
-    # |u|^p = exp(p log|q| - p log r); log 0 = -inf gives 0 for zero coordinates (and for q = 0)
-    magnitude = torch.abs(q, out=torch.empty(q.shape, dtype=q.dtype, device=q.device)).log_()  # contiguous
-    torch.addcmul(shift, power, magnitude, out=magnitude).exp_()
+    shift = norm.clamp_min_(eps).log2_().mul_(power)  # p log2 r
+    # |u|^p = 2^(p log2|q| - p log2 r) (exp2/log2 are the cheaper pair); log2 0 = -inf gives 0 for
+    # zero coordinates (and for q = 0)
+    magnitude = torch.abs(q, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))  # contiguous
+    magnitude.log2_().mul_(power).sub_(shift).exp2_()
     return magnitude, _feature_index(q)
 
 
@@ -296,8 +297,8 @@ def relu_split_key_features(k: torch.Tensor, key_power) -> torch.Tensor:
     dim = k.shape[-1]
     features = k.new_empty(*k.shape[:-1], 2 * dim)
     positive, negative = features[..., :dim], features[..., dim:]
-    if float(key_power) == 3:
-        torch.mul(k, k, out=negative).mul_(k)  # k^3 without pow
+    if _odd_integer(key_power):
+        torch.pow(k, int(key_power), out=negative)  # an integer power is plain products, sign kept
     else:
         negative.copy_(_signed_key_power(k, key_power))
     torch.clamp(negative, min=0, out=positive)
