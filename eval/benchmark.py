@@ -239,7 +239,7 @@ def plot(results: dict, path: str) -> None:
             memory = [(n, r["peak_bytes"]) for n, r in rows if r.get("peak_bytes") is not None]
             if memory:
                 axes[1].loglog([n for n, _ in memory], [max(b, 1) / 2**20 for _, b in memory], "o-", label=name)
-    axes[0].set(xlabel="tokens", ylabel="ms per call", title=f"time ({results['device']})")
+    axes[0].set(xlabel="tokens", ylabel="ms per call", title=f"time per call, {results['device']}")
     axes[1].set(xlabel="tokens", ylabel="peak MiB", title="memory")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
