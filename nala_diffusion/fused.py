@@ -18,12 +18,12 @@ from typing import Optional
 
 import torch
 
-from .kernels import _CHUNK_BYTES, _angle, _feature_index, _relu_split_inference, _signed_key_power
+from .kernels import _CHUNK_BYTES, _angle, _feature_index, _relu_split_inference, _signed_key_power, head_scales
 
 _compiled = {}
 
 
-def relu_split_query_terms(q, power_scale, power_offset: float, eps: float):
+def compilable_query_terms(q, power_scale, power_offset: float, eps: float):
     """:func:`nala_diffusion.kernels.relu_split_query_terms` as plain code for the compiler."""
     norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True)  # (h, N, 1)
     power = power_scale * (power_offset + torch.tanh(norm))
@@ -31,7 +31,7 @@ def relu_split_query_terms(q, power_scale, power_offset: float, eps: float):
     return magnitude, _feature_index(q)
 
 
-def relu_split_key_features(k, key_power):
+def compilable_key_features(k, key_power):
     """:func:`nala_diffusion.kernels.relu_split_key_features` as plain code for the compiler."""
     k_signed = _signed_key_power(k, key_power)
     return torch.cat([torch.relu(k_signed), torch.clamp(k_signed, max=0)], dim=-1)
@@ -79,8 +79,8 @@ def nala_attention_fused(q, k, v, power_scale, power_offset, key_power, inhibit,
     try:
         if inhibit == "relu_split":
             return _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps,
-                                         query_terms=compiled(relu_split_query_terms),
-                                         key_features=compiled(relu_split_key_features))
+                                         query_terms=compiled(compilable_query_terms),
+                                         key_features=compiled(compilable_key_features))
         return _cosine_fused(q, k, v, power_scale, power_offset, key_power, angle_sharpness, eps, heads_per_chunk)
     except Exception as error:  # compilation errors come in many types
         raised = _compile_error(error)
@@ -92,21 +92,13 @@ def nala_attention_fused(q, k, v, power_scale, power_offset, key_power, inhibit,
 def _cosine_fused(q, k, v, power_scale, power_offset, key_power, angle_sharpness, eps, heads_per_chunk):
     batch, heads, tokens, dim = q.shape
     num_keys = k.shape[-2]
-    if torch.is_tensor(power_scale):
-        scales = power_scale.to(device=q.device, dtype=q.dtype).reshape(-1)
-        if scales.numel() == 1:
-            scales = scales.expand(heads)
-    else:
-        scales = torch.full((heads,), float(power_scale), device=q.device, dtype=q.dtype)
-    if scales.numel() != heads:
-        raise ValueError(f"a per-head power_scale needs {heads} entries (one per head), got {scales.numel()}")
-    scales = scales.view(heads, 1, 1)
+    scales = head_scales(power_scale, q)  # (B, H, 1, 1)
     step = heads_per_chunk or max(1, _CHUNK_BYTES // ((tokens + num_keys) * 2 * dim * q.element_size()))
     kernel = compiled(cosine_chunk)
     out = q.new_empty(batch, heads, tokens, dim)
     for b in range(batch):
         for h in range(0, heads, step):
             part = slice(h, min(heads, h + step))
-            out[b, part] = kernel(q[b, part], k[b, part], v[b, part], scales[part], power_offset, key_power,
+            out[b, part] = kernel(q[b, part], k[b, part], v[b, part], scales[b, part], power_offset, key_power,
                                   angle_sharpness, eps)
     return out

@@ -64,6 +64,14 @@ def _per_head(value: Union[float, torch.Tensor], like: torch.Tensor) -> Union[fl
     return value
 
 
+def head_scales(power_scale: Union[float, torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+    """lambda as a (batch, heads, 1, 1) tensor like ``q``, from a float or a per-head tensor."""
+    scales = _per_head(power_scale, q)
+    if not torch.is_tensor(scales):
+        return q.new_full((q.shape[0], q.shape[1], 1, 1), scales)
+    return scales.expand(q.shape[0], q.shape[1], 1, 1)
+
+
 def _angle(direction: torch.Tensor, sharpness: float) -> torch.Tensor:
     """Per-coordinate angle in (-pi/4, pi/4): its sign is the coordinate's sign."""
     return (math.pi / 4) * torch.tanh(sharpness * direction)
@@ -324,15 +332,14 @@ def _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps, qu
     """The relu_split kernel without autograd, by chunks of heads (buffers stay small).
 
     Each query reads only d of its 2d feature rows (one per coordinate, chosen by the sign), so on
-    CPU the readout is a weighted gather-sum (``embedding_bag``) over the table [S; z]: N d (d + 1)
-    multiply-adds instead of the dense 2 N d (d + 1). Other devices run the dense matmul (``gather``
+    CPU the readout is a weighted gather-sum (``embedding_bag``) over the table [S; z], about half
+    the multiply-adds of the dense product. Other devices run the dense matmul (``gather``
     chooses). The two feature functions may be compiled versions of the defaults
     (:mod:`nala_diffusion.fused`).
     """
     batch, heads, tokens, dim = q.shape
     num_keys = k.shape[-2]
-    scales = _per_head(power_scale, q)
-    scales = scales.expand(batch, heads, 1, 1) if torch.is_tensor(scales) else q.new_full((batch, heads, 1, 1), scales)
+    scales = head_scales(power_scale, q)
     gather = q.device.type == "cpu" if gather is None else gather
     out = q.new_empty(batch, heads, tokens, dim)
     step = max(1, _CHUNK_BYTES // ((tokens + num_keys) * 2 * dim * q.element_size()))
@@ -344,7 +351,7 @@ def _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps, qu
             if gather:
                 read = F.embedding_bag(index.reshape(-1, dim), table.view(-1, table.shape[-1]), mode="sum",
                                        per_sample_weights=magnitude.reshape(-1, dim)).view(-1, tokens, table.shape[-1])
-            else:
+            else:  # the dense 2d-wide query features
                 negative = _sign_bit(q[b, part]).bool()
                 zero = magnitude.new_zeros(())
                 q_features = torch.cat([torch.where(negative, zero, magnitude), torch.where(negative, magnitude, zero)], -1)

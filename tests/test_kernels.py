@@ -180,6 +180,22 @@ def test_inference_readouts_match_reference_on_edge_cases(gather):
     assert got[1, 2, 0].abs().max() == 0
 
 
+@pytest.mark.parametrize("key_power", [3, 2.5])
+def test_compilable_feature_functions_equal_the_in_place_ones(key_power):
+    # fused.py keeps plain-code twins of the in-place feature functions for torch.compile
+    from nala_diffusion import fused, kernels
+
+    q = torch.randn(7, 2, 16).transpose(0, 1)  # (heads, N, d), strided as in the processors
+    q[0, 0] = 0.0
+    k = torch.randn(2, 9, 16)
+    scales = torch.tensor([2.0, 4.0]).view(2, 1, 1)
+    magnitude, index = kernels.relu_split_query_terms(q, scales, 0.5, 1e-6)
+    plain_magnitude, plain_index = fused.compilable_query_terms(q, scales, 0.5, 1e-6)
+    torch.testing.assert_close(plain_magnitude, magnitude)
+    assert torch.equal(plain_index, index)
+    torch.testing.assert_close(fused.compilable_key_features(k, key_power), kernels.relu_split_key_features(k, key_power))
+
+
 @pytest.mark.parametrize("inhibit", INHIBITS)
 def test_compiled_kernel_matches_float64_reference(inhibit):
     q = torch.randn(2, 2, 37, 16)
