@@ -29,6 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
 from nala_diffusion import NaLaDiTTransformer2DModel, linear_attention, nala_attention, nala_attention_explicit
+from nala_diffusion.kernels import readout_table_width
+
 
 def sana_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """ReLU linear attention computed as diffusers' ``SanaLinearAttnProcessor2_0`` does: channels-first,
@@ -172,9 +174,10 @@ def matmul_floor(tokens: int, heads: int, head_dim: int, device, repeats: int) -
     value = torch.randn(heads, tokens, head_dim, device=device)
     phi = {width: (torch.rand(heads, tokens, width, device=device), torch.rand(heads, tokens, width, device=device))
            for width in (head_dim, 2 * head_dim)}
-    index = (torch.arange(head_dim, device=device) + head_dim * (torch.randn(heads * tokens, head_dim, device=device) < 0))
+    negative = torch.randn(heads * tokens, head_dim, device=device) < 0
+    index = (torch.arange(head_dim, device=device) + head_dim * negative).to(torch.int32)  # as the kernel's
     magnitude = torch.rand(heads * tokens, head_dim, device=device)
-    table = torch.randn(2 * head_dim, head_dim + 16, device=device)
+    table = torch.randn(2 * head_dim, readout_table_width(head_dim), device=device)
 
     def product(width):
         phi_q, phi_k = phi[width]

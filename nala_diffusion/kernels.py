@@ -314,12 +314,17 @@ def relu_split_key_features(k: torch.Tensor, key_power) -> torch.Tensor:
     return features
 
 
+def readout_table_width(dim: int) -> int:
+    """Columns of the readout table: d of S, one of z, padded to a multiple of 16 for the gather."""
+    return -(-(dim + 1) // 16) * 16
+
+
 def _relu_split_state(k_features: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The readout table (h, 2d, width): rows [S; z] per feature, S = mean_j phi_k v^T (columns :d)
-    and z = mean_j phi_k (column d); the width is padded to a multiple of 16 for the gather."""
+    and z = mean_j phi_k (column d), padded to :func:`readout_table_width`."""
     heads, num_keys, features = k_features.shape
     dim = v.shape[-1]
-    table = k_features.new_zeros(heads, features, -(-(dim + 1) // 16) * 16)
+    table = k_features.new_zeros(heads, features, readout_table_width(dim))
     table[..., :dim] = torch.bmm(k_features.transpose(1, 2), v)
     table[..., dim] = k_features.sum(dim=1)
     table[:, features // 2:].neg_()  # the key features' second half was -relu(-k')
