@@ -1,13 +1,16 @@
-"""nala-entropy: each query's attention entropy against its norm, for softmax, ReLU linear and NaLa.
+"""nala-entropy: each query's attention entropy against its norm, for softmax, linear kernels and NaLa.
 
     nala-entropy --random --json entropy.json --plot entropy.png
-    nala-entropy --model RUN --data IMAGE_FOLDER --timestep 500 --json entropy.json
+    nala-entropy --model RUN --data IMAGE_FOLDER --timestep 250 500 750 --json entropy.json
 
 NaLaFormer's observation: in softmax attention a larger query norm gives a sharper (lower-entropy)
 distribution; kernel linear attention loses this (its weights do not depend on the norm), and NaLa
 restores it. The weights here are built explicitly from each kernel's feature map (N x N, so keep
 N to a few thousand) and normalised; the tool reports the Spearman correlation between entropy and
-norm, and the mean entropy, per kind (per layer for a model).
+norm, and the mean entropy, per kind (per layer for a model). On a model, each layer's NaLa weights
+use that layer's own options (inhibit, lambda, tau, gamma, sigma, sharpness), and every NaLa layer
+gets a saturation report (query-norm and power quantiles, the share of queries whose power
+responds to the norm; :func:`nala_diffusion.saturation_report`).
 """
 
 import argparse
@@ -20,18 +23,43 @@ import torch
 
 from nala_diffusion.kernels import nala_key_features, nala_query_features
 
-KINDS = ("softmax", "relu_linear", "nala")
+KINDS = ("softmax", "relu_linear", "elu_linear", "nala", "norm_cancelling")
+QUERY_OPTIONS = ("power_scale", "power_offset", "inhibit", "angle_sharpness", "eps", "norm_scale")
+KEY_OPTIONS = ("key_power", "inhibit", "angle_sharpness", "eps")
+#: alpha of the norm-cancelling kind's |q|^alpha factor (any value gives the same weights)
+CANCELLING_ALPHA = 1.0
+#: the norm effect rescales every query by this factor up and down, direction kept
+NORM_STEP = 1.1
 
 
-def attention_weights(kind: str, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """(..., N, d), (..., M, d) -> (..., N, M) rows summing to 1 (rows of zeros stay zero)."""
+def attention_weights(kind: str, q: torch.Tensor, k: torch.Tensor, options: Optional[dict] = None) -> torch.Tensor:
+    """(..., N, d), (..., M, d) -> (..., N, M) rows summing to 1 (rows of zeros stay zero), in float64.
+
+    ``options`` are the NaLa kernel's (``NaLaAttnProcessor.kernel_options()``; per-head tensors need
+    q and k shaped (batch, heads, N, d)); ``None`` means the kernel's defaults. The kinds:
+
+    - ``softmax``: softmax(q.k / sqrt(d));
+    - ``relu_linear``: ReLU(q).ReLU(k); ``elu_linear``: (1 + ELU(q)).(1 + ELU(k));
+    - ``nala``: phi_q(q).phi_k(k) with the layer's own options;
+    - ``norm_cancelling``: |q_i|^alpha (1 + cos(q_i, k_j)) / 2, NaLaFormer as popular write-ups
+      state it; the norm factor cancels in the normalisation, so the norm cannot change the entropy.
+    """
     q, k = q.double(), k.double()
     if kind == "softmax":
         return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
     if kind == "relu_linear":
         scores = torch.relu(q) @ torch.relu(k).transpose(-1, -2)
+    elif kind == "elu_linear":
+        scores = (torch.nn.functional.elu(q) + 1) @ (torch.nn.functional.elu(k) + 1).transpose(-1, -2)
     elif kind == "nala":
-        scores = nala_query_features(q) @ nala_key_features(k).transpose(-1, -2)
+        options = options or {}
+        phi_q = nala_query_features(q, **{n: options[n] for n in QUERY_OPTIONS if n in options})
+        phi_k = nala_key_features(k, **{n: options[n] for n in KEY_OPTIONS if n in options})
+        scores = phi_q @ phi_k.transpose(-1, -2)
+    elif kind == "norm_cancelling":
+        norms = q.norm(dim=-1, keepdim=True)
+        cosine = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(-1, -2)
+        scores = norms ** CANCELLING_ALPHA * (1 + cosine) / 2
     else:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return scores / scores.sum(-1, keepdim=True).clamp_min(1e-300)
@@ -48,15 +76,32 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp_min(1e-300))
 
 
-def summarise(q: torch.Tensor, k: torch.Tensor) -> Dict[str, dict]:
-    """q, k: (heads, N, d). Per kind: Spearman(entropy, |q|), mean entropy, and the points for a plot."""
+def norm_effect(kind: str, q: torch.Tensor, k: torch.Tensor, options: Optional[dict] = None) -> float:
+    """dH / d(log |q|): the mean change of a query's attention entropy when its norm alone changes
+    (each query scaled by ``NORM_STEP`` and by its inverse, direction kept), per unit of log norm.
+
+    A causal measure of norm-awareness: exactly 0 for ReLU linear and the norm-cancelling kind, 0
+    for NaLa when its power is saturated, negative when a larger norm sharpens the attention.
+    Unlike the correlation it is not confounded by norms that go with the query's direction."""
+    up = entropy(attention_weights(kind, q * NORM_STEP, k, options))
+    down = entropy(attention_weights(kind, q / NORM_STEP, k, options))
+    slope = (up - down) / (2 * torch.log(torch.tensor(NORM_STEP, dtype=torch.float64)))
+    return float(slope[torch.isfinite(slope)].mean())
+
+
+def summarise(q: torch.Tensor, k: torch.Tensor, options: Optional[dict] = None,
+              kinds: Sequence[str] = KINDS) -> Dict[str, dict]:
+    """q, k: (heads, N, d) or (batch, heads, N, d). Per kind: Spearman(entropy, |q|), mean entropy,
+    the norm effect dH/dlog|q| (:func:`norm_effect`) and the points for a plot; ``options`` are the
+    NaLa kind's (see :func:`attention_weights`)."""
     norms = q.double().norm(dim=-1)
     out = {}
-    for kind in KINDS:
-        h = entropy(attention_weights(kind, q, k))
-        valid = torch.isfinite(h) & (attention_weights(kind, q, k).sum(-1) > 0)
+    for kind in kinds:
+        weights = attention_weights(kind, q, k, options)
+        h = entropy(weights)
+        valid = torch.isfinite(h) & (weights.sum(-1) > 0)
         out[kind] = {"spearman": spearman(h[valid], norms[valid]), "mean_entropy": float(h[valid].mean()),
-                     "_norms": norms[valid], "_entropy": h[valid]}
+                     "norm_effect": norm_effect(kind, q, k, options), "_norms": norms[valid], "_entropy": h[valid]}
     return out
 
 
@@ -68,41 +113,52 @@ def random_inputs(tokens: int, head_dim: int, heads: int, seed: int):
     return direction * norms, torch.randn(heads, tokens, head_dim, generator=generator)
 
 
-def model_inputs(model_dir: str, data: str, timestep: int, images: int, seed: int) -> List[tuple]:
-    """(layer name, q, k) of every self-attention layer of a trained model on noised real images."""
+def noised_batch(pipe, data: str, timesteps: Sequence[int], images: int, seed: int, split: str = "test"):
+    """Real inputs of a pipeline's model: ``images`` images of ``data`` (evenly spaced over the split),
+    each noised at every timestep (fixed noise): (noisy, timesteps, labels)."""
     from diffusers import DDPMScheduler
 
-    from nala_diffusion import NaLaDiTPipeline, self_attention_modules
     from nala_diffusion.data import load_dataset
 
-    pipe = NaLaDiTPipeline.from_pretrained(model_dir)
-    model = pipe.transformer.eval()
-    resolution = pipe.default_sample_size
-    dataset = load_dataset(data, resolution)
+    dataset = load_dataset(data, pipe.default_sample_size * (pipe.vae_scale_factor if pipe.vae is not None else 1),
+                           split=split)
     if len(dataset) == 0:
         raise ValueError(f"{data!r} holds no images")
-    batch = torch.stack([dataset[i][0] for i in range(min(images, len(dataset)))])
-    labels = torch.tensor([dataset[i][1] for i in range(len(batch))])
+    indices = torch.linspace(0, len(dataset) - 1, min(images, len(dataset))).round().long().tolist()
+    batch = torch.stack([dataset[i][0] for i in indices])
+    labels = torch.tensor([int(dataset[i][1]) for i in indices])
     with torch.no_grad():
         x0 = batch if pipe.vae is None else pipe.vae.encode(batch).latent_dist.mean * pipe.vae.config.scaling_factor
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(x0.shape, generator=generator)
-    t = torch.full((len(x0),), timestep)
-    noisy = DDPMScheduler(beta_schedule="linear").add_noise(x0, noise, t)
-    captured, hooks = {}, []
-    for name, attn in self_attention_modules(model):
-        hooks.append(attn.to_q.register_forward_hook(lambda m, a, o, name=name: captured.setdefault(name, {}).update(q=o.detach())))
-        hooks.append(attn.to_k.register_forward_hook(lambda m, a, o, name=name: captured.setdefault(name, {}).update(k=o.detach())))
-    with torch.no_grad():
-        model(noisy, timestep=t, class_labels=labels)
-    for h in hooks:
-        h.remove()
-    heads = {name: attn.heads for name, attn in self_attention_modules(model)}
+    scheduler = DDPMScheduler(beta_schedule="linear")
+    noisy, steps = [], []
+    for t in timesteps:
+        noise = torch.randn(x0.shape, generator=generator)
+        step = torch.full((len(x0),), int(t))
+        noisy.append(scheduler.add_noise(x0, noise, step))
+        steps.append(step)
+    return torch.cat(noisy), torch.cat(steps), labels.repeat(len(timesteps))
+
+
+def model_layers(model_dir: str, data: str, timesteps: Sequence[int], images: int, seed: int) -> List[tuple]:
+    """(layer name, q, k, NaLa options or None, saturation report or None) for every self-attention
+    layer of a trained model on noised real images; q, k are (batch, heads, N, d)."""
+    from nala_diffusion import NaLaDiTPipeline
+    from nala_diffusion.norm_awareness import capture_queries, nala_processors, saturation_from_queries
+
+    pipe = NaLaDiTPipeline.from_pretrained(model_dir)
+    model = pipe.transformer.eval()
+    noisy, steps, labels = noised_batch(pipe, data, timesteps, images, seed)
+    with capture_queries(model, keys=True) as captured, torch.no_grad():
+        model(noisy, timestep=steps, class_labels=labels)
+    processors = nala_processors(model)
+    report = saturation_from_queries(processors, {name: t["query"] for name, t in captured.items()})
     layers = []
     for name, tensors in captured.items():
-        b, n, inner = tensors["q"].shape
-        split = lambda x: x.view(b, n, heads[name], inner // heads[name]).transpose(1, 2).reshape(-1, n, inner // heads[name])
-        layers.append((name, split(tensors["q"]), split(tensors["k"])))
+        options = processors[name].kernel_options() if name in processors else None
+        if options is not None:
+            options = {k: v.detach() if torch.is_tensor(v) else v for k, v in options.items()}
+        layers.append((name, tensors["query"], tensors["key"], options, report.get(name)))
     return layers
 
 
@@ -132,8 +188,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--random", action="store_true", help="random queries and keys (the default without --model)")
     p.add_argument("--model", default=None, help="pipeline folder of a trained model")
     p.add_argument("--data", default=None, help="ImageFolder or builtin:<name> giving the model's real inputs")
-    p.add_argument("--timestep", type=int, default=500)
-    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--timestep", type=int, nargs="+", default=[500],
+                   help="noise levels of the real inputs (several pool their queries), default 500")
+    p.add_argument("--images", type=int, default=4, help="real images per timestep")
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--head_dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=2)
@@ -151,19 +208,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.model:
-        layers = model_inputs(args.model, args.data, args.timestep, args.images, args.seed)
-        per_layer = {name: summarise(q, k) for name, q, k in layers}
-        result = {"layers": {name: public(s) for name, s in per_layer.items()}}
+        layers = model_layers(args.model, args.data, args.timestep, args.images, args.seed)
+        per_layer = {name: summarise(q, k, options) for name, q, k, options, _ in layers}
+        result = {"timesteps": args.timestep, "layers": {name: public(s) for name, s in per_layer.items()},
+                  "saturation": {name: report for name, _, _, _, report in layers if report is not None}}
         first = next(iter(per_layer.values()))
         for name, stats in per_layer.items():
-            print(name, "  ".join(f"{k}: rho={v['spearman']:+.2f} H={v['mean_entropy']:.2f}" for k, v in stats.items()))
+            print(name, "  ".join(f"{k}: rho={v['spearman']:+.2f} H={v['mean_entropy']:.2f} dH/dlog|q|={v['norm_effect']:+.3f}"
+                                  for k, v in stats.items()))
+        for name, report in result["saturation"].items():
+            norm, power = report["norm"], report["power"]
+            print(f"{name}: |q| p5/p50/p95 {norm['p5']:.2f}/{norm['p50']:.2f}/{norm['p95']:.2f}, "
+                  f"power {power['p5']:.2f}/{power['p50']:.2f}/{power['p95']:.2f}, "
+                  f"responding {report['responding_fraction']:.1%}" + ("  SATURATED" if report["saturated"] else ""))
         title = f"{os.path.basename(args.model.rstrip('/'))}, first layer, t={args.timestep}"
     else:
         q, k = random_inputs(args.tokens, args.head_dim, args.heads, args.seed)
         first = summarise(q, k)
         result = public(first)
         for kind, v in result.items():
-            print(f"{kind:12s} spearman {v['spearman']:+.3f}  mean entropy {v['mean_entropy']:.3f}")
+            print(f"{kind:15s} spearman {v['spearman']:+.3f}  mean entropy {v['mean_entropy']:.3f}  "
+                  f"dH/dlog|q| {v['norm_effect']:+.3f}")
         title = f"random inputs, N={args.tokens}, d={args.head_dim}"
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -52,13 +52,27 @@ VARIANTS: Dict[str, List[str]] = {
     "nala_relu_split": ["--attention", "nala", "--inhibit", "relu_split"],
     "nala_cosine": ["--attention", "nala", "--inhibit", "cosine"],
 }
-ENTROPY_KIND = {"softmax": "softmax", "relu_linear": "relu_linear", "elu_linear": "relu_linear",
-                "nala_relu_split": "nala", "nala_cosine": "nala"}
+# The norm-awareness study (--study norm): NaLa's query-norm scale sigma against the anchors.
+NORM_VARIANTS: Dict[str, List[str]] = {
+    "softmax": ["--attention", "softmax"],
+    "relu_linear": ["--attention", "relu_linear"],
+    "nala_sigma1": ["--attention", "nala", "--norm_scale_mode", "fixed", "--norm_scale", "1"],
+    "nala_calibrated": ["--attention", "nala", "--norm_scale_mode", "calibrated"],
+    "nala_learnable": ["--attention", "nala", "--norm_scale_mode", "learnable"],
+}
+NORM_TIMESTEPS = (250, 500, 750)
+ENTROPY_KIND = {"softmax": "softmax", "relu_linear": "relu_linear", "elu_linear": "elu_linear",
+                "nala_relu_split": "nala", "nala_cosine": "nala", "nala_sigma1": "nala", "nala_calibrated": "nala",
+                "nala_learnable": "nala"}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nala-study", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
+    p.add_argument("--study", choices=["quality", "norm"], default="quality",
+                   help="'quality': the five attentions, conversion, high resolution, entropy; 'norm': NaLa's query-norm "
+                        "scale (sigma = 1, calibrated, learnable) against softmax and ReLU linear, with per-layer "
+                        "norm-awareness measures")
     p.add_argument("--steps", type=int, default=500, help="training steps of every scratch run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--batch_size", type=int, default=32)
@@ -188,12 +202,18 @@ def _highres(run: str, crop_root: str, args, real_stats, extractor) -> List[dict
     return rows
 
 
-def entropy(run: str, out: str, kind: str) -> Dict[str, dict]:
+def entropy(run: str, out: str, kind: str, timesteps: Sequence[int] = (500,), images: int = 4) -> Dict[str, dict]:
+    """Per layer: the entropy statistics of the run's own kernel, with the NaLa saturation report
+    (norm and power quantiles, responding fraction) where the layer runs NaLa."""
     path = os.path.join(out, "scores", f"{os.path.basename(run)}_entropy.json")
     if not os.path.exists(path):
-        attention_entropy.main(["--model", run, "--data", "builtin:photos", "--json", path])
-    layers = json.load(open(path, encoding="utf-8"))["layers"]
-    return {layer: stats[ENTROPY_KIND[kind]] for layer, stats in layers.items()}
+        attention_entropy.main(["--model", run, "--data", "builtin:photos", "--json", path, "--images", str(images),
+                                "--timestep", *map(str, timesteps)])
+    with open(path, encoding="utf-8") as handle:
+        result = json.load(handle)
+    saturation = result.get("saturation", {})
+    return {layer: {**stats[ENTROPY_KIND[kind]], **({"saturation": saturation[layer]} if layer in saturation else {})}
+            for layer, stats in result["layers"].items()}
 
 
 def mean_std(values: List[float]) -> str:
@@ -223,6 +243,41 @@ def tables(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def norm_tables(results: dict) -> str:
+    """The norm-awareness study's tables: per-kind scores, then per-layer measures (mean ± sd over seeds)."""
+    lines = [f"Command: `{results['command']}`", "",
+             "| attention | seeds | held-out loss | class accuracy | domain FID | KID | s/step |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, runs in results["scratch"].items():
+        cells = [mean_std([r[key] for r in runs]) for key in ("heldout_loss", "class_accuracy", "fid", "kid", "seconds_per_step")]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += ["", "| attention | layer | ρ(entropy, ‖q‖) | dH/dlog‖q‖ | mean entropy | power p5–p95 | responding |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, per_seed in results["entropy"].items():
+        for layer in per_seed[0]:
+            stats = [seed[layer] for seed in per_seed]
+            sat = [s["saturation"] for s in stats if "saturation" in s]
+            power = (f"{np.mean([s['power']['p5'] for s in sat]):.2f}–{np.mean([s['power']['p95'] for s in sat]):.2f}"
+                     if sat else "–")
+            responding = mean_std([s["responding_fraction"] for s in sat]) if sat else "–"
+            lines.append(f"| {name} | {layer.replace('transformer_blocks.', 'block ').replace('.attn1', '')} | "
+                         f"{mean_std([s['spearman'] for s in stats])} | {mean_std([s['norm_effect'] for s in stats])} | "
+                         f"{mean_std([s['mean_entropy'] for s in stats])} | {power} | {responding} |")
+    return "\n".join(lines) + "\n"
+
+
+def norm_study(args, argv, run_and_score) -> dict:
+    """Train and score every NORM_VARIANTS kind per seed; per-layer measures on the test crops noised at
+    NORM_TIMESTEPS (every seed)."""
+    results = {"command": " ".join(["nala-study", *(argv if argv is not None else sys.argv[1:])]),
+               "architecture": args.architecture, "timesteps": list(NORM_TIMESTEPS), "scratch": {}, "entropy": {}}
+    for kind, extra in NORM_VARIANTS.items():
+        results["scratch"][kind] = [run_and_score(f"{kind}_s{seed}", extra, args.steps, seed) for seed in args.seeds]
+        results["entropy"][kind] = [entropy(run["folder"], args.out, kind, NORM_TIMESTEPS, images=20)
+                                    for run in results["scratch"][kind]]
+    return results
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     args.architecture = dict(ARCHITECTURE)
@@ -246,6 +301,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         info = train(args.out, name, extra, steps, seed, args)
         return {**info, **score(info["folder"], args.out, args, real_feats, real_stats, extractor, classifier, test)}
 
+    if args.study == "norm":
+        results = norm_study(args, argv, run_and_score)
+        with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+        with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as handle:
+            handle.write(norm_tables(results))
+        print(norm_tables(results))
+        return 0
     for kind, extra in VARIANTS.items():
         results["scratch"][kind] = [run_and_score(f"{kind}_s{seed}", extra, args.steps, seed) for seed in args.seeds]
     teacher = results["scratch"]["softmax"][0]["folder"]

@@ -10,9 +10,12 @@ from .kernels import (
     nala_attention,
     nala_key_features,
     nala_query_features,
+    power_sensitivity,
+    query_power,
     rope_2d_tables,
     softmax_attention,
 )
+from .norm_awareness import calibrate_norm_scale, capture_queries, saturation_report
 from .model import DIT_PRESETS, NaLaDiTTransformer2DModel, preset_config
 from .processors import (
     ATTENTION_PROCESSORS,
@@ -54,6 +57,8 @@ __all__ = [
     "ReLULinearAttnProcessor",
     "SoftmaxAttnProcessor",
     "apply_rope",
+    "calibrate_norm_scale",
+    "capture_queries",
     "convert_dit_to_nala",
     "demo_classifier_path",
     "demo_pipeline_path",
@@ -64,9 +69,12 @@ __all__ = [
     "nala_attention_explicit",
     "nala_key_features",
     "nala_query_features",
+    "power_sensitivity",
     "preset_config",
+    "query_power",
     "restore_attention",
     "rope_2d_tables",
+    "saturation_report",
     "self_attention_modules",
     "set_attention",
     "set_nala_attention",

@@ -11,12 +11,17 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from typing import Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
 from .model import NaLaDiTTransformer2DModel
+from .norm_awareness import calibrate_norm_scale
+
+# sigma of NaLa's power in a converted DiT: from the DiT's own queries (the official sigma = 1
+# saturates at a DiT's query norms).
+DEFAULT_CONVERSION_NORM_SCALE_MODE = "calibrated"
 
 CONVERTIBLE_CLASSES = ("Transformer2DModel", "DiTTransformer2DModel", "NaLaDiTTransformer2DModel")
 # Config keys that NaLaDiTTransformer2DModel shares with diffusers' DiT.
@@ -101,6 +106,8 @@ def convert_dit_to_nala(
     subfolder: Optional[str] = None,
     variant: Optional[str] = None,
     num_classes: Optional[int] = None,
+    calibrate: bool = True,
+    calibration_inputs: Optional[Dict[str, Any]] = None,
     **attention_options,
 ) -> NaLaDiTTransformer2DModel:
     """A :class:`NaLaDiTTransformer2DModel` with the weights of a pretrained DiT.
@@ -113,7 +120,14 @@ def convert_dit_to_nala(
             ``use_lepe``, ``position_embedding``, ...). From one of our models (any attention type)
             its options and extras (LePE, gate, RoPE) and their weights come along unless overridden.
             Adding ``use_gate=True`` to a model without a gate is refused: a gate cannot start as
-            identity.
+            identity. NaLa's ``norm_scale_mode`` defaults to ``"calibrated"`` for a diffusers DiT.
+        calibrate: set sigma of new calibrated/learnable NaLa layers from the DiT's own queries
+            (:func:`~nala_diffusion.calibrate_norm_scale` with the DiT as the source).
+        calibration_inputs: keyword arguments of one forward call of the DiT for that calibration,
+            e.g. ``{"hidden_states": noisy_latents, "timestep": t, "class_labels": y}``, ideally real
+            data noised at the timesteps you sample at. Without them, standard-normal latents at
+            timesteps spread over the schedule stand in (DiT queries come after a LayerNorm, so their
+            norms depend little on the content; real inputs are still better).
     """
     if not isinstance(dit, torch.nn.Module):
         dit = load_dit(dit, subfolder=subfolder, variant=variant)
@@ -131,6 +145,8 @@ def convert_dit_to_nala(
         raise ValueError(
             f"num_classes={num_classes} does not match the DiT's {config['num_embeds_ada_norm']} classes"
         )
+    if attention_type == "nala" and not isinstance(dit, NaLaDiTTransformer2DModel):
+        attention_options.setdefault("norm_scale_mode", DEFAULT_CONVERSION_NORM_SCALE_MODE)
     config.update(attention_options, attention_type=attention_type)
     parameter = next(dit.parameters())
     model = NaLaDiTTransformer2DModel(**config).to(parameter.device)
@@ -145,7 +161,24 @@ def convert_dit_to_nala(
             "the DiT's weights do not fit the NaLa model: "
             f"unexpected {unexpected[:5]}, missing {not_new[:5]}"
         )
+    new_sigma = [k for k in missing if k.endswith("log_norm_scale")]
+    if calibrate and new_sigma:
+        inputs = calibration_inputs if calibration_inputs is not None else noise_calibration_inputs(dit)
+        calibrate_norm_scale(model, source=dit, **inputs)
     return model.eval() if not dit.training else model
+
+
+def noise_calibration_inputs(dit: DiTTransformer2DModel, batch: int = 8, seed: int = 0) -> Dict[str, Any]:
+    """Stand-in calibration inputs for a DiT: standard-normal latents at ``batch`` timesteps spread
+    over the schedule, with random labels (fixed seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    parameter = next(dit.parameters())
+    size = dit.config.sample_size
+    latents = torch.randn(batch, dit.config.in_channels, size, size, generator=generator)
+    timesteps = torch.linspace(0, 999, batch).round().long()
+    labels = torch.randint(0, dit.config.num_embeds_ada_norm, (batch,), generator=generator)
+    return {"hidden_states": latents.to(parameter.device, parameter.dtype), "timestep": timesteps.to(parameter.device),
+            "class_labels": labels.to(parameter.device)}
 
 
 def load_transformer(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None) -> DiTTransformer2DModel:

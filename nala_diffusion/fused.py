@@ -18,15 +18,23 @@ from typing import Optional
 
 import torch
 
-from .kernels import _CHUNK_BYTES, _angle, _feature_index, _relu_split_inference, _signed_key_power, head_scales
+from .kernels import (
+    _CHUNK_BYTES,
+    _angle,
+    _feature_index,
+    _relu_split_inference,
+    _signed_key_power,
+    head_scales,
+    query_power,
+)
 
 _compiled = {}
 
 
-def compilable_query_terms(q, power_scale, power_offset: float, eps: float):
+def compilable_query_terms(q, power_scale, power_offset: float, eps: float, norm_scale):
     """:func:`nala_diffusion.kernels.relu_split_query_terms` as plain code for the compiler."""
     norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True)  # (h, N, 1)
-    power = power_scale * (power_offset + torch.tanh(norm))
+    power = query_power(norm, power_scale, power_offset, norm_scale)
     magnitude = torch.exp2(power * (torch.log2(q.abs()) - torch.log2(norm.clamp_min(eps))))  # |u|^p
     return magnitude, _feature_index(q)
 
@@ -38,11 +46,12 @@ def compilable_key_features(k, key_power):
 
 
 def cosine_chunk(q, k, v, power_scale, power_offset: float, key_power: float, angle_sharpness: float,
-                 eps: float) -> torch.Tensor:
+                 eps: float, norm_scale) -> torch.Tensor:
     """NaLa (``cosine``) on (heads, tokens, d) chunks, written as plain math for the compiler;
-    ``power_scale`` is a (heads, 1, 1) tensor. Same formulas as :func:`~nala_diffusion.nala_attention`."""
+    ``power_scale`` and ``norm_scale`` are (heads, 1, 1) tensors. Same formulas as
+    :func:`~nala_diffusion.nala_attention`."""
     norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True)  # (h, N, 1)
-    power = power_scale * (power_offset + torch.tanh(norm))
+    power = query_power(norm, power_scale, power_offset, norm_scale)
     q_magnitude = torch.exp(power * (torch.log(q.abs()) - torch.log(norm.clamp_min(eps))))  # |u|^p
     k_magnitude = k.abs() ** key_power  # |k|^gamma
     q_angle = _angle(q / norm.clamp_min(eps), angle_sharpness)
@@ -74,14 +83,15 @@ def _compile_error(error: Exception) -> Exception:
 
 @torch.no_grad()
 def nala_attention_fused(q, k, v, power_scale, power_offset, key_power, inhibit, angle_sharpness, eps,
-                         heads_per_chunk: Optional[int] = None) -> torch.Tensor:
+                         heads_per_chunk: Optional[int] = None, norm_scale=1.0) -> torch.Tensor:
     """(batch, heads, tokens, d) in the compute dtype -> the same shape; see the module docstring."""
     try:
         if inhibit == "relu_split":
-            return _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps,
+            return _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps, norm_scale,
                                          query_terms=compiled(compilable_query_terms),
                                          key_features=compiled(compilable_key_features))
-        return _cosine_fused(q, k, v, power_scale, power_offset, key_power, angle_sharpness, eps, heads_per_chunk)
+        return _cosine_fused(q, k, v, power_scale, power_offset, key_power, angle_sharpness, eps, heads_per_chunk,
+                             norm_scale)
     except Exception as error:  # compilation errors come in many types
         raised = _compile_error(error)
         if raised is error:
@@ -89,10 +99,10 @@ def nala_attention_fused(q, k, v, power_scale, power_offset, key_power, inhibit,
         raise raised from error
 
 
-def _cosine_fused(q, k, v, power_scale, power_offset, key_power, angle_sharpness, eps, heads_per_chunk):
+def _cosine_fused(q, k, v, power_scale, power_offset, key_power, angle_sharpness, eps, heads_per_chunk, norm_scale):
     batch, heads, tokens, dim = q.shape
     num_keys = k.shape[-2]
-    scales = head_scales(power_scale, q)  # (B, H, 1, 1)
+    scales, sigmas = head_scales(power_scale, q), head_scales(norm_scale, q)  # (B, H, 1, 1) each
     step = heads_per_chunk or max(1, _CHUNK_BYTES // ((tokens + num_keys) * 2 * dim * q.element_size()))
     kernel = compiled(cosine_chunk)
     out = q.new_empty(batch, heads, tokens, dim)
@@ -100,5 +110,5 @@ def _cosine_fused(q, k, v, power_scale, power_offset, key_power, angle_sharpness
         for h in range(0, heads, step):
             part = slice(h, min(heads, h + step))
             out[b, part] = kernel(q[b, part], k[b, part], v[b, part], scales[b, part], power_offset, key_power,
-                                  angle_sharpness, eps)
+                                  angle_sharpness, eps, sigmas[b, part])
     return out

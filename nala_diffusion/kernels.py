@@ -6,9 +6,9 @@ in at least float32 (float16/bfloat16 are upcast, float64 stays float64) and nev
 tokens x tokens matrix: they build a ``(features, head_dim)`` state from the keys and values once,
 then read it with every query.
 
-NaLa follows NaLaFormer (arXiv 2506.21137), see ``DESIGN.md`` section 1:
+NaLa follows NaLaFormer (arXiv 2506.21137):
 
-    r = |q|, u = q / max(r, eps), p(r) = power_scale * (power_offset + tanh r)
+    r = |q|, u = q / max(r, eps), p(r) = power_scale * (power_offset + tanh(r / norm_scale))
     relu_split: phi_q = [relu(u)^p, relu(-u)^p],          phi_k = [relu(k'), relu(-k')],  k' = sign(k) |k|^gamma
     cosine:     phi_q = |u|^p * [cos t(u), sin t(u)],     phi_k = |k|^gamma * [cos t(k), sin t(k)],
                 t(x) = (pi / 4) * tanh(s * x / |x|)
@@ -16,6 +16,10 @@ NaLa follows NaLaFormer (arXiv 2506.21137), see ``DESIGN.md`` section 1:
 
 A larger query norm raises the direction's entries to a higher power, which sharpens the attention
 (the temperature effect of softmax); unlike a scalar factor it does not cancel in the ratio.
+``norm_scale`` (sigma) sets where tanh bends: sigma = 1 is the official formula, which saturates
+(p = lambda (tau + 1) for every query) once query norms exceed about 3, as they do in a DiT with
+head_dim 64; sigma near the typical query norm keeps the power responsive (see
+:func:`query_power`).
 """
 
 from __future__ import annotations
@@ -64,12 +68,39 @@ def _per_head(value: Union[float, torch.Tensor], like: torch.Tensor) -> Union[fl
     return value
 
 
-def head_scales(power_scale: Union[float, torch.Tensor], q: torch.Tensor) -> torch.Tensor:
-    """lambda as a (batch, heads, 1, 1) tensor like ``q``, from a float or a per-head tensor."""
-    scales = _per_head(power_scale, q)
+def head_scales(value: Union[float, torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+    """A per-head option (lambda, sigma) as a (batch, heads, 1, 1) tensor like ``q``, from a float or
+    a per-head tensor."""
+    scales = _per_head(value, q)
     if not torch.is_tensor(scales):
         return q.new_full((q.shape[0], q.shape[1], 1, 1), scales)
     return scales.expand(q.shape[0], q.shape[1], 1, 1)
+
+
+def query_power(
+    norm: torch.Tensor,
+    power_scale: Union[float, torch.Tensor] = 3.0,
+    power_offset: float = 0.5,
+    norm_scale: Union[float, torch.Tensor] = 1.0,
+) -> torch.Tensor:
+    """The norm-aware power p(r) = lambda * (tau + tanh(r / sigma)), for query norms ``r``.
+
+    The one definition every path of the kernel uses. ``power_scale`` (lambda) and ``norm_scale``
+    (sigma) are floats or tensors broadcastable to ``norm`` (per head); sigma = 1 is NaLaFormer's
+    official formula, bit for bit (``r / 1.0`` is exact).
+    """
+    return power_scale * (power_offset + torch.tanh(norm / norm_scale))
+
+
+def power_sensitivity(
+    norm: torch.Tensor,
+    power_scale: Union[float, torch.Tensor] = 3.0,
+    norm_scale: Union[float, torch.Tensor] = 1.0,
+) -> torch.Tensor:
+    """dp / d(log r) = lambda * (r / sigma) * sech^2(r / sigma): how much the power changes for a
+    relative change of the query norm (scale-free, unlike dp/dr). Near 0 where tanh has saturated."""
+    x = norm / norm_scale
+    return power_scale * x * (1 - torch.tanh(x).square())
 
 
 def _angle(direction: torch.Tensor, sharpness: float) -> torch.Tensor:
@@ -85,11 +116,12 @@ def nala_query_features(
     inhibit: str = "relu_split",
     angle_sharpness: float = 20.0,
     eps: float = 1e-6,
+    norm_scale: Union[float, torch.Tensor] = 1.0,
 ) -> torch.Tensor:
     """phi_q: (batch, heads, tokens, d) -> (batch, heads, tokens, 2d), non-negative."""
     norm = torch.linalg.vector_norm(query, dim=-1, keepdim=True)  # (B, H, N, 1)
     direction = query / norm.clamp_min(eps)  # (B, H, N, d), entries in [-1, 1]
-    power = _per_head(power_scale, query) * (power_offset + torch.tanh(norm))  # (B, H, N, 1)
+    power = query_power(norm, _per_head(power_scale, query), power_offset, _per_head(norm_scale, query))  # (B, H, N, 1)
     magnitude = direction.abs().pow(power)  # |u|^p, in [0, 1]
     if inhibit == "relu_split":
         # relu(u)^p and relu(-u)^p: the magnitude goes to the half that matches the sign.
@@ -210,12 +242,19 @@ class _MagnitudePower(torch.autograd.Function):
         return grad_magnitude, grad_power
 
 
-def _query_magnitude(query, power_scale, power_offset, eps):
+def _query_magnitude(query, power_scale, power_offset, eps, norm_scale=1.0):
     """(|u|^p(r), u) with u = q / max(|q|, eps)."""
     norm = torch.linalg.vector_norm(query, dim=-1, keepdim=True)  # (B, H, N, 1)
     direction = query / norm.clamp_min(eps)  # (B, H, N, d)
-    power = _per_head(power_scale, query) * (power_offset + torch.tanh(norm))  # (B, H, N, 1)
+    power = query_power(norm, _per_head(power_scale, query), power_offset, _per_head(norm_scale, query))  # (B, H, N, 1)
     return _MagnitudePower.apply(direction.abs(), power), direction
+
+
+def _check_positive(**values) -> None:
+    """Float options that must be positive (tensors are left to their owners, to avoid a device sync)."""
+    for name, value in values.items():
+        if not torch.is_tensor(value) and not float(value) > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
 
 
 def _odd_integer(value) -> bool:
@@ -280,16 +319,17 @@ def _feature_index(q: torch.Tensor) -> torch.Tensor:
     return torch.sub(first, _sign_bit(q), alpha=dim, out=index)  # + d where the sign bit is set
 
 
-def relu_split_query_terms(q: torch.Tensor, power_scale: torch.Tensor, power_offset: float, eps: float):
+def relu_split_query_terms(q: torch.Tensor, power_scale: torch.Tensor, power_offset: float, eps: float,
+                           norm_scale: torch.Tensor):
     """The relu_split query features in gather form, for ``q`` of shape (heads, N, d).
 
     phi_q = [relu(u)^p, relu(-u)^p] has exactly one non-zero of each pair (m, d + m): |u_m|^p, at m
     for u_m > 0 and at d + m otherwise. Returns that magnitude ``|u|^p`` (heads, N, d) and its
-    feature index (:func:`_feature_index`). ``power_scale`` is (heads, 1, 1). Computed in place
-    (:mod:`nala_diffusion.fused` has the same as plain code for the compiler).
+    feature index (:func:`_feature_index`). ``power_scale`` and ``norm_scale`` are (heads, 1, 1).
+    Computed in place (:mod:`nala_diffusion.fused` has the same as plain code for the compiler).
     """
     norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True)  # (h, N, 1)
-    power = power_scale * (power_offset + torch.tanh(norm))  # (h, N, 1)
+    power = query_power(norm, power_scale, power_offset, norm_scale)  # (h, N, 1)
     shift = norm.clamp_min_(eps).log2_().mul_(power)  # p log2 r
     # |u|^p = 2^(p log2|q| - p log2 r) (exp2/log2 are the cheaper pair); log2 0 = -inf gives 0 for
     # zero coordinates (and for q = 0)
@@ -332,8 +372,9 @@ def _relu_split_state(k_features: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps, query_terms=relu_split_query_terms,
-                          key_features=relu_split_key_features, gather: Optional[bool] = None) -> torch.Tensor:
+def _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps, norm_scale=1.0,
+                          query_terms=relu_split_query_terms, key_features=relu_split_key_features,
+                          gather: Optional[bool] = None) -> torch.Tensor:
     """The relu_split kernel without autograd, by chunks of heads (buffers stay small).
 
     Each query reads only d of its 2d feature rows (one per coordinate, chosen by the sign), so on
@@ -344,14 +385,14 @@ def _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps, qu
     """
     batch, heads, tokens, dim = q.shape
     num_keys = k.shape[-2]
-    scales = head_scales(power_scale, q)
+    scales, sigmas = head_scales(power_scale, q), head_scales(norm_scale, q)  # (B, H, 1, 1) each
     gather = q.device.type == "cpu" if gather is None else gather
     out = q.new_empty(batch, heads, tokens, dim)
     step = max(1, _CHUNK_BYTES // ((tokens + num_keys) * 2 * dim * q.element_size()))
     for b in range(batch):
         for h in range(0, heads, step):
             part = slice(h, min(heads, h + step))
-            magnitude, index = query_terms(q[b, part], scales[b, part], power_offset, eps)  # (h, N, d) each
+            magnitude, index = query_terms(q[b, part], scales[b, part], power_offset, eps, sigmas[b, part])  # (h, N, d) each
             table = _relu_split_state(key_features(k[b, part], key_power), v[b, part])  # (h, 2d, width)
             if gather:
                 read = F.embedding_bag(index.reshape(-1, dim), table.view(-1, table.shape[-1]), mode="sum",
@@ -378,13 +419,15 @@ def nala_attention(
     eps: float = 1e-6,
     rope: RopeArg = None,
     compile: bool = False,
+    norm_scale: Union[float, torch.Tensor] = 1.0,
 ) -> torch.Tensor:
     """Norm-aware linear attention, O(tokens * head_dim^2) time and O(head_dim^2) state per head.
 
     Args:
         query, key, value: ``(batch, heads, tokens, head_dim)``; keys and values may have another
             token count than queries.
-        power_scale: lambda in p(r) = lambda * (tau + tanh r); a float or a per-head tensor ``(heads,)``.
+        power_scale: lambda in p(r) = lambda * (tau + tanh(r / sigma)); a float or a per-head tensor
+            ``(heads,)``.
         power_offset: tau.
         key_power: gamma, the power of the keys (odd keeps the sign).
         inhibit: ``"relu_split"`` (released code) or ``"cosine"`` (the paper's angular form).
@@ -394,6 +437,8 @@ def nala_attention(
             :func:`rope_2d_tables`), or a callable, applied to the numerator's features only.
         compile: without autograd and without ``rope``, run the kernel fused by ``torch.compile``
             (:mod:`nala_diffusion.fused`; the first call per shape compiles). Otherwise ignored.
+        norm_scale: sigma, the query-norm scale of the power: a positive float or a per-head tensor
+            ``(heads,)``; 1 is the official formula (see :func:`query_power`).
 
     Returns:
         ``(batch, heads, query_tokens, head_dim)`` in ``query.dtype``.
@@ -405,22 +450,23 @@ def nala_attention(
     _check_qkv(query, key, value)
     if inhibit not in INHIBIT_MODES:
         raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {inhibit!r}")
+    _check_positive(norm_scale=norm_scale)
     if rope is not None:
         return nala_attention_explicit(
             query, key, value, power_scale=power_scale, power_offset=power_offset, key_power=key_power,
-            inhibit=inhibit, angle_sharpness=angle_sharpness, eps=eps, rope=rope,
+            inhibit=inhibit, angle_sharpness=angle_sharpness, eps=eps, rope=rope, norm_scale=norm_scale,
         )
     dtype = compute_dtype(query.dtype)
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
-    if compile and not _needs_grad(q, k, v, power_scale):
+    if compile and not _needs_grad(q, k, v, power_scale, norm_scale):
         from .fused import nala_attention_fused
 
         return nala_attention_fused(
-            q, k, v, power_scale, power_offset, key_power, inhibit, angle_sharpness, eps
+            q, k, v, power_scale, power_offset, key_power, inhibit, angle_sharpness, eps, norm_scale=norm_scale
         ).to(query.dtype)
-    if inhibit == "relu_split" and not _needs_grad(q, k, v, power_scale):
-        return _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps).to(query.dtype)
-    magnitude, direction = _query_magnitude(q, power_scale, power_offset, eps)  # (B, H, N, d) each
+    if inhibit == "relu_split" and not _needs_grad(q, k, v, power_scale, norm_scale):
+        return _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps, norm_scale).to(query.dtype)
+    magnitude, direction = _query_magnitude(q, power_scale, power_offset, eps, norm_scale)  # (B, H, N, d) each
     if inhibit == "relu_split":
         signed = torch.copysign(magnitude, direction)
         q_positive = torch.relu(signed)  # relu(u)^p
@@ -455,6 +501,7 @@ def nala_attention_explicit(
     angle_sharpness: float = 20.0,
     eps: float = 1e-6,
     rope: RopeArg = None,
+    norm_scale: Union[float, torch.Tensor] = 1.0,
 ) -> torch.Tensor:
     """NaLa written literally from the formulas: the 2d-wide features are built, then read out.
 
@@ -465,7 +512,8 @@ def nala_attention_explicit(
     dtype = compute_dtype(query.dtype)
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
     phi_q = nala_query_features(
-        q, power_scale=power_scale, power_offset=power_offset, inhibit=inhibit, angle_sharpness=angle_sharpness, eps=eps
+        q, power_scale=power_scale, power_offset=power_offset, inhibit=inhibit, angle_sharpness=angle_sharpness,
+        eps=eps, norm_scale=norm_scale,
     )  # (B, H, N, 2d)
     phi_k = nala_key_features(k, key_power=key_power, inhibit=inhibit, angle_sharpness=angle_sharpness, eps=eps)
     return _linear_readout(phi_q, phi_k, v, eps, rope).to(query.dtype)

@@ -62,6 +62,11 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         power_scale, power_offset, key_power, inhibit, angle_sharpness, attention_eps,
         learnable_power: NaLa kernel options (see :func:`~nala_diffusion.nala_attention`);
             ``attention_eps`` is the kernels' ``eps``.
+        norm_scale, norm_scale_mode: the query-norm scale sigma of NaLa's power
+            p(r) = lambda (tau + tanh(r / sigma)): ``"fixed"`` (``norm_scale`` everywhere; 1 is the
+            official formula and the default, so configs saved without these keys load unchanged),
+            ``"learnable"`` or ``"calibrated"`` (per-head values in the weights, set by
+            :func:`~nala_diffusion.calibrate_norm_scale`; ``nala-train`` and conversion calibrate).
         use_lepe, lepe_kernel_size, use_gate, use_rope: processor extras
             (see :class:`~nala_diffusion.NaLaAttnProcessor`).
         position_embedding (`str`, defaults to ``"extend"``): for grids other than the training
@@ -97,6 +102,8 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         angle_sharpness: float = 20.0,
         attention_eps: float = 1e-6,
         learnable_power: bool = False,
+        norm_scale: float = 1.0,
+        norm_scale_mode: str = "fixed",
         use_lepe: bool = False,
         lepe_kernel_size: int = 3,
         use_gate: bool = False,
@@ -151,6 +158,8 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
             "angle_sharpness": config.angle_sharpness,
             "eps": config.attention_eps,
             "learnable_power": config.learnable_power,
+            "norm_scale": config.norm_scale,
+            "norm_scale_mode": config.norm_scale_mode,
             "use_lepe": config.use_lepe,
             "lepe_kernel_size": config.lepe_kernel_size,
             "use_gate": config.use_gate,

@@ -21,6 +21,8 @@ from torch import nn
 
 from .kernels import INHIBIT_MODES, linear_attention, nala_attention, rope_2d_tables, softmax_attention
 
+NORM_SCALE_MODES = ("fixed", "learnable", "calibrated")
+
 
 def _resolve_grid(grid_size: Optional[Sequence[int]], num_tokens: int) -> Tuple[int, int]:
     """The (rows, cols) token grid: as given, or the square one when the token count is square."""
@@ -246,6 +248,17 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
     ``power_scale`` a per-head parameter (kept positive through its logarithm), initialised to
     ``power_scale``. The extras are those of :class:`KernelAttnProcessor`.
 
+    The query-norm scale sigma of the power p(r) = lambda (tau + tanh(r / sigma)) is set by
+    ``norm_scale_mode``:
+
+    - ``"fixed"``: ``norm_scale`` for every head, no state (``norm_scale=1`` is the official formula);
+    - ``"learnable"``: a per-head parameter ``log_norm_scale``, trained with the model;
+    - ``"calibrated"``: a per-head buffer ``log_norm_scale``, set from the query norms the layer
+      sees on real inputs (:func:`~nala_diffusion.calibrate_norm_scale`) and kept fixed.
+
+    In the last two ``norm_scale`` is the starting value and the per-head values are saved with the
+    model's weights; :func:`~nala_diffusion.calibrate_norm_scale` sets both kinds.
+
     Example::
 
         from nala_diffusion import NaLaAttnProcessor
@@ -268,6 +281,8 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
         angle_sharpness: float = 20.0,
         eps: float = 1e-6,
         learnable_power: bool = False,
+        norm_scale: float = 1.0,
+        norm_scale_mode: str = "fixed",
         use_lepe: bool = False,
         lepe_kernel_size: int = 3,
         use_gate: bool = False,
@@ -290,6 +305,12 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
             raise ValueError(f"power_scale and key_power must be positive, got {power_scale} and {key_power}")
         if learnable_power and num_heads is None:
             raise ValueError("learnable_power needs num_heads (one power scale per head)")
+        if not float(norm_scale) > 0:
+            raise ValueError(f"norm_scale must be positive, got {norm_scale}")
+        if norm_scale_mode not in NORM_SCALE_MODES:
+            raise ValueError(f"norm_scale_mode must be one of {NORM_SCALE_MODES}, got {norm_scale_mode!r}")
+        if norm_scale_mode != "fixed" and num_heads is None:
+            raise ValueError(f"norm_scale_mode={norm_scale_mode!r} needs num_heads (one norm scale per head)")
         self.power_scale = float(power_scale)
         self.power_offset = float(power_offset)
         self.key_power = key_power
@@ -297,9 +318,16 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
         self.angle_sharpness = float(angle_sharpness)
         self.eps = float(eps)
         self.learnable_power = bool(learnable_power)
+        self.norm_scale = float(norm_scale)
+        self.norm_scale_mode = norm_scale_mode
         self.compile = False  # a run-time choice, not saved: see set_fused_attention
         if self.learnable_power:
             self.log_power_scale = nn.Parameter(torch.full((num_heads,), math.log(power_scale)))
+        log_sigma = torch.full((num_heads or 1,), math.log(self.norm_scale))
+        if norm_scale_mode == "learnable":
+            self.log_norm_scale = nn.Parameter(log_sigma)
+        elif norm_scale_mode == "calibrated":
+            self.register_buffer("log_norm_scale", log_sigma)
 
     def options(self):
         return {
@@ -310,7 +338,41 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
             "angle_sharpness": self.angle_sharpness,
             "eps": self.eps,
             "learnable_power": self.learnable_power,
+            "norm_scale": self.norm_scale,
+            "norm_scale_mode": self.norm_scale_mode,
             **super().options(),
+        }
+
+    def resolved_power_scale(self):
+        """lambda as the kernel gets it: a float, or a per-head tensor when learnable."""
+        return self.log_power_scale.exp() if self.learnable_power else self.power_scale
+
+    def resolved_norm_scale(self):
+        """sigma as the kernel gets it: a float (fixed), or a per-head tensor."""
+        return self.norm_scale if self.norm_scale_mode == "fixed" else self.log_norm_scale.exp()
+
+    @torch.no_grad()
+    def set_norm_scale(self, sigma: torch.Tensor) -> None:
+        """Set the per-head sigma (``(heads,)``, positive) of a learnable or calibrated processor."""
+        if self.norm_scale_mode == "fixed":
+            raise ValueError("this processor has a fixed norm_scale; build it with norm_scale_mode='calibrated' "
+                             "or 'learnable' to set per-head values")
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        if sigma.shape != self.log_norm_scale.shape or not bool((sigma > 0).all() & torch.isfinite(sigma).all()):
+            raise ValueError(f"norm scales must be {tuple(self.log_norm_scale.shape)} positive finite values, got {sigma}")
+        self.log_norm_scale.copy_(sigma.log().to(self.log_norm_scale))
+
+    def kernel_options(self) -> Dict[str, object]:
+        """The keyword arguments of :func:`~nala_diffusion.nala_attention` this layer runs with
+        (per-head tensors resolved), also taken by the feature maps of the kernels module."""
+        return {
+            "power_scale": self.resolved_power_scale(),
+            "power_offset": self.power_offset,
+            "key_power": self.key_power,
+            "inhibit": self.inhibit,
+            "angle_sharpness": self.angle_sharpness,
+            "eps": self.eps,
+            "norm_scale": self.resolved_norm_scale(),
         }
 
     def rope_dim(self, head_dim: int) -> int:
@@ -318,20 +380,7 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
 
     def attend(self, query, key, value, rope=None, attention_mask=None):
         self._reject_mask(attention_mask)
-        power_scale = self.log_power_scale.exp() if self.learnable_power else self.power_scale
-        return nala_attention(
-            query,
-            key,
-            value,
-            power_scale=power_scale,
-            power_offset=self.power_offset,
-            key_power=self.key_power,
-            inhibit=self.inhibit,
-            angle_sharpness=self.angle_sharpness,
-            eps=self.eps,
-            rope=rope,
-            compile=self.compile,
-        )
+        return nala_attention(query, key, value, rope=rope, compile=self.compile, **self.kernel_options())
 
 
 ATTENTION_PROCESSORS: Dict[str, Type[KernelAttnProcessor]] = {

@@ -9,10 +9,10 @@ import math
 import torch
 
 
-def phi_query(q, power_scale=3.0, power_offset=0.5, inhibit="relu_split", s=20.0, eps=1e-6):
+def phi_query(q, power_scale=3.0, power_offset=0.5, inhibit="relu_split", s=20.0, eps=1e-6, norm_scale=1.0):
     r = math.sqrt(float((q * q).sum()))
     u = q / max(r, eps)
-    p = power_scale * (power_offset + math.tanh(r))
+    p = power_scale * (power_offset + math.tanh(r / norm_scale))
     if inhibit == "relu_split":
         return torch.cat([torch.clamp(u, min=0) ** p, torch.clamp(-u, min=0) ** p])
     theta = (math.pi / 4) * torch.tanh(s * u)
@@ -29,8 +29,8 @@ def phi_key(k, gamma=3, inhibit="relu_split", s=20.0, eps=1e-6):
 
 
 def nala_reference(q, k, v, power_scale=3.0, power_offset=0.5, key_power=3, inhibit="relu_split",
-                   angle_sharpness=20.0, eps=1e-6, rope=None):
-    """q, k, v: (B, H, N, d) -> (B, H, N, d), float64. power_scale may be a list per head."""
+                   angle_sharpness=20.0, eps=1e-6, rope=None, norm_scale=1.0):
+    """q, k, v: (B, H, N, d) -> (B, H, N, d), float64. power_scale and norm_scale may be lists per head."""
     q, k, v = q.double(), k.double(), v.double()
     B, H, N, d = q.shape
     M = k.shape[2]
@@ -38,9 +38,10 @@ def nala_reference(q, k, v, power_scale=3.0, power_offset=0.5, key_power=3, inhi
     for b in range(B):
         for h in range(H):
             lam = power_scale[h] if isinstance(power_scale, (list, tuple)) else power_scale
+            sigma = norm_scale[h] if isinstance(norm_scale, (list, tuple)) else norm_scale
             fk = torch.stack([phi_key(k[b, h, j], key_power, inhibit, angle_sharpness, eps) for j in range(M)])
             for i in range(N):
-                fq = phi_query(q[b, h, i], lam, power_offset, inhibit, angle_sharpness, eps)
+                fq = phi_query(q[b, h, i], lam, power_offset, inhibit, angle_sharpness, eps, sigma)
                 weights = fk @ fq / M  # w_ij / M, (M,)
                 if rope is None:
                     numerator = weights @ v[b, h]

@@ -42,7 +42,7 @@ def test_softmax_conversion_is_exact():
 def test_nala_conversion_copies_every_weight_and_extras_start_as_identity(tmp_path):
     dit, inputs = tiny_dit(out_channels=8), dit_inputs()
     folder = save_legacy_dit(dit, tmp_path)
-    converted = convert_dit_to_nala(folder, inhibit="cosine", use_lepe=True)
+    converted = convert_dit_to_nala(folder, inhibit="cosine", use_lepe=True, norm_scale_mode="fixed")
     source = dit.state_dict()
     for name, tensor in converted.state_dict().items():
         if ".processor." in name:
@@ -52,6 +52,10 @@ def test_nala_conversion_copies_every_weight_and_extras_start_as_identity(tmp_pa
     set_nala_attention(dit, inhibit="cosine")
     assert torch.equal(run(converted, inputs), run(dit, inputs))
     assert converted.config.num_classes == 10 and converted.config.out_channels == 8
+    # by default sigma is calibrated from the DiT's queries: the only other new tensor
+    calibrated = convert_dit_to_nala(folder, inhibit="cosine", use_lepe=True)
+    new = {n for n in calibrated.state_dict() if n not in source and not n.endswith(("lepe.weight", "lepe.bias"))}
+    assert new == {f"transformer_blocks.{i}.attn1.processor.log_norm_scale" for i in range(2)}
 
 
 def test_converted_model_round_trips(tmp_path):

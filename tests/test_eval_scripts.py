@@ -51,9 +51,9 @@ def test_entropy_on_random_inputs(tmp_path):
     assert attention_entropy.main(["--random", "--tokens", "256", "--heads", "2", "--json", str(path),
                                    "--plot", str(tmp_path / "entropy.png")]) == 0
     result = json.loads(path.read_text())
-    assert set(result) == {"softmax", "relu_linear", "nala"}
+    assert set(result) == {"softmax", "relu_linear", "elu_linear", "nala", "norm_cancelling"}
     assert result["softmax"]["spearman"] < -0.4 and result["nala"]["spearman"] < -0.4
-    assert abs(result["relu_linear"]["spearman"]) < 0.15
+    assert abs(result["relu_linear"]["spearman"]) < 0.15 and abs(result["norm_cancelling"]["spearman"]) < 0.1
     assert result["nala"]["mean_entropy"] < result["relu_linear"]["mean_entropy"]
     assert PIL.Image.open(tmp_path / "entropy.png").size[0] > 100
 
@@ -67,9 +67,12 @@ def test_entropy_of_a_model_per_layer(tmp_path):
     path = tmp_path / "layers.json"
     assert attention_entropy.main(["--model", str(tmp_path / "pipe"), "--data", str(tmp_path / "data"),
                                    "--json", str(path), "--plot", str(tmp_path / "layers.png")]) == 0
-    layers = json.loads(path.read_text())["layers"]
+    result = json.loads(path.read_text())
+    layers = result["layers"]
     assert sorted(layers) == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
-    assert all(set(v) == {"softmax", "relu_linear", "nala"} for v in layers.values())
+    assert all(set(v) == set(attention_entropy.KINDS) for v in layers.values())
+    assert sorted(result["saturation"]) == sorted(layers)  # every NaLa layer gets a saturation report
+    assert all(0 <= s["responding_fraction"] <= 1 for s in result["saturation"].values())
 
 
 def test_study_runs_every_stage_on_a_tiny_budget_and_resumes(tmp_path):
@@ -97,3 +100,22 @@ def test_study_runs_every_stage_on_a_tiny_budget_and_resumes(tmp_path):
     before = {p: p.stat().st_mtime for p in (tmp_path / "study" / "scores").iterdir()}
     assert study.main(argv) == 0
     assert {p: p.stat().st_mtime for p in (tmp_path / "study" / "scores").iterdir()} == before
+
+
+def test_norm_study_runs_on_a_tiny_budget(tmp_path):
+    from nala_diffusion.eval import study
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 8,
+                                  "norm_num_groups": 1, "use_lepe": True}))
+    argv = ["--study", "norm", "--out", str(tmp_path / "study"), "--steps", "3", "--seeds", "0", "--batch_size", "4",
+            "--num_samples", "10", "--sample_steps", "2", "--model_config", str(config)]
+    assert study.main(argv) == 0
+    results = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert set(results["scratch"]) == set(study.NORM_VARIANTS) == set(results["entropy"])
+    layer = "transformer_blocks.0.attn1"
+    assert "saturation" not in results["entropy"]["softmax"][0][layer]
+    official = results["entropy"]["nala_sigma1"][0][layer]["saturation"]
+    calibrated = results["entropy"]["nala_calibrated"][0][layer]["saturation"]
+    assert calibrated["responding_fraction"] > official["responding_fraction"]
+    assert "| nala_learnable | block 0 |" in (tmp_path / "study" / "results.md").read_text()

@@ -189,8 +189,9 @@ def test_compilable_feature_functions_equal_the_in_place_ones(key_power):
     q[0, 0] = 0.0
     k = torch.randn(2, 9, 16)
     scales = torch.tensor([2.0, 4.0]).view(2, 1, 1)
-    magnitude, index = kernels.relu_split_query_terms(q, scales, 0.5, 1e-6)
-    plain_magnitude, plain_index = fused.compilable_query_terms(q, scales, 0.5, 1e-6)
+    sigmas = torch.tensor([1.0, 3.0]).view(2, 1, 1)
+    magnitude, index = kernels.relu_split_query_terms(q, scales, 0.5, 1e-6, sigmas)
+    plain_magnitude, plain_index = fused.compilable_query_terms(q, scales, 0.5, 1e-6, sigmas)
     torch.testing.assert_close(plain_magnitude, magnitude)
     assert torch.equal(plain_index, index)
     torch.testing.assert_close(fused.compilable_key_features(k, key_power), kernels.relu_split_key_features(k, key_power))

@@ -66,8 +66,14 @@ def test_run_writes_a_loadable_pipeline_and_its_records(data, tmp_path):
     for name in ["model_index.json", "args.json", "log.csv", "samples/step-000003.png", "samples/step-000006.png",
                  "checkpoint-4/model.safetensors", "checkpoint-4/ema.safetensors", "transformer/config.json"]:
         assert (out / name).exists(), name
-    assert [r["step"] for r in log_rows(out)] == [1, 2, 3, 4, 5, 6]
-    assert all(r["loss"] > 0 and r["lr"] == 1e-4 and r["images_per_second"] > 0 for r in log_rows(out))
+    rows = log_rows(out)
+    losses = [r for r in rows if r["loss"] is not None]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4, 5, 6]
+    assert all(r["loss"] > 0 and r["lr"] == 1e-4 and r["images_per_second"] > 0 for r in losses)
+    # validation logs the share of queries whose power responds to the norm: sigma was calibrated
+    responding = [r["responding_fraction"] for r in rows if r["responding_fraction"] is not None]
+    assert len(responding) == 2 and all(f > 0.5 for f in responding)
+    assert "calibrated NaLa's norm_scale" in result.stderr
     assert json.loads((out / "args.json").read_text())["max_train_steps"] == 6
     pipe = NaLaDiTPipeline.from_pretrained(out)
     assert pipe.labels == {"class0": 0, "class1": 1, "class2": 2}
@@ -143,6 +149,23 @@ def test_distillation_from_a_converted_dit(data, tmp_path):
     assert all(r["loss"] == pytest.approx(r["loss_target"] + 0.5 * r["loss_distill"], rel=1e-5) for r in rows)
     config = NaLaDiTTransformer2DModel.load_config(out / "transformer")
     assert config["attention_type"] == "nala" and config["inhibit"] == "cosine"
+    assert config["norm_scale_mode"] == "calibrated"
+    # sigma was calibrated from the teacher's own queries on the training data (then kept fixed)
+    weights = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    sigma = weights["transformer_blocks.0.attn1.processor.log_norm_scale"].exp()
+    assert sigma.shape == (2,) and (sigma > 1.2).all()
+
+
+def test_norm_scale_flags_fixed_and_learnable(data, tmp_path):
+    fixed = tmp_path / "fixed"
+    train(base_args(data, fixed, steps=2, norm_scale_mode="fixed", norm_scale=2.5))
+    config = NaLaDiTTransformer2DModel.load_config(fixed / "transformer")
+    assert (config["norm_scale_mode"], config["norm_scale"]) == ("fixed", 2.5)
+    learnable = tmp_path / "learnable"
+    train(base_args(data, learnable, steps=3, norm_scale_mode="learnable"))
+    model = NaLaDiTPipeline.from_pretrained(learnable).transformer
+    sigma = model.transformer_blocks[0].attn1.processor.log_norm_scale
+    assert isinstance(sigma, torch.nn.Parameter) and sigma.exp().min() > 1.2  # calibrated start, then trained
 
 
 def test_latent_space_with_cached_latents(data, tmp_path):

@@ -4,7 +4,7 @@ import csv
 import os
 from typing import Dict
 
-COLUMNS = ("step", "loss", "loss_target", "loss_distill", "lr", "images_per_second")
+COLUMNS = ("step", "loss", "loss_target", "loss_distill", "lr", "images_per_second", "responding_fraction")
 
 
 class CsvLog:

@@ -38,12 +38,22 @@ from nala_diffusion.conversion import convert_dit_to_nala, load_transformer
 from nala_diffusion.distributed import use_cpu_processes
 from nala_diffusion.data import build_latent_cache, dataset_fingerprint, dataset_id2label, load_dataset, load_latent_cache
 from nala_diffusion.model import preset_config
+from nala_diffusion.norm_awareness import (
+    calibrate_norm_scale,
+    mean_responding_fraction,
+    nala_processors,
+    saturation_report,
+)
 from nala_diffusion.pipelines.sample import save_grid_atomically
 from nala_diffusion.train import checkpoints
 from nala_diffusion.train.run_log import CsvLog
 
 logger = get_logger(__name__)
-NALA_OPTIONS = ("inhibit", "power_scale", "power_offset", "key_power", "use_lepe", "use_gate", "use_rope", "learnable_power")
+NALA_OPTIONS = ("inhibit", "power_scale", "power_offset", "key_power", "use_lepe", "use_gate", "use_rope", "learnable_power",
+                "norm_scale", "norm_scale_mode")
+# sigma of NaLa's power for new models: calibrated on one batch of the training data (see README,
+# "The layer"); the official sigma = 1 saturates in a DiT.
+DEFAULT_NORM_SCALE_MODE = "calibrated"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -66,6 +76,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--key_power", type=int, default=None)
     for name in ("use_lepe", "use_gate", "use_rope", "learnable_power"):
         model.add_argument(f"--{name}", action="store_const", const=True, default=None)
+    model.add_argument("--norm_scale_mode", choices=["fixed", "learnable", "calibrated"], default=None,
+                       help="sigma of NaLa's power p(r) = lambda (tau + tanh(r / sigma)): 'calibrated' (per head, the median "
+                            "query norm on one training batch; the default for new NaLa models), 'learnable' (calibrated, "
+                            "then trained) or 'fixed' (--norm_scale everywhere; 1 is NaLaFormer's official formula)")
+    model.add_argument("--norm_scale", type=float, default=None,
+                       help="sigma for --norm_scale_mode fixed, the start value otherwise (default 1)")
+    model.add_argument("--norm_scale_quantile", type=float, default=0.5,
+                       help="calibration sets sigma to this quantile of each head's query norms")
     objective = p.add_argument_group("objective")
     objective.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
     objective.add_argument("--class_dropout_prob", type=float, default=0.1, help="labels dropped to the null class")
@@ -115,13 +133,19 @@ def attention_overrides(args) -> Dict[str, Any]:
     return overrides
 
 
-def build_model(args, in_channels: int, sample_size: int, num_classes: int) -> NaLaDiTTransformer2DModel:
+def build_model(args, in_channels: int, sample_size: int, num_classes: int):
+    """The model to train and the model whose queries calibrate its sigma (the pretrained source
+    for ``--init_from``, else the model itself)."""
     expected = {"in_channels": in_channels, "sample_size": sample_size, "num_classes": num_classes}
     overrides = attention_overrides(args)
     if args.init_from:
-        model = load_transformer(args.init_from)
-        if not isinstance(model, NaLaDiTTransformer2DModel) or overrides:
-            model = convert_dit_to_nala(model, **{"attention_type": "nala", **overrides})
+        source = load_transformer(args.init_from)
+        model = source
+        if not isinstance(source, NaLaDiTTransformer2DModel) or overrides:
+            if "norm_scale_mode" not in overrides and "norm_scale_mode" not in source.config:
+                overrides["norm_scale_mode"] = DEFAULT_NORM_SCALE_MODE
+            # calibrated below on real data from the source's own queries
+            model = convert_dit_to_nala(source, **{"attention_type": "nala", **overrides}, calibrate=False)
         config = dict(model.config)
     elif os.path.isfile(args.model_config):
         with open(args.model_config, encoding="utf-8") as handle:
@@ -132,8 +156,30 @@ def build_model(args, in_channels: int, sample_size: int, num_classes: int) -> N
         if config.get(key, value) != value and not (key == "num_classes" and config.get(key) is None):
             raise ValueError(f"the model has {key}={config[key]} but the data needs {key}={value}")
     if args.init_from:
-        return model
-    return NaLaDiTTransformer2DModel(**{**config, **expected, **overrides})
+        return model, source
+    config.setdefault("norm_scale_mode", DEFAULT_NORM_SCALE_MODE)
+    model = NaLaDiTTransformer2DModel(**{**config, **expected, **overrides})
+    return model, model
+
+
+def probe_batch(args, dataset, vae, noise_scheduler, device):
+    """A fixed batch of noised training data (seeded by --seed), for sigma's calibration and the
+    saturation check at validation: (noisy x, timesteps, labels)."""
+    generator = torch.Generator().manual_seed(args.seed)
+    count = min(len(dataset), max(args.train_batch_size, 16))
+    indices = torch.randperm(len(dataset), generator=generator)[:count].tolist()
+    batch = torch.stack([dataset[i][0] for i in indices]).to(device)
+    labels = torch.tensor([int(dataset[i][1]) for i in indices], device=device)
+    flip = torch.zeros(count, dtype=torch.bool, device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    x0 = clean_latents(batch, vae, args.cache_latents, flip, generator)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (count,), generator=generator, device=device)
+    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    return noise_scheduler.add_noise(x0, noise, timesteps), timesteps, labels
+
+
+def needs_calibration(model) -> bool:
+    return any(p.norm_scale_mode != "fixed" for p in nala_processors(model).values())
 
 
 def step_generator(seed: int, batch_index: int, process_index: int, device) -> torch.Generator:
@@ -237,8 +283,19 @@ def main(args) -> int:
     in_channels = vae.config.latent_channels if vae is not None else 3
 
     # 2. Models
-    model = build_model(args, in_channels, args.resolution // vae_factor, len(id2label))
+    model, calibration_source = build_model(args, in_channels, args.resolution // vae_factor, len(id2label))
     null_label = model.null_class_label
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                                    prediction_type=args.prediction_type, clip_sample=vae is None)
+    probe = probe_batch(args, dataset, vae, noise_scheduler, accelerator.device)
+    if needs_calibration(model) and not resume_path:
+        # sigma from the queries the layers see on real noised data (a resumed run loads its own)
+        model.to(accelerator.device)
+        calibration_source.to(accelerator.device)
+        sigmas = calibrate_norm_scale(model, probe[0], timestep=probe[1], class_labels=probe[2],
+                                      source=calibration_source, quantile=args.norm_scale_quantile)
+        logger.info(f"calibrated NaLa's norm_scale per layer and head: {sigmas}", main_process_only=True)
+    del calibration_source
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     teacher = None
@@ -248,9 +305,6 @@ def main(args) -> int:
             raise ValueError("the teacher's channels or classes do not match the student's data")
     ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=NaLaDiTTransformer2DModel,
                    model_config=model.config) if args.use_ema else None
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                                    prediction_type=args.prediction_type, clip_sample=vae is None)
-
     # 3. Optimisation
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -336,7 +390,11 @@ def main(args) -> int:
             if global_step % args.checkpointing_steps == 0:
                 checkpoint()
             if args.validation_steps and global_step % args.validation_steps == 0:
-                validate(args, accelerator, unwrapped, ema, noise_scheduler, vae, id2label, global_step)
+                responding = validate(args, accelerator, unwrapped, ema, noise_scheduler, vae, id2label, global_step, probe)
+                if responding is not None:
+                    if log is not None:
+                        log.write({"step": global_step, "responding_fraction": responding})
+                    accelerator.log({"responding_fraction": responding}, step=global_step)
             if stop.agreed(accelerator):
                 if global_step % args.checkpointing_steps:
                     checkpoint()
@@ -384,8 +442,11 @@ def training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, n
 
 
 @torch.no_grad()
-def validate(args, accelerator, model, ema, noise_scheduler, vae, id2label, step):
-    """Sample a grid with the (EMA) weights on the main process; others wait."""
+def validate(args, accelerator, model, ema, noise_scheduler, vae, id2label, step, probe) -> Optional[float]:
+    """Sample a grid with the (EMA) weights on the main process; others wait. For NaLa models, also
+    returns the share of the probe batch's queries whose power still responds to their norm
+    (averaged over layers; a warning names saturated layers)."""
+    responding = None
     if accelerator.is_main_process:
         if ema is not None:
             ema.store(model.parameters())
@@ -397,10 +458,15 @@ def validate(args, accelerator, model, ema, noise_scheduler, vae, id2label, step
         generators = [torch.Generator(accelerator.device).manual_seed(args.seed + i) for i in range(len(labels))]
         images = pipeline(labels, num_inference_steps=args.validation_inference_steps, generator=generators, output_type="pt").images
         save_grid_atomically(images.float().cpu(), os.path.join(args.output_dir, "samples", f"step-{step:06d}.png"), nrow=len(labels))
+        if nala_processors(model):
+            report = saturation_report(model, probe[0], timestep=probe[1], class_labels=probe[2])
+            responding = mean_responding_fraction(report)
+            logger.info(f"step {step}: {responding:.1%} of NaLa's queries have a power that responds to their norm")
         model.train()
         if ema is not None:
             ema.restore(model.parameters())
     accelerator.wait_for_everyone()
+    return responding
 
 
 def _has_tensorboard() -> bool:

@@ -1,0 +1,197 @@
+"""The query-norm scale sigma of NaLa's power, its calibration, and the saturation diagnostics."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from nala_diffusion import (
+    NaLaDiTPipeline,
+    calibrate_norm_scale,
+    convert_dit_to_nala,
+    demo_pipeline_path,
+    nala_attention,
+    nala_attention_explicit,
+    saturation_report,
+    set_nala_attention,
+)
+from nala_diffusion.eval import attention_entropy as E
+from helpers import dit_inputs, tiny_dit, tiny_nala
+from reference import nala_reference
+
+INHIBITS = ["relu_split", "cosine"]
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("inhibit", INHIBITS)
+def test_sigma_one_is_the_official_kernel_bit_for_bit(inhibit):
+    q, k, v = (torch.randn(2, 3, 33, 16) * 3 for _ in range(3))
+    with torch.no_grad():
+        assert torch.equal(nala_attention(q, k, v, inhibit=inhibit, norm_scale=1.0), nala_attention(q, k, v, inhibit=inhibit))
+    graph = nala_attention(q.requires_grad_(), k, v, inhibit=inhibit, norm_scale=1.0)
+    assert torch.equal(graph, nala_attention(q, k, v, inhibit=inhibit))
+
+
+@pytest.mark.parametrize("inhibit", INHIBITS)
+@pytest.mark.parametrize("sigma", [4.0, 12.0, [2.0, 9.0]])
+def test_other_sigmas_match_float64_reference_on_every_path(inhibit, sigma):
+    q = torch.randn(2, 2, 21, 8) * 4  # norms ~ 11: saturated at sigma = 1, not at 9
+    k, v = torch.randn(2, 2, 25, 8), torch.randn(2, 2, 25, 8)
+    q[1, 0, 4] = 0.0
+    kernel_sigma = torch.tensor(sigma) if isinstance(sigma, list) else sigma
+    expected = nala_reference(q, k, v, inhibit=inhibit, norm_scale=sigma)
+    with torch.no_grad():
+        assert rel_err(nala_attention(q, k, v, inhibit=inhibit, norm_scale=kernel_sigma), expected) < 1e-5
+        assert rel_err(nala_attention(q.double(), k.double(), v.double(), inhibit=inhibit, norm_scale=kernel_sigma),
+                       expected) < 1e-10
+    graph = nala_attention(q.clone().requires_grad_(), k, v, inhibit=inhibit, norm_scale=kernel_sigma)
+    assert rel_err(graph.detach(), expected) < 1e-5
+    assert rel_err(nala_attention_explicit(q, k, v, inhibit=inhibit, norm_scale=kernel_sigma), expected) < 1e-5
+    # sigma changes the result where the norms sit (else the comparison above would prove nothing)
+    assert rel_err(nala_reference(q, k, v, inhibit=inhibit), expected) > 1e-3
+
+
+def test_compiled_kernel_takes_per_head_sigma():
+    q = torch.randn(1, 2, 19, 8) * 4
+    k, v = torch.randn(1, 2, 19, 8), torch.randn(1, 2, 19, 8)
+    with torch.no_grad():
+        fused = nala_attention(q, k, v, norm_scale=torch.tensor([2.0, 9.0]), compile=True)
+    assert rel_err(fused, nala_reference(q, k, v, norm_scale=[2.0, 9.0])) < 1e-5
+
+
+def test_learnable_sigma_gets_finite_gradients_including_at_zero_query():
+    q = torch.randn(1, 2, 9, 8, dtype=torch.float64) * 3
+    q[0, 0, :3] = 0.0  # zero queries
+    k, v = torch.randn(1, 2, 9, 8, dtype=torch.float64), torch.randn(1, 2, 9, 8, dtype=torch.float64)
+    sigma = torch.tensor([2.0, 5.0], dtype=torch.float64, requires_grad=True)
+    for inhibit in INHIBITS:
+        out = nala_attention(q, k, v, norm_scale=sigma, inhibit=inhibit)
+        (grad,) = torch.autograd.grad(out.square().sum(), sigma)
+        assert torch.isfinite(grad).all() and (grad != 0).all()
+    assert torch.autograd.gradcheck(lambda s: nala_attention(q[:, :, 3:], k, v, norm_scale=s), (sigma,))
+
+
+def test_invalid_sigma_is_refused():
+    q = torch.randn(1, 2, 4, 8)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="norm_scale"):
+            nala_attention(q, q, q, norm_scale=bad)
+    with pytest.raises(ValueError, match="norm_scale_mode"):
+        tiny_nala(norm_scale_mode="sometimes")
+
+
+@pytest.mark.parametrize("mode", ["fixed", "learnable", "calibrated"])
+def test_saved_sigma_reloads_with_the_same_outputs(tmp_path, mode):
+    model = tiny_nala(norm_scale=2.5, norm_scale_mode=mode)
+    x, t, y = dit_inputs(channels=3)
+    if mode != "fixed":
+        sigmas = calibrate_norm_scale(model, x, timestep=t, class_labels=y, quantile=0.3)
+        assert all(len(v) == 2 and min(v) > 0 for v in sigmas.values())
+        assert not torch.allclose(model.transformer_blocks[0].attn1.processor.resolved_norm_scale(), torch.tensor(2.5))
+    NaLaDiTPipeline(model, DDIMScheduler()).save_pretrained(tmp_path)
+    loaded = NaLaDiTPipeline.from_pretrained(tmp_path).transformer
+    assert loaded.config.norm_scale_mode == mode and loaded.config.norm_scale == 2.5
+    with torch.no_grad():
+        assert torch.equal(loaded(x, timestep=t, class_labels=y).sample, model(x, timestep=t, class_labels=y).sample)
+    if mode == "learnable":
+        assert any(n.endswith("log_norm_scale") for n, _ in loaded.named_parameters())
+
+
+def test_conversion_calibrates_sigma_from_the_teachers_queries():
+    dit = tiny_dit()
+    x, t, y = dit_inputs()
+    # the teacher's own query norms, captured independently of the library
+    norms = {}
+    for i, block in enumerate(dit.transformer_blocks):
+        block.attn1.to_q.register_forward_hook(
+            lambda m, a, out, i=i: norms.__setitem__(i, out.view(*out.shape[:2], 2, -1).norm(dim=-1)))
+    with torch.no_grad():
+        dit(x, timestep=t, class_labels=y)
+    model = convert_dit_to_nala(dit, calibration_inputs={"hidden_states": x, "timestep": t, "class_labels": y})
+    assert model.config.norm_scale_mode == "calibrated"
+    for i, block in enumerate(model.transformer_blocks):
+        expected = np.percentile(norms[i].reshape(-1, 2).numpy(), 50, axis=0)
+        np.testing.assert_allclose(block.attn1.processor.resolved_norm_scale().numpy(), expected, rtol=1e-5)
+    official = convert_dit_to_nala(dit, norm_scale_mode="fixed")
+    assert official.transformer_blocks[0].attn1.processor.resolved_norm_scale() == 1.0
+
+
+def test_diagnostics_flag_the_saturated_demo():
+    pipe = NaLaDiTPipeline.from_pretrained(demo_pipeline_path())
+    from nala_diffusion.data import load_dataset
+
+    test = load_dataset("builtin:photos", 32, split="test")
+    x0, labels = test.images[::100], test.labels[::100]
+    t = torch.full((len(x0),), 500)
+    noisy = pipe.scheduler.add_noise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)), t)
+    model = pipe.transformer
+    fixed_sigma = model.transformer_blocks[0].attn1.processor.norm_scale_mode == "fixed"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = saturation_report(model, noisy, timestep=t, class_labels=labels)
+    assert len(report) == model.config.num_layers
+    for layer in report.values():
+        assert set(layer["norm"]) == set(layer["power"]) == {"p5", "p50", "p95"}
+        assert len(layer["heads"]) == model.config.num_attention_heads
+        assert layer["norm"]["p5"] <= layer["norm"]["p50"] <= layer["norm"]["p95"]
+    saturated = [layer["saturated"] for layer in report.values()]
+    if fixed_sigma:  # the official sigma = 1 at a DiT's query norms
+        assert all(saturated) and any("saturated" in str(w.message) for w in caught)
+        assert all(layer["power"]["p5"] > 4.49 for layer in report.values())
+    else:
+        assert not any(saturated) and not any("saturated" in str(w.message) for w in caught)
+
+
+def test_diagnostics_on_a_diffusers_dit_after_set_nala_attention():
+    dit = tiny_dit()
+    x, t, y = dit_inputs()
+    set_nala_attention(dit)
+    with pytest.warns(UserWarning, match="saturated"):
+        official = saturation_report(dit, x, timestep=t, class_labels=y)
+    set_nala_attention(dit, norm_scale_mode="calibrated")
+    calibrate_norm_scale(dit, x, timestep=t, class_labels=y)
+    calibrated = saturation_report(dit, x, timestep=t, class_labels=y)
+    for name in official:
+        assert official[name]["responding_fraction"] < 0.5 < calibrated[name]["responding_fraction"]
+        assert calibrated[name]["power"]["p95"] - calibrated[name]["power"]["p5"] > 10 * (
+            official[name]["power"]["p95"] - official[name]["power"]["p5"])
+
+
+def test_entropy_uses_each_layers_own_options():
+    q, k = torch.randn(1, 2, 30, 8) * 3, torch.randn(1, 2, 30, 8)
+    first = {"power_scale": 3.0, "norm_scale": torch.tensor([1.0, 1.0]), "inhibit": "relu_split"}
+    second = {"power_scale": torch.tensor([1.0, 6.0]), "norm_scale": torch.tensor([4.0, 8.0]), "inhibit": "cosine",
+              "angle_sharpness": 5.0}
+    a, b = E.attention_weights("nala", q, k, first), E.attention_weights("nala", q, k, second)
+    assert torch.allclose(a.sum(-1), torch.ones(1, 2, 30, dtype=torch.float64))
+    assert (a - b).abs().max() > 1e-2
+    # the layer of a model: its options reach the weights
+    model = tiny_nala(norm_scale=4.0)
+    options = model.transformer_blocks[0].attn1.processor.kernel_options()
+    assert options["norm_scale"] == 4.0
+    assert not torch.allclose(E.attention_weights("nala", q, k, options), E.attention_weights("nala", q, k))
+
+
+def test_entropy_kinds_norm_cancelling_and_elu():
+    q, k = E.random_inputs(400, 16, 2, seed=0)
+    stats = E.summarise(q, k)
+    assert set(stats) == {"softmax", "relu_linear", "elu_linear", "nala", "norm_cancelling"}
+    assert abs(stats["norm_cancelling"]["spearman"]) <= 0.1  # the norm factor cancels
+    assert stats["norm_cancelling"]["norm_effect"] == pytest.approx(0, abs=1e-9)
+    assert stats["relu_linear"]["norm_effect"] == pytest.approx(0, abs=1e-9)
+    assert stats["nala"]["norm_effect"] < -0.01 and stats["softmax"]["norm_effect"] < -0.01
+    elu = E.attention_weights("elu_linear", q, k)
+    expected = torch.where(q > 0, q + 1, q.exp()).double() @ torch.where(k > 0, k + 1, k.exp()).double().mT
+    torch.testing.assert_close(elu, expected / expected.sum(-1, keepdim=True))
+
+
+def test_norm_effect_is_zero_for_a_saturated_layer_and_negative_once_calibrated():
+    q, k = torch.randn(1, 2, 50, 64), torch.randn(1, 2, 50, 64)  # norms ~ 8, as in a DiT
+    saturated = E.norm_effect("nala", q, k, {"norm_scale": 1.0})
+    calibrated = E.norm_effect("nala", q, k, {"norm_scale": 8.0})
+    assert abs(saturated) < 1e-3 < -calibrated
