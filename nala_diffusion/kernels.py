@@ -551,9 +551,12 @@ def softmax_attention(
     *,
     attn_mask: Optional[torch.Tensor] = None,
     rope: RopeArg = None,
+    scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """Softmax attention through ``torch.nn.functional.scaled_dot_product_attention``."""
+    """Softmax attention through ``torch.nn.functional.scaled_dot_product_attention``; ``scale``
+    multiplies the logits (default 1 / sqrt(head_dim))."""
     _check_qkv(query, key, value)
     if rope is not None:
         query, key = apply_rope(query, rope), apply_rope(key, rope)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
+                                          scale=scale)

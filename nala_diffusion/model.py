@@ -6,8 +6,8 @@ What it adds:
 - ``attention_type`` (``"nala"``, ``"softmax"``, ``"relu_linear"``, ``"elu_linear"``) and the
   processor options in the config, so a saved model reloads with the attention it was trained with;
 - any height x width the patch divides (non-square, larger than ``sample_size``), with the sin-cos
-  position table built for that grid (``position_embedding="extend"``) or squeezed into the
-  training grid (``"interpolate"``, diffusers' ``PatchEmbed`` behaviour);
+  positions squeezed into the training grid's range (``position_embedding="interpolate"``, the
+  default, diffusers' ``PatchEmbed`` behaviour) or built for that grid (``"extend"``);
 - ``num_classes`` with the null class ``num_classes`` for classifier-free guidance, and no random
   label drop inside the model (each DiT block would drop labels independently; drop them once, in
   the training step).
@@ -69,9 +69,11 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
             :func:`~nala_diffusion.calibrate_norm_scale`; ``nala-train`` and conversion calibrate).
         use_lepe, lepe_kernel_size, use_gate, use_rope: processor extras
             (see :class:`~nala_diffusion.NaLaAttnProcessor`).
-        position_embedding (`str`, defaults to ``"extend"``): for grids other than the training
-            grid, ``"extend"`` builds the sin-cos table for the new grid (positions 0..rows-1,
-            0..cols-1), ``"interpolate"`` squeezes each axis into the training range.
+        position_embedding (`str`, defaults to ``"interpolate"``): for grids other than the training
+            grid, ``"interpolate"`` squeezes each axis into the training range (as diffusers'
+            ``PatchEmbed`` and PixArt: a model trained at one size has seen only those positions),
+            ``"extend"`` builds the sin-cos table for the new grid (positions 0..rows-1, 0..cols-1;
+            for models trained at several sizes).
     """
 
     @register_to_config
@@ -108,7 +110,7 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         lepe_kernel_size: int = 3,
         use_gate: bool = False,
         use_rope: bool = False,
-        position_embedding: str = "extend",
+        position_embedding: str = "interpolate",
     ):
         if num_classes is None:
             num_classes = num_embeds_ada_norm

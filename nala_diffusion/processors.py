@@ -82,6 +82,9 @@ class KernelAttnProcessor(nn.Module):
         self.use_gate = bool(use_gate)
         self.use_rope = bool(use_rope)
         self.rope_base = float(rope_base)
+        # resolution-aware sharpness, a run-time setting (not saved): softmax multiplies its logits
+        # by it, NaLa its power; linear kernels have no temperature and ignore it
+        self.attention_sharpness = 1.0
         if self.use_lepe:
             self.lepe = nn.Conv2d(
                 hidden_size, hidden_size, lepe_kernel_size, padding=lepe_kernel_size // 2, groups=hidden_size
@@ -204,7 +207,8 @@ class SoftmaxAttnProcessor(KernelAttnProcessor):
     kernel_name = "softmax"
 
     def attend(self, query, key, value, rope=None, attention_mask=None):
-        return softmax_attention(query, key, value, attn_mask=attention_mask, rope=rope)
+        scale = None if self.attention_sharpness == 1.0 else self.attention_sharpness / math.sqrt(query.shape[-1])
+        return softmax_attention(query, key, value, attn_mask=attention_mask, rope=rope, scale=scale)
 
 
 class _NoMaskMixin:
@@ -344,8 +348,10 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
         }
 
     def resolved_power_scale(self):
-        """lambda as the kernel gets it: a float, or a per-head tensor when learnable."""
-        return self.log_power_scale.exp() if self.learnable_power else self.power_scale
+        """lambda as the kernel gets it (times the run-time ``attention_sharpness``): a float, or a
+        per-head tensor when learnable."""
+        power_scale = self.log_power_scale.exp() if self.learnable_power else self.power_scale
+        return power_scale if self.attention_sharpness == 1.0 else power_scale * self.attention_sharpness
 
     def resolved_norm_scale(self):
         """sigma as the kernel gets it: a float (fixed), or a per-head tensor."""

@@ -12,21 +12,40 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from nala_diffusion.model import NaLaDiTTransformer2DModel
+from nala_diffusion.sharpness import (
+    SHARPNESS_MODES,
+    attention_sharpness_of,
+    resolution_sharpness,
+    set_attention_sharpness,
+)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # what ``__call__`` uses when neither the call nor the pipeline's ``sampling_defaults`` say otherwise (DiT's)
 SAMPLING_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 4.0}
 LabelArg = Union[int, str, Sequence[Union[int, str]]]
+SharpnessArg = Optional[Union[str, float]]
+# noise levels of the calibration inputs of attention_sharpness="auto"
+SHARPNESS_TIMESTEPS = (250, 500, 750)
+
+
+@dataclass
+class NaLaPipelineOutput(ImagePipelineOutput):
+    """``images``, and with ``attention_sharpness`` set, ``attention_report``: the training grid, the
+    sampled grid and each layer's sharpness (see :meth:`NaLaDiTPipeline.set_resolution_sharpness`)."""
+
+    attention_report: Optional[Dict[str, Any]] = None
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -230,6 +249,66 @@ class NaLaDiTPipeline(DiffusionPipeline):
                 progress.update()
         return latents
 
+    # -- resolution-aware attention sharpness ---------------------------------------------------
+    @torch.no_grad()
+    def set_resolution_sharpness(self, attention_sharpness: SharpnessArg, height: int, width: int, class_ids: torch.Tensor,
+                                 num_inference_steps: int = 10, position_embedding: Optional[str] = None
+                                 ) -> Optional[Dict[str, Any]]:
+        """Set the attention sharpness for sampling at ``height`` x ``width``; returns the report
+        (``None`` when off).
+
+        ``attention_sharpness``: ``None``/``"off"`` (1, the attention as trained), a positive number
+        for every layer, or ``"auto"``: on a grid of N tokens instead of the training n, softmax
+        layers scale their logits by sqrt(log N / log n) and NaLa layers their power by a factor
+        calibrated on this model so that each layer's mean attention entropy per query at N equals
+        the one at n. The calibration content is a short sample (2 images of ``class_ids``, at most 10
+        steps, seed 0) at the training size, noised at :data:`SHARPNESS_TIMESTEPS` at both sizes.
+        """
+        model = self.transformer
+        if attention_sharpness is None or attention_sharpness == "off":
+            set_attention_sharpness(model, 1.0)
+            return None
+        train_rows, train_cols = model.training_grid
+        rows, cols = height // self.size_unit, width // self.size_unit
+        report = {"training_grid": [train_rows, train_cols], "grid": [rows, cols], "setting": attention_sharpness}
+        if isinstance(attention_sharpness, str):
+            if attention_sharpness not in SHARPNESS_MODES:
+                raise ValueError(f"attention_sharpness must be one of {SHARPNESS_MODES} or a positive number, "
+                                 f"got {attention_sharpness!r}")
+            train_inputs, target_inputs = self._sharpness_inputs(class_ids, height, width, num_inference_steps,
+                                                                 position_embedding)
+            report["layers"] = resolution_sharpness(model, train_rows * train_cols, rows * cols, train_inputs, target_inputs)
+            return report
+        set_attention_sharpness(model, float(attention_sharpness))
+        report["layers"] = {name: {"sharpness": value} for name, value in attention_sharpness_of(model).items()}
+        return report
+
+    def _sharpness_inputs(self, class_ids, height, width, num_inference_steps, position_embedding):
+        """Model inputs with the same content at the training size and at height x width."""
+        device = self._execution_device
+        ids = class_ids[:2]
+        generator = torch.Generator(device).manual_seed(0)
+        size = self.default_sample_size
+        set_attention_sharpness(self.transformer, 1.0)
+        latents = self.prepare_latents(len(ids), size, size, generator)
+        self.scheduler.set_timesteps(min(num_inference_steps, 10), device=device)
+        clean = self.denoise(latents, ids, self.scheduler.timesteps, guidance_scale=1.0, generator=generator,
+                             description="calibrating attention sharpness")  # (2, C, h, w)
+        shape = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        large = F.interpolate(clean.float(), size=shape, mode="bicubic", align_corners=False).to(clean.dtype)
+        noising = DDPMScheduler.from_config(self.scheduler.config)
+        inputs = []
+        for x0 in (clean, large):
+            noisy, steps = [], []
+            for t in SHARPNESS_TIMESTEPS:
+                step = torch.full((len(ids),), t, device=device)
+                noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+                noisy.append(noising.add_noise(x0, noise, step))
+                steps.append(step)
+            inputs.append({"hidden_states": torch.cat(noisy), "timestep": torch.cat(steps),
+                           "class_labels": ids.repeat(len(SHARPNESS_TIMESTEPS)), "position_embedding": position_embedding})
+        return inputs
+
     def decode(self, latents: torch.Tensor, output_type: str):
         """Latents to images of ``output_type`` (``latent`` returns them unchanged)."""
         if output_type == "latent":
@@ -259,6 +338,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
         callback_on_step_end: Optional[Callable[..., Dict[str, Any]]] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],  # noqa: B006 (diffusers' convention)
         position_embedding: Optional[str] = None,
+        attention_sharpness: SharpnessArg = None,
     ):
         r"""Generate images of the given classes.
 
@@ -292,13 +372,19 @@ class NaLaDiTPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs (`List[str]`, *optional*, defaults to `["latents"]`):
                 Tensors passed in ``callback_kwargs``.
             position_embedding (`str`, *optional*, defaults to `None`):
-                `"extend"` or `"interpolate"` for sizes other than the training size; `None` uses the
-                transformer's config.
+                `"interpolate"` (positions squeezed into the training range) or `"extend"` (positions
+                beyond it, for models trained at several sizes) for sizes other than the training size;
+                `None` uses the transformer's config.
+            attention_sharpness (`str` or `float`, *optional*, defaults to `None`):
+                `None`/`"off"`, `"auto"` (resolution-aware: keeps each layer's attention entropy at its
+                training level above the training size) or a factor for every layer; see
+                :meth:`set_resolution_sharpness`. Reset after the call.
 
         Examples:
 
         Returns:
-            ``ImagePipelineOutput`` with ``images``, or a tuple ``(images,)`` when ``return_dict`` is False.
+            ``NaLaPipelineOutput`` with ``images`` (and ``attention_report`` when ``attention_sharpness`` is
+            set), or a tuple ``(images,)`` when ``return_dict`` is False.
         """
         height = self.default_sample_size if height is None else height
         width = self.default_sample_size if width is None else width
@@ -312,23 +398,29 @@ class NaLaDiTPipeline(DiffusionPipeline):
         device = self._execution_device
         class_ids = torch.tensor(ids, device=device).repeat_interleave(num_images_per_label)  # (B,)
 
-        latents = self.prepare_latents(len(class_ids), height, width, generator, latents)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = self.denoise(
-            latents,
-            class_ids,
-            self.scheduler.timesteps,
-            guidance_scale,
-            generator=generator,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            position_embedding=position_embedding,
-        )
+        previous_sharpness = attention_sharpness_of(self.transformer)
+        try:
+            report = self.set_resolution_sharpness(attention_sharpness, height, width, class_ids, num_inference_steps,
+                                                   position_embedding)
+            latents = self.prepare_latents(len(class_ids), height, width, generator, latents)
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            latents = self.denoise(
+                latents,
+                class_ids,
+                self.scheduler.timesteps,
+                guidance_scale,
+                generator=generator,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                position_embedding=position_embedding,
+            )
+        finally:
+            set_attention_sharpness(self.transformer, previous_sharpness)
         images = self.decode(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return ImagePipelineOutput(images=images)
+        return NaLaPipelineOutput(images=images, attention_report=report)
 
     # -- saving with the pipeline code ----------------------------------------------------------
     def save_pretrained(self, save_directory: Union[str, os.PathLike], include_code: bool = False, **kwargs):

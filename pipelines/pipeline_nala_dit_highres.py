@@ -2,7 +2,8 @@
 
 Two modes:
 
-- ``direct``: denoise the whole canvas at once, positions extended or interpolated;
+- ``direct``: denoise the whole canvas at once, positions interpolated into the training range
+  (or extended, for models trained at several sizes);
 - ``progressive``: generate at the training size, then per x2 stage upsample the latents, re-noise
   them to ``strength`` and denoise at the next size (upscale-and-refine, as DemoFusion, LinFusion
   and CLEAR do). The later stages keep the layout of the first and add detail.
@@ -25,6 +26,7 @@ from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from nala_diffusion.pipelines import pipeline_nala_dit as base
+from nala_diffusion.sharpness import attention_sharpness_of, set_attention_sharpness
 
 HIGHRES_MODES = ("direct", "progressive")
 
@@ -47,7 +49,9 @@ EXAMPLE_DOC_STRING = """
 
 @dataclass
 class HighResPipelineOutput(BaseOutput):
-    """Images, and per stage its ``height``, ``width``, ``steps`` and ``seconds``."""
+    """Images, and per stage its ``height``, ``width``, ``steps``, ``seconds``, the first refinement
+    timestep (``start_timestep``) and, with ``attention_sharpness`` set, ``attention_report`` (training
+    grid, grid and each layer's sharpness)."""
 
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
     stages: List[Dict[str, Any]] = field(default_factory=list)
@@ -88,7 +92,9 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
     def _refine_timesteps(self, num_inference_steps: int, strength: float, device):
         """The tail of the schedule that starts at noise level ``strength`` (as diffusers' img2img)."""
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        init_steps = min(int(num_inference_steps * strength), num_inference_steps)
+        # at least one step: int(steps * strength) is 0 for few steps or a small strength, and an empty
+        # schedule would return the upsampled latents unrefined (or nothing to noise them with)
+        init_steps = min(max(int(num_inference_steps * strength), 1), num_inference_steps)
         t_start = max(num_inference_steps - init_steps, 0)
         timesteps = self.scheduler.timesteps[t_start * self.scheduler.order :]
         if hasattr(self.scheduler, "set_begin_index"):
@@ -116,6 +122,7 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
         strength: float = 0.6,
         num_stages: Optional[int] = None,
         refine_steps: Optional[int] = None,
+        attention_sharpness: base.SharpnessArg = None,
     ):
         r"""Generate images, possibly far above the training size.
 
@@ -138,6 +145,11 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
                 steps that brings the longer side of the output down to the training size.
             refine_steps (`int`, *optional*, defaults to `None`):
                 Progressive mode: schedule length of each refinement (`None`: ``num_inference_steps``).
+                Each refinement runs at least one step, even when ``int(refine_steps * strength)`` is 0.
+            attention_sharpness (`str` or `float`, *optional*, defaults to `None`):
+                `None`/`"off"`, `"auto"` or a factor, set per stage for its size (see
+                :meth:`NaLaDiTPipeline.set_resolution_sharpness`); reported in each stage's
+                ``attention_report``.
 
         Examples:
 
@@ -170,24 +182,34 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
         )
 
         stages = []
-        for index, (h, w) in enumerate(sizes):
-            start = time.perf_counter()
-            description = f"stage {index + 1}/{len(sizes)} {h}x{w}"
-            if index == 0:
-                latents = self.prepare_latents(len(class_ids), h, w, generator, latents)
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
-                timesteps = self.scheduler.timesteps
-            else:
-                shape = (h // self.vae_scale_factor, w // self.vae_scale_factor)
-                upsampled = F.interpolate(latents.float(), size=shape, mode="bicubic", align_corners=False)
-                upsampled = upsampled.to(latents.dtype)  # (B, C, h', w')
-                timesteps = self._refine_timesteps(refine_steps, strength, device)
-                noise = randn_tensor(upsampled.shape, generator=generator, device=device, dtype=upsampled.dtype)
-                latents = self.scheduler.add_noise(upsampled, noise, timesteps[:1].repeat(len(upsampled)))
-            latents = self.denoise(latents, class_ids, timesteps, description=description, **common)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            stages.append({"height": h, "width": w, "steps": len(timesteps), "seconds": time.perf_counter() - start})
+        previous_sharpness = attention_sharpness_of(self.transformer)
+        try:
+            for index, (h, w) in enumerate(sizes):
+                start = time.perf_counter()
+                description = f"stage {index + 1}/{len(sizes)} {h}x{w}"
+                report = self.set_resolution_sharpness(attention_sharpness, h, w, class_ids, num_inference_steps,
+                                                       position_embedding)
+                if index == 0:
+                    latents = self.prepare_latents(len(class_ids), h, w, generator, latents)
+                    self.scheduler.set_timesteps(num_inference_steps, device=device)
+                    timesteps = self.scheduler.timesteps
+                else:
+                    shape = (h // self.vae_scale_factor, w // self.vae_scale_factor)
+                    upsampled = F.interpolate(latents.float(), size=shape, mode="bicubic", align_corners=False)
+                    upsampled = upsampled.to(latents.dtype)  # (B, C, h', w')
+                    timesteps = self._refine_timesteps(refine_steps, strength, device)
+                    noise = randn_tensor(upsampled.shape, generator=generator, device=device, dtype=upsampled.dtype)
+                    latents = self.scheduler.add_noise(upsampled, noise, timesteps[:1].repeat(len(upsampled)))
+                latents = self.denoise(latents, class_ids, timesteps, description=description, **common)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                stage = {"height": h, "width": w, "steps": len(timesteps), "start_timestep": int(timesteps[0]),
+                         "seconds": time.perf_counter() - start}
+                if report is not None:
+                    stage["attention_report"] = report
+                stages.append(stage)
+        finally:
+            set_attention_sharpness(self.transformer, previous_sharpness)
 
         images = self.decode(latents, output_type)
         self.maybe_free_model_hooks()

@@ -27,6 +27,18 @@ def parse_label(text: str) -> Union[int, str]:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
+def parse_sharpness(text: str) -> Union[str, float]:
+    if text in ("off", "auto"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'off', 'auto' or a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="nala-sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None,
@@ -45,7 +57,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="sampler (default: the one saved with the pipeline)")
     parser.add_argument("--highres-mode", choices=HIGHRES_MODES, default="direct")
     parser.add_argument("--strength", type=float, default=0.6, help="progressive mode: re-noise level per stage")
-    parser.add_argument("--position-embedding", choices=["extend", "interpolate"], default=None)
+    parser.add_argument("--position-embedding", choices=["extend", "interpolate"], default=None,
+                        help="positions above the training size: 'interpolate' into the training range, or 'extend' "
+                             "beyond it (models trained at several sizes); default: the model's config")
+    parser.add_argument("--attention-sharpness", type=parse_sharpness, default=None,
+                        help="'auto': keep each layer's attention entropy at its training level above the training size "
+                             "(softmax: logits x sqrt(log N / log n); NaLa: power calibrated on the model); 'off' (default), "
+                             "or a factor for every layer")
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: per label)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -105,6 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             highres_mode=args.highres_mode,
             strength=args.strength,
             position_embedding=args.position_embedding,
+            attention_sharpness=args.attention_sharpness,
         )
     except ValueError as error:
         print(f"nala-sample: {error}", file=sys.stderr)
@@ -113,6 +132,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     save_grid_atomically(output.images.float().cpu(), args.out, nrow)
     for stage in output.stages:
         print(f"stage {stage['height']}x{stage['width']}: {stage['steps']} steps, {stage['seconds']:.2f} s")
+        report = stage.get("attention_report")
+        if report and report.get("layers"):
+            values = ", ".join(f"{v['sharpness']:.3g}" for v in report["layers"].values())
+            print(f"  attention sharpness per layer (grid {report['grid']}, training grid {report['training_grid']}): {values}")
     settings = pipe.sampling_settings(args.steps, args.guidance)
     print(f"wrote {args.out} ({count} images of {height}x{width}, {settings['num_inference_steps']} steps, "
           f"guidance {settings['guidance_scale']})")
