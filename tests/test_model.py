@@ -74,7 +74,12 @@ def test_position_embedding_extend_and_interpolate():
     training = model.pos_embed.pos_embed[0].view(n, n, -1)
     torch.testing.assert_close(extended[:n, :n], training)  # extending keeps the training positions
     x = torch.randn(1, 3, 16, 24)
-    assert not torch.allclose(run(model, x), run(model, x, position_embedding="interpolate"))
+    # interpolation is the default; extend is selectable per call and per config
+    assert model.config.position_embedding == "interpolate"
+    assert torch.equal(run(model, x), run(model, x, position_embedding="interpolate"))
+    assert not torch.allclose(run(model, x), run(model, x, position_embedding="extend"))
+    extending = tiny_nala(position_embedding="extend")
+    assert torch.equal(run(extending, x), run(model, x, position_embedding="extend"))
     # interpolate is diffusers' PatchEmbed table, each axis squeezed into the training range
     table = get_2d_sincos_pos_embed(model.inner_dim, (8, 12), base_size=n, output_type="pt")
     patches = model.pos_embed.proj(x).flatten(2).transpose(1, 2)
