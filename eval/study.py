@@ -35,12 +35,13 @@ import torch
 from diffusers import DDPMScheduler
 
 from nala_diffusion import DomainClassifier, NaLaDiTHighResPipeline, NaLaDiTPipeline
-from nala_diffusion.assets import demo_classifier_path
+from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path
 from nala_diffusion.data import load_dataset
 from nala_diffusion.eval import attention_entropy, benchmark
 from nala_diffusion.eval import features as F
 from nala_diffusion.eval.quality import class_accuracy
 from nala_diffusion.eval.sampling import SAMPLE_DIR, balanced_labels, generate_samples, save_png_atomically
+from nala_diffusion.pipelines.sample import save_grid_atomically
 from nala_diffusion.train import train_nala_dit
 
 ARCHITECTURE = {"num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 64, "patch_size": 4,
@@ -69,10 +70,11 @@ ENTROPY_KIND = {"softmax": "softmax", "relu_linear": "relu_linear", "elu_linear"
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nala-study", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--study", choices=["quality", "norm"], default="quality",
+    p.add_argument("--study", choices=["quality", "norm", "highres"], default="quality",
                    help="'quality': the five attentions, conversion, high resolution, entropy; 'norm': NaLa's query-norm "
                         "scale (sigma = 1, calibrated, learnable) against softmax and ReLU linear, with per-layer "
-                        "norm-awareness measures")
+                        "norm-awareness measures; 'highres': trained pipelines (--highres_models) at 1x, 2x and 4x the "
+                        "training side, direct and progressive, attention sharpness off and auto")
     p.add_argument("--steps", type=int, default=500, help="training steps of every scratch run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--batch_size", type=int, default=32)
@@ -85,6 +87,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--crops_per_image", type=int, default=16)
     p.add_argument("--classifier", default=None, help="DomainClassifier folder (default: the shipped one)")
     p.add_argument("--model_config", default=None, help="JSON file of model options replacing the demo architecture")
+    p.add_argument("--highres_models", nargs="+", default=None, metavar="NAME=FOLDER",
+                   help="--study highres: the pipelines to compare (default: nala=<the shipped demo>)")
     return p.parse_args(argv)
 
 
@@ -165,41 +169,85 @@ def _score(run: str, folder: str, args, real_feats, real_stats, extractor, class
             "heldout_loss": heldout_loss(pipe, test)}
 
 
-def highres(run: str, out: str, args, real_stats, extractor) -> List[dict]:
-    """Sampling at 2x and 4x the training side, direct and progressive, scored on random crops."""
-    name = os.path.basename(run)
-    return cached(os.path.join(out, "scores", f"{name}_highres.json"),
-                  lambda: _highres(run, os.path.join(out, "highres", name), args, real_stats, extractor))
+def highres(run: str, out: str, args, real_stats, extractor, classifier=None, sharpness=("off",)) -> List[dict]:
+    """Sampling at 2x and 4x the training side, direct and progressive (and each ``sharpness``
+    setting), scored on random training-size crops."""
+    name = os.path.basename(run.rstrip("/"))
+    suffix = "" if tuple(sharpness) == ("off",) else "_" + "_".join(sharpness)
+    return cached(os.path.join(out, "scores", f"{name}_highres{suffix}.json"),
+                  lambda: _highres(run, os.path.join(out, "highres", name), args, real_stats, extractor, classifier,
+                                   sharpness))
 
 
-def _highres(run: str, crop_root: str, args, real_stats, extractor) -> List[dict]:
+def crop_accuracy(classifier, crops: torch.Tensor, labels: torch.Tensor) -> float:
+    """The classifier's accuracy on training-size crops (N, 3, s, s) in [0, 1], labelled by their image."""
+    with torch.no_grad():
+        predictions = torch.cat([classifier(chunk).argmax(-1) for chunk in crops.split(256)])
+    return float((predictions == labels).float().mean())
+
+
+def _highres(run: str, crop_root: str, args, real_stats, extractor, classifier, sharpness) -> List[dict]:
     pipe = NaLaDiTHighResPipeline.from_pretrained(run)
     pipe.set_progress_bar_config(disable=True)
     side = pipe.default_sample_size
     labels = balanced_labels(args.highres_samples, pipe.num_classes)
     rows = []
-    for factor in (2, 4):
-        for mode in ("direct", "progressive"):
-            call = dict(height=factor * side, width=factor * side, highres_mode=mode, output_type="np",
-                        num_inference_steps=args.sample_steps, guidance_scale=args.guidance)
-            start = time.perf_counter()
-            images = pipe(labels, generator=[torch.Generator().manual_seed(i) for i in range(len(labels))], **call).images
-            seconds = (time.perf_counter() - start) / len(labels)
-            probe = benchmark.PeakBytes()
-            with probe:
-                pipe(labels[:1], generator=torch.Generator().manual_seed(0), **call)
-            crops = os.path.join(crop_root, f"{factor}x_{mode}")
-            os.makedirs(crops, exist_ok=True)
-            rng = np.random.RandomState(0)
-            for i, image in enumerate(images):
-                for j in range(args.crops_per_image):
-                    y, x = rng.randint(0, image.shape[0] - side + 1, size=2)
-                    pixels = (image[y:y + side, x:x + side] * 255).round().astype(np.uint8)
-                    save_png_atomically(PIL.Image.fromarray(pixels), os.path.join(crops, f"{i:04d}_{j:02d}.png"))
-            feats = F.folder_features(crops, extractor, "cpu", verbose=False)
-            rows.append({"factor": factor, "mode": mode, "side": factor * side, "seconds_per_image": seconds,
-                         "peak_mib_one_image": probe.peak / 2**20, "crop_fid": F.frechet_distance(*F.statistics(feats), *real_stats)})
+    settings = [(1, "direct", "off")] if classifier is not None else []  # the training size, for reference
+    settings += [(f, m, s) for f in (2, 4) for m in ("direct", "progressive") for s in sharpness]
+    for factor, mode, setting in settings:
+        # at the training size every image is one crop: as many images as there are crops above it
+        batch = labels if factor > 1 else balanced_labels(args.highres_samples * args.crops_per_image, pipe.num_classes)
+        call = dict(height=factor * side, width=factor * side, highres_mode=mode, output_type="np",
+                    num_inference_steps=args.sample_steps, guidance_scale=args.guidance, attention_sharpness=setting)
+        start = time.perf_counter()
+        out = pipe(batch, generator=[torch.Generator().manual_seed(i) for i in range(len(batch))], **call)
+        seconds = (time.perf_counter() - start) / len(batch)
+        images = out.images
+        probe = benchmark.PeakBytes()
+        with probe:
+            pipe(batch[:1], generator=torch.Generator().manual_seed(0), **call)
+        folder = f"{factor}x_{mode}" + ("" if setting == "off" else f"_{setting}")
+        crops_dir = os.path.join(crop_root, folder)
+        os.makedirs(crops_dir, exist_ok=True)
+        grid = torch.from_numpy(images[: min(len(images), 10)]).permute(0, 3, 1, 2)
+        save_grid_atomically(grid, os.path.join(crop_root, f"{folder}.png"), nrow=min(len(grid), 5))
+        rng = np.random.RandomState(0)
+        crops, crop_labels = [], []
+        for i, image in enumerate(images):
+            for j in range(args.crops_per_image if factor > 1 else 1):
+                y, x = rng.randint(0, image.shape[0] - side + 1, size=2)
+                pixels = (image[y:y + side, x:x + side] * 255).round().astype(np.uint8)
+                save_png_atomically(PIL.Image.fromarray(pixels), os.path.join(crops_dir, f"{i:04d}_{j:02d}.png"))
+                crops.append(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+                crop_labels.append(batch[i])
+        feats = F.folder_features(crops_dir, extractor, "cpu", verbose=False)
+        row = {"factor": factor, "mode": mode, "sharpness": setting, "side": factor * side, "seconds_per_image": seconds,
+               "peak_mib_one_image": probe.peak / 2**20, "crop_fid": F.frechet_distance(*F.statistics(feats), *real_stats),
+               "crops": len(crops)}
+        if classifier is not None:
+            row["crop_accuracy"] = crop_accuracy(classifier, torch.stack(crops), torch.tensor(crop_labels))
+        stage = out.stages[-1].get("attention_report") if hasattr(out, "stages") else None
+        if stage:
+            row["attention_sharpness"] = {layer: v["sharpness"] for layer, v in stage["layers"].items()}
+        rows.append(row)
     return rows
+
+
+def highres_tables(results: dict) -> str:
+    lines = [f"Command: `{results['command']}`", "",
+             "| model | side | mode | sharpness | crop accuracy | crop FID | s/image | peak MiB (one image) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, rows in results["highres"].items():
+        for r in rows:
+            lines.append(f"| {name} | {r['side']} | {r['mode']} | {r['sharpness']} | {r.get('crop_accuracy', float('nan')):.3f} | "
+                         f"{r['crop_fid']:.4g} | {r['seconds_per_image']:.3g} | {r['peak_mib_one_image']:.1f} |")
+    lines += ["", "| model | side | mode | sharpness per layer (auto) |", "| --- | --- | --- | --- |"]
+    for name, rows in results["highres"].items():
+        for r in rows:
+            if r.get("attention_sharpness"):
+                values = ", ".join(f"{v:.3g}" for v in r["attention_sharpness"].values())
+                lines.append(f"| {name} | {r['side']} | {r['mode']} | {values} |")
+    return "\n".join(lines) + "\n"
 
 
 def entropy(run: str, out: str, kind: str, timesteps: Sequence[int] = (500,), images: int = 4) -> Dict[str, dict]:
@@ -301,6 +349,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         info = train(args.out, name, extra, steps, seed, args)
         return {**info, **score(info["folder"], args.out, args, real_feats, real_stats, extractor, classifier, test)}
 
+    if args.study == "highres":
+        models = dict(item.split("=", 1) for item in (args.highres_models or [f"nala={demo_pipeline_path()}"]))
+        results = {"command": " ".join(["nala-study", *(argv if argv is not None else sys.argv[1:])]), "highres": {}}
+        for name, folder in models.items():
+            results["highres"][name] = highres(folder, args.out, args, real_stats, extractor, classifier, ("off", "auto"))
+        with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+        with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as handle:
+            handle.write(highres_tables(results))
+        print(highres_tables(results))
+        return 0
     if args.study == "norm":
         results = norm_study(args, argv, run_and_score)
         with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:

@@ -119,3 +119,19 @@ def test_norm_study_runs_on_a_tiny_budget(tmp_path):
     calibrated = results["entropy"]["nala_calibrated"][0][layer]["saturation"]
     assert calibrated["responding_fraction"] > official["responding_fraction"]
     assert "| nala_learnable | block 0 |" in (tmp_path / "study" / "results.md").read_text()
+
+
+def test_highres_study_scores_every_setting(tmp_path):
+    from nala_diffusion.eval import study
+
+    pipe = NaLaDiTPipeline(tiny_nala(sample_size=32, patch_size=8, num_classes=10), DDIMScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    argv = ["--study", "highres", "--out", str(tmp_path / "study"), "--highres_models", f"tiny={tmp_path / 'pipe'}",
+            "--highres_samples", "2", "--crops_per_image", "2", "--sample_steps", "2"]
+    assert study.main(argv) == 0
+    rows = json.loads((tmp_path / "study" / "results.json").read_text())["highres"]["tiny"]
+    assert [(r["side"], r["mode"], r["sharpness"]) for r in rows] == [(32, "direct", "off")] + [
+        (s, m, h) for s in (64, 128) for m in ("direct", "progressive") for h in ("off", "auto")]
+    assert all(0 <= r["crop_accuracy"] <= 1 and r["crop_fid"] > 0 and r["seconds_per_image"] > 0 for r in rows)
+    assert all(len(r["attention_sharpness"]) == 2 for r in rows if r["sharpness"] == "auto")
+    assert (tmp_path / "study" / "highres" / "pipe" / "4x_progressive_auto.png").exists()
