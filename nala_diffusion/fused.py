@@ -105,7 +105,7 @@ def _cosine_fused(q, k, v, power_scale, power_offset, key_power, angle_sharpness
     scales, sigmas = head_scales(power_scale, q), head_scales(norm_scale, q)  # (B, H, 1, 1) each
     step = heads_per_chunk or max(1, _CHUNK_BYTES // ((tokens + num_keys) * 2 * dim * q.element_size()))
     kernel = compiled(cosine_chunk)
-    out = q.new_empty(batch, heads, tokens, dim)
+    out = q.new_empty(batch, heads, tokens, v.shape[-1])
     for b in range(batch):
         for h in range(0, heads, step):
             part = slice(h, min(heads, h + step))

@@ -43,9 +43,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Shapes (batch, heads, tokens, head_dim) that agree: the same batch and heads everywhere, q and
+    k of one head_dim, k and v of one token count (v's head_dim may differ); floating dtypes."""
     if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
         raise ValueError(
             "query, key and value must be shaped (batch, heads, tokens, head_dim); got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not tensor.is_floating_point():
+            raise TypeError(f"attention needs floating-point tensors; {name} is {tensor.dtype}")
+    if not query.shape[:2] == key.shape[:2] == value.shape[:2]:
+        raise ValueError(
+            "query, key and value must have the same batch and heads; got shapes "
             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
         )
     if query.shape[-1] != key.shape[-1]:
@@ -384,10 +394,10 @@ def _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps, no
     (:mod:`nala_diffusion.fused`).
     """
     batch, heads, tokens, dim = q.shape
-    num_keys = k.shape[-2]
+    num_keys, value_dim = k.shape[-2], v.shape[-1]
     scales, sigmas = head_scales(power_scale, q), head_scales(norm_scale, q)  # (B, H, 1, 1) each
     gather = q.device.type == "cpu" if gather is None else gather
-    out = q.new_empty(batch, heads, tokens, dim)
+    out = q.new_empty(batch, heads, tokens, value_dim)
     step = max(1, _CHUNK_BYTES // ((tokens + num_keys) * 2 * dim * q.element_size()))
     for b in range(batch):
         for h in range(0, heads, step):
@@ -402,7 +412,7 @@ def _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps, no
                 zero = magnitude.new_zeros(())
                 q_features = torch.cat([torch.where(negative, zero, magnitude), torch.where(negative, magnitude, zero)], -1)
                 read = torch.bmm(q_features, table)  # (h, N, width)
-            torch.div(read[..., :dim], read[..., dim:dim + 1].add_(eps), out=out[b, part])
+            torch.div(read[..., :value_dim], read[..., value_dim:value_dim + 1].add_(eps), out=out[b, part])
     return out
 
 
@@ -450,7 +460,9 @@ def nala_attention(
     _check_qkv(query, key, value)
     if inhibit not in INHIBIT_MODES:
         raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {inhibit!r}")
-    _check_positive(norm_scale=norm_scale)
+    _check_positive(norm_scale=norm_scale, power_scale=power_scale, key_power=key_power, eps=eps)
+    if query.shape[-2] == 0:
+        return query.new_empty(*query.shape[:3], value.shape[-1])
     if rope is not None:
         return nala_attention_explicit(
             query, key, value, power_scale=power_scale, power_offset=power_offset, key_power=key_power,

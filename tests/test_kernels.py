@@ -115,6 +115,25 @@ def test_bad_arguments_raise():
         nala_attention(q[0], q[0], q[0])
     with pytest.raises(ValueError, match="one per head"):
         nala_attention(q, q, q, power_scale=torch.ones(3))
+    for name, bad in [("power_scale", 0.0), ("power_scale", float("nan")), ("key_power", -1.0), ("eps", 0.0)]:
+        with pytest.raises(ValueError, match=name):
+            nala_attention(q, q, q, **{name: bad})
+    with pytest.raises(TypeError, match="floating-point"):
+        nala_attention(q.long(), q.long(), q.long())
+    with pytest.raises(ValueError, match="same batch and heads"):
+        nala_attention(q, torch.randn(2, 1, 4, 8), torch.randn(2, 1, 4, 8))
+
+
+@pytest.mark.parametrize("inhibit", INHIBITS)
+def test_value_head_dim_may_differ_and_empty_queries_give_empty_output(inhibit):
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 4)
+    expected = nala_reference(q, k, v, inhibit=inhibit)
+    with torch.no_grad():
+        assert rel_err(nala_attention(q, k, v, inhibit=inhibit), expected) < 1e-5
+        assert rel_err(nala_attention(q, k, v, inhibit=inhibit, compile=True), expected) < 1e-4
+    assert rel_err(nala_attention(q.requires_grad_(), k, v, inhibit=inhibit).detach(), expected) < 1e-5
+    with torch.no_grad():
+        assert nala_attention(q[:, :, :0], k, v, inhibit=inhibit).shape == (1, 2, 0, 4)
 
 
 
