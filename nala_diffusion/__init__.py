@@ -1,83 +1,77 @@
-"""nala_diffusion: NaLa (norm-aware linear attention) for diffusion transformers, on diffusers."""
+"""nala_diffusion: NaLa (norm-aware linear attention) for diffusion transformers, on diffusers.
 
-from .assets import demo_classifier_path, demo_pipeline_path
-from .classifier import DomainClassifier
-from .conversion import convert_dit_to_nala, load_dit, load_transformer
-from .kernels import (
-    nala_attention_explicit,
-    apply_rope,
-    linear_attention,
-    nala_attention,
-    nala_key_features,
-    nala_query_features,
-    power_sensitivity,
-    query_power,
-    rope_2d_tables,
-    softmax_attention,
-)
-from .norm_awareness import calibrate_norm_scale, capture_queries, saturation_report
-from .model import DIT_PRESETS, NaLaDiTTransformer2DModel, preset_config
-from .processors import (
-    ATTENTION_PROCESSORS,
-    ELULinearAttnProcessor,
-    KernelAttnProcessor,
-    NaLaAttnProcessor,
-    ReLULinearAttnProcessor,
-    SoftmaxAttnProcessor,
-)
-from .swap import (
-    ATTENTION_TYPES,
-    restore_attention,
-    self_attention_modules,
-    set_attention,
-    set_fused_attention,
-    set_nala_attention,
-)
+The package root loads lazily, as diffusers' own does: ``import nala_diffusion`` costs little, and
+each name below imports its module (and diffusers, where that module needs it) on first use.
+"""
 
-# diffusers' pipeline loader looks up base classes such as ModelMixin in the namespace of the
-# library named in model_index.json; these names make "nala_diffusion" such a library.
-from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: E402,F401
-
-from .pipelines import HighResPipelineOutput, NaLaDiTHighResPipeline, NaLaDiTPipeline  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING, Any, Dict, List
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ATTENTION_PROCESSORS",
-    "ATTENTION_TYPES",
-    "DIT_PRESETS",
-    "DomainClassifier",
-    "ELULinearAttnProcessor",
-    "KernelAttnProcessor",
-    "HighResPipelineOutput",
-    "NaLaAttnProcessor",
-    "NaLaDiTHighResPipeline",
-    "NaLaDiTPipeline",
-    "NaLaDiTTransformer2DModel",
-    "ReLULinearAttnProcessor",
-    "SoftmaxAttnProcessor",
-    "apply_rope",
-    "calibrate_norm_scale",
-    "capture_queries",
-    "convert_dit_to_nala",
-    "demo_classifier_path",
-    "demo_pipeline_path",
-    "linear_attention",
-    "load_dit",
-    "load_transformer",
-    "nala_attention",
-    "nala_attention_explicit",
-    "nala_key_features",
-    "nala_query_features",
-    "power_sensitivity",
-    "preset_config",
-    "query_power",
-    "restore_attention",
-    "rope_2d_tables",
-    "saturation_report",
-    "self_attention_modules",
-    "set_attention",
-    "set_nala_attention",
-    "set_fused_attention",
-    "softmax_attention",
-]
+_EXPORTS: Dict[str, List[str]] = {
+    "assets": ["demo_classifier_path", "demo_pipeline_path"],
+    "classifier": ["DomainClassifier"],
+    "conversion": ["convert_dit_to_nala", "load_dit", "load_transformer"],
+    "kernels": [
+        "apply_rope",
+        "linear_attention",
+        "nala_attention",
+        "nala_attention_explicit",
+        "nala_key_features",
+        "nala_query_features",
+        "power_sensitivity",
+        "query_power",
+        "rope_2d_tables",
+        "softmax_attention",
+    ],
+    "model": ["DIT_PRESETS", "NaLaDiTTransformer2DModel", "preset_config"],
+    "norm_awareness": ["calibrate_norm_scale", "capture_queries", "saturation_report"],
+    "processors": [
+        "ATTENTION_PROCESSORS",
+        "ELULinearAttnProcessor",
+        "KernelAttnProcessor",
+        "NaLaAttnProcessor",
+        "ReLULinearAttnProcessor",
+        "SoftmaxAttnProcessor",
+    ],
+    "sharpness": ["set_attention_sharpness"],
+    "swap": [
+        "ATTENTION_TYPES",
+        "restore_attention",
+        "self_attention_modules",
+        "set_attention",
+        "set_fused_attention",
+        "set_nala_attention",
+    ],
+    "pipelines": ["HighResPipelineOutput", "NaLaDiTHighResPipeline", "NaLaDiTPipeline", "NaLaPipelineOutput"],
+}
+# diffusers' pipeline loader looks up base classes such as ModelMixin in the namespace of the
+# library named in model_index.json; these names make "nala_diffusion" such a library.
+_DIFFUSERS_BASES = ("ConfigMixin", "DiffusionPipeline", "ModelMixin", "SchedulerMixin")
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    elif name in _DIFFUSERS_BASES:
+        value = getattr(importlib.import_module("diffusers"), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_WHERE) | set(_DIFFUSERS_BASES))
+
+
+if TYPE_CHECKING:  # names for type checkers and IDEs
+    from .assets import demo_classifier_path, demo_pipeline_path  # noqa: F401
+    from .conversion import convert_dit_to_nala, load_dit, load_transformer  # noqa: F401
+    from .kernels import linear_attention, nala_attention, softmax_attention  # noqa: F401
+    from .model import NaLaDiTTransformer2DModel  # noqa: F401
+    from .pipelines import NaLaDiTHighResPipeline, NaLaDiTPipeline  # noqa: F401
