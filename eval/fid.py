@@ -25,6 +25,7 @@ from nala_diffusion.distributed import use_cpu_processes
 from nala_diffusion.eval import features as F
 from nala_diffusion.eval.sampling import SAMPLE_DIR, balanced_labels, generate_samples, pack_npz
 from nala_diffusion.pipelines.pipeline_nala_dit_highres import HIGHRES_MODES, NaLaDiTHighResPipeline
+from nala_diffusion.pipelines.sample import parse_sharpness
 from nala_diffusion.pipelines.schedulers import SCHEDULERS, scheduler_from_name
 
 
@@ -47,6 +48,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--labels", type=int, nargs="+", default=None, help="cycled; default: every class in turn")
     p.add_argument("--highres_mode", choices=HIGHRES_MODES, default="direct")
+    p.add_argument("--position_embedding", choices=["interpolate", "extend"], default=None,
+                   help="positions above the training size (default: the model's config, normally interpolate)")
+    p.add_argument("--attention_sharpness", type=parse_sharpness, default=None,
+                   help="'auto', 'off' (default) or a factor: resolution-aware attention sharpness above the training size")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--npz", action="store_true", help="also pack the samples as OUT/samples.npz (ADM evaluator)")
 
@@ -97,7 +102,8 @@ def run_sampling(args, state: PartialState) -> dict:
         pipe, args.out, args.num_samples, labels=labels, seed=args.seed, batch_size=args.batch_size,
         rank=state.process_index, world_size=state.num_processes, height=args.height, width=args.width,
         show_progress=state.is_local_main_process, num_inference_steps=args.steps, guidance_scale=args.guidance,
-        highres_mode=args.highres_mode,
+        highres_mode=args.highres_mode, position_embedding=args.position_embedding,
+        attention_sharpness=args.attention_sharpness,
     )
     state.wait_for_everyone()
     if args.npz and state.is_main_process:
@@ -108,7 +114,9 @@ def run_sampling(args, state: PartialState) -> dict:
         "steps": args.steps, "guidance": args.guidance, "num_samples": args.num_samples,
         "seeds": [args.seed, args.seed + args.num_samples - 1], "labels": args.labels or "balanced",
         "height": args.height or pipe.default_sample_size, "width": args.width or pipe.default_sample_size,
-        "highres_mode": args.highres_mode, "written_by_process_0": written,
+        "highres_mode": args.highres_mode, "position_embedding": args.position_embedding or
+        pipe.transformer.config.position_embedding, "attention_sharpness": args.attention_sharpness or "off",
+        "written_by_process_0": written,
         "sampling_seconds": time.perf_counter() - start, "num_processes": state.num_processes,
     }
 

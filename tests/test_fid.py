@@ -121,3 +121,14 @@ def test_missing_inception_weights_name_the_file(assets, capsys):
     error = capsys.readouterr().err
     assert code == 2 and "inception-2015-12-05.pt" in error and "--inception_weights" in error
     assert cli(["compare", str(assets / "real"), str(assets / "real"), "--inception_weights", "/nowhere/x.pt"]) == 2
+
+
+def test_sample_above_the_training_size_with_positions_and_sharpness(assets, tmp_path):
+    out = tmp_path / "big"
+    assert cli(["sample", *sample_args(assets, out, n=2), "--height", "32", "--width", "32",
+                "--attention_sharpness", "auto", "--position_embedding", "extend"]) == 0
+    images = [PIL.Image.open(out / "samples" / f"{i:06d}.png") for i in range(2)]
+    assert all(image.size == (32, 32) for image in images)
+    plain = tmp_path / "plain"
+    assert cli(["sample", *sample_args(assets, plain, n=2), "--height", "32", "--width", "32"]) == 0
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(PIL.Image.open(plain / "samples" / "000000.png")))
