@@ -351,23 +351,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.study == "highres":
         models = dict(item.split("=", 1) for item in (args.highres_models or [f"nala={demo_pipeline_path()}"]))
-        results = {"command": " ".join(["nala-study", *(argv if argv is not None else sys.argv[1:])]), "highres": {}}
+        results = {"command": results["command"], "highres": {}}
         for name, folder in models.items():
             results["highres"][name] = highres(folder, args.out, args, real_stats, extractor, classifier, ("off", "auto"))
-        with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
-        with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as handle:
-            handle.write(highres_tables(results))
-        print(highres_tables(results))
-        return 0
+        return write_results(args.out, results, highres_tables)
     if args.study == "norm":
-        results = norm_study(args, argv, run_and_score)
-        with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
-        with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as handle:
-            handle.write(norm_tables(results))
-        print(norm_tables(results))
-        return 0
+        return write_results(args.out, norm_study(args, argv, run_and_score), norm_tables)
     for kind, extra in VARIANTS.items():
         results["scratch"][kind] = [run_and_score(f"{kind}_s{seed}", extra, args.steps, seed) for seed in args.seeds]
     teacher = results["scratch"]["softmax"][0]["folder"]
@@ -381,11 +370,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results["highres"][kind] = highres(run, args.out, args, real_stats, extractor)
     for kind, runs in results["scratch"].items():
         results["entropy"][kind] = entropy(runs[0]["folder"], args.out, kind)
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
+    return write_results(args.out, results, tables)
+
+
+def write_results(out: str, results: dict, make_tables) -> int:
+    """OUT/results.json and OUT/results.md (the tables, also printed)."""
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
-    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as handle:
-        handle.write(tables(results))
-    print(tables(results))
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as handle:
+        handle.write(make_tables(results))
+    print(make_tables(results))
     return 0
 
 
