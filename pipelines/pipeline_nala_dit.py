@@ -9,6 +9,8 @@ so this file holds exactly one ``DiffusionPipeline`` subclass and imports the re
 
 import inspect
 import json
+import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -64,6 +66,29 @@ EXAMPLE_DOC_STRING = """
 
         ```
 """
+
+
+def _is_integer(value) -> bool:
+    """An integral number of any type (int, numpy or 0-d torch integers, 3.0), not a bool."""
+    if isinstance(value, bool):
+        return False
+    if torch.is_tensor(value):
+        return value.ndim == 0 and (not value.is_floating_point() or float(value).is_integer())
+    if isinstance(value, numbers.Integral):
+        return True
+    return isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()
+
+
+def _flatten(labels) -> list:
+    if torch.is_tensor(labels):
+        return list(labels.flatten())
+    flat = []
+    for label in labels:
+        if isinstance(label, (list, tuple)) or torch.is_tensor(label) and label.ndim > 0:
+            flat.extend(_flatten(label))
+        else:
+            flat.append(label)
+    return flat
 
 
 def _atomic_write_json(path: str, data: Dict[str, Any]) -> None:
@@ -145,6 +170,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
         """Class ids for labels given as ids, names from ``id2label``, or a list of either."""
         if isinstance(labels, (int, str)) or torch.is_tensor(labels) and labels.ndim == 0:
             labels = [labels]
+        labels = _flatten(labels)  # [[1], [2]], as DiTPipeline takes it, is [1, 2]
         if len(labels) == 0:
             raise ValueError("class_labels is empty; give at least one class id or name")
         ids = []
@@ -155,6 +181,8 @@ class NaLaDiTPipeline(DiffusionPipeline):
                     raise ValueError(f"class_labels: unknown label name {label!r}; known names: {known}")
                 ids.append(self.labels[label])
                 continue
+            if not _is_integer(label):
+                raise ValueError(f"class_labels: {label!r} is not a class id (an integer) or a name")
             label = int(label)
             if not 0 <= label < self.num_classes:
                 raise ValueError(f"class_labels: id {label} is out of range; allowed ids are 0..{self.num_classes - 1}")
@@ -170,15 +198,19 @@ class NaLaDiTPipeline(DiffusionPipeline):
     def default_sample_size(self) -> int:
         return self.transformer.config.sample_size * self.vae_scale_factor
 
-    def check_inputs(self, height, width, num_inference_steps, guidance_scale, output_type, num_images_per_label):
+    def check_inputs(self, height, width, num_inference_steps, guidance_scale, output_type, num_images_per_label,
+                     callback_on_step_end_tensor_inputs=("latents",)):
         unit = self.size_unit
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % unit:
+            if not _is_integer(value) or value <= 0 or value % unit:
                 raise ValueError(f"{name}={value} must be a positive multiple of {unit} (patch size x VAE factor)")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if not _is_integer(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (1 disables guidance), got {guidance_scale}")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 disables guidance), got {guidance_scale}")
+        bad_inputs = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if bad_inputs:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {sorted(bad_inputs)} not in {self._callback_tensor_inputs}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if not isinstance(num_images_per_label, int) or num_images_per_label < 1:
@@ -197,6 +229,21 @@ class NaLaDiTPipeline(DiffusionPipeline):
         else:
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
+
+    # -- what a callback_on_step_end may read, as in diffusers' pipelines --------------------------
+    @property
+    def guidance_scale(self) -> Optional[float]:
+        """The guidance scale of the running (or last) denoising loop."""
+        return getattr(self, "_guidance_scale", None)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self.guidance_scale is not None and self.guidance_scale != 1.0
+
+    @property
+    def num_timesteps(self) -> Optional[int]:
+        """The length of the running (or last) denoising loop's schedule."""
+        return getattr(self, "_num_timesteps", None)
 
     # -- the denoising loop, shared with the high-resolution pipeline -----------------------------
     def _step_kwargs(self, generator) -> Dict[str, Any]:
@@ -217,6 +264,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """Run the scheduler over ``timesteps`` from ``latents``; returns the final latents."""
         do_guidance = guidance_scale != 1.0
+        self._guidance_scale, self._num_timesteps = guidance_scale, len(timesteps)
         channels = self.transformer.config.in_channels
         learned_sigma = self.transformer.config.out_channels == 2 * channels
         if do_guidance:
@@ -390,10 +438,9 @@ class NaLaDiTPipeline(DiffusionPipeline):
         width = self.default_sample_size if width is None else width
         settings = self.sampling_settings(num_inference_steps, guidance_scale)
         num_inference_steps, guidance_scale = settings["num_inference_steps"], settings["guidance_scale"]
-        self.check_inputs(height, width, num_inference_steps, guidance_scale, output_type, num_images_per_label)
-        bad_inputs = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
-        if bad_inputs:
-            raise ValueError(f"callback_on_step_end_tensor_inputs: {sorted(bad_inputs)} not in {self._callback_tensor_inputs}")
+        self.check_inputs(height, width, num_inference_steps, guidance_scale, output_type, num_images_per_label,
+                          callback_on_step_end_tensor_inputs)
+        height, width, num_inference_steps = int(height), int(width), int(num_inference_steps)
         ids = self.get_label_ids(class_labels)
         device = self._execution_device
         class_ids = torch.tensor(ids, device=device).repeat_interleave(num_images_per_label)  # (B,)

@@ -166,7 +166,9 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
         settings = self.sampling_settings(num_inference_steps, guidance_scale)
         num_inference_steps, guidance_scale = settings["num_inference_steps"], settings["guidance_scale"]
         refine_steps = num_inference_steps if refine_steps is None else refine_steps
-        self.check_inputs(height, width, num_inference_steps, guidance_scale, output_type, num_images_per_label)
+        self.check_inputs(height, width, num_inference_steps, guidance_scale, output_type, num_images_per_label,
+                          callback_on_step_end_tensor_inputs)
+        height, width, num_inference_steps = int(height), int(width), int(num_inference_steps)
         if not isinstance(refine_steps, int) or refine_steps < 1:
             raise ValueError(f"refine_steps must be an integer >= 1, got {refine_steps}")
         ids = self.get_label_ids(class_labels)

@@ -137,7 +137,7 @@ def test_every_scheduler_samples(name):
         (dict(height=47), "height=47 must be a positive multiple of 2"),
         (dict(width=0), "width=0"),
         (dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1"),
-        (dict(guidance_scale=-1.0), "guidance_scale must be >= 0"),
+        (dict(guidance_scale=-1.0), "guidance_scale must be a finite number >= 0"),
         (dict(output_type="jpg"), "output_type"),
         (dict(latents=torch.randn(2, 3, 8, 8)), r"latents have shape \(2, 3, 8, 8\)"),
         (dict(highres_mode="tiled"), "highres_mode"),
@@ -259,3 +259,32 @@ def test_nala_sample_cli_writes_a_png(saved, capsys):
     assert "stage 32x32" in capsys.readouterr().out
     assert sample_main(["--model", str(root / "plain"), "--labels", "horse", "--out", str(root / "x.png")]) == 2
     assert not (root / "x.png").exists()
+
+
+def test_callback_reads_the_diffusers_properties():
+    pipe = tiny_pipeline()
+    seen = []
+
+    def callback(p, step, timestep, kwargs):
+        seen.append((p.guidance_scale, p.do_classifier_free_guidance, p.num_timesteps))
+        return kwargs
+
+    pipe([0], num_inference_steps=3, guidance_scale=2.5, output_type="np", callback_on_step_end=callback)
+    assert seen == [(2.5, True, 3)] * 3
+    highres = tiny_pipeline(NaLaDiTHighResPipeline)
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        highres([0], num_inference_steps=2, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"])
+
+
+def test_label_forms_and_numeric_types():
+    pipe = tiny_pipeline()
+    nested = sample(pipe, labels=[[1], [2]])
+    assert np.array_equal(nested, sample(pipe, labels=[1, 2]))
+    assert np.array_equal(sample(pipe, labels=[np.int64(1), torch.tensor(2)]), nested)
+    with pytest.raises(ValueError, match="not a class id"):
+        sample(pipe, labels=[1.7])
+    images = pipe([0], height=np.int64(16), width=16, num_inference_steps=np.int64(2), output_type="np").images
+    assert images.shape == (1, 16, 16, 3)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance_scale"):
+            sample(pipe, guidance_scale=bad)
