@@ -105,8 +105,8 @@ class NaLaDiTPipeline(DiffusionPipeline):
     Args:
         transformer: the denoiser; its config's ``num_classes`` is the null class for guidance.
         scheduler: any diffusers scheduler (DDPM, DDIM, DPM-Solver++, Euler, ...).
-        vae: optional ``AutoencoderKL``; without one the transformer works in pixel space (3
-            channels in [-1, 1]).
+        vae: optional ``AutoencoderKL``; without one a 3-channel transformer works in pixel space (in
+            [-1, 1]), and any other returns latents only (``output_type="latent"``).
         id2label: class names, ``{id: "name"}`` or ``{id: "name, synonym"}`` as in DiT; saved in
             ``model_index.json``, so names survive ``save_pretrained``.
         sampling_defaults: the sampler settings this model was measured with, e.g.
@@ -128,10 +128,6 @@ class NaLaDiTPipeline(DiffusionPipeline):
         sampling_defaults: Optional[Dict[str, Union[int, float]]] = None,
     ):
         super().__init__()
-        if vae is None and transformer.config.in_channels != 3:
-            raise ValueError(
-                f"without a vae the transformer must work on 3-channel images; it has in_channels={transformer.config.in_channels}"
-            )
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
         id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
         num_classes = transformer.config.num_classes
@@ -361,6 +357,11 @@ class NaLaDiTPipeline(DiffusionPipeline):
         """Latents to images of ``output_type`` (``latent`` returns them unchanged)."""
         if output_type == "latent":
             return latents
+        if self.vae is None and latents.shape[1] != 3:
+            raise ValueError(
+                f"this pipeline has no vae and its transformer works on {latents.shape[1]}-channel latents, which cannot "
+                "be shown as images: give it a vae, or ask for output_type='latent'"
+            )
         if self.vae is not None:
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
             latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift

@@ -154,8 +154,11 @@ def test_bad_inputs_raise_value_error(kwargs, match):
 def test_bad_components_raise():
     with pytest.raises(ValueError, match="id2label has ids"):
         NaLaDiTPipeline(tiny_nala(num_classes=3), DDIMScheduler(), id2label={7: "x"})
-    with pytest.raises(ValueError, match="without a vae"):
-        NaLaDiTPipeline(tiny_nala(in_channels=4), DDIMScheduler())
+    latent_only = NaLaDiTPipeline(tiny_nala(in_channels=4), DDIMScheduler())  # a latent model without its vae
+    latents = latent_only([1], num_inference_steps=2, output_type="latent").images
+    assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
+    with pytest.raises(ValueError, match="no vae"):
+        latent_only([1], num_inference_steps=2, output_type="np")
     with pytest.raises(ValueError, match="no vae"):
         tiny_pipeline(NaLaDiTHighResPipeline).enable_vae_tiling()
 
