@@ -209,6 +209,12 @@ class NaLaDiTPipeline(DiffusionPipeline):
             raise ValueError(f"callback_on_step_end_tensor_inputs: {sorted(bad_inputs)} not in {self._callback_tensor_inputs}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        channels = self.transformer.config.in_channels
+        if output_type != "latent" and self.vae is None and channels != 3:
+            raise ValueError(
+                f"this pipeline has no vae and its transformer works on {channels}-channel latents, which cannot be "
+                "shown as images: give it a vae, or ask for output_type='latent'"
+            )
         if not isinstance(num_images_per_label, int) or num_images_per_label < 1:
             raise ValueError(f"num_images_per_label must be an integer >= 1, got {num_images_per_label}")
 
