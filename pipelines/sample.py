@@ -88,8 +88,29 @@ def save_grid_atomically(images: torch.Tensor, path: str, nrow: int) -> None:
             os.remove(temporary)
 
 
+def check_args(args) -> Optional[str]:
+    """What is wrong with the arguments before anything loads, or None."""
+    if os.path.isdir(args.out) or args.out.endswith(os.sep):
+        return f"--out {args.out!r} is a folder; give the PNG file to write, e.g. {os.path.join(args.out, 'grid.png')}"
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError as error:
+        return f"--device {args.device!r}: {error}"
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {args.device}: this machine has no CUDA device; use --device cpu"
+    looks_local = args.model is not None and (os.path.isabs(args.model) or args.model.startswith(".")
+                                              or args.model.count("/") != 1)
+    if looks_local and not os.path.isdir(args.model):
+        return f"--model {args.model!r}: no such folder (give a pipeline folder written by save_pretrained, or a Hub id)"
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        print(f"nala-sample: error: {problem}", file=sys.stderr)
+        return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.model is None:
         from nala_diffusion.assets import demo_pipeline_path

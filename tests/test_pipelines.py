@@ -291,3 +291,16 @@ def test_label_forms_and_numeric_types():
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="guidance_scale"):
             sample(pipe, guidance_scale=bad)
+
+
+def test_nala_sample_refuses_bad_arguments_before_loading(tmp_path, capsys):
+    cases = [
+        (["--out", str(tmp_path)], "is a folder"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
+        (["--model", str(tmp_path / "nonexistent")], "no such folder"),
+    ]
+    for extra, message in cases:
+        args = extra if extra[0] == "--out" else [*extra, "--out", str(tmp_path / "g.png")]
+        assert sample_main(args) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()
