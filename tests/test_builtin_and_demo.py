@@ -88,6 +88,7 @@ def test_main_command_writes_a_grid_from_any_folder(tmp_path):
     assert grid.size == (8 * 32 + 9 * 2, 2 * 32 + 3 * 2)  # 10 classes, 8 per row, 2-px padding
 
 
+@pytest.mark.slow
 def test_shipped_demo_samples_are_recognised_by_the_classifier():
     """A small-sample check of the shipped model's class accuracy at its recorded sampler settings."""
     pipe = NaLaDiTPipeline.from_pretrained(nala_diffusion.demo_pipeline_path())

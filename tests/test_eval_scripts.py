@@ -13,6 +13,7 @@ from nala_diffusion.eval import attention_entropy, benchmark
 from helpers import tiny_nala
 
 
+@pytest.mark.slow
 def test_benchmark_writes_json_and_plot(tmp_path):
     out = tmp_path / "bench"
     assert benchmark.main(["--tokens", "16", "64", "--repeats", "1", "--preset", "S/8", "--model_tokens", "16",
@@ -75,6 +76,7 @@ def test_entropy_of_a_model_per_layer(tmp_path):
     assert all(0 <= s["responding_fraction"] <= 1 for s in result["saturation"].values())
 
 
+@pytest.mark.slow
 def test_study_runs_every_stage_on_a_tiny_budget_and_resumes(tmp_path):
     from nala_diffusion.eval import study
 
@@ -102,6 +104,7 @@ def test_study_runs_every_stage_on_a_tiny_budget_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime for p in (tmp_path / "study" / "scores").iterdir()} == before
 
 
+@pytest.mark.slow
 def test_norm_study_runs_on_a_tiny_budget(tmp_path):
     from nala_diffusion.eval import study
 
@@ -121,6 +124,7 @@ def test_norm_study_runs_on_a_tiny_budget(tmp_path):
     assert "| nala_learnable | block 0 |" in (tmp_path / "study" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_highres_study_scores_every_setting(tmp_path):
     from nala_diffusion.eval import study
 

@@ -39,6 +39,7 @@ def sample_args(assets, out, n=10):
             "--batch_size", "4"]
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_write_identical_images(assets, tmp_path):
     assert cli(["sample", *sample_args(assets, tmp_path / "one")]) == 0
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

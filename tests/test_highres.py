@@ -40,6 +40,7 @@ def patch_roughness(images: np.ndarray, patch: int = 4) -> np.ndarray:
     return rough.reshape(b, rows, patch, cols, patch, c).mean(axis=(0, 2, 4, 5))
 
 
+@pytest.mark.slow
 def test_demo_at_twice_the_side_has_no_region_with_other_texture(demo):
     # the training grid covers the top-left 32x32 pixels; extended positions put checker patterns
     # everywhere else (ratio 1.5 on the first demo), interpolated ones must not

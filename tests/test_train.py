@@ -85,6 +85,7 @@ def test_run_writes_a_loadable_pipeline_and_its_records(data, tmp_path):
     assert set(ema) <= set(final)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(data, tmp_path):
     extra = dict(gradient_accumulation_steps=2, lr_scheduler="cosine", lr_warmup_steps=2, use_ema=True)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
@@ -123,6 +124,7 @@ def test_sigterm_writes_a_checkpoint_before_exit(data, tmp_path):
     assert "resume with --resume_from_checkpoint latest" in stderr
 
 
+@pytest.mark.slow
 def test_two_cpu_processes(data, tmp_path):
     out = tmp_path / "run"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
