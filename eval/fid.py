@@ -24,9 +24,9 @@ from accelerate import PartialState
 from nala_diffusion.distributed import use_cpu_processes
 from nala_diffusion.eval import features as F
 from nala_diffusion.eval.sampling import SAMPLE_DIR, balanced_labels, generate_samples, pack_npz
-from nala_diffusion.pipelines.pipeline_nala_dit_highres import HIGHRES_MODES, NaLaDiTHighResPipeline
+from nala_diffusion.pipelines.pipeline_nala_dit_highres import NaLaDiTHighResPipeline
 from nala_diffusion.pipelines.sample import parse_sharpness
-from nala_diffusion.pipelines.schedulers import SCHEDULERS, scheduler_from_name
+from nala_diffusion.pipelines.schedulers import HIGHRES_MODES, SCHEDULERS, scheduler_from_name
 
 
 def add_feature_args(p: argparse.ArgumentParser) -> None:

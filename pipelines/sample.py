@@ -14,11 +14,8 @@ import tempfile
 from typing import List, Optional, Sequence, Union
 
 import torch
-from torchvision.utils import make_grid, save_image
 
-from nala_diffusion.swap import set_fused_attention
-from nala_diffusion.pipelines.pipeline_nala_dit_highres import HIGHRES_MODES, NaLaDiTHighResPipeline
-from nala_diffusion.pipelines.schedulers import SCHEDULERS, scheduler_from_name
+from nala_diffusion.pipelines.schedulers import HIGHRES_MODES, SCHEDULERS, scheduler_from_name
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -75,6 +72,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def save_grid_atomically(images: torch.Tensor, path: str, nrow: int) -> None:
     """Write the grid beside ``path`` and rename it into place, so no half-written PNG is left."""
+    from torchvision.utils import make_grid, save_image
+
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
@@ -111,6 +110,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if problem:
         print(f"nala-sample: error: {problem}", file=sys.stderr)
         return 2
+    from nala_diffusion.pipelines.pipeline_nala_dit_highres import NaLaDiTHighResPipeline
+    from nala_diffusion.swap import set_fused_attention
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.model is None:
         from nala_diffusion.assets import demo_pipeline_path
