@@ -14,6 +14,8 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 import PIL.Image
 import torch
+
+from nala_diffusion.files import new_file_mode
 from tqdm.auto import tqdm
 
 SAMPLE_DIR = "samples"
@@ -50,6 +52,7 @@ def save_png_atomically(image: PIL.Image.Image, path: str) -> None:
     folder = os.path.dirname(path)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
     os.close(handle)
+    os.chmod(temporary, new_file_mode())
     try:
         image.save(temporary, format="PNG")
         os.replace(temporary, path)

@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from nala_diffusion.files import new_file_mode
 from nala_diffusion.pipelines.schedulers import HIGHRES_MODES, SCHEDULERS, scheduler_from_name
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -79,6 +80,7 @@ def save_grid_atomically(images: torch.Tensor, path: str, nrow: int) -> None:
     grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
     handle, temporary = tempfile.mkstemp(dir=folder, suffix=".png")
     os.close(handle)
+    os.chmod(temporary, new_file_mode())
     try:
         save_image(grid, temporary, format="PNG")
         os.replace(temporary, path)

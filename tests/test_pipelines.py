@@ -1,6 +1,7 @@
 import ast
 import doctest
 import inspect
+import os
 import re
 
 import numpy as np
@@ -304,3 +305,16 @@ def test_nala_sample_refuses_bad_arguments_before_loading(tmp_path, capsys):
         assert sample_main(args) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_written_pngs_follow_the_umask(tmp_path):
+    from nala_diffusion.eval.sampling import save_png_atomically
+    from nala_diffusion.pipelines.sample import save_grid_atomically
+
+    previous = os.umask(0o022)
+    try:
+        save_grid_atomically(torch.rand(2, 3, 8, 8), str(tmp_path / "grid.png"), nrow=2)
+        save_png_atomically(PIL.Image.new("RGB", (4, 4)), str(tmp_path / "one.png"))
+    finally:
+        os.umask(previous)
+    assert {oct(os.stat(tmp_path / n).st_mode & 0o777) for n in ("grid.png", "one.png")} == {oct(0o644)}
