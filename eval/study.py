@@ -226,9 +226,9 @@ def _highres(run: str, crop_root: str, args, real_stats, extractor, classifier, 
                "crops": len(crops)}
         if classifier is not None:
             row["crop_accuracy"] = crop_accuracy(classifier, torch.stack(crops), torch.tensor(crop_labels))
-        stage = out.stages[-1].get("attention_report") if hasattr(out, "stages") else None
-        if stage:
-            row["attention_sharpness"] = {layer: v["sharpness"] for layer, v in stage["layers"].items()}
+        report = out.stages[-1].get("attention_report")
+        if report:
+            row["attention_sharpness"] = {layer: v["sharpness"] for layer, v in report["layers"].items()}
         rows.append(row)
     return rows
 

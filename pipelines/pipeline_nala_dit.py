@@ -302,8 +302,8 @@ class NaLaDiTPipeline(DiffusionPipeline):
     # -- resolution-aware attention sharpness ---------------------------------------------------
     @torch.no_grad()
     def set_resolution_sharpness(self, attention_sharpness: SharpnessArg, height: int, width: int, class_ids: torch.Tensor,
-                                 num_inference_steps: int = 10, position_embedding: Optional[str] = None
-                                 ) -> Optional[Dict[str, Any]]:
+                                 num_inference_steps: int = 10, position_embedding: Optional[str] = None,
+                                 content: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
         """Set the attention sharpness for sampling at ``height`` x ``width``; returns the report
         (``None`` when off).
 
@@ -312,7 +312,8 @@ class NaLaDiTPipeline(DiffusionPipeline):
         layers scale their logits by sqrt(log N / log n) and NaLa layers their power by a factor
         calibrated on this model so that each layer's mean attention entropy per query at N equals
         the one at n. The calibration content is a short sample (2 images of ``class_ids``, at most 10
-        steps, seed 0) at the training size, noised at :data:`SHARPNESS_TIMESTEPS` at both sizes.
+        steps, seed 0) at the training size, noised at :data:`SHARPNESS_TIMESTEPS` at both sizes;
+        pass the same ``content`` dict to calls for several sizes (progressive stages) to draw it once.
         """
         model = self.transformer
         if attention_sharpness is None or attention_sharpness == "off":
@@ -325,25 +326,35 @@ class NaLaDiTPipeline(DiffusionPipeline):
             if attention_sharpness not in SHARPNESS_MODES:
                 raise ValueError(f"attention_sharpness must be one of {SHARPNESS_MODES} or a positive number, "
                                  f"got {attention_sharpness!r}")
-            train_inputs, target_inputs = self._sharpness_inputs(class_ids, height, width, num_inference_steps,
-                                                                 position_embedding)
+            if rows * cols == train_rows * train_cols:  # nothing to calibrate: every factor is 1
+                train_inputs = target_inputs = {}
+            else:
+                train_inputs, target_inputs = self._sharpness_inputs(class_ids, height, width, num_inference_steps,
+                                                                     position_embedding, content)
             report["layers"] = resolution_sharpness(model, train_rows * train_cols, rows * cols, train_inputs, target_inputs)
             return report
         set_attention_sharpness(model, float(attention_sharpness))
         report["layers"] = {name: {"sharpness": value} for name, value in attention_sharpness_of(model).items()}
         return report
 
-    def _sharpness_inputs(self, class_ids, height, width, num_inference_steps, position_embedding):
-        """Model inputs with the same content at the training size and at height x width."""
+    def _sharpness_inputs(self, class_ids, height, width, num_inference_steps, position_embedding, content=None):
+        """Model inputs with the same content at the training size and at height x width; the content
+        (and the generator's state after drawing it) is kept in ``content`` when given."""
         device = self._execution_device
         ids = class_ids[:2]
         generator = torch.Generator(device).manual_seed(0)
-        size = self.default_sample_size
-        set_attention_sharpness(self.transformer, 1.0)
-        latents = self.prepare_latents(len(ids), size, size, generator)
-        self.scheduler.set_timesteps(min(num_inference_steps, 10), device=device)
-        clean = self.denoise(latents, ids, self.scheduler.timesteps, guidance_scale=1.0, generator=generator,
-                             description="calibrating attention sharpness")  # (2, C, h, w)
+        if content is not None and "clean" in content:
+            clean = content["clean"]
+            generator.set_state(content["generator_state"])
+        else:
+            size = self.default_sample_size
+            set_attention_sharpness(self.transformer, 1.0)
+            latents = self.prepare_latents(len(ids), size, size, generator)
+            self.scheduler.set_timesteps(min(num_inference_steps, 10), device=device)
+            clean = self.denoise(latents, ids, self.scheduler.timesteps, guidance_scale=1.0, generator=generator,
+                                 description="calibrating attention sharpness")  # (2, C, h, w)
+            if content is not None:
+                content.update(clean=clean, generator_state=generator.get_state())
         shape = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         large = F.interpolate(clean.float(), size=shape, mode="bicubic", align_corners=False).to(clean.dtype)
         noising = DDPMScheduler.from_config(self.scheduler.config)

@@ -185,12 +185,13 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
 
         stages = []
         previous_sharpness = attention_sharpness_of(self.transformer)
+        calibration_content: Dict[str, Any] = {}  # the sharpness calibration's sample, drawn once for all stages
         try:
             for index, (h, w) in enumerate(sizes):
                 start = time.perf_counter()
                 description = f"stage {index + 1}/{len(sizes)} {h}x{w}"
                 report = self.set_resolution_sharpness(attention_sharpness, h, w, class_ids, num_inference_steps,
-                                                       position_embedding)
+                                                       position_embedding, calibration_content)
                 if index == 0:
                     latents = self.prepare_latents(len(class_ids), h, w, generator, latents)
                     self.scheduler.set_timesteps(num_inference_steps, device=device)
