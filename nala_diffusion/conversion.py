@@ -8,7 +8,6 @@ original did.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from typing import Any, Dict, Optional, Union
@@ -16,6 +15,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
+from .options import CONFIG_KEYS
 from .model import NaLaDiTTransformer2DModel
 from .norm_awareness import calibrate_norm_scale
 
@@ -137,7 +137,7 @@ def convert_dit_to_nala(
 
     config = {k: dit.config[k] for k in DIT_CONFIG_KEYS if k in dit.config}
     if isinstance(dit, NaLaDiTTransformer2DModel):
-        accepted = set(inspect.signature(NaLaDiTTransformer2DModel.__init__).parameters) - {"self", "attention_type"}
+        accepted = set(CONFIG_KEYS) | {"position_embedding", "num_classes"}
         attention_options = {**{k: v for k, v in dit.config.items() if k in accepted}, **attention_options}
     if attention_options.get("use_gate") and not dit.config.get("use_gate"):
         raise ValueError("use_gate cannot start as identity, so a converted model cannot have it; train one from scratch")

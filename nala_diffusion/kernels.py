@@ -24,13 +24,16 @@ head_dim 64; sigma near the typical query norm keeps the power responsive (see
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
-INHIBIT_MODES = ("relu_split", "cosine")
+from .options import DEFAULTS, INHIBIT_MODES  # noqa: F401  (INHIBIT_MODES re-exported)
+
 FEATURE_MAPS = ("relu", "elu")
 
 RotaryTables = Tuple[torch.Tensor, torch.Tensor]
@@ -89,9 +92,9 @@ def head_scales(value: Union[float, torch.Tensor], q: torch.Tensor) -> torch.Ten
 
 def query_power(
     norm: torch.Tensor,
-    power_scale: Union[float, torch.Tensor] = 3.0,
-    power_offset: float = 0.5,
-    norm_scale: Union[float, torch.Tensor] = 1.0,
+    power_scale: Union[float, torch.Tensor] = DEFAULTS.power_scale,
+    power_offset: float = DEFAULTS.power_offset,
+    norm_scale: Union[float, torch.Tensor] = DEFAULTS.norm_scale,
 ) -> torch.Tensor:
     """The norm-aware power p(r) = lambda * (tau + tanh(r / sigma)), for query norms ``r``.
 
@@ -104,8 +107,8 @@ def query_power(
 
 def power_sensitivity(
     norm: torch.Tensor,
-    power_scale: Union[float, torch.Tensor] = 3.0,
-    norm_scale: Union[float, torch.Tensor] = 1.0,
+    power_scale: Union[float, torch.Tensor] = DEFAULTS.power_scale,
+    norm_scale: Union[float, torch.Tensor] = DEFAULTS.norm_scale,
 ) -> torch.Tensor:
     """dp / d(log r) = lambda * (r / sigma) * sech^2(r / sigma): how much the power changes for a
     relative change of the query norm (scale-free, unlike dp/dr). Near 0 where tanh has saturated."""
@@ -118,124 +121,25 @@ def _angle(direction: torch.Tensor, sharpness: float) -> torch.Tensor:
     return (math.pi / 4) * torch.tanh(sharpness * direction)
 
 
-def nala_query_features(
-    query: torch.Tensor,
-    *,
-    power_scale: Union[float, torch.Tensor] = 3.0,
-    power_offset: float = 0.5,
-    inhibit: str = "relu_split",
-    angle_sharpness: float = 20.0,
-    eps: float = 1e-6,
-    norm_scale: Union[float, torch.Tensor] = 1.0,
-) -> torch.Tensor:
-    """phi_q: (batch, heads, tokens, d) -> (batch, heads, tokens, 2d), non-negative."""
-    norm = torch.linalg.vector_norm(query, dim=-1, keepdim=True)  # (B, H, N, 1)
-    direction = query / norm.clamp_min(eps)  # (B, H, N, d), entries in [-1, 1]
-    power = query_power(norm, _per_head(power_scale, query), power_offset, _per_head(norm_scale, query))  # (B, H, N, 1)
-    magnitude = direction.abs().pow(power)  # |u|^p, in [0, 1]
-    if inhibit == "relu_split":
-        # relu(u)^p and relu(-u)^p: the magnitude goes to the half that matches the sign.
-        positive = direction > 0
-        zero = torch.zeros((), dtype=magnitude.dtype, device=magnitude.device)
-        return torch.cat([torch.where(positive, magnitude, zero), torch.where(direction < 0, magnitude, zero)], -1)
-    if inhibit == "cosine":
-        angle = _angle(direction, angle_sharpness)
-        return torch.cat([magnitude * torch.cos(angle), magnitude * torch.sin(angle)], dim=-1)
-    raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {inhibit!r}")
+# -- the feature maps, written once ----------------------------------------------------------------
+# Every path (explicit, autograd, inference, compiled, the entropy tool) builds its features from
+# the functions below: query_power (the power), _direction_power (|u|^p), _key_power_signed (k'),
+# _sign_halves (relu_split) and _angle_halves (cosine). Each feature map is kept as its two d-wide
+# halves; only the explicit path concatenates them.
 
 
-def nala_key_features(
-    key: torch.Tensor,
-    *,
-    key_power: float = 3,
-    inhibit: str = "relu_split",
-    angle_sharpness: float = 20.0,
-    eps: float = 1e-6,
-) -> torch.Tensor:
-    """phi_k: (batch, heads, tokens, d) -> (batch, heads, tokens, 2d), non-negative."""
-    magnitude = key.abs().pow(key_power)  # |k|^gamma
-    if inhibit == "relu_split":
-        # k' = sign(k) |k|^gamma (= k^gamma for odd gamma); [relu(k'), relu(-k')]
-        zero = torch.zeros((), dtype=magnitude.dtype, device=magnitude.device)
-        return torch.cat([torch.where(key > 0, magnitude, zero), torch.where(key < 0, magnitude, zero)], dim=-1)
-    if inhibit == "cosine":
-        direction = key / torch.linalg.vector_norm(key, dim=-1, keepdim=True).clamp_min(eps)
-        angle = _angle(direction, angle_sharpness)
-        return torch.cat([magnitude * torch.cos(angle), magnitude * torch.sin(angle)], dim=-1)
-    raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {inhibit!r}")
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the last dimension's two halves."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, rope: RopeArg) -> torch.Tensor:
-    """Rotate ``x`` (..., tokens, dim) by ``rope``: a ``(cos, sin)`` pair of tables or a callable."""
-    if rope is None:
-        return x
-    if callable(rope):
-        return rope(x)
-    cos, sin = rope
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
-
-
-def rope_2d_tables(
-    grid_size: Sequence[int],
-    dim: int,
-    *,
-    base: float = 10000.0,
-    device: Optional[torch.device] = None,
-    dtype: torch.dtype = torch.float32,
-) -> RotaryTables:
-    """Axial 2D rotary tables ``(cos, sin)``, each (rows * cols, dim), tokens in row-major order.
-
-    Rotation pairs are (i, i + dim/2) as in :func:`rotate_half`; the first half of the pairs turns
-    with the row index, the second half with the column index.
-    """
-    if dim % 2:
-        raise ValueError(f"rotary embedding needs an even feature dimension, got {dim}")
-    rows, cols = (int(s) for s in grid_size)
-    pairs = dim // 2
-    row_pairs, col_pairs = (pairs + 1) // 2, pairs // 2
-
-    def axis_angles(positions: torch.Tensor, count: int) -> torch.Tensor:
-        inv_freq = base ** (-torch.arange(count, device=device, dtype=torch.float64) / max(count, 1))
-        return positions[:, None].double() * inv_freq[None, :]  # (positions, count)
-
-    row_index = torch.arange(rows, device=device).repeat_interleave(cols)  # (N,)
-    col_index = torch.arange(cols, device=device).repeat(rows)  # (N,)
-    angles = torch.cat([axis_angles(row_index, row_pairs), axis_angles(col_index, col_pairs)], dim=-1)  # (N, d/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (N, dim)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def _linear_readout(
-    phi_q: torch.Tensor,
-    phi_k: torch.Tensor,
-    value: torch.Tensor,
-    eps: float,
-    rope: RopeArg = None,
-) -> torch.Tensor:
-    """o = phi_q . S / (phi_q . z + eps), S = mean_j phi_k v^T, z = mean_j phi_k; rope on the numerator only."""
-    num_keys = phi_k.shape[-2]
-    key_mean = phi_k.mean(dim=-2, keepdim=True)  # (B, H, 1, F)
-    denominator = (phi_q * key_mean).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
-    if rope is not None:
-        phi_q, phi_k = apply_rope(phi_q, rope), apply_rope(phi_k, rope)
-    state = torch.matmul(phi_k.transpose(-1, -2), value) / num_keys  # (B, H, F, d)
-    numerator = torch.matmul(phi_q, state)  # (B, H, N, d)
-    return numerator / (denominator + eps)
+def _power_in_place(magnitude: torch.Tensor, power: torch.Tensor) -> torch.Tensor:
+    """|x|^p = exp(p log|x|) on a fresh tensor of magnitudes, in place (about twice as fast as
+    ``pow`` with a tensor exponent); log 0 = -inf gives exactly 0."""
+    return magnitude.log_().mul_(power).exp_()
 
 
 class _MagnitudePower(torch.autograd.Function):
-    """|x|^p as exp(p log|x|), about twice as fast as ``pow`` with a tensor exponent; its backward
-    gives 0 (not NaN) where x = 0, as ``pow``'s does."""
+    """:func:`_power_in_place` with a backward that gives 0 (not NaN) where x = 0, as ``pow``'s does."""
 
     @staticmethod
     def forward(ctx, magnitude: torch.Tensor, power: torch.Tensor) -> torch.Tensor:
-        result = torch.exp(power * torch.log(magnitude))  # log 0 = -inf -> exp(-inf) = 0
+        result = _power_in_place(magnitude.clone(), power)
         ctx.save_for_backward(magnitude, power, result)
         return result
 
@@ -252,41 +156,176 @@ class _MagnitudePower(torch.autograd.Function):
         return grad_magnitude, grad_power
 
 
-def _query_magnitude(query, power_scale, power_offset, eps, norm_scale=1.0):
-    """(|u|^p(r), u) with u = q / max(|q|, eps)."""
-    norm = torch.linalg.vector_norm(query, dim=-1, keepdim=True)  # (B, H, N, 1)
-    direction = query / norm.clamp_min(eps)  # (B, H, N, d)
-    power = query_power(norm, _per_head(power_scale, query), power_offset, _per_head(norm_scale, query))  # (B, H, N, 1)
-    return _MagnitudePower.apply(direction.abs(), power), direction
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in tensors)
 
 
-def _check_positive(**values) -> None:
-    """Float options that must be positive (tensors are left to their owners, to avoid a device sync)."""
-    for name, value in values.items():
-        if not torch.is_tensor(value) and not float(value) > 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+def _direction_power(query, power_scale, power_offset: float, eps: float, norm_scale):
+    """(|u|^p(r), u) for queries (..., tokens, d): u = q / max(|q|, eps), p from :func:`query_power`.
+    ``power_scale`` and ``norm_scale`` are floats, per-head tensors ``(heads,)`` or tensors that
+    broadcast against (..., tokens, 1)."""
+    norm = torch.linalg.vector_norm(query, dim=-1, keepdim=True)  # (..., N, 1)
+    direction = query / norm.clamp_min(eps)  # (..., N, d), entries in [-1, 1]
+    power = query_power(norm, _per_head(power_scale, query), power_offset, _per_head(norm_scale, query))
+    if _needs_grad(query, power):
+        return _MagnitudePower.apply(direction.abs(), power), direction
+    return _power_in_place(direction.abs(), power), direction
 
 
-def _odd_integer(value) -> bool:
-    return float(value).is_integer() and int(value) % 2 == 1
+def _key_power_signed(key: torch.Tensor, key_power) -> torch.Tensor:
+    """k' = sign(k) |k|^gamma, with plain products for odd integer gamma."""
+    if float(key_power).is_integer() and int(key_power) % 2 == 1:
+        return key.pow(int(key_power))
+    return torch.copysign(key.abs().pow(key_power), key)
 
 
-def _split_readout(q_parts, k_parts, value: torch.Tensor, eps: float) -> torch.Tensor:
-    """o = sum_i q_i S_i / (sum_i q_i z_i + eps) for feature blocks q_i, k_i, which is the readout of
-    the concatenated features without building them: S_i = mean_j k_ij v_j^T, z_i = mean_j k_ij."""
+def _sign_halves(signed: torch.Tensor):
+    """relu_split: [relu(x), relu(-x)] as two halves; the second is exact since one of them is 0."""
+    positive = torch.relu(signed)
+    return positive, positive - signed
+
+
+def _angle_halves(magnitude: torch.Tensor, direction: torch.Tensor, sharpness: float):
+    """cosine: [m cos t(u), m sin t(u)] as two halves, t(u) = (pi/4) tanh(s u)."""
+    angle = _angle(direction, sharpness)
+    return magnitude * torch.cos(angle), magnitude * torch.sin(angle)
+
+
+def nala_query_halves(query, *, power_scale=DEFAULTS.power_scale, power_offset=DEFAULTS.power_offset,
+                      inhibit=DEFAULTS.inhibit, angle_sharpness=DEFAULTS.angle_sharpness, eps=DEFAULTS.eps,
+                      norm_scale=DEFAULTS.norm_scale):
+    """The two d-wide halves of phi_q: [relu(u)^p, relu(-u)^p] or |u|^p [cos t(u), sin t(u)]."""
+    magnitude, direction = _direction_power(query, power_scale, power_offset, eps, norm_scale)
+    if inhibit == "relu_split":
+        return _sign_halves(torch.copysign(magnitude, direction))
+    if inhibit == "cosine":
+        return _angle_halves(magnitude, direction, angle_sharpness)
+    raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {inhibit!r}")
+
+
+def nala_key_halves(key, *, key_power=DEFAULTS.key_power, inhibit=DEFAULTS.inhibit,
+                    angle_sharpness=DEFAULTS.angle_sharpness, eps=DEFAULTS.eps):
+    """The two d-wide halves of phi_k: [relu(k'), relu(-k')] or |k|^gamma [cos t(k), sin t(k)]."""
+    if inhibit == "relu_split":
+        return _sign_halves(_key_power_signed(key, key_power))
+    if inhibit == "cosine":
+        direction = key / torch.linalg.vector_norm(key, dim=-1, keepdim=True).clamp_min(eps)
+        return _angle_halves(key.abs().pow(key_power), direction, angle_sharpness)
+    raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {inhibit!r}")
+
+
+def nala_query_features(query: torch.Tensor, **options) -> torch.Tensor:
+    """phi_q: (batch, heads, tokens, d) -> (batch, heads, tokens, 2d), non-negative for relu_split.
+    ``options``: those of :func:`nala_query_halves`."""
+    return torch.cat(nala_query_halves(query, **options), dim=-1)
+
+
+def nala_key_features(key: torch.Tensor, **options) -> torch.Tensor:
+    """phi_k: (batch, heads, tokens, d) -> (batch, heads, tokens, 2d). ``options``: those of
+    :func:`nala_key_halves`."""
+    return torch.cat(nala_key_halves(key, **options), dim=-1)
+
+
+def scaled_keys(key: torch.Tensor, key_power, eps: float):
+    """Keys divided by their largest magnitude per (batch, head), and the denominator's eps in the
+    same units: (k / m, eps / m^gamma).
+
+    phi_k is homogeneous of degree gamma in k, so S and z scale by m^-gamma together and the output
+    phi_q S / (phi_q z + eps) is unchanged when eps scales with them. In these units k^gamma cannot
+    overflow (|k / m| <= 1) for any finite key; where m^gamma itself overflows, eps / m^gamma is 0,
+    which is the exact value in float32 anyway.
+    """
+    largest = key.detach().abs().amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1)
+    largest = torch.where(largest > 0, largest, torch.ones_like(largest))
+    return key / largest, eps / largest.pow(key_power)
+
+
+# -- rotary embedding -------------------------------------------------------------------------------
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): adjacent pairs turned by 90 degrees."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, rope: RopeArg) -> torch.Tensor:
+    """Rotate ``x`` (..., tokens, dim) by ``rope``: a ``(cos, sin)`` pair of tables or a callable."""
+    if rope is None:
+        return x
+    if callable(rope):
+        return rope(x)
+    cos, sin = rope
+    return x * cos.to(x.dtype) + rotate_pairs(x) * sin.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_tables(rows: int, cols: int, dim: int, base: float, device: torch.device, dtype: torch.dtype) -> RotaryTables:
+    pairs = dim // 2
+    row_pairs, col_pairs = (pairs + 1) // 2, pairs // 2
+
+    def axis_angles(positions: torch.Tensor, count: int) -> torch.Tensor:
+        inv_freq = base ** (-torch.arange(count, device=device, dtype=torch.float64) / max(count, 1))
+        return positions[:, None].double() * inv_freq[None, :]  # (positions, count)
+
+    row_index = torch.arange(rows, device=device).repeat_interleave(cols)  # (N,)
+    col_index = torch.arange(cols, device=device).repeat(rows)  # (N,)
+    angles = torch.cat([axis_angles(row_index, row_pairs), axis_angles(col_index, col_pairs)], dim=-1)  # (N, d/2)
+    angles = angles.repeat_interleave(2, dim=-1)  # (N, dim): both members of a pair turn by one angle
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope_2d_tables(
+    grid_size: Sequence[int],
+    dim: int,
+    *,
+    base: float = 10000.0,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
+) -> RotaryTables:
+    """Axial 2D rotary tables ``(cos, sin)``, each (rows * cols, dim), tokens in row-major order.
+
+    Rotation pairs are adjacent coordinates (2i, 2i + 1), as in NaLaFormer's code; the first half of
+    the pairs turns with the row index, the second half with the column index. For NaLa ``dim`` is
+    the head_dim: each d-wide feature half is rotated on its own. Tables are cached per (grid, dim,
+    base, device, dtype); treat them as read-only.
+    """
+    if dim % 2:
+        raise ValueError(f"rotary embedding needs an even feature dimension, got {dim}")
+    rows, cols = (int(s) for s in grid_size)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return _rope_tables(rows, cols, int(dim), float(base), device, dtype)
+
+
+# -- readouts ------------------------------------------------------------------------------------
+
+
+def _linear_readout(phi_q, phi_k, value, eps, rope: RopeArg = None) -> torch.Tensor:
+    """o = phi_q . S / (phi_q . z + eps), S = mean_j phi_k v^T, z = mean_j phi_k; rope on the
+    numerator only. For the d-wide features of the linear baselines."""
+    return _split_readout((phi_q,), (phi_k,), value, eps, rope)
+
+
+def _split_readout(q_parts, k_parts, value: torch.Tensor, eps, rope: RopeArg = None) -> torch.Tensor:
+    """o = sum_i rot(q_i) S_i / (sum_i q_i z_i + eps) for feature blocks q_i, k_i (B, H, N, F_i),
+    which is the readout of the concatenated features without building them: S_i = mean_j rot(k_ij)
+    v_j^T, z_i = mean_j k_ij. ``rope`` rotates each block on its own (numerator only); ``eps`` is a
+    float or a (B, H, 1, 1) tensor."""
     batch, heads, tokens, _ = q_parts[0].shape
     num_keys, dim = value.shape[-2], value.shape[-1]
     value = value.reshape(batch * heads, num_keys, dim)
     numerator = denominator = None
     for q_i, k_i in zip(q_parts, k_parts):
-        q_i = q_i.reshape(batch * heads, tokens, -1)
-        k_i = k_i.reshape(batch * heads, num_keys, -1)
-        state = _bmm(k_i.transpose(1, 2), value) / num_keys  # (BH, F, d)
-        key_mean = k_i.mean(dim=1).unsqueeze(-1)  # (BH, F, 1)
-        num_i, den_i = _bmm(q_i, state), _bmm(q_i, key_mean)  # (BH, N, d), (BH, N, 1)
+        key_mean = k_i.reshape(batch * heads, num_keys, -1).mean(dim=1).unsqueeze(-1)  # (BH, F, 1)
+        den_i = _bmm(q_i.reshape(batch * heads, tokens, -1), key_mean)  # (BH, N, 1)
+        q_i, k_i = apply_rope(q_i, rope), apply_rope(k_i, rope)
+        state = _bmm(k_i.reshape(batch * heads, num_keys, -1).transpose(1, 2), value) / num_keys  # (BH, F, d)
+        num_i = _bmm(q_i.reshape(batch * heads, tokens, -1), state)  # (BH, N, d)
         numerator = num_i if numerator is None else numerator + num_i
         denominator = den_i if denominator is None else denominator + den_i
-    if torch.is_grad_enabled() and numerator.requires_grad:
+    if torch.is_tensor(eps):
+        eps = eps.expand(batch, heads, 1, 1).reshape(batch * heads, 1, 1)
+    if _needs_grad(numerator, denominator):
         return (numerator / (denominator + eps)).view(batch, heads, tokens, dim)
     return numerator.div_(denominator.add_(eps)).view(batch, heads, tokens, dim)
 
@@ -298,18 +337,17 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b)
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in tensors)
+def _check_positive(**values) -> None:
+    """Float options that must be positive (tensors are left to their owners, to avoid a device sync)."""
+    for name, value in values.items():
+        if not torch.is_tensor(value) and not float(value) > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
 
 
-def _signed_key_power(k: torch.Tensor, key_power) -> torch.Tensor:
-    """k' = sign(k) |k|^gamma, with plain products for odd integer gamma."""
-    if _odd_integer(key_power):
-        return k.pow(int(key_power))
-    return torch.copysign(k.abs().pow(key_power), k)
+# -- the kernel's paths ------------------------------------------------------------------------------
 
-
-_CHUNK_BYTES = 8 * 2**20  # feature buffers per chunk of heads: small enough to stay in cache and off mmap
+_CHUNK_BYTES = 8 * 2**20  # CPU gather path: feature buffers per chunk of heads stay in cache and off mmap
+_DENSE_CHUNK_BYTES = 2 * 2**30  # dense path: features of one batched call; larger inputs go by chunks
 
 
 def _sign_bit(x: torch.Tensor) -> torch.Tensor:
@@ -329,39 +367,16 @@ def _feature_index(q: torch.Tensor) -> torch.Tensor:
     return torch.sub(first, _sign_bit(q), alpha=dim, out=index)  # + d where the sign bit is set
 
 
-def relu_split_query_terms(q: torch.Tensor, power_scale: torch.Tensor, power_offset: float, eps: float,
-                           norm_scale: torch.Tensor):
+def relu_split_query_terms(q: torch.Tensor, power_scale, power_offset: float, eps: float, norm_scale):
     """The relu_split query features in gather form, for ``q`` of shape (heads, N, d).
 
     phi_q = [relu(u)^p, relu(-u)^p] has exactly one non-zero of each pair (m, d + m): |u_m|^p, at m
-    for u_m > 0 and at d + m otherwise. Returns that magnitude ``|u|^p`` (heads, N, d) and its
-    feature index (:func:`_feature_index`). ``power_scale`` and ``norm_scale`` are (heads, 1, 1).
-    Computed in place (:mod:`nala_diffusion.fused` has the same as plain code for the compiler).
+    for u_m > 0 and at d + m otherwise. Returns that magnitude ``|u|^p`` (heads, N, d), from the
+    shared :func:`_direction_power`, and its feature index (:func:`_feature_index`).
+    ``power_scale`` and ``norm_scale`` are (heads, 1, 1).
     """
-    norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True)  # (h, N, 1)
-    power = query_power(norm, power_scale, power_offset, norm_scale)  # (h, N, 1)
-    shift = norm.clamp_min_(eps).log2_().mul_(power)  # p log2 r
-    # |u|^p = 2^(p log2|q| - p log2 r) (exp2/log2 are the cheaper pair); log2 0 = -inf gives 0 for
-    # zero coordinates (and for q = 0)
-    magnitude = torch.abs(q, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))  # contiguous
-    magnitude.log2_().mul_(power).sub_(shift).exp2_()
+    magnitude, _ = _direction_power(q, power_scale, power_offset, eps, norm_scale)
     return magnitude, _feature_index(q)
-
-
-def relu_split_key_features(k: torch.Tensor, key_power) -> torch.Tensor:
-    """[relu(k'), -relu(-k')] with k' = sign(k) |k|^gamma: (..., M, d) -> (..., M, 2d), in place. The
-    second half carries a minus sign (one clamp instead of a clamp and a negation); the readout
-    removes it from the small state instead."""
-    dim = k.shape[-1]
-    features = k.new_empty(*k.shape[:-1], 2 * dim)
-    positive, negative = features[..., :dim], features[..., dim:]
-    if _odd_integer(key_power):
-        torch.pow(k, int(key_power), out=negative)  # an integer power is plain products, sign kept
-    else:
-        negative.copy_(_signed_key_power(k, key_power))
-    torch.clamp(negative, min=0, out=positive)
-    negative.clamp_(max=0)
-    return features
 
 
 def readout_table_width(dim: int) -> int:
@@ -369,51 +384,82 @@ def readout_table_width(dim: int) -> int:
     return -(-(dim + 1) // 16) * 16
 
 
-def _relu_split_state(k_features: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The readout table (h, 2d, width): rows [S; z] per feature, S = mean_j phi_k v^T (columns :d)
-    and z = mean_j phi_k (column d), padded to :func:`readout_table_width`."""
-    heads, num_keys, features = k_features.shape
-    dim = v.shape[-1]
-    table = k_features.new_zeros(heads, features, readout_table_width(dim))
-    table[..., :dim] = torch.bmm(k_features.transpose(1, 2), v)
-    table[..., dim] = k_features.sum(dim=1)
-    table[:, features // 2:].neg_()  # the key features' second half was -relu(-k')
+def relu_split_table(k: torch.Tensor, v: torch.Tensor, key_power) -> torch.Tensor:
+    """The gather readout's table (h, 2d, width) for keys (h, M, d) and values (h, M, e): rows
+    [S; z] per feature, S = mean_j phi_k v^T (columns :e), z = mean_j phi_k (column e), padded to
+    :func:`readout_table_width`. phi_k from the shared :func:`nala_key_halves`."""
+    heads, num_keys, dim = k.shape
+    value_dim = v.shape[-1]
+    table = k.new_zeros(heads, 2 * dim, readout_table_width(value_dim))
+    for rows, half in zip((slice(0, dim), slice(dim, 2 * dim)), nala_key_halves(k, key_power=key_power)):
+        torch.bmm(half.transpose(1, 2), v, out=table[:, rows, :value_dim])
+        table[:, rows, value_dim] = half.sum(dim=1)
     return table.div_(num_keys)
 
 
 @torch.no_grad()
-def _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps, norm_scale=1.0,
-                          query_terms=relu_split_query_terms, key_features=relu_split_key_features,
-                          gather: Optional[bool] = None) -> torch.Tensor:
-    """The relu_split kernel without autograd, by chunks of heads (buffers stay small).
-
-    Each query reads only d of its 2d feature rows (one per coordinate, chosen by the sign), so on
-    CPU the readout is a weighted gather-sum (``embedding_bag``) over the table [S; z], about half
-    the multiply-adds of the dense product. Other devices run the dense matmul (``gather``
-    chooses). The two feature functions may be compiled versions of the defaults
-    (:mod:`nala_diffusion.fused`).
-    """
+def _relu_split_gather(q, k, v, power_scale, power_offset, key_power, eps, norm_scale, denominator_eps,
+                       query_terms=relu_split_query_terms, table=relu_split_table) -> torch.Tensor:
+    """relu_split inference on CPU by chunks of heads (buffers stay in cache). Each query reads only d
+    of its 2d feature rows (one per coordinate, chosen by the sign), so the readout is a weighted
+    gather-sum (``embedding_bag``) over the table [S; z]: half the multiply-adds of the dense
+    product. ``denominator_eps`` is a (B, H, 1, 1) tensor (:func:`scaled_keys`); the feature
+    functions may be compiled versions of the defaults (:mod:`nala_diffusion.fused`)."""
     batch, heads, tokens, dim = q.shape
     num_keys, value_dim = k.shape[-2], v.shape[-1]
     scales, sigmas = head_scales(power_scale, q), head_scales(norm_scale, q)  # (B, H, 1, 1) each
-    gather = q.device.type == "cpu" if gather is None else gather
     out = q.new_empty(batch, heads, tokens, value_dim)
     step = max(1, _CHUNK_BYTES // ((tokens + num_keys) * 2 * dim * q.element_size()))
     for b in range(batch):
         for h in range(0, heads, step):
             part = slice(h, min(heads, h + step))
-            magnitude, index = query_terms(q[b, part], scales[b, part], power_offset, eps, sigmas[b, part])  # (h, N, d) each
-            table = _relu_split_state(key_features(k[b, part], key_power), v[b, part])  # (h, 2d, width)
-            if gather:
-                read = F.embedding_bag(index.reshape(-1, dim), table.view(-1, table.shape[-1]), mode="sum",
-                                       per_sample_weights=magnitude.reshape(-1, dim)).view(-1, tokens, table.shape[-1])
-            else:  # the dense 2d-wide query features
-                negative = _sign_bit(q[b, part]).bool()
-                zero = magnitude.new_zeros(())
-                q_features = torch.cat([torch.where(negative, zero, magnitude), torch.where(negative, magnitude, zero)], -1)
-                read = torch.bmm(q_features, table)  # (h, N, width)
-            torch.div(read[..., :value_dim], read[..., value_dim:value_dim + 1].add_(eps), out=out[b, part])
+            magnitude, index = query_terms(q[b, part], scales[b, part], power_offset, eps, sigmas[b, part])
+            readout = table(k[b, part], v[b, part], key_power)  # (h, 2d, width)
+            read = F.embedding_bag(index.reshape(-1, dim), readout.view(-1, readout.shape[-1]), mode="sum",
+                                   per_sample_weights=magnitude.reshape(-1, dim)).view(-1, tokens, readout.shape[-1])
+            denominator = read[..., value_dim:value_dim + 1].add_(denominator_eps[b, part])
+            torch.div(read[..., :value_dim], denominator, out=out[b, part])
     return out
+
+
+def dense_nala(q, k, v, power_scale, power_offset, key_power, inhibit, angle_sharpness, eps, norm_scale,
+               denominator_eps, rope: RopeArg = None) -> torch.Tensor:
+    """NaLa as batched products of the feature halves (no Python loop over heads); differentiable.
+    ``denominator_eps``: a float or a (B, H, 1, 1) tensor (see :func:`scaled_keys`)."""
+    q_parts = nala_query_halves(q, power_scale=power_scale, power_offset=power_offset, inhibit=inhibit,
+                                angle_sharpness=angle_sharpness, eps=eps, norm_scale=norm_scale)
+    k_parts = nala_key_halves(k, key_power=key_power, inhibit=inhibit, angle_sharpness=angle_sharpness, eps=eps)
+    return _split_readout(q_parts, k_parts, v, denominator_eps, rope)
+
+
+@torch.no_grad()
+def _dense_inference(q, k, v, power_scale, power_offset, key_power, inhibit, angle_sharpness, eps, norm_scale,
+                     denominator_eps, rope: RopeArg = None, kernel=None) -> torch.Tensor:
+    """:func:`dense_nala` in one batched call, or by chunks of (batch x heads) only where the
+    features would exceed ``_DENSE_CHUNK_BYTES``."""
+    kernel = kernel or dense_nala
+    batch, heads, tokens, dim = q.shape
+    per_head = (tokens + k.shape[-2]) * 2 * dim * q.element_size() * 2
+    rows = max(1, _DENSE_CHUNK_BYTES // per_head)
+    if batch * heads <= rows:
+        return kernel(q, k, v, power_scale, power_offset, key_power, inhibit, angle_sharpness, eps, norm_scale,
+                      denominator_eps, rope)
+    scales, sigmas = head_scales(power_scale, q), head_scales(norm_scale, q)
+    denominator_eps = head_scales(denominator_eps, q)
+    flat = lambda x: x.reshape(batch * heads, 1, *x.shape[2:])  # noqa: E731  (one head per "batch" row)
+    q_, k_, v_, scales, sigmas, den = (flat(x) for x in (q, k, v, scales, sigmas, denominator_eps))
+    out = q.new_empty(batch * heads, 1, tokens, v.shape[-1])
+    for start in range(0, batch * heads, rows):
+        part = slice(start, start + rows)
+        out[part] = kernel(q_[part], k_[part], v_[part], scales[part], power_offset, key_power, inhibit,
+                           angle_sharpness, eps, sigmas[part], den[part], rope)
+    return out.view(batch, heads, tokens, -1)
+
+
+def _memory_lean(function, *args):
+    """``function(*args)`` whose backward recomputes the 2d-wide features from q, k, v instead of
+    keeping them (``torch.utils.checkpoint``): training memory as for a d-wide linear attention."""
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
 
 
 def nala_attention(
@@ -421,21 +467,22 @@ def nala_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     *,
-    power_scale: Union[float, torch.Tensor] = 3.0,
-    power_offset: float = 0.5,
-    key_power: float = 3,
-    inhibit: str = "relu_split",
-    angle_sharpness: float = 20.0,
-    eps: float = 1e-6,
+    power_scale: Union[float, torch.Tensor] = DEFAULTS.power_scale,
+    power_offset: float = DEFAULTS.power_offset,
+    key_power: float = DEFAULTS.key_power,
+    inhibit: str = DEFAULTS.inhibit,
+    angle_sharpness: float = DEFAULTS.angle_sharpness,
+    eps: float = DEFAULTS.eps,
     rope: RopeArg = None,
     compile: bool = False,
-    norm_scale: Union[float, torch.Tensor] = 1.0,
+    norm_scale: Union[float, torch.Tensor] = DEFAULTS.norm_scale,
+    gather: Optional[bool] = None,
 ) -> torch.Tensor:
     """Norm-aware linear attention, O(tokens * head_dim^2) time and O(head_dim^2) state per head.
 
     Args:
         query, key, value: ``(batch, heads, tokens, head_dim)``; keys and values may have another
-            token count than queries.
+            token count than queries, and values another head_dim.
         power_scale: lambda in p(r) = lambda * (tau + tanh(r / sigma)); a float or a per-head tensor
             ``(heads,)``.
         power_offset: tau.
@@ -443,19 +490,23 @@ def nala_attention(
         inhibit: ``"relu_split"`` (released code) or ``"cosine"`` (the paper's angular form).
         angle_sharpness: s in the ``cosine`` angle (pi/4) tanh(s x / |x|).
         eps: guards the query normalisation and the output's denominator.
-        rope: rotary tables ``(cos, sin)`` broadcastable to ``(..., tokens, 2 * head_dim)`` (see
-            :func:`rope_2d_tables`), or a callable, applied to the numerator's features only.
-        compile: without autograd and without ``rope``, run the kernel fused by ``torch.compile``
+        rope: rotary tables ``(cos, sin)`` broadcastable to ``(..., tokens, head_dim)`` (see
+            :func:`rope_2d_tables`), or a callable; each d-wide feature half is rotated on its own,
+            in the numerator only, as in NaLaFormer's code.
+        compile: without autograd, run the same feature functions fused by ``torch.compile``
             (:mod:`nala_diffusion.fused`; the first call per shape compiles). Otherwise ignored.
         norm_scale: sigma, the query-norm scale of the power: a positive float or a per-head tensor
             ``(heads,)``; 1 is the official formula (see :func:`query_power`).
+        gather: without autograd and RoPE, for ``relu_split``: read the state by a gather-sum of the
+            d feature rows each query uses (the default on CPU) instead of batched dense products
+            (the default elsewhere).
 
     Returns:
-        ``(batch, heads, query_tokens, head_dim)`` in ``query.dtype``.
+        ``(batch, heads, query_tokens, value_head_dim)`` in ``query.dtype``.
 
-    The 2d-wide features are never concatenated: the readout runs on their two d-wide halves (the
-    positive/negative parts, or the cosine/sine parts), which is exact. With ``rope`` the features
-    are built whole (:func:`nala_attention_explicit`), since the rotation mixes the halves.
+    The 2d-wide features are never concatenated: the readout runs on their two d-wide halves. Keys
+    are scaled per head before the power (:func:`scaled_keys`), so no finite input overflows. With
+    autograd the features are recomputed in backward rather than stored.
     """
     _check_qkv(query, key, value)
     if inhibit not in INHIBIT_MODES:
@@ -463,42 +514,21 @@ def nala_attention(
     _check_positive(norm_scale=norm_scale, power_scale=power_scale, key_power=key_power, eps=eps)
     if query.shape[-2] == 0:
         return query.new_empty(*query.shape[:3], value.shape[-1])
-    if rope is not None:
-        return nala_attention_explicit(
-            query, key, value, power_scale=power_scale, power_offset=power_offset, key_power=key_power,
-            inhibit=inhibit, angle_sharpness=angle_sharpness, eps=eps, rope=rope, norm_scale=norm_scale,
-        )
     dtype = compute_dtype(query.dtype)
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
-    if compile and not _needs_grad(q, k, v, power_scale, norm_scale):
+    k, key_eps = scaled_keys(k, key_power, eps)  # (B, H, M, d), (B, H, 1, 1)
+    args = (q, k, v, power_scale, power_offset, key_power, inhibit, angle_sharpness, eps, norm_scale, key_eps)
+    if _needs_grad(q, k, v, power_scale, norm_scale):
+        return _memory_lean(dense_nala, *args, rope).to(query.dtype)
+    if gather is None:
+        gather = q.device.type == "cpu"
+    if compile:
         from .fused import nala_attention_fused
 
-        return nala_attention_fused(
-            q, k, v, power_scale, power_offset, key_power, inhibit, angle_sharpness, eps, norm_scale=norm_scale
-        ).to(query.dtype)
-    if inhibit == "relu_split" and not _needs_grad(q, k, v, power_scale, norm_scale):
-        return _relu_split_inference(q, k, v, power_scale, power_offset, key_power, eps, norm_scale).to(query.dtype)
-    magnitude, direction = _query_magnitude(q, power_scale, power_offset, eps, norm_scale)  # (B, H, N, d) each
-    if inhibit == "relu_split":
-        signed = torch.copysign(magnitude, direction)
-        q_positive = torch.relu(signed)  # relu(u)^p
-        q_negative = q_positive - signed  # relu(-u)^p, exact: one of the two is zero
-        k_signed = _signed_key_power(k, key_power)  # k' = sign(k) |k|^gamma
-        k_positive = torch.relu(k_signed)
-        k_negative = k_positive - k_signed
-        out = _split_readout((q_positive, q_negative), (k_positive, k_negative), v, eps)
-    else:
-        angle = _angle(direction, angle_sharpness)
-        k_direction = k / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(eps)
-        k_angle = _angle(k_direction, angle_sharpness)
-        k_magnitude = k.abs().pow(key_power)
-        out = _split_readout(
-            (magnitude * torch.cos(angle), magnitude * torch.sin(angle)),
-            (k_magnitude * torch.cos(k_angle), k_magnitude * torch.sin(k_angle)),
-            v,
-            eps,
-        )
-    return out.to(query.dtype)
+        return nala_attention_fused(*args, rope=rope, gather=gather).to(query.dtype)
+    if inhibit == "relu_split" and rope is None and gather:
+        return _relu_split_gather(*args[:6], eps, norm_scale, key_eps).to(query.dtype)
+    return _dense_inference(*args, rope).to(query.dtype)
 
 
 def nala_attention_explicit(
@@ -506,19 +536,19 @@ def nala_attention_explicit(
     key: torch.Tensor,
     value: torch.Tensor,
     *,
-    power_scale: Union[float, torch.Tensor] = 3.0,
-    power_offset: float = 0.5,
-    key_power: float = 3,
-    inhibit: str = "relu_split",
-    angle_sharpness: float = 20.0,
-    eps: float = 1e-6,
+    power_scale: Union[float, torch.Tensor] = DEFAULTS.power_scale,
+    power_offset: float = DEFAULTS.power_offset,
+    key_power: float = DEFAULTS.key_power,
+    inhibit: str = DEFAULTS.inhibit,
+    angle_sharpness: float = DEFAULTS.angle_sharpness,
+    eps: float = DEFAULTS.eps,
     rope: RopeArg = None,
-    norm_scale: Union[float, torch.Tensor] = 1.0,
+    norm_scale: Union[float, torch.Tensor] = DEFAULTS.norm_scale,
 ) -> torch.Tensor:
     """NaLa written literally from the formulas: the 2d-wide features are built, then read out.
 
-    Same arguments and result as :func:`nala_attention`, slower; it serves RoPE (which mixes the
-    feature halves) and as the straightforward baseline of the benchmarks.
+    Same arguments and result as :func:`nala_attention`, slower and without its key scaling; the
+    straightforward baseline of the benchmarks.
     """
     _check_qkv(query, key, value)
     dtype = compute_dtype(query.dtype)
@@ -528,7 +558,8 @@ def nala_attention_explicit(
         eps=eps, norm_scale=norm_scale,
     )  # (B, H, N, 2d)
     phi_k = nala_key_features(k, key_power=key_power, inhibit=inhibit, angle_sharpness=angle_sharpness, eps=eps)
-    return _linear_readout(phi_q, phi_k, v, eps, rope).to(query.dtype)
+    halves = None if rope is None else (lambda x: torch.cat([apply_rope(h, rope) for h in x.chunk(2, dim=-1)], -1))
+    return _linear_readout(phi_q, phi_k, v, eps, halves).to(query.dtype)  # RoPE turns each half on its own
 
 
 def kernel_feature_map(x: torch.Tensor, feature_map: str) -> torch.Tensor:
@@ -545,7 +576,7 @@ def linear_attention(
     value: torch.Tensor,
     *,
     feature_map: str = "relu",
-    eps: float = 1e-6,
+    eps: float = DEFAULTS.eps,
     rope: RopeArg = None,
 ) -> torch.Tensor:
     """Kernel linear attention: ``"relu"`` (as SANA) or ``"elu"`` (1 + ELU, Katharopoulos et al.)."""

@@ -26,8 +26,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' pipeline loader looks it up here)
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
-from .kernels import INHIBIT_MODES
-from .swap import ATTENTION_TYPES, processor_options, set_attention
+from .options import DEFAULTS, options_from_config
+from .swap import ATTENTION_TYPES, set_attention
 
 POSITION_EMBEDDINGS = ("extend", "interpolate")
 
@@ -67,8 +67,10 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
             official formula and the default, so configs saved without these keys load unchanged),
             ``"learnable"`` or ``"calibrated"`` (per-head values in the weights, set by
             :func:`~nala_diffusion.calibrate_norm_scale`; ``nala-train`` and conversion calibrate).
-        use_lepe, lepe_kernel_size, use_gate, use_rope: processor extras
-            (see :class:`~nala_diffusion.NaLaAttnProcessor`).
+        use_lepe, lepe_kernel_size, use_gate, use_rope, rope_base: processor extras.
+        Every attention option, its default and its meaning is declared once, in
+        :class:`~nala_diffusion.options.AttentionOptions`; its config key is the option's name
+        (``eps`` is ``attention_eps``).
         position_embedding (`str`, defaults to ``"interpolate"``): for grids other than the training
             grid, ``"interpolate"`` squeezes each axis into the training range (as diffusers'
             ``PatchEmbed`` and PixArt: a model trained at one size has seen only those positions),
@@ -97,19 +99,20 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         norm_eps: float = 1e-5,
         num_classes: Optional[int] = None,
         attention_type: str = "nala",
-        power_scale: float = 3.0,
-        power_offset: float = 0.5,
-        key_power: float = 3,
-        inhibit: str = "relu_split",
-        angle_sharpness: float = 20.0,
-        attention_eps: float = 1e-6,
-        learnable_power: bool = False,
-        norm_scale: float = 1.0,
-        norm_scale_mode: str = "fixed",
-        use_lepe: bool = False,
-        lepe_kernel_size: int = 3,
-        use_gate: bool = False,
-        use_rope: bool = False,
+        power_scale: float = DEFAULTS.power_scale,
+        power_offset: float = DEFAULTS.power_offset,
+        key_power: float = DEFAULTS.key_power,
+        inhibit: str = DEFAULTS.inhibit,
+        angle_sharpness: float = DEFAULTS.angle_sharpness,
+        attention_eps: float = DEFAULTS.eps,
+        learnable_power: bool = DEFAULTS.learnable_power,
+        norm_scale: float = DEFAULTS.norm_scale,
+        norm_scale_mode: str = DEFAULTS.norm_scale_mode,
+        use_lepe: bool = DEFAULTS.use_lepe,
+        lepe_kernel_size: int = DEFAULTS.lepe_kernel_size,
+        use_gate: bool = DEFAULTS.use_gate,
+        use_rope: bool = DEFAULTS.use_rope,
+        rope_base: float = DEFAULTS.rope_base,
         position_embedding: str = "interpolate",
     ):
         if num_classes is None:
@@ -118,8 +121,6 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
             raise ValueError(f"num_classes ({num_classes}) and num_embeds_ada_norm ({num_embeds_ada_norm}) disagree")
         if attention_type not in ATTENTION_TYPES:
             raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
-        if inhibit not in INHIBIT_MODES:
-            raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {inhibit!r}")
         if position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {position_embedding!r}")
         super().__init__(
@@ -150,25 +151,9 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
 
     # -- configuration helpers ------------------------------------------------------------------
     def attention_options(self) -> Dict[str, Any]:
-        """Processor options from the config that ``attention_type``'s processor accepts."""
-        config = self.config
-        candidates = {
-            "power_scale": config.power_scale,
-            "power_offset": config.power_offset,
-            "key_power": config.key_power,
-            "inhibit": config.inhibit,
-            "angle_sharpness": config.angle_sharpness,
-            "eps": config.attention_eps,
-            "learnable_power": config.learnable_power,
-            "norm_scale": config.norm_scale,
-            "norm_scale_mode": config.norm_scale_mode,
-            "use_lepe": config.use_lepe,
-            "lepe_kernel_size": config.lepe_kernel_size,
-            "use_gate": config.use_gate,
-            "use_rope": config.use_rope,
-        }
-        allowed = processor_options(config.attention_type)
-        return {k: v for k, v in candidates.items() if k in allowed}
+        """Processor options from the config that ``attention_type``'s processor accepts
+        (:func:`~nala_diffusion.options.options_from_config`)."""
+        return options_from_config(self.config)
 
     @property
     def null_class_label(self) -> int:

@@ -19,9 +19,9 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .kernels import INHIBIT_MODES, linear_attention, nala_attention, rope_2d_tables, softmax_attention
+from .options import NORM_SCALE_MODES, AttentionOptions, option_names  # noqa: F401  (NORM_SCALE_MODES re-exported)
+from .kernels import compute_dtype, linear_attention, nala_attention, rope_2d_tables, softmax_attention
 
-NORM_SCALE_MODES = ("fixed", "learnable", "calibrated")
 
 
 def _resolve_grid(grid_size: Optional[Sequence[int]], num_tokens: int) -> Tuple[int, int]:
@@ -45,49 +45,40 @@ class KernelAttnProcessor(nn.Module):
 
     Args:
         hidden_size: channels of the attention (``heads * head_dim``); needed by LePE, the gate and
-            a learnable power. :func:`~nala_diffusion.set_attention` fills it in.
-        num_heads: number of heads; needed by a learnable power.
+            per-head NaLa state. :func:`~nala_diffusion.set_attention` fills it in.
+        num_heads: number of heads; needed by per-head NaLa state.
         query_dim: channels of the attention's input, for the gate (defaults to ``hidden_size``).
-        use_lepe: add a depthwise ``lepe_kernel_size`` convolution of V over the token grid to the
-            output (locally enhanced positional encoding), zero-initialised so it starts as identity.
-        lepe_kernel_size: odd kernel size of the LePE convolution.
-        use_gate: output gate ``LayerNorm(o) * SiLU(W_g x)``.
-        use_rope: 2D rotary embedding on the grid (for linear kernels: on the numerator's features).
-        rope_base: rotary frequency base.
+        **options: the options of :class:`~nala_diffusion.options.AttentionOptions` that this
+            processor's ``attention_type`` takes. Extras for every kernel: ``use_lepe`` (a
+            zero-initialised depthwise ``lepe_kernel_size`` convolution of V over the token grid,
+            added to the output), ``use_gate`` (``LayerNorm(o) * SiLU(W_g x)``), ``use_rope`` (2D
+            rotary embedding; for linear kernels on the numerator's features) and ``rope_base``.
     """
 
     kernel_name = "kernel"
+    attention_type = "softmax"  # whose options it takes (the extras only)
 
     def __init__(
         self,
         hidden_size: Optional[int] = None,
         num_heads: Optional[int] = None,
         query_dim: Optional[int] = None,
-        *,
-        use_lepe: bool = False,
-        lepe_kernel_size: int = 3,
-        use_gate: bool = False,
-        use_rope: bool = False,
-        rope_base: float = 10000.0,
+        **options,
     ):
         super().__init__()
-        if lepe_kernel_size < 1 or lepe_kernel_size % 2 == 0:
-            raise ValueError(f"lepe_kernel_size must be a positive odd integer, got {lepe_kernel_size}")
-        if (use_lepe or use_gate) and hidden_size is None:
+        values = AttentionOptions.for_type(self.attention_type, **options)
+        if (values["use_lepe"] or values["use_gate"]) and hidden_size is None:
             raise ValueError("use_lepe and use_gate need hidden_size (the attention's heads * head_dim)")
         self.hidden_size = hidden_size
         self.num_heads = num_heads
-        self.use_lepe = bool(use_lepe)
-        self.lepe_kernel_size = int(lepe_kernel_size)
-        self.use_gate = bool(use_gate)
-        self.use_rope = bool(use_rope)
-        self.rope_base = float(rope_base)
+        for name, value in values.items():
+            setattr(self, name, value)
         # resolution-aware sharpness, a run-time setting (not saved): softmax multiplies its logits
         # by it, NaLa its power; linear kernels have no temperature and ignore it
         self.attention_sharpness = 1.0
         if self.use_lepe:
             self.lepe = nn.Conv2d(
-                hidden_size, hidden_size, lepe_kernel_size, padding=lepe_kernel_size // 2, groups=hidden_size
+                hidden_size, hidden_size, self.lepe_kernel_size, padding=self.lepe_kernel_size // 2, groups=hidden_size
             )
             nn.init.zeros_(self.lepe.weight)
             nn.init.zeros_(self.lepe.bias)
@@ -96,22 +87,12 @@ class KernelAttnProcessor(nn.Module):
             self.gate_norm = nn.LayerNorm(hidden_size)
 
     # -- what subclasses provide -------------------------------------------------------------
-    def rope_dim(self, head_dim: int) -> int:
-        """Width of the vectors the rotary embedding turns (queries/keys or their features)."""
-        return head_dim
-
     def attend(self, query, key, value, rope=None, attention_mask=None) -> torch.Tensor:
         raise NotImplementedError
 
     def options(self) -> Dict[str, object]:
         """Settings that rebuild this processor (with ``hidden_size``/``num_heads``)."""
-        return {
-            "use_lepe": self.use_lepe,
-            "lepe_kernel_size": self.lepe_kernel_size,
-            "use_gate": self.use_gate,
-            "use_rope": self.use_rope,
-            "rope_base": self.rope_base,
-        }
+        return {name: getattr(self, name) for name in option_names(self.attention_type)}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -179,7 +160,8 @@ class KernelAttnProcessor(nn.Module):
         grid = _resolve_grid(grid_size, sequence_length) if (self.use_lepe or self.use_rope) else None
         rope = None
         if self.use_rope:
-            rope = rope_2d_tables(grid, self.rope_dim(head_dim), base=self.rope_base, device=query.device)
+            rope = rope_2d_tables(grid, head_dim, base=self.rope_base, device=query.device,
+                                  dtype=compute_dtype(query.dtype))
 
         out = self.attend(query, key, value_heads, rope=rope, attention_mask=attention_mask)  # (B, H, N, d)
         out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)  # (B, N, inner)
@@ -204,7 +186,7 @@ class KernelAttnProcessor(nn.Module):
 class SoftmaxAttnProcessor(KernelAttnProcessor):
     """Softmax attention (SDPA); with no extras it computes exactly what ``AttnProcessor2_0`` does."""
 
-    kernel_name = "softmax"
+    kernel_name = attention_type = "softmax"
 
     def attend(self, query, key, value, rope=None, attention_mask=None):
         scale = None if self.attention_sharpness == 1.0 else self.attention_sharpness / math.sqrt(query.shape[-1])
@@ -221,14 +203,8 @@ class LinearAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
     """Kernel linear attention with ``feature_map`` ``"relu"`` (as SANA) or ``"elu"`` (1 + ELU)."""
 
     kernel_name = "linear"
+    attention_type = "relu_linear"
     feature_map = "relu"
-
-    def __init__(self, hidden_size=None, num_heads=None, query_dim=None, *, eps: float = 1e-6, **extras):
-        super().__init__(hidden_size, num_heads, query_dim, **extras)
-        self.eps = float(eps)
-
-    def options(self):
-        return {"eps": self.eps, **super().options()}
 
     def attend(self, query, key, value, rope=None, attention_mask=None):
         self._reject_mask(attention_mask)
@@ -236,12 +212,12 @@ class LinearAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
 
 
 class ReLULinearAttnProcessor(LinearAttnProcessor):
-    kernel_name = "relu_linear"
+    kernel_name = attention_type = "relu_linear"
     feature_map = "relu"
 
 
 class ELULinearAttnProcessor(LinearAttnProcessor):
-    kernel_name = "elu_linear"
+    kernel_name = attention_type = "elu_linear"
     feature_map = "elu"
 
 
@@ -270,82 +246,23 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
         out = attn(hidden_states, grid_size=(16, 24))
     """
 
-    kernel_name = "nala"
+    kernel_name = attention_type = "nala"
 
-    def __init__(
-        self,
-        hidden_size: Optional[int] = None,
-        num_heads: Optional[int] = None,
-        query_dim: Optional[int] = None,
-        *,
-        power_scale: float = 3.0,
-        power_offset: float = 0.5,
-        key_power: float = 3,
-        inhibit: str = "relu_split",
-        angle_sharpness: float = 20.0,
-        eps: float = 1e-6,
-        learnable_power: bool = False,
-        norm_scale: float = 1.0,
-        norm_scale_mode: str = "fixed",
-        use_lepe: bool = False,
-        lepe_kernel_size: int = 3,
-        use_gate: bool = False,
-        use_rope: bool = False,
-        rope_base: float = 10000.0,
-    ):
-        super().__init__(
-            hidden_size,
-            num_heads,
-            query_dim,
-            use_lepe=use_lepe,
-            lepe_kernel_size=lepe_kernel_size,
-            use_gate=use_gate,
-            use_rope=use_rope,
-            rope_base=rope_base,
-        )
-        if inhibit not in INHIBIT_MODES:
-            raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {inhibit!r}")
-        if power_scale <= 0 or key_power <= 0:
-            raise ValueError(f"power_scale and key_power must be positive, got {power_scale} and {key_power}")
-        if learnable_power and num_heads is None:
+    def __init__(self, hidden_size: Optional[int] = None, num_heads: Optional[int] = None,
+                 query_dim: Optional[int] = None, **options):
+        super().__init__(hidden_size, num_heads, query_dim, **options)
+        if self.learnable_power and num_heads is None:
             raise ValueError("learnable_power needs num_heads (one power scale per head)")
-        if not float(norm_scale) > 0:
-            raise ValueError(f"norm_scale must be positive, got {norm_scale}")
-        if norm_scale_mode not in NORM_SCALE_MODES:
-            raise ValueError(f"norm_scale_mode must be one of {NORM_SCALE_MODES}, got {norm_scale_mode!r}")
-        if norm_scale_mode != "fixed" and num_heads is None:
-            raise ValueError(f"norm_scale_mode={norm_scale_mode!r} needs num_heads (one norm scale per head)")
-        self.power_scale = float(power_scale)
-        self.power_offset = float(power_offset)
-        self.key_power = key_power
-        self.inhibit = inhibit
-        self.angle_sharpness = float(angle_sharpness)
-        self.eps = float(eps)
-        self.learnable_power = bool(learnable_power)
-        self.norm_scale = float(norm_scale)
-        self.norm_scale_mode = norm_scale_mode
+        if self.norm_scale_mode != "fixed" and num_heads is None:
+            raise ValueError(f"norm_scale_mode={self.norm_scale_mode!r} needs num_heads (one norm scale per head)")
         self.compile = False  # a run-time choice, not saved: see set_fused_attention
         if self.learnable_power:
-            self.log_power_scale = nn.Parameter(torch.full((num_heads,), math.log(power_scale)))
+            self.log_power_scale = nn.Parameter(torch.full((num_heads,), math.log(self.power_scale)))
         log_sigma = torch.full((num_heads or 1,), math.log(self.norm_scale))
-        if norm_scale_mode == "learnable":
+        if self.norm_scale_mode == "learnable":
             self.log_norm_scale = nn.Parameter(log_sigma)
-        elif norm_scale_mode == "calibrated":
+        elif self.norm_scale_mode == "calibrated":
             self.register_buffer("log_norm_scale", log_sigma)
-
-    def options(self):
-        return {
-            "power_scale": self.power_scale,
-            "power_offset": self.power_offset,
-            "key_power": self.key_power,
-            "inhibit": self.inhibit,
-            "angle_sharpness": self.angle_sharpness,
-            "eps": self.eps,
-            "learnable_power": self.learnable_power,
-            "norm_scale": self.norm_scale,
-            "norm_scale_mode": self.norm_scale_mode,
-            **super().options(),
-        }
 
     def resolved_power_scale(self):
         """lambda as the kernel gets it (times the run-time ``attention_sharpness``): a float, or a
@@ -380,9 +297,6 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
             "eps": self.eps,
             "norm_scale": self.resolved_norm_scale(),
         }
-
-    def rope_dim(self, head_dim: int) -> int:
-        return 2 * head_dim  # both inhibit variants give 2d features
 
     def attend(self, query, key, value, rope=None, attention_mask=None):
         self._reject_mask(attention_mask)

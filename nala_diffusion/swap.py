@@ -6,12 +6,12 @@ modules itself. Cross-attention layers (``attn.is_cross_attention``) are left as
 
 from __future__ import annotations
 
-import inspect
 from typing import Dict, Iterator, Tuple
 
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from .options import option_names
 from .processors import ATTENTION_PROCESSORS, KernelAttnProcessor
 
 ATTENTION_TYPES = tuple(ATTENTION_PROCESSORS)
@@ -25,16 +25,10 @@ def self_attention_modules(model: nn.Module) -> Iterator[Tuple[str, Attention]]:
 
 
 def processor_options(attention_type: str) -> Tuple[str, ...]:
-    """Keyword options a processor of ``attention_type`` accepts (besides the sizes)."""
-    cls = processor_class(attention_type)
-    names = []
-    for klass in cls.__mro__:
-        if klass in (nn.Module, object):
-            continue
-        for name, param in inspect.signature(klass.__init__).parameters.items():
-            if param.kind is param.KEYWORD_ONLY or (param.default is not param.empty and name not in names):
-                names.append(name)
-    return tuple(n for n in dict.fromkeys(names) if n not in ("hidden_size", "num_heads", "query_dim"))
+    """Keyword options a processor of ``attention_type`` accepts (besides the sizes), from
+    :class:`~nala_diffusion.options.AttentionOptions`."""
+    processor_class(attention_type)
+    return option_names(attention_type)
 
 
 def processor_class(attention_type: str):
@@ -47,10 +41,6 @@ def processor_class(attention_type: str):
 def make_processor(attention_type: str, attn: Attention, **options) -> KernelAttnProcessor:
     """A processor of ``attention_type`` sized for ``attn``, on its device and dtype."""
     cls = processor_class(attention_type)
-    allowed = processor_options(attention_type)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"{cls.__name__} does not take option(s) {unknown}; allowed: {sorted(allowed)}")
     processor = cls(hidden_size=attn.inner_dim, num_heads=attn.heads, query_dim=attn.query_dim, **options)
     weight = attn.to_q.weight
     return processor.to(device=weight.device, dtype=weight.dtype)

@@ -10,9 +10,9 @@ import torch
 
 
 def phi_query(q, power_scale=3.0, power_offset=0.5, inhibit="relu_split", s=20.0, eps=1e-6, norm_scale=1.0):
-    r = math.sqrt(float((q * q).sum()))
-    u = q / max(r, eps)
-    p = power_scale * (power_offset + math.tanh(r / norm_scale))
+    r = torch.sqrt((q * q).sum())  # tensors all the way, so that gradients can be compared
+    u = q / torch.clamp(r, min=eps)
+    p = power_scale * (power_offset + torch.tanh(r / norm_scale))
     if inhibit == "relu_split":
         return torch.cat([torch.clamp(u, min=0) ** p, torch.clamp(-u, min=0) ** p])
     theta = (math.pi / 4) * torch.tanh(s * u)
@@ -23,9 +23,25 @@ def phi_key(k, gamma=3, inhibit="relu_split", s=20.0, eps=1e-6):
     if inhibit == "relu_split":
         kp = torch.sign(k) * k.abs() ** gamma
         return torch.cat([torch.clamp(kp, min=0), torch.clamp(-kp, min=0)])
-    norm = math.sqrt(float((k * k).sum()))
-    theta = (math.pi / 4) * torch.tanh(s * k / max(norm, eps))
+    norm = torch.sqrt((k * k).sum())
+    theta = (math.pi / 4) * torch.tanh(s * k / torch.clamp(norm, min=eps))
     return torch.cat([k.abs() ** gamma * torch.cos(theta), k.abs() ** gamma * torch.sin(theta)])
+
+
+def rotate_pairs(x, cos, sin):
+    """Adjacent pairs (x[2i], x[2i+1]) turned by the angle whose cos/sin sit at 2i (and 2i + 1)."""
+    out = torch.empty_like(x)
+    for i in range(0, len(x), 2):
+        c, s_ = cos[i], sin[i]
+        out[i] = x[i] * c - x[i + 1] * s_
+        out[i + 1] = x[i + 1] * c + x[i] * s_
+    return out
+
+
+def rotate_each_half(features, cos, sin):
+    """NaLaFormer's RoPE on 2d-wide features: each d-wide half turned on its own."""
+    d = len(features) // 2
+    return torch.cat([rotate_pairs(features[:d], cos, sin), rotate_pairs(features[d:], cos, sin)])
 
 
 def nala_reference(q, k, v, power_scale=3.0, power_offset=0.5, key_power=3, inhibit="relu_split",
@@ -46,10 +62,10 @@ def nala_reference(q, k, v, power_scale=3.0, power_offset=0.5, key_power=3, inhi
                 if rope is None:
                     numerator = weights @ v[b, h]
                 else:
-                    cos, sin = rope
-                    rot = lambda x, c, s_: x * c + torch.cat([-x[len(x) // 2:], x[: len(x) // 2]]) * s_
-                    fq_r = rot(fq, cos[i].double(), sin[i].double())
-                    w_num = torch.stack([rot(fk[j], cos[j].double(), sin[j].double()) @ fq_r for j in range(M)]) / M
+                    cos, sin = rope  # (N, d) tables: pairs (2i, 2i + 1) turn by one angle
+                    fq_r = rotate_each_half(fq, cos[i].double(), sin[i].double())
+                    w_num = torch.stack([rotate_each_half(fk[j], cos[j].double(), sin[j].double()) @ fq_r
+                                         for j in range(M)]) / M
                     numerator = w_num @ v[b, h]
                 out[b, h, i] = numerator / (weights.sum() + eps)
     return out

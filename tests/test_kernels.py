@@ -36,11 +36,43 @@ def test_nala_options_and_cross_lengths_match_reference(inhibit):
 
 @pytest.mark.parametrize("inhibit", INHIBITS)
 def test_nala_rope_on_numerator_matches_reference(inhibit):
-    q, k, v = (torch.randn(1, 1, 12, 8, dtype=torch.float64) for _ in range(3))
-    rope = rope_2d_tables((3, 4), 16, dtype=torch.float64)
-    got = nala_attention(q, k, v, inhibit=inhibit, rope=rope)
-    assert rel_err(got, nala_reference(q, k, v, inhibit=inhibit, rope=rope)) < 1e-10
-    assert rel_err(got, nala_attention(q, k, v, inhibit=inhibit)) > 1e-3  # the rotation does something
+    # NaLaFormer's RoPE: each d-wide feature half turned on its own, adjacent pairs, numerator only;
+    # every path (autograd, dense and gather inference, explicit) against the float64 reference
+    q, k, v = (torch.randn(2, 2, 12, 8, dtype=torch.float64) for _ in range(3))
+    rope = rope_2d_tables((3, 4), 8, dtype=torch.float64)
+    expected = nala_reference(q, k, v, inhibit=inhibit, rope=rope)
+    with torch.no_grad():
+        for gather in (True, False):
+            assert rel_err(nala_attention(q, k, v, inhibit=inhibit, rope=rope, gather=gather), expected) < 1e-10
+    graph = nala_attention(q.clone().requires_grad_(), k, v, inhibit=inhibit, rope=rope)
+    assert rel_err(graph.detach(), expected) < 1e-10
+    assert rel_err(nala_attention_explicit(q, k, v, inhibit=inhibit, rope=rope), expected) < 1e-10
+    assert rel_err(expected, nala_attention(q, k, v, inhibit=inhibit)) > 1e-3  # the rotation does something
+
+
+def test_rope_tables_turn_adjacent_pairs_and_are_cached():
+    cos, sin = rope_2d_tables((2, 3), 8)
+    assert cos.shape == (6, 8)
+    assert torch.equal(cos[:, 0::2], cos[:, 1::2]) and torch.equal(sin[:, 0::2], sin[:, 1::2])
+    # pairs 0, 1 turn with the row, pairs 2, 3 with the column (tokens in row-major order)
+    assert torch.equal(cos[0, :4], cos[2, :4]) and not torch.equal(cos[0, :4], cos[3, :4])
+    assert torch.equal(cos[3, 4:], cos[0, 4:]) and not torch.equal(cos[0, 4:], cos[1, 4:])
+    assert rope_2d_tables((2, 3), 8)[0] is cos  # cached per grid, dim, base, device, dtype
+    assert rope_2d_tables((2, 3), 8, dtype=torch.float64)[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("inhibit", INHIBITS)
+def test_gradients_match_float64_reference_with_and_without_rope(inhibit):
+    q, k, v = (torch.randn(1, 2, 12, 6, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    lam = torch.tensor([2.5, 3.5], dtype=torch.float64, requires_grad=True)
+    for rope in (None, rope_2d_tables((3, 4), 6, dtype=torch.float64)):
+        got = torch.autograd.grad(nala_attention(q, k, v, power_scale=lam, inhibit=inhibit, rope=rope).square().sum(),
+                                  (q, k, v, lam))
+        expected = torch.autograd.grad(
+            nala_reference(q, k, v, power_scale=[lam[0], lam[1]], inhibit=inhibit, rope=rope).square().sum(),
+            (q, k, v, lam))
+        for g, e in zip(got, expected):
+            assert rel_err(g, e) < 1e-9
 
 
 def test_norm_changes_sharpness():
@@ -139,15 +171,26 @@ def test_value_head_dim_may_differ_and_empty_queries_give_empty_output(inhibit):
 
 
 @pytest.mark.parametrize("inhibit", INHIBITS)
-def test_no_tokens_by_tokens_tensor(inhibit):
-    n, d = 2048, 16
+@pytest.mark.parametrize("use_rope", [False, True])
+def test_no_tokens_by_tokens_tensor_nor_2d_wide_features(inhibit, use_rope):
+    from nala_diffusion.kernels import readout_table_width
+
+    n, d = 2048, 64
     q, k, v = (torch.randn(1, 1, n, d, requires_grad=True) for _ in range(3))
+    rope = rope_2d_tables((32, 64), d) if use_rope else None
     with LargestAllocation() as mode:
-        nala_attention(q, k, v, inhibit=inhibit, rope=rope_2d_tables((32, 64), 2 * d)).sum().backward()
-    assert mode.largest <= n * 2 * d  # the largest tensor is a (tokens, features) one, far below n * n
+        nala_attention(q, k, v, inhibit=inhibit, rope=rope).sum().backward()
+    assert mode.largest <= n * d  # the largest tensor is a (tokens, d) one: no 2d-wide features, no n x n
+    with torch.no_grad(), LargestAllocation() as mode:
+        for gather in (True, False):
+            nala_attention(q, k, v, inhibit=inhibit, rope=rope, gather=gather)
+    assert mode.largest <= n * readout_table_width(d)  # the gather read (tokens, d + 1 padded): below 2d
+    with LargestAllocation() as mode:
+        nala_attention_explicit(q.detach(), k.detach(), v.detach(), inhibit=inhibit)
+    assert mode.largest >= n * 2 * d  # the probe does see the 2d-wide features when they are built
     with LargestAllocation() as mode:
         softmax_reference(q.detach()[..., :64, :], k.detach()[..., :64, :], v.detach()[..., :64, :])
-    assert mode.largest >= 64 * 64  # the probe does see an N x N matrix when there is one
+    assert mode.largest >= 64 * 64  # and an N x N matrix when there is one
 
 
 MEMORY_SCRIPT = """
@@ -183,37 +226,55 @@ def test_inference_path_equals_differentiable_path(shape):
 
 
 @pytest.mark.parametrize("gather", [True, False])
-def test_inference_readouts_match_reference_on_edge_cases(gather):
-    # the gather-sum readout (CPU) and the dense one (other devices) on strided inputs, cross lengths,
-    # per-head powers, zero and negative-zero coordinates and a zero query
-    from nala_diffusion.kernels import _relu_split_inference
-
+@pytest.mark.parametrize("inhibit", INHIBITS)
+def test_inference_readouts_match_reference_on_edge_cases(gather, inhibit):
+    # the gather-sum readout (CPU's default) and the batched dense one (CUDA's default) on strided
+    # inputs, cross lengths, per-head powers, zero and negative-zero coordinates and a zero query
     q = torch.randn(2, 5, 3, 8, dtype=torch.float64).transpose(1, 2)  # (2, 3, 5, 8), not contiguous
     k, v = torch.randn(2, 3, 11, 8, dtype=torch.float64), torch.randn(2, 3, 11, 8, dtype=torch.float64)
     q[0, 0, 1, :4] = 0.0
     q[0, 0, 2, :4] = -0.0
     q[1, 2, 0] = 0.0
     lam = torch.tensor([2.0, 3.0, 4.5], dtype=torch.float64)
-    got = _relu_split_inference(q, k, v, lam, 0.5, 3, 1e-6, gather=gather)
-    assert rel_err(got, nala_reference(q, k, v, power_scale=lam.tolist())) < 1e-10
+    with torch.no_grad():
+        got = nala_attention(q, k, v, power_scale=lam, inhibit=inhibit, gather=gather)
+    assert rel_err(got, nala_reference(q, k, v, power_scale=lam.tolist(), inhibit=inhibit)) < 1e-10
     assert got[1, 2, 0].abs().max() == 0
 
 
-@pytest.mark.parametrize("key_power", [3, 2.5])
-def test_compilable_feature_functions_equal_the_in_place_ones(key_power):
-    # fused.py keeps plain-code twins of the in-place feature functions for torch.compile
-    from nala_diffusion import fused, kernels
+def test_dense_path_runs_batched_and_chunks_only_when_memory_requires(monkeypatch):
+    # the path CUDA takes, forced on CPU: one batched call; by (batch x heads) chunks above the budget
+    from nala_diffusion import kernels
 
-    q = torch.randn(7, 2, 16).transpose(0, 1)  # (heads, N, d), strided as in the processors
-    q[0, 0] = 0.0
-    k = torch.randn(2, 9, 16)
-    scales = torch.tensor([2.0, 4.0]).view(2, 1, 1)
-    sigmas = torch.tensor([1.0, 3.0]).view(2, 1, 1)
-    magnitude, index = kernels.relu_split_query_terms(q, scales, 0.5, 1e-6, sigmas)
-    plain_magnitude, plain_index = fused.compilable_query_terms(q, scales, 0.5, 1e-6, sigmas)
-    torch.testing.assert_close(plain_magnitude, magnitude)
-    assert torch.equal(plain_index, index)
-    torch.testing.assert_close(fused.compilable_key_features(k, key_power), kernels.relu_split_key_features(k, key_power))
+    q, k, v = (torch.randn(2, 3, 40, 8, dtype=torch.float64) for _ in range(3))
+    expected = nala_reference(q, k, v, power_scale=[2.0, 3.0, 4.0], norm_scale=[1.0, 2.0, 5.0])
+    options = dict(power_scale=torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64),
+                   norm_scale=torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64), gather=False)
+    calls = []
+    real = kernels.dense_nala
+    monkeypatch.setattr(kernels, "dense_nala", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.no_grad():
+        assert rel_err(nala_attention(q, k, v, **options), expected) < 1e-10
+        assert calls == [q.shape]
+        calls.clear()
+        monkeypatch.setattr(kernels, "_DENSE_CHUNK_BYTES", 2 * (40 + 40) * 2 * 8 * 8 * 2)  # two heads per call
+        assert rel_err(nala_attention(q, k, v, **options), expected) < 1e-10
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("inhibit", INHIBITS)
+def test_huge_keys_do_not_overflow(inhibit):
+    # |k|^3 overflows float32 above about 7e12; the kernel scales keys per head first
+    q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float64) for _ in range(3))
+    k = k * 1e13
+    expected = nala_reference(q, k, v, inhibit=inhibit)
+    assert torch.isfinite(expected).all()
+    with torch.no_grad():
+        for gather in (True, False):
+            got = nala_attention(q.float(), k.float(), v.float(), inhibit=inhibit, gather=gather)
+            assert torch.isfinite(got).all() and rel_err(got, expected) < 1e-4
+    got = nala_attention(q.float().requires_grad_(), k.float(), v.float(), inhibit=inhibit)
+    assert rel_err(got.detach(), expected) < 1e-4
 
 
 @pytest.mark.parametrize("inhibit", INHIBITS)

@@ -186,3 +186,44 @@ def test_set_fused_attention_switches_nala_layers_and_keeps_outputs():
         assert set_fused_attention(model, False) == model.config.num_layers
     assert all(not block.attn1.processor.compile for block in model.transformer_blocks)
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_every_option_is_declared_once_and_reaches_every_consumer():
+    import argparse
+    import dataclasses
+    import inspect
+
+    from nala_diffusion import NaLaDiTTransformer2DModel
+    from nala_diffusion.options import CONFIG_KEYS, DEFAULTS, FIELDS, AttentionOptions, add_option_flags, option_names
+    from nala_diffusion.processors import ATTENTION_PROCESSORS
+
+    # the model config has a key for every option, with the dataclass default
+    signature = inspect.signature(NaLaDiTTransformer2DModel.__init__).parameters
+    for name, key in zip(FIELDS, CONFIG_KEYS):
+        assert signature[key].default == getattr(DEFAULTS, name), key
+    # a flag for every option, of the option's type
+    parser = argparse.ArgumentParser()
+    names = add_option_flags(parser)
+    assert set(names) == set(FIELDS)
+    args = parser.parse_args(["--key_power", "5", "--attention_eps", "1e-5", "--use_rope", "--no-use_lepe",
+                              "--lepe_kernel_size", "5", "--inhibit", "cosine"])
+    assert args.key_power == 5.0 and isinstance(args.key_power, float) and args.eps == 1e-5
+    assert args.use_rope is True and args.use_lepe is False and args.lepe_kernel_size == 5 and args.power_scale is None
+    # processors take exactly their type's options and keep the dataclass types
+    for attention_type, cls in ATTENTION_PROCESSORS.items():
+        processor = cls(hidden_size=16, num_heads=2, **{n: getattr(DEFAULTS, n) for n in option_names(attention_type)})
+        assert set(processor.options()) == set(option_names(attention_type))
+    assert NaLaAttnProcessor(key_power=3).key_power == 3.0 and isinstance(NaLaAttnProcessor(key_power=3).key_power, float)
+    with pytest.raises(ValueError, match="does not take option"):
+        ATTENTION_PROCESSORS["softmax"](power_scale=2.0)
+    for bad in (dict(key_power=float("nan")), dict(eps=-1.0), dict(lepe_kernel_size=4), dict(use_rope="yes"),
+                dict(norm_scale_mode="auto"), dict(rope_base=0.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            AttentionOptions(**bad)
+    # a model built with every option (config keys) records them and its processors run with them
+    model = NaLaDiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, num_layers=1, sample_size=8,
+                                      patch_size=2, in_channels=3, num_classes=2, key_power=5, attention_eps=1e-5,
+                                      rope_base=100.0, use_rope=True, angle_sharpness=7.0)
+    processor = model.transformer_blocks[0].attn1.processor
+    assert (processor.key_power, processor.eps, processor.rope_base, processor.angle_sharpness) == (5.0, 1e-5, 100.0, 7.0)
+    assert dataclasses.asdict(AttentionOptions(**processor.options())) == {**dataclasses.asdict(DEFAULTS), **processor.options()}

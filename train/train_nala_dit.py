@@ -38,6 +38,7 @@ from nala_diffusion.conversion import convert_dit_to_nala, load_transformer
 from nala_diffusion.distributed import use_cpu_processes
 from nala_diffusion.data import build_latent_cache, dataset_fingerprint, dataset_id2label, load_dataset, load_latent_cache
 from nala_diffusion.model import preset_config
+from nala_diffusion.options import FIELDS, add_option_flags, config_key
 from nala_diffusion.norm_awareness import (
     calibrate_norm_scale,
     mean_responding_fraction,
@@ -49,8 +50,6 @@ from nala_diffusion.train import checkpoints
 from nala_diffusion.train.run_log import CsvLog
 
 logger = get_logger(__name__)
-NALA_OPTIONS = ("inhibit", "power_scale", "power_offset", "key_power", "use_lepe", "use_gate", "use_rope", "learnable_power",
-                "norm_scale", "norm_scale_mode")
 # sigma of NaLa's power for new models: calibrated on one batch of the training data (see README,
 # "The layer"); the official sigma = 1 saturates in a DiT.
 DEFAULT_NORM_SCALE_MODE = "calibrated"
@@ -70,18 +69,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--model_config", default="S/2", help="preset (S/2, B/2, L/2, XL/2, ...) or a JSON config file")
     model.add_argument("--init_from", default=None, help="DiT or NaLa DiT folder (or Hub id) to inherit weights from")
     model.add_argument("--attention", choices=ATTENTION_TYPES, default=None, help="override the attention type")
-    model.add_argument("--inhibit", choices=["relu_split", "cosine"], default=None)
-    for name in ("power_scale", "power_offset"):
-        model.add_argument(f"--{name}", type=float, default=None)
-    model.add_argument("--key_power", type=int, default=None)
-    for name in ("use_lepe", "use_gate", "use_rope", "learnable_power"):
-        model.add_argument(f"--{name}", action="store_const", const=True, default=None)
-    model.add_argument("--norm_scale_mode", choices=["fixed", "learnable", "calibrated"], default=None,
-                       help="sigma of NaLa's power p(r) = lambda (tau + tanh(r / sigma)): 'calibrated' (per head, the median "
-                            "query norm on one training batch; the default for new NaLa models), 'learnable' (calibrated, "
-                            "then trained) or 'fixed' (--norm_scale everywhere; 1 is NaLaFormer's official formula)")
-    model.add_argument("--norm_scale", type=float, default=None,
-                       help="sigma for --norm_scale_mode fixed, the start value otherwise (default 1)")
+    add_option_flags(model, defaults={
+        "norm_scale_mode": "the model's; new NaLa models: calibrated, the median query norm per head on one training batch",
+    })
     model.add_argument("--norm_scale_quantile", type=float, default=0.5,
                        help="calibration sets sigma to this quantile of each head's query norms")
     objective = p.add_argument_group("objective")
@@ -127,7 +117,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def attention_overrides(args) -> Dict[str, Any]:
-    overrides = {k: getattr(args, k) for k in NALA_OPTIONS if getattr(args, k) is not None}
+    overrides = {config_key(k): getattr(args, k) for k in FIELDS if getattr(args, k) is not None}
     if args.attention:
         overrides["attention_type"] = args.attention
     return overrides

@@ -1,0 +1,147 @@
+"""Every option of the attention processors, declared once.
+
+:class:`AttentionOptions` is the single list: the kernel's keyword defaults, the processors'
+constructors, the model config (:class:`~nala_diffusion.NaLaDiTTransformer2DModel`), conversion,
+swapping and ``nala-train``'s flags all read it. Each field says which attention types take it
+(``kinds``), its help text, and the model-config key where that differs from the field name.
+
+This module imports nothing heavy (no diffusers), so command-line tools can build their flags from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Tuple
+
+INHIBIT_MODES = ("relu_split", "cosine")
+NORM_SCALE_MODES = ("fixed", "learnable", "calibrated")
+ATTENTION_TYPES = ("nala", "softmax", "relu_linear", "elu_linear")
+
+_ALL = ATTENTION_TYPES
+_LINEAR = ("nala", "relu_linear", "elu_linear")
+_NALA = ("nala",)
+
+
+def _option(default, help: str, kinds=_NALA, config_key: str = None, choices=None):
+    return field(default=default, metadata={"help": help, "kinds": kinds, "config_key": config_key, "choices": choices})
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """The options of an attention processor; :meth:`for_type` keeps those a type takes."""
+
+    # -- NaLa's kernel: p(r) = lambda (tau + tanh(r / sigma)), phi_q = |u|^p split by sign or angle
+    power_scale: float = _option(3.0, "lambda, the scale of the norm-aware power p(r) = lambda (tau + tanh(r / sigma))")
+    power_offset: float = _option(0.5, "tau, the offset of the power")
+    key_power: float = _option(3.0, "gamma, the power of the keys (odd keeps the sign)")
+    inhibit: str = _option("relu_split", "how features keep the sign: 'relu_split' (released code) or 'cosine' "
+                           "(the paper's angular form)", choices=INHIBIT_MODES)
+    angle_sharpness: float = _option(20.0, "s in the cosine form's angle (pi/4) tanh(s x / |x|)")
+    eps: float = _option(1e-6, "guards the query normalisation and the readout's denominator", kinds=_LINEAR,
+                         config_key="attention_eps")
+    learnable_power: bool = _option(False, "make lambda a per-head parameter, trained with the model")
+    norm_scale: float = _option(1.0, "sigma, the query-norm scale of the power (1 is NaLaFormer's formula); the start "
+                                "value when norm_scale_mode is not fixed")
+    norm_scale_mode: str = _option("fixed", "sigma per head: 'fixed' (norm_scale everywhere), 'calibrated' (set from "
+                                   "the query norms on real inputs, kept fixed) or 'learnable' (calibrated, then "
+                                   "trained)", choices=NORM_SCALE_MODES)
+    # -- extras of every kernel (NaLaFormer's model)
+    use_lepe: bool = _option(False, "add LePE, a zero-initialised depthwise convolution of V over the token grid",
+                             kinds=_ALL)
+    lepe_kernel_size: int = _option(3, "odd kernel size of the LePE convolution", kinds=_ALL)
+    use_gate: bool = _option(False, "output gate LayerNorm(o) * SiLU(W_g x)", kinds=_ALL)
+    use_rope: bool = _option(False, "axial 2D rotary embedding (linear kernels: on the numerator's features)",
+                             kinds=_ALL)
+    rope_base: float = _option(10000.0, "rotary frequency base", kinds=_ALL)
+
+    def __post_init__(self):
+        for name in ("power_scale", "key_power", "eps", "norm_scale", "rope_base", "angle_sharpness"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if isinstance(self.power_offset, bool) or not isinstance(self.power_offset, (int, float)) \
+                or not math.isfinite(self.power_offset):
+            raise ValueError(f"power_offset must be a finite number, got {self.power_offset!r}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"{f.name} must be True or False, got {getattr(self, f.name)!r}")
+        for f in dataclasses.fields(self):  # one type per option: 3 and 3.0 are the same key_power
+            if f.type in ("float", float):
+                object.__setattr__(self, f.name, float(getattr(self, f.name)))
+        size = self.lepe_kernel_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
+            raise ValueError(f"lepe_kernel_size must be a positive odd integer, got {size!r}")
+
+    @classmethod
+    def for_type(cls, attention_type: str, **options) -> Dict[str, Any]:
+        """Validated options of an ``attention_type`` processor: the defaults of the options it
+        takes, overridden by ``options``; an option it does not take is a ``ValueError``."""
+        allowed = option_names(attention_type)
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(f"{attention_type!r} attention does not take option(s) {unknown}; allowed: {sorted(allowed)}")
+        values = dataclasses.asdict(cls(**options))
+        return {name: values[name] for name in allowed}
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(AttentionOptions)}
+DEFAULTS = AttentionOptions()
+
+
+def check_attention_type(attention_type: str) -> str:
+    if attention_type not in ATTENTION_TYPES:
+        raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
+    return attention_type
+
+
+def option_names(attention_type: str) -> Tuple[str, ...]:
+    """The options a processor of ``attention_type`` takes (besides its sizes)."""
+    check_attention_type(attention_type)
+    return tuple(name for name, f in FIELDS.items() if attention_type in f.metadata["kinds"])
+
+
+def config_key(name: str) -> str:
+    """The model-config key of option ``name`` (``eps`` is ``attention_eps`` there)."""
+    return FIELDS[name].metadata["config_key"] or name
+
+
+CONFIG_KEYS = tuple(config_key(name) for name in FIELDS)
+
+
+def options_from_config(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The processor options recorded in a model config, for its ``attention_type``; keys the config
+    lacks (older configs) take the defaults."""
+    attention_type = config.get("attention_type", "nala")
+    return AttentionOptions.for_type(
+        attention_type, **{name: config[config_key(name)] for name in option_names(attention_type)
+                           if config.get(config_key(name)) is not None}
+    )
+
+
+def _flag_type(f):
+    return {"float": float, "int": int, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+
+
+def add_option_flags(parser: argparse._ActionsContainer, defaults: Mapping[str, str] = None) -> Tuple[str, ...]:
+    """One flag per option (``--power_scale``, ``--use_lepe/--no-use_lepe``, ...; ``eps`` is
+    ``--attention_eps``), each with the option's type, choices and help text. Every flag defaults to
+    None, "as the model or preset has it"; the help says what that means (``defaults`` replaces
+    that text per option). Returns the option names, which are the flags' ``dest``."""
+    defaults = dict(defaults or {})
+    for name, f in FIELDS.items():
+        kinds = "" if f.metadata["kinds"] == _ALL else f" [{', '.join(f.metadata['kinds'])}]"
+        default = defaults.get(name, f"the model's, else {getattr(DEFAULTS, name)}")
+        help_text = f"{f.metadata['help']}{kinds} (default: {default})"
+        flag = f"--{config_key(name)}"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=_flag_type(f), choices=f.metadata["choices"], default=None,
+                                help=help_text)
+    return tuple(FIELDS)
