@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from nala_diffusion import NaLaDiTTransformer2DModel, linear_attention, nala_attention, nala_attention_explicit
 from nala_diffusion.kernels import readout_table_width
+from nala_diffusion.model import preset_config
 
 
 def sana_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -88,15 +89,24 @@ def synchronize(device):
 
 
 def median_seconds(fn, device, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn``: CUDA events on a GPU (the kernels run asynchronously), else
+    ``time.perf_counter``."""
     for _ in range(warmup):
         fn()
     synchronize(device)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
@@ -228,6 +238,112 @@ def model_level(device, repeats: int, model_tokens: int, train_tokens: int, trai
     return out
 
 
+MODEL_PROCESSORS = ("nala", "sana", "sdpa")
+
+
+def diffusers_dit(preset: str, layers: int, sample_size: int, device):
+    """diffusers' own ``DiTTransformer2DModel`` at a preset's width (S/2: 6 heads x 64)."""
+    from diffusers import DiTTransformer2DModel
+
+    config = preset_config(preset)
+    return DiTTransformer2DModel(num_attention_heads=config["num_attention_heads"],
+                                 attention_head_dim=config["attention_head_dim"], in_channels=4, num_layers=layers,
+                                 sample_size=sample_size, patch_size=config["patch_size"]).to(device).eval()
+
+
+def processor_sets(model) -> Dict[str, Dict[str, object]]:
+    """For one model: its self-attention processors as NaLa (``set_nala_attention``), diffusers'
+    ``SanaLinearAttnProcessor2_0`` and ``AttnProcessor2_0`` (SDPA), to swap call by call."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, SanaLinearAttnProcessor2_0
+
+    from nala_diffusion import restore_attention, set_nala_attention
+
+    sdpa = set_nala_attention(model)
+    nala = {name: model.get_submodule(name.removesuffix(".processor")).processor for name in sdpa}
+    restore_attention(model, sdpa)
+    return {"nala": nala, "sana": {name: SanaLinearAttnProcessor2_0() for name in sdpa},
+            "sdpa": {name: AttnProcessor2_0() for name in sdpa}}
+
+
+@torch.no_grad()
+def diffusers_model_level(device, repeats: int, tokens: Sequence[int], preset: str, layers: int) -> Dict[int, dict]:
+    """A diffusers DiT forward (batch 1) with each processor set, interleaved, per token count."""
+    from nala_diffusion import restore_attention
+
+    torch.manual_seed(0)
+    patch = preset_config(preset)["patch_size"]
+    out = {}
+    for n in tqdm(tokens, desc="diffusers DiT"):
+        side = int(round(n ** 0.5)) * patch
+        model = diffusers_dit(preset, layers, side, device)
+        sets = processor_sets(model)
+        x = torch.randn(1, 4, side, side, device=device)
+        t, y = torch.tensor([500], device=device), torch.tensor([1], device=device)
+
+        def forward(kind):
+            def call():
+                restore_attention(model, sets[kind])
+                model(x, timestep=t, class_labels=y)
+            return call
+
+        medians = interleaved_medians({kind: forward(kind) for kind in MODEL_PROCESSORS}, device, repeats)
+        row = {kind: {"seconds": medians[kind]} for kind in MODEL_PROCESSORS}
+        row["nala_vs_sana"] = medians["nala"] / medians["sana"]
+        row["nala_vs_sdpa"] = medians["nala"] / medians["sdpa"]
+        out[(side // patch) ** 2] = row
+    return out
+
+
+TRAIN_STEP_PROBE = """
+import json, resource, sys, time, torch
+from nala_diffusion import NaLaDiTTransformer2DModel
+from nala_diffusion.model import preset_config
+kind, preset, layers, tokens, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), torch.device(sys.argv[5])
+torch.manual_seed(0)
+config = {**preset_config(preset), "num_layers": layers}
+side = int(round(tokens ** 0.5)) * config["patch_size"]
+model = NaLaDiTTransformer2DModel(**config, sample_size=side, in_channels=4, attention_type=kind).to(device)
+x = torch.randn(1, 4, side, side, device=device)
+t, y = torch.tensor([500], device=device), torch.tensor([1], device=device)
+def step():
+    model.zero_grad(set_to_none=True)
+    model(x, timestep=t, class_labels=y).sample.square().mean().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+step()  # warm-up: the gradients now exist, as in training
+if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+else:
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+times = []
+for _ in range(3):
+    start = time.perf_counter(); step(); times.append(time.perf_counter() - start)
+peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(json.dumps({"peak_bytes": peak, "step_seconds": sorted(times)[1]}))
+"""
+
+
+def training_step_memory(device, preset: str, layers: int, tokens: int, kinds=("relu_linear", "nala")) -> dict:
+    """Peak memory and time of a training step (forward + backward, batch 1) per attention kind, each
+    in a fresh process (on CPU the peak is the process's maximum resident set)."""
+    import subprocess
+
+    out = {"tokens": tokens, "layers": layers, "preset": preset}
+    for kind in tqdm(kinds, desc="training-step memory"):
+        result = subprocess.run([sys.executable, "-c", TRAIN_STEP_PROBE, kind, preset, str(layers), str(tokens), str(device)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"the training-step probe for {kind} failed:\n{result.stderr[-2000:]}")
+        out[kind] = json.loads(result.stdout.strip().splitlines()[-1])
+    base = out[kinds[0]]
+    for kind in kinds[1:]:
+        out[f"{kind}_vs_{kinds[0]}"] = {"peak": out[kind]["peak_bytes"] / base["peak_bytes"],
+                                       "step_time": out[kind]["step_seconds"] / base["step_seconds"]}
+    return out
+
+
 def plot(results: dict, path: str) -> None:
     import matplotlib
 
@@ -265,6 +381,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--model_tokens", type=int, default=16384)
     p.add_argument("--train_tokens", type=int, default=256)
     p.add_argument("--train_batch", type=int, default=8)
+    p.add_argument("--diffusers_tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384],
+                   help="token counts of the diffusers DiT comparison (NaLa vs SANA vs SDPA processors)")
+    p.add_argument("--diffusers_layers", type=int, default=4, help="layers of that diffusers DiT")
+    p.add_argument("--memory_tokens", type=int, default=16384, help="tokens of the training-step memory probe")
+    p.add_argument("--memory_layers", type=int, default=4, help="layers of the training-step memory probe")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="benchmark_results")
     return p.parse_args(argv)
@@ -285,6 +406,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.skip_model:
         results["model_level"] = model_level(device, args.repeats, args.model_tokens, args.train_tokens,
                                              args.train_batch, args.preset)
+        results["diffusers_model_level"] = diffusers_model_level(device, args.repeats, args.diffusers_tokens,
+                                                                 args.preset, args.diffusers_layers)
+        results["training_step_memory"] = training_step_memory(device, args.preset, args.memory_layers,
+                                                               args.memory_tokens)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
@@ -297,6 +422,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{floor['nala_dense_vs_relu_linear']:.2f}, gather {floor['nala_gather_vs_relu_linear']:.2f}")
     for name, row in results.get("model_level", {}).items():
         print(f"DiT {name} at {row['tokens']} tokens: nala/softmax time {row['nala_vs_softmax']:.2f}")
+    for n, row in results.get("diffusers_model_level", {}).items():
+        print(f"diffusers DiT forward at {n} tokens: nala/sana {row['nala_vs_sana']:.2f}, nala/sdpa {row['nala_vs_sdpa']:.2f}")
+    memory = results.get("training_step_memory")
+    if memory:
+        ratio = memory["nala_vs_relu_linear"]
+        print(f"training step at {memory['tokens']} tokens, nala/relu_linear: peak memory {ratio['peak']:.2f}, "
+              f"time {ratio['step_time']:.2f}")
     print(f"wrote {args.out}/results.json and {args.out}/benchmark.png")
     return 0
 

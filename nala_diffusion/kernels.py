@@ -392,7 +392,7 @@ def relu_split_table(k: torch.Tensor, v: torch.Tensor, key_power) -> torch.Tenso
     value_dim = v.shape[-1]
     table = k.new_zeros(heads, 2 * dim, readout_table_width(value_dim))
     for rows, half in zip((slice(0, dim), slice(dim, 2 * dim)), nala_key_halves(k, key_power=key_power)):
-        torch.bmm(half.transpose(1, 2), v, out=table[:, rows, :value_dim])
+        table[:, rows, :value_dim] = torch.bmm(half.transpose(1, 2), v)  # (bmm's out= on a slice is slower)
         table[:, rows, value_dim] = half.sum(dim=1)
     return table.div_(num_keys)
 
