@@ -7,7 +7,7 @@ classifier (:class:`nala_diffusion.DomainClassifier`) through clean-fid's custom
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -108,15 +108,52 @@ def build_extractor(mode: str, device, inception_weights: Optional[str] = None, 
 
 
 @torch.no_grad()
-def folder_features(folder: str, extractor: Extractor, device, batch_size: int = 32, verbose: bool = True) -> np.ndarray:
+def image_files(folder: str) -> List[str]:
+    """The image files clean-fid reads in ``folder`` (recursively), sorted."""
+    from glob import glob
+
+    from cleanfid.fid import EXTENSIONS
+
+    return sorted(f for ext in EXTENSIONS for f in glob(os.path.join(glob_escape(folder), f"**/*.{ext}"), recursive=True))
+
+
+def glob_escape(path: str) -> str:
+    from glob import escape
+
+    return escape(path)
+
+
+def _first_unreadable(files: Sequence[str]) -> Optional[str]:
+    import PIL.Image
+
+    for path in files:
+        try:
+            with PIL.Image.open(path) as image:
+                image.load()
+        except Exception:
+            return path
+    return None
+
+
+def folder_features(folder: str, extractor: Extractor, device, batch_size: int = 32, verbose: bool = True,
+                    files: Optional[Sequence[str]] = None) -> np.ndarray:
+    """Features of the images in ``folder`` (or of exactly ``files``), one row per image in sorted order."""
     if not os.path.isdir(folder):
         raise ValueError(f"image folder {folder!r} does not exist")
-    features = cleanfid_fid.get_folder_features(
-        folder, model=extractor.fn, num_workers=0, batch_size=batch_size, device=device, mode=extractor.mode,
-        custom_fn_resize=extractor.resize, description=f"features {os.path.basename(folder.rstrip('/'))}", verbose=verbose,
-    )
-    if len(features) == 0:
+    files = list(files) if files is not None else image_files(folder)
+    if not files:
         raise ValueError(f"image folder {folder!r} holds no images")
+    try:
+        features = cleanfid_fid.get_files_features(
+            files, model=extractor.fn, num_workers=0, batch_size=batch_size, device=device, mode=extractor.mode,
+            custom_fn_resize=extractor.resize, description=f"features {os.path.basename(folder.rstrip('/'))}",
+            verbose=verbose,
+        )
+    except (OSError, ValueError) as error:
+        bad = _first_unreadable(files)
+        if bad is None:
+            raise
+        raise ValueError(f"cannot read the image {bad!r} ({error}); remove or replace it") from None
     return features.astype(np.float64)
 
 

@@ -23,7 +23,15 @@ from accelerate import PartialState
 
 from nala_diffusion.distributed import use_cpu_processes
 from nala_diffusion.eval import features as F
-from nala_diffusion.eval.sampling import SAMPLE_DIR, balanced_labels, generate_samples, pack_npz
+from nala_diffusion.eval.sampling import (
+    SAMPLE_DIR,
+    balanced_labels,
+    generate_samples,
+    guard_samples,
+    iter_sample_paths,
+    pack_npz,
+)
+from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
 from nala_diffusion.pipelines.pipeline_nala_dit_highres import NaLaDiTHighResPipeline
 from nala_diffusion.pipelines.sample import parse_sharpness
 from nala_diffusion.pipelines.schedulers import HIGHRES_MODES, SCHEDULERS, scheduler_from_name
@@ -54,6 +62,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="'auto', 'off' (default) or a factor: resolution-aware attention sharpness above the training size")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--npz", action="store_true", help="also pack the samples as OUT/samples.npz (ADM evaluator)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace samples in OUT made with other settings (default: refuse, naming what differs)")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -97,15 +107,33 @@ def run_sampling(args, state: PartialState) -> dict:
     labels = balanced_labels(args.num_samples, pipe.num_classes, args.labels)
     settings = pipe.sampling_settings(args.steps, args.guidance)
     args.steps, args.guidance = settings["num_inference_steps"], settings["guidance_scale"]
+    fingerprint = {
+        **pipeline_fingerprint(args.model, pipe), "steps": args.steps, "guidance": args.guidance,
+        "height": args.height or pipe.default_sample_size, "width": args.width or pipe.default_sample_size,
+        "labels": args.labels or f"balanced over {pipe.num_classes} classes", "seed": args.seed,
+        "highres_mode": args.highres_mode,
+        "position_embedding": args.position_embedding or pipe.transformer.config.position_embedding,
+        "attention_sharpness": args.attention_sharpness or "off",
+    }
     start = time.perf_counter()
-    written = generate_samples(
-        pipe, args.out, args.num_samples, labels=labels, seed=args.seed, batch_size=args.batch_size,
-        rank=state.process_index, world_size=state.num_processes, height=args.height, width=args.width,
-        show_progress=state.is_local_main_process, num_inference_steps=args.steps, guidance_scale=args.guidance,
-        highres_mode=args.highres_mode, position_embedding=args.position_embedding,
-        attention_sharpness=args.attention_sharpness,
-    )
-    state.wait_for_everyone()
+    lock = OutputLock(args.out, "the samples folder")
+    if state.is_main_process:
+        lock.acquire()
+    try:
+        guard_samples(args.out, fingerprint, args.overwrite, write=state.is_main_process)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            guard_samples(args.out, fingerprint, args.overwrite, write=False)
+        written = generate_samples(
+            pipe, args.out, args.num_samples, labels=labels, seed=args.seed, batch_size=args.batch_size,
+            rank=state.process_index, world_size=state.num_processes, height=args.height, width=args.width,
+            show_progress=state.is_local_main_process, num_inference_steps=args.steps, guidance_scale=args.guidance,
+            highres_mode=args.highres_mode, position_embedding=args.position_embedding,
+            attention_sharpness=args.attention_sharpness,
+        )
+        state.wait_for_everyone()
+    finally:
+        lock.release()
     if args.npz and state.is_main_process:
         pack_npz(args.out, args.num_samples, os.path.join(args.out, "samples.npz"))
     return {
@@ -194,9 +222,9 @@ def main(args) -> int:
         result = {**metrics(first, *F.statistics(second), second, extractor), "folders": args.folders,
                   "num_samples": len(first), "num_reference": len(second)}
     else:  # calc
-        feats = F.folder_features(os.path.join(args.out, SAMPLE_DIR), extractor, device, args.feature_batch_size)
-        if len(feats) != args.num_samples:
-            raise ValueError(f"{os.path.join(args.out, SAMPLE_DIR)} holds {len(feats)} images, expected {args.num_samples}")
+        # exactly images 0 .. num_samples - 1, whatever else the folder holds
+        feats = F.folder_features(os.path.join(args.out, SAMPLE_DIR), extractor, device, args.feature_batch_size,
+                                  files=list(iter_sample_paths(args.out, args.num_samples)))
         mu_ref, sigma_ref, feats_ref = reference(args, extractor, device)
         result = {**metrics(feats, mu_ref, sigma_ref, feats_ref, extractor), **info, "reference": args.ref}
     result["feature_extractor"] = extractor.describe()

@@ -24,7 +24,8 @@ from nala_diffusion import DomainClassifier, NaLaDiTPipeline, NaLaDiTTransformer
 from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path
 from nala_diffusion.data import load_dataset
 from nala_diffusion.eval import features as F
-from nala_diffusion.eval.sampling import SAMPLE_DIR, balanced_labels, generate_samples, sample_path
+from nala_diffusion.eval.sampling import balanced_labels, generate_samples, guard_samples, sample_path
+from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -39,14 +40,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--untrained_samples", type=int, default=None,
                    help="samples of the untrained baseline (default: --num_samples); the FID ratio uses equal counts")
     p.add_argument("--batch_size", type=int, default=100)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for the samples, the exported test images and quality.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace samples in OUT made with other settings (default: refuse, naming what differs)")
     return p.parse_args(argv)
 
 
-def sample(pipe, folder, args, labels, count):
+def sample(pipe, folder, args, labels, count, weights: str):
+    """Images 0 .. count - 1 in ``folder`` (reusing those a run with the same fingerprint made); their paths."""
+    fingerprint = {**pipeline_fingerprint(weights, pipe), "steps": args.steps, "guidance": args.guidance,
+                   "seed": args.seed, "labels": f"balanced over {pipe.num_classes} classes"}
+    guard_samples(folder, fingerprint, args.overwrite)
     generate_samples(pipe, folder, count, labels=labels, seed=args.seed, batch_size=args.batch_size,
                      num_inference_steps=args.steps, guidance_scale=args.guidance)
-    return os.path.join(folder, SAMPLE_DIR)
+    return [sample_path(folder, i) for i in range(count)]
 
 
 @torch.no_grad()
@@ -69,16 +76,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = pipe.sampling_settings(args.steps, args.guidance)
     args.steps, args.guidance = settings["num_inference_steps"], settings["guidance_scale"]
     resolution = pipe.default_sample_size
+    with OutputLock(args.out, "the quality folder"):
+        return evaluate(args, pipe, settings)
+
+
+def evaluate(args, pipe, settings) -> int:
     real = os.path.join(args.out, "real")
     if not os.path.isdir(real):
-        load_dataset(args.dataset, resolution, split="test").export(real)
+        load_dataset(args.dataset, pipe.default_sample_size, split="test").export(real)
     labels = balanced_labels(args.num_samples, pipe.num_classes)
     untrained_count = min(args.untrained_samples or args.num_samples, args.num_samples)
-    trained_dir = sample(pipe, os.path.join(args.out, "trained"), args, labels, args.num_samples)
+    trained_files = sample(pipe, os.path.join(args.out, "trained"), args, labels, args.num_samples, args.model)
     torch.manual_seed(args.seed)  # the untrained baseline is a fixed random initialisation
     untrained = NaLaDiTPipeline(NaLaDiTTransformer2DModel.from_config(pipe.transformer.config).eval(), pipe.scheduler,
                                 vae=pipe.vae, id2label=pipe.id2label, sampling_defaults=settings)
-    untrained_dir = sample(untrained, os.path.join(args.out, "untrained"), args, labels, untrained_count)
+    untrained_files = sample(untrained, os.path.join(args.out, "untrained"), args, labels, untrained_count,
+                             f"untrained, initialised with torch seed {args.seed}")
 
     classifier = DomainClassifier.from_pretrained(args.classifier).eval()
     extractor = F.classifier_extractor(args.classifier, torch.device("cpu"))
@@ -86,8 +99,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = {"model": os.path.abspath(args.model), "num_samples": args.num_samples, "steps": args.steps,
               "guidance": args.guidance, "classes": pipe.id2label,
               "class_accuracy": class_accuracy(classifier, os.path.join(args.out, "trained"), labels, pipe.num_classes)}
-    trained_feats = F.folder_features(trained_dir, extractor, "cpu", verbose=False)
-    untrained_feats = F.folder_features(untrained_dir, extractor, "cpu", verbose=False)[:untrained_count]
+    # exactly the images of this run's counts, whatever else the folders hold
+    trained_feats = F.folder_features(os.path.dirname(trained_files[0]), extractor, "cpu", verbose=False,
+                                      files=trained_files)
+    untrained_feats = F.folder_features(os.path.dirname(untrained_files[0]), extractor, "cpu", verbose=False,
+                                        files=untrained_files)
     real_stats = F.statistics(real_feats)
     result["fid_trained"] = F.frechet_distance(*F.statistics(trained_feats), *real_stats)
     result["kid_trained"] = F.kernel_inception_distance(trained_feats, real_feats)

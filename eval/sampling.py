@@ -8,6 +8,7 @@ rerun regenerates the batches that hold a missing or unreadable image and writes
 """
 
 import os
+import shutil
 import tempfile
 from typing import Iterator, List, Optional, Sequence
 
@@ -16,6 +17,7 @@ import PIL.Image
 import torch
 
 from nala_diffusion.files import new_file_mode
+from nala_diffusion.run_guard import check_fingerprint
 from tqdm.auto import tqdm
 
 SAMPLE_DIR = "samples"
@@ -59,6 +61,19 @@ def save_png_atomically(image: PIL.Image.Image, path: str) -> None:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def guard_samples(out_dir: str, fingerprint: dict, overwrite: bool = False, write: bool = True) -> str:
+    """Refuse to add to ``out_dir/samples`` images made with another fingerprint (model weights and
+    config, scheduler, steps, guidance, size, labels, seed, code version), naming what differs;
+    with ``overwrite`` the old images are removed first. See :func:`~nala_diffusion.run_guard.check_fingerprint`."""
+    samples = os.path.join(out_dir, SAMPLE_DIR)
+
+    def has_outputs() -> bool:
+        return os.path.isdir(samples) and any(name.endswith(".png") for name in os.listdir(samples))
+
+    return check_fingerprint(out_dir, fingerprint, overwrite=overwrite, has_outputs=has_outputs,
+                             clear=lambda: shutil.rmtree(samples, ignore_errors=True), what="samples", write=write)
 
 
 def generate_samples(

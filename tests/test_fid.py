@@ -133,3 +133,67 @@ def test_sample_above_the_training_size_with_positions_and_sharpness(assets, tmp
     plain = tmp_path / "plain"
     assert cli(["sample", *sample_args(assets, plain, n=2), "--height", "32", "--width", "32"]) == 0
     assert not np.array_equal(np.asarray(images[0]), np.asarray(PIL.Image.open(plain / "samples" / "000000.png")))
+
+
+def test_samples_of_another_model_or_setting_are_refused_not_reused(assets, tmp_path, capsys):
+    # defect: a folder sampled by one model was scored as another's
+    other = tmp_path / "other"
+    model = tiny_nala(sample_size=16, num_classes=3)
+    with torch.no_grad():
+        model.proj_out_2.bias.add_(0.5)  # other weights, same config
+    NaLaDiTPipeline(model, DDIMScheduler()).save_pretrained(other)
+    out = tmp_path / "a"
+    assert cli(["sample", *sample_args(assets, out, n=6)]) == 0
+    first = (out / "samples" / "000000.png").read_bytes()
+    extractor = ["--feature_extractor", str(assets / "classifier")]
+    code = cli(["calc", "--model", str(other), "--num_samples", "6", "--out", str(out), "--steps", "5",
+                "--guidance", "1", "--ref", str(assets / "real"), *extractor])
+    err = capsys.readouterr().err
+    assert code == 2 and "model_weights_sha256" in err and "steps: 2 -> 5" in err and "guidance" in err
+    assert (out / "samples" / "000000.png").read_bytes() == first and not (out / "fid.json").exists()
+    # the same settings continue; fewer samples score exactly the first ones
+    assert cli(["calc", *sample_args(assets, out, n=4), "--ref", str(assets / "real"), *extractor]) == 0
+    assert json.loads((out / "fid.json").read_text())["num_samples"] == 4
+    # --overwrite replaces them
+    assert cli(["sample", "--model", str(other), "--num_samples", "2", "--out", str(out), "--steps", "2",
+                "--overwrite"]) == 0
+    assert sorted(os.listdir(out / "samples")) == ["000000.png", "000001.png"]
+    assert (out / "samples" / "000000.png").read_bytes() != first
+    # images with no fingerprint (made by something else) are not adopted silently
+    stray = tmp_path / "stray"
+    (stray / "samples").mkdir(parents=True)
+    PIL.Image.new("RGB", (16, 16)).save(stray / "samples" / "000000.png")
+    assert cli(["sample", *sample_args(assets, stray, n=2)]) == 2
+    assert "no fingerprint.json" in capsys.readouterr().err
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_recovered(assets, tmp_path, capsys):
+    out = tmp_path / "locked"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": __import__("socket").gethostname()}))
+        assert cli(["sample", *sample_args(assets, out, n=2)]) == 2
+        assert f"process {sleeper.pid}" in capsys.readouterr().err
+        assert not (out / "samples").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with pytest.warns(UserWarning, match="stale lock"):
+        assert cli(["sample", *sample_args(assets, out, n=2)]) == 0
+    assert not (out / ".lock").exists() and len(os.listdir(out / "samples")) == 2
+
+
+def test_compare_on_an_empty_folder_and_a_truncated_png_name_the_problem(assets, tmp_path, capsys):
+    extractor = ["--feature_extractor", str(assets / "classifier")]
+    (tmp_path / "empty").mkdir()
+    assert cli(["compare", str(tmp_path / "empty"), str(assets / "real"), *extractor]) == 2
+    assert "holds no images" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(3):
+        PIL.Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(broken / f"{i}.png")
+    data = (broken / "1.png").read_bytes()
+    (broken / "1.png").write_bytes(data[: len(data) // 2])
+    assert cli(["compare", str(broken), str(assets / "real"), *extractor]) == 2
+    assert "1.png" in capsys.readouterr().err

@@ -1,0 +1,229 @@
+"""Guards for output folders that runs write and reruns reuse: fingerprints and locks.
+
+A **fingerprint** (``fingerprint.json``) records what made a folder's outputs: the model's weights
+hash and config, the scheduler, the sampling settings, the seed, the code version. A rerun on the
+same folder continues only when its fingerprint is the same; otherwise it refuses, naming the
+fields that differ, unless told to overwrite (the old outputs are then removed first).
+
+A **lock** (``.lock``, holding the process id and host) keeps two runs from writing one folder at
+the same time. A lock whose process is gone (same host, dead pid) is stale and is taken over with a
+warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+FINGERPRINT_FILE = "fingerprint.json"
+LOCK_FILE = ".lock"
+
+
+def code_version() -> str:
+    """The installed nala_diffusion version."""
+    try:
+        from importlib.metadata import version
+
+        return version("nala-diffusion")
+    except Exception:  # not installed (run from a source tree)
+        return "unknown"
+
+
+def folder_weights_hash(folder: str) -> str:
+    """sha256 over every ``*.safetensors`` file under ``folder`` (relative path and bytes), in
+    sorted order: two folders with the same weights hash alike wherever they are."""
+    digest = hashlib.sha256()
+    files = []
+    for root, _, names in os.walk(folder):
+        files += [os.path.join(root, n) for n in names if n.endswith(".safetensors")]
+    if not files:
+        raise ValueError(f"{folder!r} holds no .safetensors weights")
+    for path in sorted(files):
+        digest.update(os.path.relpath(path, folder).replace(os.sep, "/").encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def fingerprint_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
+    """The fields whose values differ, as ``"field: old -> new"`` lines."""
+    old, new = _jsonable(old), _jsonable(new)
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            before, after = json.dumps(old.get(key))[:200], json.dumps(new.get(key))[:200]
+            lines.append(f"{key}: {before} -> {after}")
+    return lines
+
+
+def write_json_atomically(path: str, data: Mapping[str, Any]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(_jsonable(data), stream, indent=2, sort_keys=True)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_fingerprint(
+    folder: str,
+    fingerprint: Mapping[str, Any],
+    *,
+    overwrite: bool = False,
+    has_outputs: Optional[Callable[[], bool]] = None,
+    clear: Optional[Callable[[], None]] = None,
+    what: str = "outputs",
+    flag: str = "--overwrite",
+    write: bool = True,
+) -> str:
+    """Make sure ``folder``'s outputs were made with ``fingerprint`` before they are reused.
+
+    Returns ``"new"`` (no outputs yet), ``"same"`` (same fingerprint: continue) or
+    ``"overwritten"`` (``overwrite``: ``clear()`` removed the old outputs). Raises ``ValueError``
+    naming the differing fields when the folder holds outputs of another fingerprint, or outputs
+    with no fingerprint, and ``overwrite`` is False. ``write=False`` checks without writing (other
+    processes of a distributed run).
+    """
+    path = os.path.join(folder, FINGERPRINT_FILE)
+    existing = has_outputs() if has_outputs else False
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                old = json.load(handle)
+        except (OSError, ValueError) as error:
+            old = {"unreadable fingerprint": str(error)}
+        differences = fingerprint_differences(old, fingerprint)
+        if not differences:
+            return "same"
+        if not overwrite:
+            raise ValueError(
+                f"{folder!r} holds {what} made with other settings; they differ in\n  " + "\n  ".join(differences)
+                + f"\nPass {flag} to replace them, or choose another output folder (nothing was changed)."
+            )
+        existing = True
+    elif existing and not overwrite:
+        raise ValueError(
+            f"{folder!r} already holds {what} but no {FINGERPRINT_FILE} to say what made them; pass {flag} to replace "
+            "them, or choose another output folder (nothing was changed)."
+        )
+    status = "new"
+    if existing and overwrite:
+        if clear and write:
+            clear()
+        status = "overwritten"
+    if write:
+        write_json_atomically(path, fingerprint)
+    return status
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+class OutputLock:
+    """``with OutputLock(folder): ...``: hold ``folder/.lock`` while writing ``folder``.
+
+    A second writer gets a ``ValueError`` naming the holder's process id and host. A lock left by a
+    process that has died (same host) is taken over with a warning; a lock from another host is
+    never assumed stale (remove the file by hand if that run is gone).
+    """
+
+    def __init__(self, folder: str, what: str = "this folder"):
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK_FILE)
+        self.what = what
+        self.held = False
+
+    def _claim(self) -> bool:
+        try:
+            handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, stream)
+        return True
+
+    def acquire(self) -> "OutputLock":
+        os.makedirs(self.folder, exist_ok=True)
+        for _ in range(3):
+            if self._claim():
+                self.held = True
+                return self
+            try:
+                with open(self.path, encoding="utf-8") as handle:
+                    holder = json.load(handle)
+            except (OSError, ValueError):
+                holder = {}
+            pid, host = holder.get("pid"), holder.get("host")
+            if pid == os.getpid() and host == socket.gethostname():
+                raise ValueError(f"{self.path} is already held by this process")
+            if host == socket.gethostname() and isinstance(pid, int) and not _process_alive(pid):
+                warnings.warn(f"taking over the stale lock {self.path} of process {pid}, which is no longer running")
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            if not holder:  # a lock being written this instant, or garbage: look again
+                time.sleep(0.2)
+                continue
+            raise ValueError(
+                f"{self.what} {self.folder!r} is being written by process {pid} on {host} (lock file {self.path}); "
+                "wait for it to finish, or remove the lock file if that process is gone"
+            )
+        raise ValueError(f"could not take the lock {self.path}; remove it if no run is writing {self.folder!r}")
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def pipeline_fingerprint(model_path: str, pipe) -> Dict[str, Any]:
+    """What a pipeline folder contributes to its samples: weights hash, transformer config and the
+    scheduler with its settings."""
+    transformer = pipe.transformer
+    return {
+        "model_weights_sha256": folder_weights_hash(model_path) if os.path.isdir(model_path) else model_path,
+        "transformer_config": {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")},
+        "scheduler": type(pipe.scheduler).__name__,
+        "scheduler_config": {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")},
+        "code_version": code_version(),
+    }
