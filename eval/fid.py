@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 from accelerate import PartialState
 
+from nala_diffusion.cli_args import positive_int
 from nala_diffusion.distributed import use_cpu_processes
 from nala_diffusion.eval import features as F
 from nala_diffusion.eval.sampling import (
@@ -41,26 +42,26 @@ def add_feature_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=F.MODES, default="clean", help="clean-fid feature mode")
     p.add_argument("--inception_weights", default=None, help=f"local copy of {F.TORCHSCRIPT_WEIGHTS}")
     p.add_argument("--feature_extractor", default=None, help="DomainClassifier folder (safetensors) instead of Inception")
-    p.add_argument("--feature_batch_size", type=int, default=32)
+    p.add_argument("--feature_batch_size", type=positive_int, default=32)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="pipeline folder")
-    p.add_argument("--num_samples", type=int, required=True)
+    p.add_argument("--num_samples", type=positive_int, required=True)
     p.add_argument("--out", required=True, help="folder; images go to OUT/samples/{i:06d}.png")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--steps", type=int, default=None, help="default: the pipeline's sampling_defaults, else 50")
+    p.add_argument("--steps", type=positive_int, default=None, help="default: the pipeline's sampling_defaults, else 50")
     p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's sampling_defaults, else 4.0")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=positive_int, default=None)
+    p.add_argument("--width", type=positive_int, default=None)
     p.add_argument("--labels", type=int, nargs="+", default=None, help="cycled; default: every class in turn")
     p.add_argument("--highres_mode", choices=HIGHRES_MODES, default="direct")
     p.add_argument("--position_embedding", choices=["interpolate", "extend"], default=None,
                    help="positions above the training size (default: the model's config, normally interpolate)")
     p.add_argument("--attention_sharpness", type=parse_sharpness, default=None,
                    help="'auto', 'off' (default) or a factor: resolution-aware attention sharpness above the training size")
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--batch_size", type=positive_int, default=16)
     p.add_argument("--npz", action="store_true", help="also pack the samples as OUT/samples.npz (ADM evaluator)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace samples in OUT made with other settings (default: refuse, naming what differs)")

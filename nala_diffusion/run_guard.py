@@ -172,6 +172,7 @@ class OutputLock:
         return True
 
     def acquire(self) -> "OutputLock":
+        self.created = not os.path.isdir(self.folder)
         os.makedirs(self.folder, exist_ok=True)
         for _ in range(3):
             if self._claim():
@@ -208,6 +209,11 @@ class OutputLock:
                 os.remove(self.path)
             except FileNotFoundError:
                 pass
+            if getattr(self, "created", False):
+                try:
+                    os.rmdir(self.folder)  # made only for the lock, and nothing was written: leave no trace
+                except OSError:
+                    pass
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()

@@ -220,3 +220,56 @@ def test_errors_are_clear_and_overwrite_nothing(data, tmp_path, capsys):
     assert incompatible.returncode == 2 and "incompatible configuration" in incompatible.stderr
     assert "model attention_head_dim: checkpoint 8, this run 16" in incompatible.stderr
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_resume_refuses_what_it_cannot_continue_exactly(data, tmp_path, capsys):
+    # a finished run without checkpoints: "resume latest" must not start again over its weights
+    out = tmp_path / "finished"
+    train(base_args(data, out, steps=2, checkpointing_steps=100))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert cli(base_args(data, out, steps=4, checkpointing_steps=100, resume_from_checkpoint="latest")) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+    # a run with a checkpoint: a changed objective, EMA or class names are refused, naming them
+    out = tmp_path / "run"
+    train(base_args(data, out, steps=4))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    renamed = tmp_path / "renamed"
+    for c in range(3):
+        (renamed / f"kind{c}").mkdir(parents=True)
+        for image in (data / "images" / f"class{c}").glob("*.png"):
+            (renamed / f"kind{c}" / image.name).write_bytes(image.read_bytes())
+    other_data = base_args(data, out, steps=6, resume_from_checkpoint="latest")
+    other_data[other_data.index("--train_data_dir") + 1] = str(renamed)
+    for args, message in [
+        (base_args(data, out, steps=6, resume_from_checkpoint="latest", prediction_type="v_prediction"),
+         "--prediction_type: checkpoint 'epsilon', this run 'v_prediction'"),
+        (base_args(data, out, steps=6, resume_from_checkpoint="latest", use_ema=True), "--use_ema: checkpoint False"),
+        (other_data, "class names: checkpoint ['class0', 'class1', 'class2'], this run ['kind0', 'kind1', 'kind2']"),
+    ]:
+        result = train(args, check=False)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+    # --overwrite trains again from step 0; a zero step count is a usage error
+    train(base_args(data, out, steps=2, overwrite=True))
+    assert [row["step"] for row in log_rows(out)][-1] == 2
+    with pytest.raises(SystemExit) as exit_info:
+        cli(base_args(data, tmp_path / "zero", checkpointing_steps=0))
+    assert exit_info.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+
+
+def test_a_second_trainer_on_one_folder_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": __import__("socket").gethostname()}))
+        assert cli(base_args(data, out, steps=2)) == 2
+        assert f"being written by process {sleeper.pid}" in capsys.readouterr().err
+        assert os.listdir(out) == [".lock"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -122,5 +122,12 @@ def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], path: str) 
     for key in ("dataset_size", "train_batch_size", "gradient_accumulation_steps", "num_processes", "latent_space"):
         if saved.get(key) != current.get(key):
             problems.append(f"{key}: checkpoint {saved.get(key)!r}, this run {current.get(key)!r}")
+    if "class_names" in saved and saved["class_names"] != current.get("class_names"):
+        problems.append(f"class names: checkpoint {saved['class_names']!r}, this run {current.get('class_names')!r}")
+    saved_args, current_args = saved.get("result_args", {}), current.get("result_args", {})
+    for key in sorted(set(saved_args) & set(current_args)):
+        if saved_args[key] != current_args[key]:
+            problems.append(f"--{key}: checkpoint {saved_args[key]!r}, this run {current_args[key]!r}")
     if problems:
-        raise ValueError(f"cannot resume from {path}: incompatible configuration\n  " + "\n  ".join(problems))
+        raise ValueError(f"cannot resume from {path}: incompatible configuration\n  " + "\n  ".join(problems)
+                         + "\nResume with the checkpoint's settings, or pass --overwrite to start again from step 0.")

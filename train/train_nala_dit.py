@@ -37,8 +37,10 @@ from nala_diffusion import ATTENTION_TYPES, NaLaDiTPipeline, NaLaDiTTransformer2
 from nala_diffusion.conversion import convert_dit_to_nala, load_transformer
 from nala_diffusion.distributed import use_cpu_processes
 from nala_diffusion.data import build_latent_cache, dataset_fingerprint, dataset_id2label, load_dataset, load_latent_cache
+from nala_diffusion.cli_args import positive_int
 from nala_diffusion.model import preset_config
 from nala_diffusion.options import FIELDS, add_option_flags, config_key
+from nala_diffusion.run_guard import LOCK_FILE, OutputLock
 from nala_diffusion.norm_awareness import (
     calibrate_norm_scale,
     mean_responding_fraction,
@@ -60,7 +62,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     data = p.add_argument_group("data")
     data.add_argument("--train_data_dir", default=None, help="ImageFolder: one subfolder per class")
     data.add_argument("--dataset", default=None, help="builtin:<name>, a built-in offline dataset")
-    data.add_argument("--resolution", type=int, default=32, help="images are resized and center-cropped to this")
+    data.add_argument("--resolution", type=positive_int, default=32, help="images are resized and center-cropped to this")
     data.add_argument("--no_random_flip", dest="random_flip", action="store_false", help="disable horizontal flips")
     data.add_argument("--vae", default=None, help="local AutoencoderKL folder: train in its latent space")
     data.add_argument("--cache_latents", action="store_true", help="encode the data once (both flips) and reuse it")
@@ -80,9 +82,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     objective.add_argument("--teacher", default=None, help="frozen softmax DiT folder to distill from")
     objective.add_argument("--distill_weight", type=float, default=1.0)
     optim = p.add_argument_group("optimisation")
-    optim.add_argument("--max_train_steps", type=int, required=True)
-    optim.add_argument("--train_batch_size", type=int, default=32, help="per process")
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--max_train_steps", type=positive_int, required=True)
+    optim.add_argument("--train_batch_size", type=positive_int, default=32, help="per process")
+    optim.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     optim.add_argument("--learning_rate", type=float, default=1e-4)
     optim.add_argument("--lr_scheduler", default="constant", help="any diffusers.optimization scheduler name")
     optim.add_argument("--lr_warmup_steps", type=int, default=0)
@@ -98,13 +100,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     optim.add_argument("--seed", type=int, default=0)
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", required=True)
-    out.add_argument("--checkpointing_steps", type=int, default=500)
-    out.add_argument("--checkpoints_total_limit", type=int, default=None)
+    out.add_argument("--checkpointing_steps", type=positive_int, default=500)
+    out.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
     out.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
-    out.add_argument("--logging_steps", type=int, default=10)
-    out.add_argument("--validation_steps", type=int, default=None, help="write a sample grid every N steps")
+    out.add_argument("--overwrite", action="store_true",
+                     help="remove an earlier run in output_dir and train from step 0 (default: refuse)")
+    out.add_argument("--logging_steps", type=positive_int, default=10)
+    out.add_argument("--validation_steps", type=positive_int, default=None, help="write a sample grid every N steps")
     out.add_argument("--validation_labels", type=int, nargs="+", default=None)
-    out.add_argument("--validation_inference_steps", type=int, default=25)
+    out.add_argument("--validation_inference_steps", type=positive_int, default=25)
     out.add_argument("--report_to", default="auto", help="'auto' (tensorboard when installed), 'tensorboard' or 'none'")
     args = p.parse_args(argv)
     if (args.train_data_dir is None) == (args.dataset is None):
@@ -223,14 +227,49 @@ class StopRequest:
         return bool(flag.item())
 
 
+# arguments that do not change what a resumed run computes; every other one must match the checkpoint's
+RESUME_FREE_ARGS = {"max_train_steps", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
+                    "resume_from_checkpoint", "logging_steps", "validation_steps", "validation_labels",
+                    "validation_inference_steps", "report_to", "dataloader_num_workers", "overwrite",
+                    "train_data_dir", "dataset", "init_from", "teacher", "vae", "model_config"}
+
+
 def main(args) -> int:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return train(args)  # other processes of a distributed run: the main one holds the lock
+    with OutputLock(args.output_dir, "the training run"):
+        return train(args)
+
+
+def clear_run(folder: str) -> None:
+    """Remove a training run's outputs (for --overwrite): checkpoints, weights, logs."""
+    for name in os.listdir(folder):
+        if name == LOCK_FILE:
+            continue
+        path = os.path.join(folder, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def train(args) -> int:
     # 0. Checks that need no accelerator: the output folder and the data
+    finished = os.path.exists(os.path.join(args.output_dir, "model_index.json"))
+    has_run = bool(checkpoints.list_checkpoints(args.output_dir)) or finished
+    if has_run and args.overwrite:
+        clear_run(args.output_dir)
+        logger_warning(f"--overwrite: removed the earlier run in {args.output_dir}")
+        has_run = finished = False
     resume_path = checkpoints.resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    has_run = checkpoints.list_checkpoints(args.output_dir) or os.path.exists(os.path.join(args.output_dir, "model_index.json"))
     if has_run and args.resume_from_checkpoint is None:
         raise ValueError(
             f"output_dir {args.output_dir!r} already holds a training run; pass --resume_from_checkpoint latest "
-            "to continue it, or choose another output_dir (nothing was overwritten)"
+            "to continue it, --overwrite to train it again from step 0, or choose another output_dir "
+            "(nothing was overwritten)"
+        )
+    if finished and args.resume_from_checkpoint and resume_path is None:
+        raise ValueError(
+            f"output_dir {args.output_dir!r} holds a finished training run but no checkpoint to resume from, so "
+            "there is nothing to continue; its weights, log.csv and args.json were left as they are. Pass "
+            "--overwrite to train it again from step 0, or choose another output_dir"
         )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     dataset = load_dataset(args.dataset or args.train_data_dir, args.resolution)
@@ -314,6 +353,8 @@ def main(args) -> int:
         "dataset_size": len(dataset), "train_batch_size": args.train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "num_processes": accelerator.num_processes, "latent_space": vae is not None, "args": vars(args),
+        "class_names": [id2label[i] for i in sorted(id2label)],
+        "result_args": {k: v for k, v in vars(args).items() if k not in RESUME_FREE_ARGS},
     }
     global_step = batch_index = 0
     if resume_path:
@@ -465,6 +506,10 @@ def _has_tensorboard() -> bool:
     except ImportError:
         return False
     return True
+
+
+def logger_warning(message: str) -> None:
+    print(f"nala-train: warning: {message}", file=sys.stderr)
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
