@@ -94,9 +94,35 @@ def load_dit(
             folder, use_safetensors=True, variant=variant, dtype=dtype
         )
     # A Hub id: the pretrained DiTs keep the transformer in a subfolder.
-    return DiTTransformer2DModel.from_pretrained(
-        path, subfolder=subfolder or "transformer", use_safetensors=True, variant=variant, dtype=dtype
-    )
+    kwargs = dict(subfolder=subfolder or "transformer", use_safetensors=True, variant=variant, dtype=dtype)
+    if not hub_reachable():
+        try:  # a copy in the local Hub cache still works offline
+            return DiTTransformer2DModel.from_pretrained(path, local_files_only=True, **kwargs)
+        except (OSError, ValueError, EnvironmentError):
+            raise ValueError(
+                f"{path!r} is not a local folder, the Hugging Face Hub cannot be reached from this machine, and it "
+                "is not in the local Hub cache. Download it where there is internet access (for example "
+                f"`huggingface-cli download {path} --local-dir DiT`) and pass that local folder instead."
+            ) from None
+    return DiTTransformer2DModel.from_pretrained(path, **kwargs)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers within ``timeout`` seconds (False at once when
+    ``HF_HUB_OFFLINE`` is set), so that an offline machine fails fast instead of retrying."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def convert_dit_to_nala(

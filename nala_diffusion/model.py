@@ -16,6 +16,7 @@ What it adds:
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any, Dict, Optional
 
 import torch
@@ -26,6 +27,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' pipeline loader looks it up here)
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
+from .loading import check_loaded_weights
 from .options import DEFAULTS, options_from_config
 from .swap import ATTENTION_TYPES, set_attention
 
@@ -154,6 +156,18 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         """Processor options from the config that ``attention_type``'s processor accepts
         (:func:`~nala_diffusion.options.options_from_config`)."""
         return options_from_config(self.config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``ModelMixin.from_pretrained``, refusing weights that do not fit: missing, unexpected or
+        reshaped tensors and NaN/inf values raise a ``ValueError`` naming them (diffusers would only
+        warn, and leave missing parameters uninitialised)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        where = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        check_loaded_weights(model, where.rstrip(os.sep), missing=info.get("missing_keys"),
+                             unexpected=info.get("unexpected_keys"), mismatched=info.get("mismatched_keys"))
+        return (model, info) if want_info else model
 
     @property
     def null_class_label(self) -> int:

@@ -56,6 +56,14 @@ def set_attention(model: nn.Module, attention_type: str = "nala", **options) -> 
     modules = list(self_attention_modules(model))
     if not modules:
         raise ValueError(f"{type(model).__name__} has no self-attention Attention modules to swap")
+    joint = [name for name, attn in modules if getattr(attn, "added_kv_proj_dim", None) is not None]
+    if joint:
+        shown = ", ".join(joint[:4]) + (f" and {len(joint) - 4} more" if len(joint) > 4 else "")
+        raise ValueError(
+            f"{type(model).__name__} has joint-attention layers, which attend over image and text tokens together "
+            f"({shown}); the processors here are for self-attention over image tokens only. Models whose "
+            "self-attention takes only image tokens work: DiT, PixArt-alpha/sigma, Sana. Nothing was swapped."
+        )
     for name, attn in modules:
         previous[f"{name}.processor"] = attn.processor
         attn.set_processor(make_processor(attention_type, attn, **options))

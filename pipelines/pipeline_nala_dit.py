@@ -25,6 +25,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
+from nala_diffusion.loading import check_loaded_weights
 from nala_diffusion.model import NaLaDiTTransformer2DModel
 from nala_diffusion.sharpness import (
     SHARPNESS_MODES,
@@ -144,6 +145,17 @@ class NaLaDiTPipeline(DiffusionPipeline):
         self.labels = {name.strip(): k for k, v in id2label.items() for name in v.split(",") if name.strip()}
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """``DiffusionPipeline.from_pretrained``, then a check of every loaded model: a missing tensor
+        (left uninitialised by diffusers, with only a warning) or a NaN/inf value raises a
+        ``ValueError`` naming it."""
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module):
+                check_loaded_weights(component, os.path.join(str(pretrained_model_name_or_path), name))
+        return pipe
 
     def sampling_settings(
         self, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None

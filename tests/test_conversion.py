@@ -101,3 +101,19 @@ def test_converting_one_of_our_models_keeps_its_extras_and_their_weights():
         assert torch.equal(target[name], tensor), name
     with pytest.raises(ValueError, match="use_gate"):
         convert_dit_to_nala(source, use_gate=True)
+
+
+def test_a_hub_id_on_an_offline_machine_fails_fast_naming_the_way_out(monkeypatch):
+    import time
+
+    from nala_diffusion import conversion
+
+    monkeypatch.setattr(conversion, "hub_reachable", lambda timeout=3.0: False)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="pass that local folder"):
+        conversion.load_dit("facebook/DiT-XL-2-256")
+    assert time.perf_counter() - start < 10
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert conversion.hub_reachable() is False

@@ -318,3 +318,30 @@ def test_written_pngs_follow_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert {oct(os.stat(tmp_path / n).st_mode & 0o777) for n in ("grid.png", "one.png")} == {oct(0o644)}
+
+
+def test_folders_with_missing_unexpected_or_non_finite_tensors_are_refused(tmp_path):
+    # defect: a pipeline folder with a missing tensor loaded with a warning and sampled garbage
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from nala_diffusion import NaLaDiTPipeline, NaLaDiTTransformer2DModel
+
+    NaLaDiTPipeline(tiny_nala(sample_size=16, num_classes=3), DDIMScheduler()).save_pretrained(tmp_path / "pipe")
+    weights = next((tmp_path / "pipe" / "transformer").glob("*.safetensors"))
+    pristine = load_file(weights)
+    assert NaLaDiTPipeline.from_pretrained(tmp_path / "pipe") is not None
+    for change, message in [
+        (lambda sd: sd.pop("proj_out_1.weight"), "missing tensors: proj_out_1.weight"),
+        (lambda sd: sd.__setitem__("stray.weight", torch.ones(2)), "unexpected tensors: stray.weight"),
+        (lambda sd: sd["proj_out_2.bias"].fill_(float("nan")), "non-finite values (NaN or inf) in: proj_out_2.bias"),
+    ]:
+        state = {k: v.clone() for k, v in pristine.items()}
+        change(state)
+        save_file(state, weights)
+        for load in (lambda: NaLaDiTPipeline.from_pretrained(tmp_path / "pipe"),
+                     lambda: NaLaDiTTransformer2DModel.from_pretrained(tmp_path / "pipe", subfolder="transformer")):
+            with pytest.raises(ValueError, match=re.escape(message)):
+                load()
+    assert os.path.exists(weights)

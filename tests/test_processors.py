@@ -227,3 +227,15 @@ def test_every_option_is_declared_once_and_reaches_every_consumer():
     processor = model.transformer_blocks[0].attn1.processor
     assert (processor.key_power, processor.eps, processor.rope_base, processor.angle_sharpness) == (5.0, 1e-5, 100.0, 7.0)
     assert dataclasses.asdict(AttentionOptions(**processor.options())) == {**dataclasses.asdict(DEFAULTS), **processor.options()}
+
+
+def test_joint_attention_models_are_refused_naming_the_layers():
+    from diffusers import SD3Transformer2DModel
+
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                  pooled_projection_dim=16, out_channels=4, pos_embed_max_size=8)
+    before = {name: type(module.processor) for name, module in model.named_modules() if hasattr(module, "processor")}
+    with pytest.raises(ValueError, match=r"joint-attention layers.*transformer_blocks\.0\.attn"):
+        set_nala_attention(model)
+    assert before == {name: type(module.processor) for name, module in model.named_modules() if hasattr(module, "processor")}
