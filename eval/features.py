@@ -15,8 +15,8 @@ from cleanfid import fid as cleanfid_fid
 from cleanfid.downloads_helper import check_download_inception, inception_url
 from cleanfid.resize import make_resizer
 
-MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
-TORCHSCRIPT_WEIGHTS = "inception-2015-12-05.pt"
+from nala_diffusion.eval.feature_constants import MODES, TORCHSCRIPT_WEIGHTS  # noqa: F401  (re-exported)
+
 PYTORCH_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 DEFAULT_WEIGHTS_DIR = "/tmp"  # where clean-fid looks for and downloads the torchscript Inception
 

@@ -19,28 +19,23 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
-from accelerate import PartialState
+from nala_diffusion.lazy import lazy
+PartialState = lazy("accelerate", "PartialState")
 
 from nala_diffusion.cli_args import positive_int
+from nala_diffusion.eval.feature_constants import MODES, TORCHSCRIPT_WEIGHTS
 from nala_diffusion.distributed import use_cpu_processes
-from nala_diffusion.eval import features as F
-from nala_diffusion.eval.sampling import (
-    SAMPLE_DIR,
-    balanced_labels,
-    generate_samples,
-    guard_samples,
-    iter_sample_paths,
-    pack_npz,
-)
+F = lazy("nala_diffusion.eval.features")
+from nala_diffusion.eval.sampling import SAMPLE_DIR, balanced_labels, generate_samples, guard_samples, iter_sample_paths, pack_npz
 from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
-from nala_diffusion.pipelines.pipeline_nala_dit_highres import NaLaDiTHighResPipeline
+NaLaDiTHighResPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit_highres", "NaLaDiTHighResPipeline")
 from nala_diffusion.pipelines.sample import parse_sharpness
 from nala_diffusion.pipelines.schedulers import HIGHRES_MODES, SCHEDULERS, scheduler_from_name
 
 
 def add_feature_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=F.MODES, default="clean", help="clean-fid feature mode")
-    p.add_argument("--inception_weights", default=None, help=f"local copy of {F.TORCHSCRIPT_WEIGHTS}")
+    p.add_argument("--mode", choices=MODES, default="clean", help="clean-fid feature mode")
+    p.add_argument("--inception_weights", default=None, help=f"local copy of {TORCHSCRIPT_WEIGHTS}")
     p.add_argument("--feature_extractor", default=None, help="DomainClassifier folder (safetensors) instead of Inception")
     p.add_argument("--feature_batch_size", type=positive_int, default=32)
 

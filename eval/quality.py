@@ -22,10 +22,13 @@ import torch
 
 from nala_diffusion.cli_args import positive_int
 
-from nala_diffusion import DomainClassifier, NaLaDiTPipeline, NaLaDiTTransformer2DModel
+from nala_diffusion.lazy import lazy
+DomainClassifier = lazy("nala_diffusion", "DomainClassifier")
+NaLaDiTPipeline = lazy("nala_diffusion", "NaLaDiTPipeline")
+NaLaDiTTransformer2DModel = lazy("nala_diffusion", "NaLaDiTTransformer2DModel")
 from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path
-from nala_diffusion.data import load_dataset
-from nala_diffusion.eval import features as F
+load_dataset = lazy("nala_diffusion.data", "load_dataset")
+F = lazy("nala_diffusion.eval.features")
 from nala_diffusion.eval.sampling import balanced_labels, generate_samples, guard_samples, sample_path
 from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
 

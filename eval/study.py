@@ -32,17 +32,21 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DDPMScheduler
+from nala_diffusion.lazy import lazy
+DDPMScheduler = lazy("diffusers", "DDPMScheduler")
 
-from nala_diffusion import DomainClassifier, NaLaDiTHighResPipeline, NaLaDiTPipeline
+DomainClassifier = lazy("nala_diffusion", "DomainClassifier")
+NaLaDiTHighResPipeline = lazy("nala_diffusion", "NaLaDiTHighResPipeline")
+NaLaDiTPipeline = lazy("nala_diffusion", "NaLaDiTPipeline")
 from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path
-from nala_diffusion.data import load_dataset
-from nala_diffusion.eval import attention_entropy, benchmark
-from nala_diffusion.eval import features as F
-from nala_diffusion.eval.quality import class_accuracy
+load_dataset = lazy("nala_diffusion.data", "load_dataset")
+attention_entropy = lazy("nala_diffusion.eval.attention_entropy")
+benchmark = lazy("nala_diffusion.eval.benchmark")
+F = lazy("nala_diffusion.eval.features")
+class_accuracy = lazy("nala_diffusion.eval.quality", "class_accuracy")
 from nala_diffusion.eval.sampling import SAMPLE_DIR, balanced_labels, generate_samples, save_png_atomically
 from nala_diffusion.pipelines.sample import save_grid_atomically
-from nala_diffusion.train import train_nala_dit
+train_nala_dit = lazy("nala_diffusion.train.train_nala_dit")
 
 ARCHITECTURE = {"num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 64, "patch_size": 4,
                 "norm_num_groups": 32, "use_lepe": True}

@@ -345,3 +345,14 @@ def test_folders_with_missing_unexpected_or_non_finite_tensors_are_refused(tmp_p
             with pytest.raises(ValueError, match=re.escape(message)):
                 load()
     assert os.path.exists(weights)
+
+
+def test_custom_pipeline_path_through_the_installed_package_works_from_any_folder(saved, monkeypatch):
+    import nala_diffusion.pipelines.pipeline_nala_dit as module
+
+    _, root = saved
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    pipe = DiffusionPipeline.from_pretrained(root / "plain", custom_pipeline=module.__file__, trust_remote_code=True)
+    assert type(pipe).__name__ == "NaLaDiTPipeline"

@@ -25,33 +25,53 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from nala_diffusion import ATTENTION_TYPES, NaLaDiTPipeline, NaLaDiTTransformer2DModel
-from nala_diffusion.conversion import convert_dit_to_nala, load_transformer
-from nala_diffusion.distributed import use_cpu_processes
-from nala_diffusion.data import build_latent_cache, dataset_fingerprint, dataset_id2label, load_dataset, load_latent_cache
 from nala_diffusion.cli_args import positive_int
-from nala_diffusion.model import preset_config
-from nala_diffusion.options import FIELDS, add_option_flags, config_key
-from nala_diffusion.run_guard import LOCK_FILE, OutputLock
-from nala_diffusion.norm_awareness import (
-    calibrate_norm_scale,
-    mean_responding_fraction,
-    nala_processors,
-    saturation_report,
-)
+from nala_diffusion.distributed import use_cpu_processes
+from nala_diffusion.lazy import lazy
+from nala_diffusion.options import ATTENTION_TYPES, FIELDS, add_option_flags, config_key
 from nala_diffusion.pipelines.sample import save_grid_atomically
-from nala_diffusion.train import checkpoints
+from nala_diffusion.run_guard import LOCK_FILE, OutputLock
 from nala_diffusion.train.run_log import CsvLog
 
-logger = get_logger(__name__)
+# imported on first use, so that --help answers at once
+Accelerator = lazy("accelerate", "Accelerator")
+DataLoaderConfiguration = lazy("accelerate.utils", "DataLoaderConfiguration")
+ProjectConfiguration = lazy("accelerate.utils", "ProjectConfiguration")
+set_seed = lazy("accelerate.utils", "set_seed")
+AutoencoderKL = lazy("diffusers", "AutoencoderKL")
+DDIMScheduler = lazy("diffusers", "DDIMScheduler")
+DDPMScheduler = lazy("diffusers", "DDPMScheduler")
+get_scheduler = lazy("diffusers.optimization", "get_scheduler")
+EMAModel = lazy("diffusers.training_utils", "EMAModel")
+NaLaDiTPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit", "NaLaDiTPipeline")
+NaLaDiTTransformer2DModel = lazy("nala_diffusion.model", "NaLaDiTTransformer2DModel")
+preset_config = lazy("nala_diffusion.model", "preset_config")
+convert_dit_to_nala = lazy("nala_diffusion.conversion", "convert_dit_to_nala")
+load_transformer = lazy("nala_diffusion.conversion", "load_transformer")
+build_latent_cache = lazy("nala_diffusion.data", "build_latent_cache")
+dataset_fingerprint = lazy("nala_diffusion.data", "dataset_fingerprint")
+dataset_id2label = lazy("nala_diffusion.data", "dataset_id2label")
+load_dataset = lazy("nala_diffusion.data", "load_dataset")
+load_latent_cache = lazy("nala_diffusion.data", "load_latent_cache")
+calibrate_norm_scale = lazy("nala_diffusion.norm_awareness", "calibrate_norm_scale")
+mean_responding_fraction = lazy("nala_diffusion.norm_awareness", "mean_responding_fraction")
+nala_processors = lazy("nala_diffusion.norm_awareness", "nala_processors")
+saturation_report = lazy("nala_diffusion.norm_awareness", "saturation_report")
+checkpoints = lazy("nala_diffusion.train.checkpoints")
+
+
+class _Logger:
+    """accelerate's logger, made on first use."""
+
+    def __getattr__(self, name):
+        from accelerate.logging import get_logger
+
+        return getattr(get_logger(__name__), name)
+
+
+logger = _Logger()
 # sigma of NaLa's power for new models: calibrated on one batch of the training data (see README,
 # "The layer"); the official sigma = 1 saturates in a DiT.
 DEFAULT_NORM_SCALE_MODE = "calibrated"
