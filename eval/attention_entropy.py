@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from nala_diffusion.cli_args import HelpFormatter
+
 from nala_diffusion.attention_weights import KINDS, attention_weights, entropy, norm_effect
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -125,18 +127,18 @@ def public(stats: Dict[str, dict]) -> Dict[str, dict]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="nala-entropy", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="nala-entropy", description=__doc__.split("\n\n")[0])
     p.add_argument("--random", action="store_true", help="random queries and keys (the default without --model)")
     p.add_argument("--model", default=None, help="pipeline folder of a trained model")
     p.add_argument("--data", default=None, help="ImageFolder or builtin:<name> giving the model's real inputs")
     p.add_argument("--timestep", type=int, nargs="+", default=[500],
                    help="noise levels of the real inputs (several pool their queries), default 500")
     p.add_argument("--images", type=int, default=4, help="real images per timestep")
-    p.add_argument("--tokens", type=int, default=1024)
-    p.add_argument("--head_dim", type=int, default=64)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
+    p.add_argument("--tokens", type=int, default=1024, help='token counts of the random-input comparison')
+    p.add_argument("--head_dim", type=int, default=64, help='head_dim of the random inputs')
+    p.add_argument("--heads", type=int, default=2, help='heads of the random inputs')
+    p.add_argument("--seed", type=int, default=0, help='seed of the random inputs and the model inputs')
+    p.add_argument("--json", default=None, help='write the result as JSON here')
     p.add_argument("--plot", default=None, help="scatter-plot PNG")
     args = p.parse_args(argv)
     if args.model and args.random:

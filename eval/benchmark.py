@@ -24,6 +24,8 @@ import weakref
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
+
+from nala_diffusion.cli_args import HelpFormatter
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
@@ -371,25 +373,25 @@ def plot(results: dict, path: str) -> None:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="nala-bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384, 65536])
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--head_dim", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="nala-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384, 65536], help='token counts of the kernel comparison')
+    p.add_argument("--heads", type=int, default=6, help='heads of the kernel comparison')
+    p.add_argument("--head_dim", type=int, default=64, help='head_dim of the kernel comparison')
+    p.add_argument("--repeats", type=int, default=5, help='interleaved rounds; medians are reported')
     p.add_argument("--max_seconds", type=float, default=120.0, help="skip a kernel whose run would take longer")
     p.add_argument("--max_gib", type=float, default=8.0, help="skip plain attention above this score size")
-    p.add_argument("--skip_model", action="store_true")
-    p.add_argument("--preset", default="S/2")
-    p.add_argument("--model_tokens", type=int, default=16384)
-    p.add_argument("--train_tokens", type=int, default=256)
-    p.add_argument("--train_batch", type=int, default=8)
+    p.add_argument("--skip_model", action="store_true", help='kernels only: skip the model-level comparisons')
+    p.add_argument("--preset", default="S/2", help='DiT size preset of the model-level comparisons')
+    p.add_argument("--model_tokens", type=int, default=16384, help='tokens of the DiT forward (NaLa vs softmax)')
+    p.add_argument("--train_tokens", type=int, default=256, help='tokens of the DiT training step (NaLa vs softmax)')
+    p.add_argument("--train_batch", type=int, default=8, help='batch of that training step')
     p.add_argument("--diffusers_tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384],
                    help="token counts of the diffusers DiT comparison (NaLa vs SANA vs SDPA processors)")
     p.add_argument("--diffusers_layers", type=int, default=4, help="layers of that diffusers DiT")
     p.add_argument("--memory_tokens", type=int, default=16384, help="tokens of the training-step memory probe")
     p.add_argument("--memory_layers", type=int, default=4, help="layers of the training-step memory probe")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default="benchmark_results")
+    p.add_argument("--device", default=None, help='device (default: cuda when available, else cpu)')
+    p.add_argument("--out", default="benchmark_results", help='folder for results.json and benchmark.png')
     return p.parse_args(argv)
 
 

@@ -22,7 +22,7 @@ import torch
 from nala_diffusion.lazy import lazy
 PartialState = lazy("accelerate", "PartialState")
 
-from nala_diffusion.cli_args import positive_int
+from nala_diffusion.cli_args import HelpFormatter, positive_int
 from nala_diffusion.eval.feature_constants import MODES, TORCHSCRIPT_WEIGHTS
 from nala_diffusion.distributed import use_cpu_processes
 F = lazy("nala_diffusion.eval.features")
@@ -37,47 +37,47 @@ def add_feature_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="clean", help="clean-fid feature mode")
     p.add_argument("--inception_weights", default=None, help=f"local copy of {TORCHSCRIPT_WEIGHTS}")
     p.add_argument("--feature_extractor", default=None, help="DomainClassifier folder (safetensors) instead of Inception")
-    p.add_argument("--feature_batch_size", type=positive_int, default=32)
+    p.add_argument("--feature_batch_size", type=positive_int, default=32, help='images per feature-extractor batch')
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="pipeline folder")
-    p.add_argument("--num_samples", type=positive_int, required=True)
+    p.add_argument("--num_samples", type=positive_int, required=True, help='images to sample (image i has seed + i)')
     p.add_argument("--out", required=True, help="folder; images go to OUT/samples/{i:06d}.png")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--steps", type=positive_int, default=None, help="default: the pipeline's sampling_defaults, else 50")
     p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's sampling_defaults, else 4.0")
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None)
-    p.add_argument("--height", type=positive_int, default=None)
-    p.add_argument("--width", type=positive_int, default=None)
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="sampler (default: the pipeline's scheduler)")
+    p.add_argument("--height", type=positive_int, default=None, help="image height (default: the model's training size)")
+    p.add_argument("--width", type=positive_int, default=None, help="image width (default: the model's training size)")
     p.add_argument("--labels", type=int, nargs="+", default=None, help="cycled; default: every class in turn")
-    p.add_argument("--highres_mode", choices=HIGHRES_MODES, default="direct")
+    p.add_argument("--highres_mode", choices=HIGHRES_MODES, default="direct", help="above the training size: 'direct' or 'progressive'")
     p.add_argument("--position_embedding", choices=["interpolate", "extend"], default=None,
                    help="positions above the training size (default: the model's config, normally interpolate)")
     p.add_argument("--attention_sharpness", type=parse_sharpness, default=None,
                    help="'auto', 'off' (default) or a factor: resolution-aware attention sharpness above the training size")
-    p.add_argument("--batch_size", type=positive_int, default=16)
+    p.add_argument("--batch_size", type=positive_int, default=16, help='images per pipeline call')
     p.add_argument("--npz", action="store_true", help="also pack the samples as OUT/samples.npz (ADM evaluator)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace samples in OUT made with other settings (default: refuse, naming what differs)")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="nala-fid", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="nala-fid", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    add_sampling_args(sub.add_parser("sample", help="write samples only"))
-    ref = sub.add_parser("ref", help="reference statistics of an image folder")
-    ref.add_argument("--images", required=True)
+    add_sampling_args(sub.add_parser("sample", formatter_class=HelpFormatter, help="write samples only"))
+    ref = sub.add_parser("ref", formatter_class=HelpFormatter, help="reference statistics of an image folder")
+    ref.add_argument("--images", required=True, help='folder of reference images')
     target = ref.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="stats file (.npz) to write")
     target.add_argument("--name", help="register as a clean-fid custom-stats name (Inception only)")
     ref.add_argument("--keep_features", action="store_true", help="store the features too, for KID")
     add_feature_args(ref)
-    compare = sub.add_parser("compare", help="FID and KID between two image folders")
-    compare.add_argument("folders", nargs=2)
-    compare.add_argument("--json", default=None)
+    compare = sub.add_parser("compare", formatter_class=HelpFormatter, help="FID and KID between two image folders")
+    compare.add_argument("folders", nargs=2, help="the two image folders")
+    compare.add_argument("--json", default=None, help='write the result as JSON here')
     add_feature_args(compare)
-    calc = sub.add_parser("calc", help="sample (skipping what exists), then FID and KID against --ref")
+    calc = sub.add_parser("calc", formatter_class=HelpFormatter, help="sample (skipping what exists), then FID and KID against --ref")
     add_sampling_args(calc)
     calc.add_argument("--ref", required=True, help="image folder, stats .npz, or clean-fid custom-stats name")
     calc.add_argument("--json", default=None, help="result file (default OUT/fid.json)")

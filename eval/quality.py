@@ -20,7 +20,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from nala_diffusion.cli_args import positive_int
+from nala_diffusion.cli_args import HelpFormatter, positive_int
 
 from nala_diffusion.lazy import lazy
 DomainClassifier = lazy("nala_diffusion", "DomainClassifier")
@@ -34,17 +34,17 @@ from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="nala-quality", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="nala-quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="pipeline folder (default: the shipped demo pipeline)")
     p.add_argument("--classifier", default=None, help="DomainClassifier folder (default: the shipped photos classifier)")
-    p.add_argument("--dataset", default="builtin:photos")
-    p.add_argument("--num_samples", type=positive_int, default=1000)
+    p.add_argument("--dataset", default="builtin:photos", help='dataset whose test split is the real reference')
+    p.add_argument("--num_samples", type=positive_int, default=1000, help='samples of the trained model (class-balanced)')
     p.add_argument("--steps", type=positive_int, default=None, help="default: the pipeline's sampling_defaults, else 50")
     p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's sampling_defaults, else 4.0")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="image i has seed + i; also the untrained baseline's initialisation")
     p.add_argument("--untrained_samples", type=positive_int, default=None,
                    help="samples of the untrained baseline (default: --num_samples); the FID ratio uses equal counts")
-    p.add_argument("--batch_size", type=positive_int, default=100)
+    p.add_argument("--batch_size", type=positive_int, default=100, help='images per pipeline call')
     p.add_argument("--out", required=True, help="folder for the samples, the exported test images and quality.json")
     p.add_argument("--overwrite", action="store_true",
                    help="replace samples in OUT made with other settings (default: refuse, naming what differs)")

@@ -32,6 +32,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import PIL.Image
 import torch
+
+from nala_diffusion.cli_args import HelpFormatter
 from nala_diffusion.lazy import lazy
 DDPMScheduler = lazy("diffusers", "DDPMScheduler")
 
@@ -72,23 +74,23 @@ ENTROPY_KIND = {"softmax": "softmax", "relu_linear": "relu_linear", "elu_linear"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="nala-study", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True)
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="nala-study", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help='study folder: runs, samples, results.json/csv and plots')
     p.add_argument("--study", choices=["quality", "norm", "highres"], default="quality",
                    help="'quality': the five attentions, conversion, high resolution, entropy; 'norm': NaLa's query-norm "
                         "scale (sigma = 1, calibrated, learnable) against softmax and ReLU linear, with per-layer "
                         "norm-awareness measures; 'highres': trained pipelines (--highres_models) at 1x, 2x and 4x the "
                         "training side, direct and progressive, attention sharpness off and auto")
     p.add_argument("--steps", type=int, default=500, help="training steps of every scratch run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--learning_rate", type=float, default=5e-4)
-    p.add_argument("--conversion_fraction", type=float, default=0.2)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help='training seeds per variant')
+    p.add_argument("--batch_size", type=int, default=32, help='training batch size')
+    p.add_argument("--learning_rate", type=float, default=5e-4, help='training learning rate')
+    p.add_argument("--conversion_fraction", type=float, default=0.2, help='share of the budget the converted variants train after conversion')
     p.add_argument("--num_samples", type=int, default=200, help="samples per model for accuracy/FID/KID")
-    p.add_argument("--sample_steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--sample_steps", type=int, default=25, help='sampling steps of the evaluation')
+    p.add_argument("--guidance", type=float, default=2.0, help='classifier-free guidance of the evaluation')
     p.add_argument("--highres_samples", type=int, default=10, help="images per high-resolution setting")
-    p.add_argument("--crops_per_image", type=int, default=16)
+    p.add_argument("--crops_per_image", type=int, default=16, help='crops per built-in photograph in the training data')
     p.add_argument("--classifier", default=None, help="DomainClassifier folder (default: the shipped one)")
     p.add_argument("--model_config", default=None, help="JSON file of model options replacing the demo architecture")
     p.add_argument("--highres_models", nargs="+", default=None, metavar="NAME=FOLDER",

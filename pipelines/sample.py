@@ -15,6 +15,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from nala_diffusion.cli_args import HelpFormatter
+
 from nala_diffusion.files import new_file_mode
 from nala_diffusion.pipelines.schedulers import HIGHRES_MODES, SCHEDULERS, scheduler_from_name
 
@@ -38,12 +40,12 @@ def parse_sharpness(text: str) -> Union[str, float]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="nala-sample", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="nala-sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None,
                         help="pipeline folder (save_pretrained output) or Hub id (default: the shipped demo pipeline)")
     parser.add_argument("--labels", nargs="+", type=parse_label, default=None,
                         help="class ids or names (default: every class, in order)")
-    parser.add_argument("--images-per-label", type=int, default=1)
+    parser.add_argument("--images-per-label", type=int, default=1, help='images drawn for each label')
     parser.add_argument("--height", type=int, default=None, help="pixels (default: the training size)")
     parser.add_argument("--width", type=int, default=None, help="pixels (default: the training size)")
     parser.add_argument("--steps", type=int, default=None,
@@ -53,7 +55,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
                         help="sampler (default: the one saved with the pipeline)")
-    parser.add_argument("--highres-mode", choices=HIGHRES_MODES, default="direct")
+    parser.add_argument("--highres-mode", choices=HIGHRES_MODES, default="direct", help="above the training size: 'direct' (one pass) or 'progressive' (sample at the training size, then refine upsampled stages)")
     parser.add_argument("--strength", type=float, default=0.6, help="progressive mode: re-noise level per stage")
     parser.add_argument("--position-embedding", choices=["extend", "interpolate"], default=None,
                         help="positions above the training size: 'interpolate' into the training range, or 'extend' "
@@ -64,7 +66,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "or a factor for every layer")
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: per label)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help='weights and compute dtype of the pipeline')
     parser.add_argument("--fused-attention", action="store_true",
                         help="NaLa layers run the torch.compile-fused kernel (compiles on first use; pays off at many tokens)")
     parser.add_argument("--out", default="grid.png", help="PNG file to write")

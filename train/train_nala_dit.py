@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nala_diffusion.cli_args import positive_int
+from nala_diffusion.cli_args import HelpFormatter, positive_int
 from nala_diffusion.distributed import use_cpu_processes
 from nala_diffusion.lazy import lazy
 from nala_diffusion.options import ATTENTION_TYPES, FIELDS, add_option_flags, config_key
@@ -78,7 +78,7 @@ DEFAULT_NORM_SCALE_MODE = "calibrated"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="nala-train", description=__doc__.split("\n\n")[0])
     data = p.add_argument_group("data")
     data.add_argument("--train_data_dir", default=None, help="ImageFolder: one subfolder per class")
     data.add_argument("--dataset", default=None, help="builtin:<name>, a built-in offline dataset")
@@ -86,7 +86,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     data.add_argument("--no_random_flip", dest="random_flip", action="store_false", help="disable horizontal flips")
     data.add_argument("--vae", default=None, help="local AutoencoderKL folder: train in its latent space")
     data.add_argument("--cache_latents", action="store_true", help="encode the data once (both flips) and reuse it")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help='worker processes of the data loader')
     model = p.add_argument_group("model")
     model.add_argument("--model_config", default="S/2", help="preset (S/2, B/2, L/2, XL/2, ...) or a JSON config file")
     model.add_argument("--init_from", default=None, help="DiT or NaLa DiT folder (or Hub id) to inherit weights from")
@@ -97,38 +97,38 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--norm_scale_quantile", type=float, default=0.5,
                        help="calibration sets sigma to this quantile of each head's query norms")
     objective = p.add_argument_group("objective")
-    objective.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
+    objective.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon", help='what the model predicts: the noise or v')
     objective.add_argument("--class_dropout_prob", type=float, default=0.1, help="labels dropped to the null class")
     objective.add_argument("--teacher", default=None, help="frozen softmax DiT folder to distill from")
-    objective.add_argument("--distill_weight", type=float, default=1.0)
+    objective.add_argument("--distill_weight", type=float, default=1.0, help='weight of the distillation term (with --teacher)')
     optim = p.add_argument_group("optimisation")
-    optim.add_argument("--max_train_steps", type=positive_int, required=True)
+    optim.add_argument("--max_train_steps", type=positive_int, required=True, help='optimiser steps in all (a resumed run continues to this count)')
     optim.add_argument("--train_batch_size", type=positive_int, default=32, help="per process")
-    optim.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
-    optim.add_argument("--learning_rate", type=float, default=1e-4)
+    optim.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help='batches summed per optimiser step')
+    optim.add_argument("--learning_rate", type=float, default=1e-4, help='AdamW learning rate')
     optim.add_argument("--lr_scheduler", default="constant", help="any diffusers.optimization scheduler name")
-    optim.add_argument("--lr_warmup_steps", type=int, default=0)
-    optim.add_argument("--adam_beta1", type=float, default=0.9)
-    optim.add_argument("--adam_beta2", type=float, default=0.999)
-    optim.add_argument("--adam_weight_decay", type=float, default=0.0)
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
-    optim.add_argument("--max_grad_norm", type=float, default=1.0)
-    optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    optim.add_argument("--gradient_checkpointing", action="store_true")
-    optim.add_argument("--use_ema", action="store_true")
-    optim.add_argument("--ema_decay", type=float, default=0.9999)
-    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--lr_warmup_steps", type=int, default=0, help='linear warm-up steps of the schedule')
+    optim.add_argument("--adam_beta1", type=float, default=0.9, help='AdamW beta1')
+    optim.add_argument("--adam_beta2", type=float, default=0.999, help='AdamW beta2')
+    optim.add_argument("--adam_weight_decay", type=float, default=0.0, help='AdamW weight decay')
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help='AdamW epsilon')
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help='gradients are clipped to this norm')
+    optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="autocast dtype (default: accelerate's configuration)")
+    optim.add_argument("--gradient_checkpointing", action="store_true", help='recompute each block in backward (less memory, more time)')
+    optim.add_argument("--use_ema", action="store_true", help='keep an EMA of the weights (EMAModel) and save it as the output')
+    optim.add_argument("--ema_decay", type=float, default=0.9999, help='EMA decay')
+    optim.add_argument("--seed", type=int, default=0, help='seed of the initialisation, noise, label drops and data order')
     out = p.add_argument_group("output")
-    out.add_argument("--output_dir", required=True)
-    out.add_argument("--checkpointing_steps", type=positive_int, default=500)
-    out.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
+    out.add_argument("--output_dir", required=True, help='run folder: checkpoints, logs and, at the end, the pipeline')
+    out.add_argument("--checkpointing_steps", type=positive_int, default=500, help='write a checkpoint every N steps')
+    out.add_argument("--checkpoints_total_limit", type=positive_int, default=None, help='keep only the newest N checkpoints (default: all)')
     out.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
     out.add_argument("--overwrite", action="store_true",
                      help="remove an earlier run in output_dir and train from step 0 (default: refuse)")
-    out.add_argument("--logging_steps", type=positive_int, default=10)
+    out.add_argument("--logging_steps", type=positive_int, default=10, help='log.csv row every N steps')
     out.add_argument("--validation_steps", type=positive_int, default=None, help="write a sample grid every N steps")
-    out.add_argument("--validation_labels", type=int, nargs="+", default=None)
-    out.add_argument("--validation_inference_steps", type=positive_int, default=25)
+    out.add_argument("--validation_labels", type=int, nargs="+", default=None, help='labels of the validation grid (default: the first 8 classes)')
+    out.add_argument("--validation_inference_steps", type=positive_int, default=25, help='sampling steps of the validation grid')
     out.add_argument("--report_to", default="auto", help="'auto' (tensorboard when installed), 'tensorboard' or 'none'")
     args = p.parse_args(argv)
     if (args.train_data_dir is None) == (args.dataset is None):

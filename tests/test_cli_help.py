@@ -1,0 +1,55 @@
+"""Every command-line option says what it does, and --help answers without the heavy imports."""
+import argparse
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+CLIS = {
+    "nala-sample": "nala_diffusion.pipelines.sample",
+    "nala-train": "nala_diffusion.train.train_nala_dit",
+    "nala-fid": "nala_diffusion.eval.fid",
+    "nala-bench": "nala_diffusion.eval.benchmark",
+    "nala-entropy": "nala_diffusion.eval.attention_entropy",
+    "nala-quality": "nala_diffusion.eval.quality",
+    "nala-study": "nala_diffusion.eval.study",
+}
+
+
+def parsers_of(module_name, monkeypatch):
+    captured = []
+
+    def capture(self, *args, **kwargs):
+        captured.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        importlib.import_module(module_name).parse_args([])
+    parsers, stack = [], list(captured)
+    while stack:
+        parser = stack.pop()
+        parsers.append(parser)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+    return parsers
+
+
+@pytest.mark.parametrize("prog", sorted(CLIS))
+def test_every_option_has_help(prog, monkeypatch):
+    missing = [f"{parser.prog} {action.option_strings or action.dest}"
+               for parser in parsers_of(CLIS[prog], monkeypatch) for action in parser._actions
+               if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) and not action.help]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("prog", sorted(CLIS))
+def test_help_does_not_import_diffusers_accelerate_or_clean_fid(prog):
+    code = (f"import contextlib, io, sys; import {CLIS[prog]} as m\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit): m.parse_args(['--help'])\n"
+            "heavy = [name for name in ('diffusers', 'accelerate', 'cleanfid') if name in sys.modules]\n"
+            "print(heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
