@@ -46,6 +46,18 @@ def _missing(file_name: str, where: str, error: Exception) -> MissingWeightsErro
     )
 
 
+def _check_torchscript_archive(path: str) -> None:
+    """A TorchScript file is a zip archive; anything else (a truncated download, an HTML error page)
+    is refused before it is copied or loaded."""
+    import zipfile
+
+    if os.path.exists(path) and not zipfile.is_zipfile(path):
+        raise MissingWeightsError(
+            f"{path} is not a TorchScript archive (a truncated or failed download?); download {TORCHSCRIPT_WEIGHTS} "
+            f"again from {inception_url} and pass it with --inception_weights"
+        )
+
+
 def inception_extractor(mode: str, device: torch.device, weights: Optional[str] = None) -> Extractor:
     """clean-fid's Inception for ``mode``; ``weights`` is a local copy of the weights file."""
     if mode not in MODES:
@@ -68,6 +80,7 @@ def inception_extractor(mode: str, device: torch.device, weights: Optional[str] 
     if weights:
         if not os.path.isfile(weights):
             raise _missing(TORCHSCRIPT_WEIGHTS, weights, FileNotFoundError(weights))
+        _check_torchscript_archive(weights)
         folder = os.path.dirname(os.path.abspath(weights))
         if os.path.basename(weights) != TORCHSCRIPT_WEIGHTS:  # InceptionV3W wants this file name
             folder = os.path.join(DEFAULT_WEIGHTS_DIR, "nala-inception")
@@ -82,7 +95,14 @@ def inception_extractor(mode: str, device: torch.device, weights: Optional[str] 
             if os.path.exists(partial) and os.path.getsize(partial) == 0:
                 os.remove(partial)  # clean-fid opens the file before the download fails
             raise _missing(TORCHSCRIPT_WEIGHTS, partial, error) from None
-    model = InceptionV3W(folder, download=False, resize_inside=mode == "legacy_tensorflow").to(device).eval()
+    _check_torchscript_archive(os.path.join(folder, TORCHSCRIPT_WEIGHTS))
+    try:
+        model = InceptionV3W(folder, download=False, resize_inside=mode == "legacy_tensorflow").to(device).eval()
+    except Exception as error:  # a zip that is not this TorchScript model
+        raise MissingWeightsError(
+            f"{os.path.join(folder, TORCHSCRIPT_WEIGHTS)} is not a usable Inception TorchScript file "
+            f"({type(error).__name__}: {error}); download {TORCHSCRIPT_WEIGHTS} again from {inception_url}"
+        ) from None
     return Extractor("inception", mode, lambda x: model(x), feature_dim=2048)
 
 

@@ -124,6 +124,17 @@ def test_missing_inception_weights_name_the_file(assets, capsys):
     assert cli(["compare", str(assets / "real"), str(assets / "real"), "--inception_weights", "/nowhere/x.pt"]) == 2
 
 
+def test_corrupt_inception_weights_are_refused_and_not_copied(assets, tmp_path, capsys):
+    corrupt = tmp_path / "weights.pt"
+    corrupt.write_bytes(b"<html>rate limited</html>" * 100)
+    copy = os.path.join(F.DEFAULT_WEIGHTS_DIR, "nala-inception", F.TORCHSCRIPT_WEIGHTS)
+    before = os.path.getmtime(copy) if os.path.exists(copy) else None
+    assert cli(["compare", str(assets / "real"), str(assets / "real"), "--inception_weights", str(corrupt)]) == 2
+    error = capsys.readouterr().err
+    assert "is not a TorchScript archive" in error and str(corrupt) in error
+    assert (os.path.getmtime(copy) if os.path.exists(copy) else None) == before
+
+
 def test_sample_above_the_training_size_with_positions_and_sharpness(assets, tmp_path):
     out = tmp_path / "big"
     assert cli(["sample", *sample_args(assets, out, n=2), "--height", "32", "--width", "32",

@@ -82,7 +82,25 @@ def test_run_writes_a_loadable_pipeline_and_its_records(data, tmp_path):
     # the saved transformer holds the EMA weights of the last checkpoint's EMA, advanced to the end
     ema = load_file(out / "checkpoint-4" / "ema.safetensors")
     final = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
-    assert set(ema) <= set(final)
+    raw = load_file(out / "checkpoint-4" / "model.safetensors")
+    assert set(ema) <= set(final) and set(ema) <= set(raw)
+    # the EMA is an average of the weights, not the weights: it differs from the raw step-4 model
+    # (the decay warms up as (1 + t) / (10 + t)) and the output holds it, advanced two more steps
+    changed = [k for k in ema if not torch.equal(ema[k], raw[k])]
+    assert len(changed) > len(ema) // 2 and all(torch.isfinite(t).all() for t in ema.values())
+    assert any(not torch.equal(final[k], ema[k]) for k in ema)
+
+
+def test_ema_with_zero_decay_is_exactly_the_weights(data, tmp_path):
+    # with decay 0 the EMA must equal the trained weights tensor by tensor: the EMA is wired to the
+    # right parameters, in the right order, and saved as the output
+    out = tmp_path / "ema0"
+    train(base_args(data, out, steps=4, use_ema=True, ema_decay=0.0))
+    ema = load_file(out / "checkpoint-4" / "ema.safetensors")
+    raw = load_file(out / "checkpoint-4" / "model.safetensors")
+    final = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert ema and all(torch.equal(ema[k], raw[k]) for k in ema)
+    assert all(torch.equal(final[k], raw[k]) for k in ema)
 
 
 @pytest.mark.slow
