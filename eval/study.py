@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
@@ -34,6 +35,7 @@ import PIL.Image
 import torch
 
 from nala_diffusion.cli_args import HelpFormatter
+from nala_diffusion.run_guard import OutputLock, check_fingerprint, code_version
 from nala_diffusion.lazy import lazy
 DDPMScheduler = lazy("diffusers", "DDPMScheduler")
 
@@ -93,6 +95,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--crops_per_image", type=int, default=16, help='crops per built-in photograph in the training data')
     p.add_argument("--classifier", default=None, help="DomainClassifier folder (default: the shipped one)")
     p.add_argument("--model_config", default=None, help="JSON file of model options replacing the demo architecture")
+    p.add_argument("--overwrite", action="store_true",
+                   help="remove a study made with other settings in OUT and start again (default: refuse, naming them)")
     p.add_argument("--highres_models", nargs="+", default=None, metavar="NAME=FOLDER",
                    help="--study highres: the pipelines to compare (default: nala=<the shipped demo>)")
     return p.parse_args(argv)
@@ -338,7 +342,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.model_config:
         with open(args.model_config, encoding="utf-8") as handle:
             args.architecture = json.load(handle)
-    os.makedirs(args.out, exist_ok=True)
+    fingerprint = {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite")},
+                   "code_version": code_version()}
+    with OutputLock(args.out, "the study folder"):
+        check_fingerprint(args.out, fingerprint, overwrite=args.overwrite, what="study results",
+                          has_outputs=lambda: any(os.path.exists(os.path.join(args.out, d)) for d in STUDY_OUTPUTS),
+                          clear=lambda: [shutil.rmtree(os.path.join(args.out, d), ignore_errors=True) for d in STUDY_OUTPUTS])
+        return run_study(args, argv)
+
+
+# what a study writes and a rerun reuses (under OUT)
+STUDY_OUTPUTS = ("runs", "scores", "samples", "highres", "results.json", "results.md", "model_config.json")
+
+
+def run_study(args, argv) -> int:
     classifier_path = args.classifier or demo_classifier_path()
     test = load_dataset("builtin:photos", 32, split="test")
     real = os.path.join(args.out, "real")

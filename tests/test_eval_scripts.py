@@ -102,6 +102,11 @@ def test_study_runs_every_stage_on_a_tiny_budget_and_resumes(tmp_path):
     before = {p: p.stat().st_mtime for p in (tmp_path / "study" / "scores").iterdir()}
     assert study.main(argv) == 0
     assert {p: p.stat().st_mtime for p in (tmp_path / "study" / "scores").iterdir()} == before
+    # other settings in the same folder are refused, naming them, not mixed with these results
+    changed = [*argv[:argv.index("--steps") + 1], "6", *argv[argv.index("--steps") + 2:]]
+    with pytest.raises(ValueError, match="steps: 5 -> 6"):
+        study.main(changed)
+    assert {p: p.stat().st_mtime for p in (tmp_path / "study" / "scores").iterdir()} == before
 
 
 @pytest.mark.slow
