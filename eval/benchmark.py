@@ -301,6 +301,7 @@ def diffusers_model_level(device, repeats: int, tokens: Sequence[int], preset: s
 TRAIN_STEP_PROBE = """
 import json, resource, sys, time, torch
 from nala_diffusion import NaLaDiTTransformer2DModel
+from nala_diffusion.eval.benchmark import PeakBytes
 from nala_diffusion.model import preset_config
 kind, preset, layers, tokens, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), torch.device(sys.argv[5])
 torch.manual_seed(0)
@@ -310,28 +311,32 @@ model = NaLaDiTTransformer2DModel(**config, sample_size=side, in_channels=4, att
 x = torch.randn(1, 4, side, side, device=device)
 t, y = torch.tensor([500], device=device), torch.tensor([1], device=device)
 def step():
-    model.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=False)
     model(x, timestep=t, class_labels=y).sample.square().mean().backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 step()  # warm-up: the gradients now exist, as in training
-if device.type == "cuda":
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-else:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 times = []
 for _ in range(3):
     start = time.perf_counter(); step(); times.append(time.perf_counter() - start)
-peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-print(json.dumps({"peak_bytes": peak, "step_seconds": sorted(times)[1]}))
+if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    tensor_peak = torch.cuda.max_memory_allocated(device)
+else:
+    with PeakBytes() as probe:
+        step()
+    tensor_peak = probe.peak + sum(p.numel() * p.element_size() * 2 for p in model.parameters())
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"peak_bytes": tensor_peak, "max_rss_bytes": rss, "step_seconds": sorted(times)[1]}))
 """
 
 
 def training_step_memory(device, preset: str, layers: int, tokens: int, kinds=("relu_linear", "nala")) -> dict:
     """Peak memory and time of a training step (forward + backward, batch 1) per attention kind, each
-    in a fresh process (on CPU the peak is the process's maximum resident set)."""
+    in a fresh process. ``peak_bytes`` is the largest total of live tensors during a step, weights and
+    gradients included (CUDA: ``max_memory_allocated``); ``max_rss_bytes`` is the process's maximum
+    resident set, which also counts what the C allocator keeps after tensors are freed."""
     import subprocess
 
     out = {"tokens": tokens, "layers": layers, "preset": preset}
@@ -344,6 +349,7 @@ def training_step_memory(device, preset: str, layers: int, tokens: int, kinds=("
     base = out[kinds[0]]
     for kind in kinds[1:]:
         out[f"{kind}_vs_{kinds[0]}"] = {"peak": out[kind]["peak_bytes"] / base["peak_bytes"],
+                                       "max_rss": out[kind]["max_rss_bytes"] / base["max_rss_bytes"],
                                        "step_time": out[kind]["step_seconds"] / base["step_seconds"]}
     return out
 
@@ -431,8 +437,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     memory = results.get("training_step_memory")
     if memory:
         ratio = memory["nala_vs_relu_linear"]
-        print(f"training step at {memory['tokens']} tokens, nala/relu_linear: peak memory {ratio['peak']:.2f}, "
-              f"time {ratio['step_time']:.2f}")
+        print(f"training step at {memory['tokens']} tokens, nala/relu_linear: peak tensor memory {ratio['peak']:.2f}, "
+              f"max RSS {ratio['max_rss']:.2f}, time {ratio['step_time']:.2f}")
     print(f"wrote {args.out}/results.json and {args.out}/benchmark.png")
     return 0
 
