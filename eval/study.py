@@ -48,6 +48,7 @@ attention_entropy = lazy("nala_diffusion.eval.attention_entropy")
 benchmark = lazy("nala_diffusion.eval.benchmark")
 F = lazy("nala_diffusion.eval.features")
 class_accuracy = lazy("nala_diffusion.eval.quality", "class_accuracy")
+retrieval = lazy("nala_diffusion.eval.retrieval")
 from nala_diffusion.eval.sampling import SAMPLE_DIR, balanced_labels, generate_samples, save_png_atomically
 from nala_diffusion.pipelines.sample import save_grid_atomically
 train_nala_dit = lazy("nala_diffusion.train.train_nala_dit")
@@ -70,6 +71,15 @@ NORM_VARIANTS: Dict[str, List[str]] = {
     "nala_learnable": ["--attention", "nala", "--norm_scale_mode", "learnable"],
 }
 NORM_TIMESTEPS = (250, 500, 750)
+# The retrieval study (--study retrieval): builtin:pairs at patch 2, 256 tokens per image.
+RETRIEVAL_ARCHITECTURE = {**ARCHITECTURE, "patch_size": 2}
+RETRIEVAL_VARIANTS: Dict[str, List[str]] = {
+    "softmax": ["--attention", "softmax"],
+    "relu_linear": ["--attention", "relu_linear"],
+    "elu_linear": ["--attention", "elu_linear"],
+    "nala_sigma1": ["--attention", "nala", "--norm_scale_mode", "fixed", "--norm_scale", "1"],
+    "nala_calibrated": ["--attention", "nala", "--norm_scale_mode", "calibrated"],
+}
 ENTROPY_KIND = {"softmax": "softmax", "relu_linear": "relu_linear", "elu_linear": "elu_linear",
                 "nala_relu_split": "nala", "nala_cosine": "nala", "nala_sigma1": "nala", "nala_calibrated": "nala",
                 "nala_learnable": "nala"}
@@ -78,11 +88,13 @@ ENTROPY_KIND = {"softmax": "softmax", "relu_linear": "relu_linear", "elu_linear"
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="nala-study", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help='study folder: runs, samples, results.json/csv and plots')
-    p.add_argument("--study", choices=["quality", "norm", "highres"], default="quality",
+    p.add_argument("--study", choices=["quality", "norm", "highres", "retrieval"], default="quality",
                    help="'quality': the five attentions, conversion, high resolution, entropy; 'norm': NaLa's query-norm "
                         "scale (sigma = 1, calibrated, learnable) against softmax and ReLU linear, with per-layer "
                         "norm-awareness measures; 'highres': trained pipelines (--highres_models) at 1x, 2x and 4x the "
-                        "training side, direct and progressive, attention sharpness off and auto")
+                        "training side, direct and progressive, attention sharpness off and auto; 'retrieval': the "
+                        "retrieval-denoising task builtin:pairs (patch 2, 256 tokens), retrieval gain and mass of "
+                        "softmax, ReLU and 1+ELU linear, NaLa sigma = 1 and NaLa calibrated")
     p.add_argument("--steps", type=int, default=500, help="training steps of every scratch run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help='training seeds per variant')
     p.add_argument("--batch_size", type=int, default=32, help='training batch size')
@@ -92,6 +104,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sample_steps", type=int, default=25, help='sampling steps of the evaluation')
     p.add_argument("--guidance", type=float, default=2.0, help='classifier-free guidance of the evaluation')
     p.add_argument("--highres_samples", type=int, default=10, help="images per high-resolution setting")
+    p.add_argument("--retrieval_images", type=int, default=300,
+                   help="--study retrieval: held-out images of each set (paired, unpaired) for the retrieval gain")
     p.add_argument("--crops_per_image", type=int, default=16, help='crops per built-in photograph in the training data')
     p.add_argument("--classifier", default=None, help="DomainClassifier folder (default: the shipped one)")
     p.add_argument("--model_config", default=None, help="JSON file of model options replacing the demo architecture")
@@ -115,18 +129,18 @@ def cached(path: str, compute):
     return result
 
 
-def train(out: str, name: str, extra: List[str], steps: int, seed: int, args) -> dict:
+def train(out: str, name: str, extra: List[str], steps: int, seed: int, args, dataset: str = "builtin:photos") -> dict:
     """One training run in OUT/runs/NAME (resumed if interrupted); returns its time per step."""
     folder = os.path.join(out, "runs", name)
-    return cached(os.path.join(folder, "study_run.json"), lambda: _train(folder, out, extra, steps, seed, args))
+    return cached(os.path.join(folder, "study_run.json"), lambda: _train(folder, out, extra, steps, seed, args, dataset))
 
 
-def _train(folder: str, out: str, extra: List[str], steps: int, seed: int, args) -> dict:
+def _train(folder: str, out: str, extra: List[str], steps: int, seed: int, args, dataset: str) -> dict:
     config = os.path.join(out, "model_config.json")
     with open(config, "w", encoding="utf-8") as handle:
         json.dump(args.architecture, handle)
     code = train_nala_dit.cli([
-        "--dataset", "builtin:photos", "--resolution", "32", "--model_config", config,
+        "--dataset", dataset, "--resolution", "32", "--model_config", config,
         "--max_train_steps", str(steps), "--train_batch_size", str(args.batch_size),
         "--learning_rate", str(args.learning_rate), "--lr_warmup_steps", str(min(100, steps // 10)),
         "--use_ema", "--ema_decay", "0.995", "--checkpointing_steps", str(max(steps // 2, 1)),
@@ -324,6 +338,91 @@ def norm_tables(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def retrieval_study(args, argv) -> dict:
+    """Train every RETRIEVAL_VARIANTS kind per seed on builtin:pairs_mixed (half the images paired, so
+    that the control is not out of distribution), then measure retrieval gain and mass
+    (:mod:`nala_diffusion.eval.retrieval`) on the held-out split."""
+    results = {"command": " ".join(["nala-study", *(argv if argv is not None else sys.argv[1:])]),
+               "architecture": args.architecture, "timesteps": list(retrieval.TIMESTEPS), "runs": {}}
+    for kind, extra in RETRIEVAL_VARIANTS.items():
+        results["runs"][kind] = []
+        for seed in args.seeds:
+            info = train(args.out, f"retrieval_{kind}_s{seed}", extra, args.steps, seed, args, dataset="builtin:pairs_mixed")
+            path = os.path.join(args.out, "scores", f"retrieval_{kind}_s{seed}.json")
+            measures = cached(path, lambda: retrieval.measure(info["folder"], gain_images=args.retrieval_images,
+                                                              mass_images=8))
+            results["runs"][kind].append({**info, **measures})
+    plot_retrieval(results, os.path.join(args.out, "retrieval_gain.png"))
+    return results
+
+
+def gap_closed(results: dict, kind: str) -> List[float]:
+    """Per seed: (gain(kind) - gain(ReLU linear)) / (gain(softmax) - gain(ReLU linear)), mean over timesteps."""
+    runs = results["runs"]
+    out = []
+    for nala, relu, soft in zip(runs[kind], runs["relu_linear"], runs["softmax"]):
+        gap = soft["gain"]["mean_gain"] - relu["gain"]["mean_gain"]
+        out.append((nala["gain"]["mean_gain"] - relu["gain"]["mean_gain"]) / gap if gap else float("nan"))
+    return out
+
+
+def retrieval_tables(results: dict) -> str:
+    """The retrieval study's tables: gain per timestep, held-out loss, time; mass and rho per layer."""
+    timesteps = [str(t) for t in results["timesteps"]]
+    lines = [f"Command: `{results['command']}`", "",
+             "| attention | seeds | " + " | ".join(f"gain t={t}" for t in timesteps)
+             + " | mean gain | relative gain (mean) | held-out loss | s/step |",
+             "| --- | --- | " + " | ".join("---" for _ in timesteps) + " | --- | --- | --- | --- |"]
+    for kind, runs in results["runs"].items():
+        gains = [mean_std([r["gain"]["gain"][t] for r in runs]) for t in timesteps]
+        relative = mean_std([sum(r["gain"]["relative_gain"].values()) / len(timesteps) for r in runs])
+        loss = mean_std([(sum(r["gain"]["paired"].values()) + sum(r["gain"]["unpaired"].values())) / (2 * len(timesteps))
+                         for r in runs])
+        lines.append(f"| {kind} | {len(runs)} | " + " | ".join(gains)
+                     + f" | {mean_std([r['gain']['mean_gain'] for r in runs])} | {relative} | {loss} | "
+                     + f"{mean_std([r['seconds_per_step'] for r in runs])} |")
+    lines += ["", "Share of the ReLU-linear -> softmax gap in mean retrieval gain that each kind closes "
+              "(per seed, then mean ± sd):", ""]
+    for kind in results["runs"]:
+        if kind not in ("softmax", "relu_linear"):
+            lines.append(f"- {kind}: {mean_std(gap_closed(results, kind))}")
+    lines += ["", "Retrieval mass per layer (partner ± 1 column; baseline: the window at a wrong offset; "
+              "uniform attention: 3/256 = 0.012) and rho(entropy, |q|):", "",
+              "| attention | layer | mass | baseline | rho | mean entropy |", "| --- | --- | --- | --- | --- | --- |"]
+    for kind, runs in results["runs"].items():
+        for layer in runs[0]["mass"]:
+            values = [r["mass"][layer] for r in runs]
+            lines.append(f"| {kind} | {layer.split('.')[1]} | {mean_std([v['mass'] for v in values])} | "
+                         f"{mean_std([v['baseline'] for v in values])} | {mean_std([v['rho'] for v in values])} | "
+                         f"{mean_std([v['entropy'] for v in values])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_retrieval(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(results["runs"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, kind in enumerate(kinds):
+        gains = [r["gain"]["mean_gain"] for r in results["runs"][kind]]
+        axes[0].bar(i, sum(gains) / len(gains), color="C0", alpha=0.6)
+        axes[0].plot([i] * len(gains), gains, "ko", ms=4)
+        masses = [[layer["mass"] for layer in r["mass"].values()] for r in results["runs"][kind]]
+        layers = range(len(masses[0]))
+        axes[1].plot(layers, [sum(m[j] for m in masses) / len(masses) for j in layers], "o-", label=kind)
+    axes[0].set_xticks(range(len(kinds)), kinds, rotation=20)
+    axes[0].set(ylabel="unpaired - paired eps-MSE", title="retrieval gain (mean over t; dots: seeds)")
+    axes[1].axhline(3 / 256, color="grey", ls="--", label="uniform")
+    axes[1].set(xlabel="layer", ylabel="attention mass on the partner ± 1", title="retrieval mass")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def norm_study(args, argv, run_and_score) -> dict:
     """Train and score every NORM_VARIANTS kind per seed; per-layer measures on the test crops noised at
     NORM_TIMESTEPS (every seed)."""
@@ -338,7 +437,7 @@ def norm_study(args, argv, run_and_score) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    args.architecture = dict(ARCHITECTURE)
+    args.architecture = dict(RETRIEVAL_ARCHITECTURE if args.study == "retrieval" else ARCHITECTURE)
     if args.model_config:
         with open(args.model_config, encoding="utf-8") as handle:
             args.architecture = json.load(handle)
@@ -352,10 +451,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 # what a study writes and a rerun reuses (under OUT)
-STUDY_OUTPUTS = ("runs", "scores", "samples", "highres", "results.json", "results.md", "model_config.json")
+STUDY_OUTPUTS = ("runs", "scores", "samples", "highres", "results.json", "results.md", "model_config.json",
+                 "retrieval_gain.png")
 
 
 def run_study(args, argv) -> int:
+    if args.study == "retrieval":
+        return write_results(args.out, retrieval_study(args, argv), retrieval_tables)
     classifier_path = args.classifier or demo_classifier_path()
     test = load_dataset("builtin:photos", 32, split="test")
     real = os.path.join(args.out, "real")

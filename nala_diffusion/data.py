@@ -27,8 +27,22 @@ def _photos(split: str, resolution: int) -> Dataset:
     return BuiltinPhotos(split=split, resolution=resolution)
 
 
+def _pairs(mode: str) -> Callable[..., Dataset]:
+    def factory(split: str, resolution: int) -> Dataset:
+        from .builtin_pairs import BuiltinPairs
+
+        return BuiltinPairs(split=split, resolution=resolution, mode=mode)
+
+    return factory
+
+
 # name -> factory(split, resolution) -> Dataset with .classes
-BUILTIN_DATASETS: Dict[str, Callable[..., Dataset]] = {"photos": _photos}
+BUILTIN_DATASETS: Dict[str, Callable[..., Dataset]] = {
+    "photos": _photos,
+    "pairs": _pairs("paired"),  # the retrieval task (nala_diffusion/builtin_pairs.py)
+    "pairs_unpaired": _pairs("unpaired"),  # its control: the bottom half is an independent crop
+    "pairs_mixed": _pairs("mixed"),  # the two alternating, for training
+}
 
 
 def image_transform(resolution: int) -> Callable:

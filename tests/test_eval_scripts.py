@@ -144,3 +144,24 @@ def test_highres_study_scores_every_setting(tmp_path):
     assert all(0 <= r["crop_accuracy"] <= 1 and r["crop_fid"] > 0 and r["seconds_per_image"] > 0 for r in rows)
     assert all(len(r["attention_sharpness"]) == 2 for r in rows if r["sharpness"] == "auto")
     assert (tmp_path / "study" / "highres" / "pipe" / "4x_progressive_auto.png").exists()
+
+
+@pytest.mark.slow
+def test_retrieval_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
+    from nala_diffusion.eval import study
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2,
+                                  "norm_num_groups": 1}))
+    argv = ["--study", "retrieval", "--out", str(tmp_path / "study"), "--steps", "3", "--seeds", "0",
+            "--batch_size", "4", "--retrieval_images", "6", "--model_config", str(config)]
+    assert study.main(argv) == 0
+    results = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert set(results["runs"]) == set(study.RETRIEVAL_VARIANTS)
+    for runs in results["runs"].values():
+        run = runs[0]
+        assert set(run["gain"]["gain"]) == {"250", "500", "750"} and len(run["mass"]) == 2
+        assert run["seconds_per_step"] > 0
+    table = (tmp_path / "study" / "results.md").read_text()
+    assert "| nala_calibrated | 1 |" in table and "gap in mean retrieval gain" in table
+    assert (tmp_path / "study" / "retrieval_gain.png").exists()

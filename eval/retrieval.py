@@ -1,0 +1,201 @@
+"""nala-retrieval: how much a trained model's denoising uses the partner token of ``builtin:pairs``.
+
+    nala-retrieval --model RUN --json retrieval.json
+
+Two measures (see ``nala_diffusion.builtin_pairs`` for the task):
+
+- **retrieval gain**: the held-out epsilon-MSE on the unpaired control minus that on paired images, at
+  each timestep (250, 500, 750 by default), with the same images' top halves, labels and noise in
+  both sets. A model that finds the partner denoises paired images better; one that cannot, does
+  not see a difference (gain 0).
+- **retrieval mass**: per self-attention layer, from the layer's explicit attention weights on noised
+  paired images, the mean share of a bottom-half query's attention that lands on its partner token
+  or the tokens beside it in its row (±1 column, cyclic). The baseline is the same window placed
+  with a wrong offset (another image's), so it has the same geometry; uniform attention gives
+  3 / tokens for both.
+
+Both are written as JSON, with the per-layer Spearman correlation between a query's attention
+entropy and its norm (rho) and the mean entropy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from nala_diffusion.cli_args import HelpFormatter, positive_int
+from nala_diffusion.lazy import lazy
+
+TIMESTEPS = (250, 500, 750)
+WINDOW = 1  # columns on each side of the partner that count as hits
+KIND_OF = {"nala": "nala", "softmax": "softmax", "relu_linear": "relu_linear", "elu_linear": "elu_linear"}
+
+DDPMScheduler = lazy("diffusers", "DDPMScheduler")
+NaLaDiTPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit", "NaLaDiTPipeline")
+load_dataset = lazy("nala_diffusion.data", "load_dataset")
+attention_weights = lazy("nala_diffusion.attention_weights")
+norm_awareness = lazy("nala_diffusion.norm_awareness")
+builtin_pairs = lazy("nala_diffusion.builtin_pairs")
+swap = lazy("nala_diffusion.swap")
+
+
+def evenly(count: int, total: int) -> list:
+    return torch.linspace(0, total - 1, min(count, total)).round().long().tolist()
+
+
+@torch.no_grad()
+def heldout_mse(model, scheduler, images: torch.Tensor, labels: torch.Tensor, timesteps: Sequence[int], seed: int,
+                batch_size: int = 64) -> Dict[int, float]:
+    """Epsilon-MSE per timestep on the mean channels, noise fixed by ``seed`` (the same for any model
+    and for the paired and unpaired sets)."""
+    out = {}
+    channels = images.shape[1]
+    for t in timesteps:
+        generator = torch.Generator().manual_seed(seed + int(t))
+        noise = torch.randn(images.shape, generator=generator)
+        steps = torch.full((len(images),), int(t))
+        noisy = scheduler.add_noise(images, noise, steps)
+        errors = []
+        for start in range(0, len(images), batch_size):
+            part = slice(start, start + batch_size)
+            prediction = model(noisy[part], timestep=steps[part], class_labels=labels[part]).sample[:, :channels]
+            errors.append((prediction - noise[part]).square().mean(dim=(1, 2, 3)))
+        out[int(t)] = float(torch.cat(errors).mean())
+    return out
+
+
+def retrieval_gain(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 300, seed: int = 0) -> dict:
+    """Held-out epsilon-MSE on ``builtin:pairs`` and its unpaired control (test split), and their
+    difference per timestep (unpaired - paired; > 0 when the partner is used)."""
+    paired = load_dataset("builtin:pairs", 32, split="test")
+    unpaired = load_dataset("builtin:pairs_unpaired", 32, split="test")
+    index = evenly(images, len(paired))
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    model = pipe.transformer.eval()
+    result = {}
+    for name, dataset in (("paired", paired), ("unpaired", unpaired)):
+        result[name] = heldout_mse(model, scheduler, dataset.images[index], dataset.labels[index], timesteps, seed)
+    result["gain"] = {t: result["unpaired"][t] - result["paired"][t] for t in result["paired"]}
+    result["mean_gain"] = sum(result["gain"].values()) / len(result["gain"])
+    result["relative_gain"] = {t: result["gain"][t] / result["unpaired"][t] for t in result["gain"]}
+    result["images"] = len(index)
+    return result
+
+
+def window_mass(weights: torch.Tensor, partners: torch.Tensor, side: int, window: int = WINDOW) -> torch.Tensor:
+    """weights (..., N, N) of one image, partners (N,) (-1 for queries without one): per query with a
+    partner, the attention mass on the partner and the ``window`` tokens on each side of it in its
+    row (cyclic). Returns (..., queries with a partner)."""
+    queries = torch.nonzero(partners >= 0).flatten()
+    partner = partners[queries]
+    row, col = partner // side, partner % side
+    columns = torch.stack([(col + d) % side for d in range(-window, window + 1)], dim=-1)  # (Q, 2w + 1)
+    targets = row[:, None] * side + columns  # (Q, 2w + 1)
+    rows = weights[..., queries, :]  # (..., Q, N)
+    return rows.gather(-1, targets.expand(*rows.shape[:-2], *targets.shape)).sum(-1)
+
+
+def layer_kind(processor) -> Optional[str]:
+    return KIND_OF.get(getattr(processor, "kernel_name", None))
+
+
+@torch.no_grad()
+def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, seed: int = 0) -> Dict[str, dict]:
+    """Per self-attention layer: the mean retrieval mass (partner ± WINDOW columns), its baseline (the
+    window at another image's offset), rho(entropy, |q|) and the mean entropy, on noised paired
+    test images."""
+    model = pipe.transformer.eval()
+    patch = model.config.patch_size
+    side = 32 // patch
+    dataset = load_dataset("builtin:pairs", 32, split="test")
+    index = evenly(images, len(dataset))
+    x0, labels = dataset.images[index], dataset.labels[index]
+    offsets = dataset.offsets[index]
+    wrong = offsets.roll(1)  # another image's offset; where it is equal, shift it by one patch more
+    wrong = torch.where(wrong == offsets, (wrong + patch) % 32, wrong)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(seed)
+    processors = {name: attn.processor for name, attn in swap.self_attention_modules(model)}
+    sums: Dict[str, dict] = {}
+    for t in timesteps:
+        noise = torch.randn(x0.shape, generator=generator)
+        steps = torch.full((len(x0),), int(t))
+        with norm_awareness.capture_queries(model, keys=True) as captured:
+            model(scheduler.add_noise(x0, noise, steps), timestep=steps, class_labels=labels)
+        for name, tensors in captured.items():
+            processor = processors[name]
+            kind = layer_kind(processor)
+            if kind is None:
+                continue
+            options = processor.kernel_options() if kind == "nala" else None
+            if options is not None:
+                options = {k: v.detach() if torch.is_tensor(v) else v for k, v in options.items()}
+            q, k = tensors["query"], tensors["key"]
+            weights = attention_weights.attention_weights(kind, q, k, options)  # (B, H, N, N)
+            masses, baselines = [], []
+            for b in range(len(x0)):
+                masses.append(window_mass(weights[b], builtin_pairs.partner_tokens(int(offsets[b]), patch), side))
+                baselines.append(window_mass(weights[b], builtin_pairs.partner_tokens(int(wrong[b]), patch), side))
+            entropy = attention_weights.entropy(weights)
+            norms = q.double().norm(dim=-1)
+            from nala_diffusion.eval.attention_entropy import spearman
+
+            entry = sums.setdefault(name, {"kind": kind, "mass": [], "baseline": [], "rho": [], "entropy": []})
+            entry["mass"].append(float(torch.stack(masses).mean()))
+            entry["baseline"].append(float(torch.stack(baselines).mean()))
+            entry["rho"].append(spearman(entropy, norms))
+            entry["entropy"].append(float(entropy.mean()))
+    return {name: {"kind": e["kind"], **{key: sum(e[key]) / len(e[key]) for key in ("mass", "baseline", "rho", "entropy")},
+                   "uniform": (2 * WINDOW + 1) / side ** 2}
+            for name, e in sums.items()}
+
+
+def measure(model_dir: str, timesteps: Sequence[int] = TIMESTEPS, gain_images: int = 300, mass_images: int = 8,
+            seed: int = 0) -> dict:
+    pipe = NaLaDiTPipeline.from_pretrained(model_dir)
+    if pipe.default_sample_size * (pipe.vae_scale_factor if pipe.vae is not None else 1) != 32 or pipe.vae is not None:
+        raise ValueError(f"{model_dir!r} is not a 32 x 32 pixel-space model; builtin:pairs needs one")
+    result = {"model": os.path.abspath(model_dir), "timesteps": list(timesteps),
+              "gain": retrieval_gain(pipe, timesteps, gain_images, seed),
+              "mass": retrieval_mass(pipe, timesteps, mass_images, seed)}
+    return json.loads(json.dumps(result))  # as written and read back: timestep keys are strings
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="nala-retrieval",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="pipeline folder of a 32 x 32 pixel-space model")
+    p.add_argument("--json", required=True, help="write the measures here")
+    p.add_argument("--timesteps", type=int, nargs="+", default=list(TIMESTEPS), help="noise levels")
+    p.add_argument("--gain_images", type=positive_int, default=300, help="held-out images of each set for the gain")
+    p.add_argument("--mass_images", type=positive_int, default=8, help="paired images for the attention mass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = measure(args.model, args.timesteps, args.gain_images, args.mass_images, args.seed)
+    except (OSError, ValueError) as error:
+        print(f"nala-retrieval: error: {error}", file=sys.stderr)
+        return 2
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(f"{args.json}.tmp", "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2)
+    os.replace(f"{args.json}.tmp", args.json)
+    gain = result["gain"]
+    print(f"retrieval gain (unpaired - paired eps-MSE): " + ", ".join(f"t={t}: {g:+.5f}" for t, g in gain["gain"].items()))
+    for name, layer in result["mass"].items():
+        print(f"{name}: retrieval mass {layer['mass']:.3f} (baseline {layer['baseline']:.3f}, uniform {layer['uniform']:.3f})")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

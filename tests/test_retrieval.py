@@ -1,0 +1,79 @@
+"""The retrieval-denoising task (builtin:pairs) and its measures."""
+import json
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from nala_diffusion import NaLaDiTPipeline
+from nala_diffusion.builtin_pairs import HALF, SIZE, partner_tokens
+from nala_diffusion.data import load_dataset
+from nala_diffusion.eval import retrieval
+from helpers import tiny_nala
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return {mode: load_dataset(f"builtin:{name}", 32, split="test")
+            for mode, name in (("paired", "pairs"), ("unpaired", "pairs_unpaired"), ("mixed", "pairs_mixed"))}
+
+
+def test_each_bottom_half_is_its_top_half_shifted_by_the_recorded_offset(pairs):
+    data = pairs["paired"]
+    assert data.images.shape[1:] == (3, SIZE, SIZE) and len(data.classes) == 10
+    assert (data.offsets % 2 == 0).all() and data.offsets.min() >= 2 and data.offsets.max() <= 30
+    assert len(set(data.offsets.tolist())) > 10  # the offset depends on the image
+    for image, offset in zip(data.images, data.offsets):
+        top, bottom = image[:, :HALF], image[:, HALF:]
+        assert torch.equal(bottom, torch.roll(top, int(offset), dims=-1))
+    # the control has the same tops, and its bottoms are other crops
+    control = pairs["unpaired"]
+    assert torch.equal(control.images[:, :, :HALF], data.images[:, :, :HALF])
+    for image, offset in zip(control.images, control.offsets):
+        assert not torch.equal(image[:, HALF:], torch.roll(image[:, :HALF], int(offset), dims=-1))
+    # the mixed set alternates; the splits are disjoint and deterministic
+    mixed = pairs["mixed"]
+    assert mixed.paired[::2].all() and not mixed.paired[1::2].any()
+    train = load_dataset("builtin:pairs", 32, split="train")
+    assert len(train) == 3000 and len(data) == 600
+    assert torch.equal(load_dataset("builtin:pairs", 32, split="test").images, data.images)
+    with pytest.raises(ValueError, match="32 x 32"):
+        load_dataset("builtin:pairs", 64)
+
+
+def test_partner_tokens_point_to_the_shifted_source_token():
+    partners = partner_tokens(6, patch=2)  # 16 x 16 tokens, shift 3 columns
+    assert (partners[: 8 * 16] == -1).all()
+    assert int(partners[8 * 16 + 5]) == 0 * 16 + 2  # bottom row 0, column 5 <- top row 0, column 2
+    assert int(partners[15 * 16 + 1]) == 7 * 16 + 14  # cyclic: column 1 - 3 = -2 -> 14
+    with pytest.raises(ValueError, match="patches"):
+        partner_tokens(3, patch=2)
+
+
+def test_window_mass_is_one_for_attention_on_the_partner_and_window_over_n_for_uniform():
+    side, partners = 16, partner_tokens(10, patch=2)
+    n = side * side
+    on_partner = torch.zeros(n, n, dtype=torch.float64)
+    rows = torch.nonzero(partners >= 0).flatten()
+    on_partner[rows, partners[rows]] = 1.0
+    assert torch.allclose(retrieval.window_mass(on_partner, partners, side), torch.ones(len(rows), dtype=torch.float64))
+    uniform = torch.full((n, n), 1.0 / n, dtype=torch.float64)
+    mass = retrieval.window_mass(uniform, partners, side)
+    assert torch.allclose(mass, torch.full_like(mass, (2 * retrieval.WINDOW + 1) / n))
+    # the baseline window (another offset) sees none of the partner attention
+    assert retrieval.window_mass(on_partner, partner_tokens(20, patch=2), side).max() == 0
+
+
+def test_measures_run_on_a_pipeline_folder_and_write_json(tmp_path):
+    model = tiny_nala(sample_size=32, num_classes=10, patch_size=2)
+    NaLaDiTPipeline(model, DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "retrieval.json"
+    assert retrieval.main(["--model", str(tmp_path / "pipe"), "--json", str(out), "--gain_images", "8",
+                           "--mass_images", "2", "--timesteps", "500"]) == 0
+    result = json.loads(out.read_text())
+    gain = result["gain"]
+    assert gain["images"] == 8 and set(gain["gain"]) == {"500"}
+    assert gain["gain"]["500"] == pytest.approx(gain["unpaired"]["500"] - gain["paired"]["500"])
+    assert len(result["mass"]) == model.config.num_layers
+    for layer in result["mass"].values():
+        assert 0 <= layer["mass"] <= 1 and 0 <= layer["baseline"] <= 1 and layer["uniform"] == pytest.approx(3 / 256)
