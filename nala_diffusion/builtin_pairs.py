@@ -2,9 +2,9 @@
 
 Each 32 x 32 image (class = source photograph) holds a random 16 x 32 crop of a photograph in its
 top half; its bottom half holds the same crop, shifted cyclically to the right by a random offset
-per image (a multiple of ``OFFSET_STEP`` = 2 px, 2 to 30 px), so that with patch 2 every
-bottom-half token has an exact partner token in the top half: the token in the same row of its
-half, ``offset / 2`` columns to the left (cyclically). Under noise a denoiser can halve the noise
+per image (a multiple of ``OFFSET_STEP`` = 4 px: 4 to 28 px, seven offsets), so that with patch 2
+or 4 every bottom-half token has an exact partner token in the top half: the token in the same row
+of its half, ``offset / patch`` columns to the left (cyclically). Under noise a denoiser can halve the noise
 on such a pair only by finding the partner, whose position depends on the image, not on a fixed
 offset.
 
@@ -30,7 +30,7 @@ from .builtin_photos import PHOTOS, TRAIN_FRACTION, load_photo
 
 SIZE = 32  # image side
 HALF = SIZE // 2  # rows of each half
-OFFSET_STEP = 2  # offsets are multiples of the patch size the study uses
+OFFSET_STEP = 4  # offsets are whole patches for patch 2 and patch 4
 PAIRS_PER_CLASS = {"train": 300, "test": 60}
 MODES = ("paired", "unpaired", "mixed")
 
