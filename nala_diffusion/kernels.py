@@ -456,9 +456,17 @@ def _dense_inference(q, k, v, power_scale, power_offset, key_power, inhibit, ang
     return out.view(batch, heads, tokens, -1)
 
 
+_RECOMPUTE_BYTES = 4 * 2**20  # recompute the features in backward when one (B, H, N, d) tensor holds this much
+
+
 def _memory_lean(function, *args):
-    """``function(*args)`` whose backward recomputes the 2d-wide features from q, k, v instead of
-    keeping them (``torch.utils.checkpoint``): training memory as for a d-wide linear attention."""
+    """``function(*args)``, whose backward recomputes the feature halves from q, k, v instead of
+    keeping them (``torch.utils.checkpoint``) when they are large: training memory as for a d-wide
+    linear attention. Below ``_RECOMPUTE_BYTES`` per tensor storing them costs little and saves the
+    recomputation (about one more forward of the kernel)."""
+    q = args[0]
+    if q.numel() * q.element_size() < _RECOMPUTE_BYTES:
+        return function(*args)
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
 
 

@@ -292,3 +292,24 @@ def test_compiled_kernel_matches_float64_reference(inhibit):
     graph = nala_attention(q.requires_grad_(), k, v, power_scale=lam, compile=True, **opts)
     torch.testing.assert_close(graph.detach(), fused, rtol=1e-4, atol=1e-5)
     assert torch.isfinite(torch.autograd.grad(graph.sum(), q)[0]).all()
+
+
+def test_large_training_inputs_keep_no_features_between_forward_and_backward(monkeypatch):
+    # above _RECOMPUTE_BYTES the backward recomputes the feature halves instead of storing them
+    from nala_diffusion import kernels
+    from nala_diffusion.eval.benchmark import PeakBytes
+
+    def live_after_forward(threshold):
+        monkeypatch.setattr(kernels, "_RECOMPUTE_BYTES", threshold)
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, 2, 4096, 32, requires_grad=True) for _ in range(3))
+        with PeakBytes() as probe:
+            out = nala_attention(q, k, v)
+            held = probe.live
+        out.sum().backward()
+        return held, q.grad
+
+    lean, lean_grad = live_after_forward(0)
+    stored, stored_grad = live_after_forward(2**40)
+    assert lean < stored / 2
+    torch.testing.assert_close(lean_grad, stored_grad)
