@@ -55,6 +55,7 @@ KERNELS: Dict[str, Callable] = {
     "elu_linear": lambda q, k, v: linear_attention(q, k, v, feature_map="elu"),
     "nala_explicit": lambda q, k, v: nala_attention_explicit(q, k, v),
     "nala": lambda q, k, v: nala_attention(q, k, v),
+    "nala_dense": lambda q, k, v: nala_attention(q, k, v, gather=False),  # the batched path other devices take
     "nala_compiled": lambda q, k, v: nala_attention(q, k, v, compile=True),
 }
 QUADRATIC = {"sdpa", "plain"}
