@@ -106,6 +106,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sample_steps", type=int, default=25, help='sampling steps of the evaluation')
     p.add_argument("--guidance", type=float, default=2.0, help='classifier-free guidance of the evaluation')
     p.add_argument("--highres_samples", type=int, default=10, help="images per high-resolution setting")
+    p.add_argument("--kinds", nargs="+", default=None, choices=sorted(RETRIEVAL_VARIANTS),
+                   help="--study retrieval: train and score only these kinds (default: all five)")
     p.add_argument("--retrieval_images", type=int, default=300,
                    help="--study retrieval: held-out images of each set (paired, unpaired) for the retrieval gain")
     p.add_argument("--crops_per_image", type=int, default=16, help='crops per built-in photograph in the training data')
@@ -292,6 +294,8 @@ def entropy(run: str, out: str, kind: str, timesteps: Sequence[int] = (500,), im
 
 def mean_std(values: List[float]) -> str:
     values = [v for v in values if v is not None]
+    if not values:
+        return "–"
     if len(values) == 1:
         return f"{values[0]:.4g}"
     return f"{np.mean(values):.4g} ± {np.std(values, ddof=1):.2g}"
@@ -347,6 +351,8 @@ def retrieval_study(args, argv) -> dict:
     results = {"command": " ".join(["nala-study", *(argv if argv is not None else sys.argv[1:])]),
                "architecture": args.architecture, "timesteps": list(retrieval.TIMESTEPS), "runs": {}}
     for kind, extra in RETRIEVAL_VARIANTS.items():
+        if args.kinds and kind not in args.kinds:
+            continue
         results["runs"][kind] = []
         for seed in args.seeds:
             info = train(args.out, f"retrieval_{kind}_s{seed}", extra, args.steps, seed, args, dataset="builtin:pairs_mixed")
@@ -361,6 +367,8 @@ def retrieval_study(args, argv) -> dict:
 def gap_closed(results: dict, kind: str) -> List[float]:
     """Per seed: (gain(kind) - gain(ReLU linear)) / (gain(softmax) - gain(ReLU linear)), mean over timesteps."""
     runs = results["runs"]
+    if not {"softmax", "relu_linear"} <= set(runs):
+        return []
     out = []
     for nala, relu, soft in zip(runs[kind], runs["relu_linear"], runs["softmax"]):
         gap = soft["gain"]["mean_gain"] - relu["gain"]["mean_gain"]
