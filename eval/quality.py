@@ -81,8 +81,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = pipe.sampling_settings(args.steps, args.guidance)
     args.steps, args.guidance = settings["num_inference_steps"], settings["guidance_scale"]
     resolution = pipe.default_sample_size
-    with OutputLock(args.out, "the quality folder"):
-        return evaluate(args, pipe, settings)
+    try:
+        with OutputLock(args.out, "the quality folder"):
+            return evaluate(args, pipe, settings)
+    except ValueError as error:
+        print(f"nala-quality: error: {error}", file=sys.stderr)
+        return 2
 
 
 def evaluate(args, pipe, settings) -> int:

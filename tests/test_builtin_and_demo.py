@@ -53,7 +53,7 @@ def test_shipped_classifier_beats_its_reported_accuracy_minus_a_margin(photos):
     assert classifier.features(torch.rand(2, 3, 64, 64)).shape == (2, classifier.feature_dim)
 
 
-def test_quality_tool_reports_accuracy_and_fid_ratio(tmp_path):
+def test_quality_tool_reports_accuracy_and_fid_ratio(tmp_path, capsys):
     from diffusers import DDIMScheduler
 
     from nala_diffusion import NaLaDiTTransformer2DModel
@@ -69,8 +69,30 @@ def test_quality_tool_reports_accuracy_and_fid_ratio(tmp_path):
     result = json.loads((tmp_path / "q" / "quality.json").read_text())
     assert 0 <= result["class_accuracy"]["accuracy"] <= 1 and len(result["class_accuracy"]["per_class"]) == 10
     assert result["fid_trained"] > 0 and result["fid_untrained"] > 0 and result["untrained_samples"] == 10
-    assert result["fid_ratio_trained_to_untrained"] == pytest.approx(result["fid_trained_same_count"] / result["fid_untrained"])
     assert len(os.listdir(tmp_path / "q" / "untrained" / "samples")) == 10
+    # a rerun with fewer samples scores exactly the first ones (not the 20 on disk): the FID
+    # recomputed here from those 10 images' features with scipy's matrix square root
+    assert quality.main(["--model", str(tmp_path / "pipe"), "--classifier", nala_diffusion.demo_classifier_path(),
+                         "--num_samples", "10", "--untrained_samples", "10", "--steps", "2",
+                         "--out", str(tmp_path / "q")]) == 0
+    rerun = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert rerun["num_samples"] == 10 and len(os.listdir(tmp_path / "q" / "trained" / "samples")) == 20
+    from scipy import linalg
+
+    from nala_diffusion.eval import features as F
+
+    extractor = F.classifier_extractor(nala_diffusion.demo_classifier_path(), torch.device("cpu"))
+    first = [str(tmp_path / "q" / "trained" / "samples" / f"{i:06d}.png") for i in range(10)]
+    fake = F.folder_features(str(tmp_path / "q" / "trained" / "samples"), extractor, "cpu", verbose=False, files=first)
+    real = F.folder_features(str(tmp_path / "q" / "real"), extractor, "cpu", verbose=False)
+    mu1, mu2 = fake.mean(0), real.mean(0)
+    s1, s2 = np.cov(fake, rowvar=False), np.cov(real, rowvar=False)
+    expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))
+    assert rerun["fid_trained"] == pytest.approx(expected, rel=1e-3)
+    # and other settings in the same folder are refused
+    assert quality.main(["--model", str(tmp_path / "pipe"), "--classifier", nala_diffusion.demo_classifier_path(),
+                         "--num_samples", "10", "--steps", "3", "--out", str(tmp_path / "q")]) == 2
+    assert "steps: 2 -> 3" in capsys.readouterr().err
 
 
 def test_shipped_demo_pipeline_loads_and_samples():
