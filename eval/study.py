@@ -455,11 +455,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.architecture = json.load(handle)
     fingerprint = {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite")},
                    "code_version": code_version()}
-    with OutputLock(args.out, "the study folder"):
-        check_fingerprint(args.out, fingerprint, overwrite=args.overwrite, what="study results",
-                          has_outputs=lambda: any(os.path.exists(os.path.join(args.out, d)) for d in STUDY_OUTPUTS),
-                          clear=lambda: [shutil.rmtree(os.path.join(args.out, d), ignore_errors=True) for d in STUDY_OUTPUTS])
-        return run_study(args, argv)
+    try:
+        with OutputLock(args.out, "the study folder"):
+            check_fingerprint(args.out, fingerprint, overwrite=args.overwrite, what="study results",
+                              has_outputs=lambda: any(os.path.exists(os.path.join(args.out, d)) for d in STUDY_OUTPUTS),
+                              clear=lambda: [shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+                                             for d in STUDY_OUTPUTS])
+            return run_study(args, argv)
+    except ValueError as error:
+        print(f"nala-study: error: {error}", file=sys.stderr)
+        return 2
 
 
 # what a study writes and a rerun reuses (under OUT)
