@@ -19,7 +19,9 @@ _EXPORTS: Dict[str, List[str]] = {
         "nala_attention",
         "nala_attention_explicit",
         "nala_key_features",
+        "nala_key_halves",
         "nala_query_features",
+        "nala_query_halves",
         "power_sensitivity",
         "query_power",
         "rope_2d_tables",
@@ -27,6 +29,7 @@ _EXPORTS: Dict[str, List[str]] = {
     ],
     "model": ["DIT_PRESETS", "NaLaDiTTransformer2DModel", "preset_config"],
     "norm_awareness": ["calibrate_norm_scale", "capture_queries", "saturation_report"],
+    "options": ["AttentionOptions"],
     "processors": [
         "ATTENTION_PROCESSORS",
         "ELULinearAttnProcessor",
