@@ -30,10 +30,11 @@ import torch
 
 from nala_diffusion.cli_args import HelpFormatter, positive_int
 from nala_diffusion.lazy import lazy
+from nala_diffusion.options import ATTENTION_TYPES
+from nala_diffusion.run_guard import write_json_atomically
 
 TIMESTEPS = (250, 500, 750)
 WINDOW = 1  # columns on each side of the partner that count as hits
-KIND_OF = {"nala": "nala", "softmax": "softmax", "relu_linear": "relu_linear", "elu_linear": "elu_linear"}
 
 DDPMScheduler = lazy("diffusers", "DDPMScheduler")
 NaLaDiTPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit", "NaLaDiTPipeline")
@@ -41,6 +42,7 @@ load_dataset = lazy("nala_diffusion.data", "load_dataset")
 attention_weights = lazy("nala_diffusion.attention_weights")
 norm_awareness = lazy("nala_diffusion.norm_awareness")
 builtin_pairs = lazy("nala_diffusion.builtin_pairs")
+spearman = lazy("nala_diffusion.eval.attention_entropy", "spearman")
 swap = lazy("nala_diffusion.swap")
 
 
@@ -101,7 +103,9 @@ def window_mass(weights: torch.Tensor, partners: torch.Tensor, side: int, window
 
 
 def layer_kind(processor) -> Optional[str]:
-    return KIND_OF.get(getattr(processor, "kernel_name", None))
+    """The attention_weights kind of a processor: its kernel name, for the four attention types."""
+    name = getattr(processor, "kernel_name", None)
+    return name if name in ATTENTION_TYPES else None
 
 
 @torch.no_grad()
@@ -121,6 +125,8 @@ def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(seed)
     processors = {name: attn.processor for name, attn in swap.self_attention_modules(model)}
+    partners = [builtin_pairs.partner_tokens(int(o), patch) for o in offsets]
+    wrong_partners = [builtin_pairs.partner_tokens(int(o), patch) for o in wrong]
     sums: Dict[str, dict] = {}
     for t in timesteps:
         noise = torch.randn(x0.shape, generator=generator)
@@ -137,14 +143,10 @@ def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, 
                 options = {k: v.detach() if torch.is_tensor(v) else v for k, v in options.items()}
             q, k = tensors["query"], tensors["key"]
             weights = attention_weights.attention_weights(kind, q, k, options)  # (B, H, N, N)
-            masses, baselines = [], []
-            for b in range(len(x0)):
-                masses.append(window_mass(weights[b], builtin_pairs.partner_tokens(int(offsets[b]), patch), side))
-                baselines.append(window_mass(weights[b], builtin_pairs.partner_tokens(int(wrong[b]), patch), side))
+            masses = [window_mass(weights[b], partners[b], side) for b in range(len(x0))]
+            baselines = [window_mass(weights[b], wrong_partners[b], side) for b in range(len(x0))]
             entropy = attention_weights.entropy(weights)
             norms = q.double().norm(dim=-1)
-            from nala_diffusion.eval.attention_entropy import spearman
-
             entry = sums.setdefault(name, {"kind": kind, "mass": [], "baseline": [], "rho": [], "entropy": []})
             entry["mass"].append(float(torch.stack(masses).mean()))
             entry["baseline"].append(float(torch.stack(baselines).mean()))
@@ -185,10 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as error:
         print(f"nala-retrieval: error: {error}", file=sys.stderr)
         return 2
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(f"{args.json}.tmp", "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2)
-    os.replace(f"{args.json}.tmp", args.json)
+    write_json_atomically(args.json, result)
     gain = result["gain"]
     print(f"retrieval gain (unpaired - paired eps-MSE): " + ", ".join(f"t={t}: {g:+.5f}" for t, g in gain["gain"].items()))
     for name, layer in result["mass"].items():

@@ -14,16 +14,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default after its help, unless the help already says it or the default
     is None (whose meaning the help text gives)."""

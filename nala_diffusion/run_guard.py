@@ -21,6 +21,8 @@ import time
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+from .files import new_file_mode
+
 FINGERPRINT_FILE = "fingerprint.json"
 LOCK_FILE = ".lock"
 
@@ -74,17 +76,11 @@ def write_json_atomically(path: str, data: Mapping[str, Any]) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             json.dump(_jsonable(data), stream, indent=2, sort_keys=True)
-        os.chmod(temporary, 0o666 & ~_umask())
+        os.chmod(temporary, new_file_mode())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def check_fingerprint(

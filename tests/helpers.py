@@ -1,4 +1,10 @@
-"""Tiny model factories shared by the tests (2 layers, 2 heads, head_dim 8)."""
+"""Tiny model factories shared by the tests (2 layers, 2 heads, head_dim 8), and other test helpers."""
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -68,3 +74,16 @@ class LargestAllocation(TorchDispatchMode):
             if torch.is_tensor(t):
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+@contextlib.contextmanager
+def lock_held_by_a_live_process(folder):
+    """Inside the block, ``folder/.lock`` names a running process of this host (its pid is yielded);
+    afterwards that process is gone, so the lock is stale."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        yield sleeper.pid
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -14,7 +14,7 @@ from scipy import linalg
 from nala_diffusion import DomainClassifier, NaLaDiTPipeline
 from nala_diffusion.eval import features as F
 from nala_diffusion.eval.fid import cli
-from helpers import tiny_nala
+from helpers import lock_held_by_a_live_process, tiny_nala
 
 REPO = Path(__file__).resolve().parents[1]
 JSON_FIELDS = {"fid", "kid", "num_samples", "model", "model_config_hash", "attention_type", "scheduler", "steps",
@@ -181,15 +181,10 @@ def test_samples_of_another_model_or_setting_are_refused_not_reused(assets, tmp_
 def test_a_second_writer_is_refused_and_a_stale_lock_recovered(assets, tmp_path, capsys):
     out = tmp_path / "locked"
     out.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (out / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": __import__("socket").gethostname()}))
+    with lock_held_by_a_live_process(out) as pid:
         assert cli(["sample", *sample_args(assets, out, n=2)]) == 2
-        assert f"process {sleeper.pid}" in capsys.readouterr().err
+        assert f"process {pid}" in capsys.readouterr().err
         assert not (out / "samples").exists()
-    finally:
-        sleeper.kill()
-        sleeper.wait()
     with pytest.warns(UserWarning, match="stale lock"):
         assert cli(["sample", *sample_args(assets, out, n=2)]) == 0
     assert not (out / ".lock").exists() and len(os.listdir(out / "samples")) == 2

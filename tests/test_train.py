@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from nala_diffusion import NaLaDiTPipeline, NaLaDiTTransformer2DModel
 from nala_diffusion.train.train_nala_dit import cli
-from helpers import TINY, tiny_dit
+from helpers import TINY, lock_held_by_a_live_process, tiny_dit
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "train" / "train_nala_dit.py")
@@ -282,12 +282,7 @@ def test_resume_refuses_what_it_cannot_continue_exactly(data, tmp_path, capsys):
 def test_a_second_trainer_on_one_folder_is_refused(data, tmp_path, capsys):
     out = tmp_path / "busy"
     out.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (out / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": __import__("socket").gethostname()}))
+    with lock_held_by_a_live_process(out) as pid:
         assert cli(base_args(data, out, steps=2)) == 2
-        assert f"being written by process {sleeper.pid}" in capsys.readouterr().err
+        assert f"being written by process {pid}" in capsys.readouterr().err
         assert os.listdir(out) == [".lock"]
-    finally:
-        sleeper.kill()
-        sleeper.wait()
