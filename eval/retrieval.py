@@ -1,18 +1,22 @@
 """nala-retrieval: how much a trained model's denoising uses the partner token of ``builtin:pairs``.
 
-    nala-retrieval --model RUN --json retrieval.json
+    nala-retrieval --model RUN --json retrieval.json                  # builtin:pairs (tiles)
+    nala-retrieval --model RUN --json retrieval.json --layout crops   # builtin:pairs_crops
 
 Two measures (see ``nala_diffusion.builtin_pairs`` for the task):
 
 - **retrieval gain**: the held-out epsilon-MSE on the unpaired control minus that on paired images, at
-  each timestep (250, 500, 750 by default), with the same images' top halves, labels and noise in
+  each timestep (100, 250, 500 by default), with the same images' top halves, labels and noise in
   both sets. A model that finds the partner denoises paired images better; one that cannot, does
-  not see a difference (gain 0).
+  not see a difference (gain 0). The timesteps are those at which a 4 x 4 px token can still be
+  recognised under the noise (signal fraction alpha_bar = 0.90, 0.52, 0.08 on the linear schedule);
+  at t = 750 (alpha_bar = 0.004) no model can find its partner.
 - **retrieval mass**: per self-attention layer, from the layer's explicit attention weights on noised
   paired images, the mean share of a bottom-half query's attention that lands on its partner token
-  or the tokens beside it in its row (±1 column, cyclic). The baseline is the same window placed
-  with a wrong offset (another image's), so it has the same geometry; uniform attention gives
-  3 / tokens for both.
+  (tiles layout) or on the partner and the tokens beside it in its row (crops layout, whose
+  neighbouring tokens are alike: ±1 column, cyclic). The baseline is the same window placed with a
+  wrong offset (another image's), so it has the same geometry; uniform attention gives
+  window / tokens for both.
 
 Both are written as JSON, with the per-layer Spearman correlation between a query's attention
 entropy and its norm (rho) and the mean entropy.
@@ -33,8 +37,10 @@ from nala_diffusion.lazy import lazy
 from nala_diffusion.options import ATTENTION_TYPES
 from nala_diffusion.run_guard import write_json_atomically
 
-TIMESTEPS = (250, 500, 750)
-WINDOW = 1  # columns on each side of the partner that count as hits
+TIMESTEPS = (100, 250, 500)
+# columns on each side of the partner that count as hits: none for unrelated tiles, one for crops
+WINDOWS = {"tiles": 0, "crops": 1}
+DATASETS = {"tiles": "builtin:pairs", "crops": "builtin:pairs_crops"}
 
 DDPMScheduler = lazy("diffusers", "DDPMScheduler")
 NaLaDiTPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit", "NaLaDiTPipeline")
@@ -71,11 +77,12 @@ def heldout_mse(model, scheduler, images: torch.Tensor, labels: torch.Tensor, ti
     return out
 
 
-def retrieval_gain(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 300, seed: int = 0) -> dict:
-    """Held-out epsilon-MSE on ``builtin:pairs`` and its unpaired control (test split), and their
-    difference per timestep (unpaired - paired; > 0 when the partner is used)."""
-    paired = load_dataset("builtin:pairs", 32, split="test")
-    unpaired = load_dataset("builtin:pairs_unpaired", 32, split="test")
+def retrieval_gain(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 300, seed: int = 0,
+                   layout: str = "tiles") -> dict:
+    """Held-out epsilon-MSE on ``builtin:pairs`` (or ``builtin:pairs_crops``) and its unpaired control
+    (test split), and their difference per timestep (unpaired - paired; > 0 when the partner is used)."""
+    paired = load_dataset(DATASETS[layout], 32, split="test")
+    unpaired = load_dataset(f"{DATASETS[layout]}_unpaired", 32, split="test")
     index = evenly(images, len(paired))
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     model = pipe.transformer.eval()
@@ -89,7 +96,7 @@ def retrieval_gain(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 300
     return result
 
 
-def window_mass(weights: torch.Tensor, partners: torch.Tensor, side: int, window: int = WINDOW) -> torch.Tensor:
+def window_mass(weights: torch.Tensor, partners: torch.Tensor, side: int, window: int) -> torch.Tensor:
     """weights (..., N, N) of one image, partners (N,) (-1 for queries without one): per query with a
     partner, the attention mass on the partner and the ``window`` tokens on each side of it in its
     row (cyclic). Returns (..., queries with a partner)."""
@@ -109,14 +116,16 @@ def layer_kind(processor) -> Optional[str]:
 
 
 @torch.no_grad()
-def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, seed: int = 0) -> Dict[str, dict]:
-    """Per self-attention layer: the mean retrieval mass (partner ± WINDOW columns), its baseline (the
-    window at another image's offset), rho(entropy, |q|) and the mean entropy, on noised paired
-    test images."""
+def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, seed: int = 0,
+                   layout: str = "tiles") -> Dict[str, dict]:
+    """Per self-attention layer: the mean retrieval mass (partner ± WINDOWS[layout] columns), its
+    baseline (the window at another image's offset), rho(entropy, |q|) and the mean entropy, on
+    noised paired test images."""
     model = pipe.transformer.eval()
     patch = model.config.patch_size
     side = 32 // patch
-    dataset = load_dataset("builtin:pairs", 32, split="test")
+    window = WINDOWS[layout]
+    dataset = load_dataset(DATASETS[layout], 32, split="test")
     index = evenly(images, len(dataset))
     x0, labels = dataset.images[index], dataset.labels[index]
     offsets = dataset.offsets[index]
@@ -143,8 +152,8 @@ def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, 
                 options = {k: v.detach() if torch.is_tensor(v) else v for k, v in options.items()}
             q, k = tensors["query"], tensors["key"]
             weights = attention_weights.attention_weights(kind, q, k, options)  # (B, H, N, N)
-            masses = [window_mass(weights[b], partners[b], side) for b in range(len(x0))]
-            baselines = [window_mass(weights[b], wrong_partners[b], side) for b in range(len(x0))]
+            masses = [window_mass(weights[b], partners[b], side, window) for b in range(len(x0))]
+            baselines = [window_mass(weights[b], wrong_partners[b], side, window) for b in range(len(x0))]
             entropy = attention_weights.entropy(weights)
             norms = q.double().norm(dim=-1)
             entry = sums.setdefault(name, {"kind": kind, "mass": [], "baseline": [], "rho": [], "entropy": []})
@@ -153,18 +162,20 @@ def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, 
             entry["rho"].append(spearman(entropy, norms))
             entry["entropy"].append(float(entropy.mean()))
     return {name: {"kind": e["kind"], **{key: sum(e[key]) / len(e[key]) for key in ("mass", "baseline", "rho", "entropy")},
-                   "uniform": (2 * WINDOW + 1) / side ** 2}
+                   "uniform": (2 * window + 1) / side ** 2}
             for name, e in sums.items()}
 
 
 def measure(model_dir: str, timesteps: Sequence[int] = TIMESTEPS, gain_images: int = 300, mass_images: int = 8,
-            seed: int = 0) -> dict:
+            seed: int = 0, layout: str = "tiles") -> dict:
     pipe = NaLaDiTPipeline.from_pretrained(model_dir)
     if pipe.default_sample_size * (pipe.vae_scale_factor if pipe.vae is not None else 1) != 32 or pipe.vae is not None:
         raise ValueError(f"{model_dir!r} is not a 32 x 32 pixel-space model; builtin:pairs needs one")
-    result = {"model": os.path.abspath(model_dir), "timesteps": list(timesteps),
-              "gain": retrieval_gain(pipe, timesteps, gain_images, seed),
-              "mass": retrieval_mass(pipe, timesteps, mass_images, seed)}
+    if layout not in DATASETS:
+        raise ValueError(f"layout must be one of {sorted(DATASETS)}, got {layout!r}")
+    result = {"model": os.path.abspath(model_dir), "timesteps": list(timesteps), "layout": layout,
+              "gain": retrieval_gain(pipe, timesteps, gain_images, seed, layout),
+              "mass": retrieval_mass(pipe, timesteps, mass_images, seed, layout)}
     return json.loads(json.dumps(result))  # as written and read back: timestep keys are strings
 
 
@@ -177,13 +188,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--gain_images", type=positive_int, default=300, help="held-out images of each set for the gain")
     p.add_argument("--mass_images", type=positive_int, default=8, help="paired images for the attention mass")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument("--layout", choices=sorted(DATASETS), default="tiles",
+                   help="the task: 'tiles' (builtin:pairs) or 'crops' (builtin:pairs_crops)")
     return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        result = measure(args.model, args.timesteps, args.gain_images, args.mass_images, args.seed)
+        result = measure(args.model, args.timesteps, args.gain_images, args.mass_images, args.seed, args.layout)
     except (OSError, ValueError) as error:
         print(f"nala-retrieval: error: {error}", file=sys.stderr)
         return 2

@@ -108,6 +108,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--highres_samples", type=int, default=10, help="images per high-resolution setting")
     p.add_argument("--kinds", nargs="+", default=None, choices=sorted(RETRIEVAL_VARIANTS),
                    help="--study retrieval: train and score only these kinds (default: all five)")
+    p.add_argument("--pairs_layout", choices=["tiles", "crops"], default="tiles",
+                   help="--study retrieval: the task, 'tiles' (builtin:pairs, tile mosaics) or 'crops' "
+                        "(builtin:pairs_crops, one photograph crop per half)")
     p.add_argument("--retrieval_images", type=int, default=300,
                    help="--study retrieval: held-out images of each set (paired, unpaired) for the retrieval gain")
     p.add_argument("--crops_per_image", type=int, default=16, help='crops per built-in photograph in the training data')
@@ -349,16 +352,18 @@ def retrieval_study(args, argv) -> dict:
     that the control is not out of distribution), then measure retrieval gain and mass
     (:mod:`nala_diffusion.eval.retrieval`) on the held-out split."""
     results = {"command": " ".join(["nala-study", *(argv if argv is not None else sys.argv[1:])]),
-               "architecture": args.architecture, "timesteps": list(retrieval.TIMESTEPS), "runs": {}}
+               "architecture": args.architecture, "layout": args.pairs_layout, "timesteps": list(retrieval.TIMESTEPS),
+               "runs": {}}
+    dataset = f"{retrieval.DATASETS[args.pairs_layout]}_mixed"
     for kind, extra in RETRIEVAL_VARIANTS.items():
         if args.kinds and kind not in args.kinds:
             continue
         results["runs"][kind] = []
         for seed in args.seeds:
-            info = train(args.out, f"retrieval_{kind}_s{seed}", extra, args.steps, seed, args, dataset="builtin:pairs_mixed")
+            info = train(args.out, f"retrieval_{kind}_s{seed}", extra, args.steps, seed, args, dataset=dataset)
             path = os.path.join(args.out, "scores", f"retrieval_{kind}_s{seed}.json")
             measures = cached(path, lambda: retrieval.measure(info["folder"], gain_images=args.retrieval_images,
-                                                              mass_images=8))
+                                                              mass_images=8, layout=args.pairs_layout))
             results["runs"][kind].append({**info, **measures})
     plot_retrieval(results, os.path.join(args.out, "retrieval_gain.png"))
     return results
@@ -396,8 +401,11 @@ def retrieval_tables(results: dict) -> str:
     for kind in results["runs"]:
         if kind not in ("softmax", "relu_linear"):
             lines.append(f"- {kind}: {mean_std(gap_closed(results, kind))}")
-    uniform = next(iter(next(iter(results["runs"].values()))[0]["mass"].values()))["uniform"]
-    lines += ["", "Retrieval mass per layer (partner ± 1 column; baseline: the window at a wrong offset; "
+    first = next(iter(results["runs"].values()))[0]
+    uniform = next(iter(first["mass"].values()))["uniform"]
+    window = retrieval.WINDOWS[first.get("layout", "crops")]
+    target = "the partner token" if window == 0 else f"the partner ± {window} column"
+    lines += ["", f"Retrieval mass per layer ({target}; baseline: the same at a wrong offset; "
               f"uniform attention: {uniform:.3f}) and rho(entropy, |q|):", "",
               "| attention | layer | mass | baseline | rho | mean entropy |", "| --- | --- | --- | --- | --- | --- |"]
     for kind, runs in results["runs"].items():
@@ -453,7 +461,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.model_config:
         with open(args.model_config, encoding="utf-8") as handle:
             args.architecture = json.load(handle)
-    fingerprint = {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite")},
+    # which kinds (and, in the retrieval study, which seeds) run is not part of the fingerprint: every
+    # run has its own folder named by kind and seed, so a study can be extended by more of them
+    selection = ("kinds", "seeds") if args.study == "retrieval" else ("kinds",)
+    fingerprint = {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite", *selection)},
                    "code_version": code_version()}
     try:
         with OutputLock(args.out, "the study folder"):

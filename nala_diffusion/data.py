@@ -27,11 +27,11 @@ def _photos(split: str, resolution: int) -> Dataset:
     return BuiltinPhotos(split=split, resolution=resolution)
 
 
-def _pairs(mode: str) -> Callable[..., Dataset]:
+def _pairs(mode: str, layout: str = "tiles") -> Callable[..., Dataset]:
     def factory(split: str, resolution: int) -> Dataset:
         from .builtin_pairs import BuiltinPairs
 
-        return BuiltinPairs(split=split, resolution=resolution, mode=mode)
+        return BuiltinPairs(split=split, resolution=resolution, mode=mode, layout=layout)
 
     return factory
 
@@ -39,9 +39,12 @@ def _pairs(mode: str) -> Callable[..., Dataset]:
 # name -> factory(split, resolution) -> Dataset with .classes
 BUILTIN_DATASETS: Dict[str, Callable[..., Dataset]] = {
     "photos": _photos,
-    "pairs": _pairs("paired"),  # the retrieval task (nala_diffusion/builtin_pairs.py)
-    "pairs_unpaired": _pairs("unpaired"),  # its control: the bottom half is an independent crop
+    "pairs": _pairs("paired"),  # the retrieval task (nala_diffusion/builtin_pairs.py): tile mosaics
+    "pairs_unpaired": _pairs("unpaired"),  # its control: the bottom half is an independent mosaic
     "pairs_mixed": _pairs("mixed"),  # the two alternating, for training
+    "pairs_crops": _pairs("paired", "crops"),  # the same with one photograph crop per half
+    "pairs_crops_unpaired": _pairs("unpaired", "crops"),
+    "pairs_crops_mixed": _pairs("mixed", "crops"),
 }
 
 

@@ -160,8 +160,18 @@ def test_retrieval_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
     assert set(results["runs"]) == set(study.RETRIEVAL_VARIANTS)
     for runs in results["runs"].values():
         run = runs[0]
-        assert set(run["gain"]["gain"]) == {"250", "500", "750"} and len(run["mass"]) == 2
+        assert set(run["gain"]["gain"]) == {"100", "250", "500"} and len(run["mass"]) == 2
         assert run["seconds_per_step"] > 0
     table = (tmp_path / "study" / "results.md").read_text()
     assert "| nala_calibrated | 1 |" in table and "gap in mean retrieval gain" in table
+    assert "(the partner token;" in table and results["layout"] == "tiles"
+    # more seeds or fewer kinds extend the study: the finished run is reused, not retrained
+    finished = tmp_path / "study" / "runs" / "retrieval_softmax_s0" / "study_run.json"
+    before = finished.stat().st_mtime_ns
+    extend = [a for a in argv if a not in ("--seeds", "0")] + ["--seeds", "0", "1", "--kinds", "softmax"]
+    assert study.main(extend) == 0
+    assert finished.stat().st_mtime_ns == before
+    assert [r["seed"] for r in json.loads((tmp_path / "study" / "results.json").read_text())["runs"]["softmax"]] == [0, 1]
+    # any other setting is still refused
+    assert study.main([*argv, "--pairs_layout", "crops"]) == 2
     assert (tmp_path / "study" / "retrieval_gain.png").exists()

@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from nala_diffusion import NaLaDiTPipeline
-from nala_diffusion.builtin_pairs import HALF, SIZE, partner_tokens
+from nala_diffusion.builtin_pairs import HALF, SIZE, TILE, partner_tokens
 from nala_diffusion.data import load_dataset
 from nala_diffusion.eval import retrieval
 from helpers import tiny_nala
@@ -41,6 +41,43 @@ def test_each_bottom_half_is_its_top_half_shifted_by_the_recorded_offset(pairs):
         load_dataset("builtin:pairs", 64)
 
 
+def tiles(half: torch.Tensor) -> torch.Tensor:
+    """(3, HALF, SIZE) -> (tiles, 3 * TILE * TILE), row-major."""
+    return half.unfold(1, TILE, TILE).unfold(2, TILE, TILE).permute(1, 2, 0, 3, 4).reshape(-1, 3 * TILE * TILE)
+
+
+def test_tiles_layout_is_a_mosaic_of_unrelated_tiles_and_crops_layout_one_crop(pairs):
+    # tiles: neighbouring tiles differ far more than neighbouring 4-px columns of a crop do, and every
+    # tile is a 4 x 4 crop of its photograph (checked on one image against the photograph itself)
+    from nala_diffusion.builtin_photos import PHOTOS, load_photo
+    import numpy as np
+
+    mosaic = pairs["paired"].images[:, :, :HALF]
+    crops = load_dataset("builtin:pairs_crops", 32, split="test")
+    crop = crops.images[:, :, :HALF]
+
+    def edge_jump(half):  # mean |difference| across the vertical tile borders against inside the tiles
+        across = (half[..., TILE::TILE] - half[..., TILE - 1:-1:TILE]).abs().mean()
+        inside = (half[..., 1::TILE] - half[..., 0::TILE]).abs().mean()
+        return float(across / inside)
+
+    assert edge_jump(mosaic) > 2 * edge_jump(crop)
+    photo = torch.from_numpy(np.asarray(load_photo(list(PHOTOS.values())[0]))).permute(2, 0, 1).float() / 127.5 - 1
+    windows = photo.unfold(1, TILE, 1).unfold(2, TILE, 1)  # (3, H', W', TILE, TILE): every 4 x 4 crop
+    windows = windows.permute(1, 2, 0, 3, 4).reshape(-1, 3 * TILE * TILE)
+    for tile in tiles(mosaic[0])[:6]:
+        assert (windows - tile).abs().amax(-1).min() < 1e-5
+    # the crops layout keeps the former task: bottom halves are their top halves shifted, the control not
+    for image, offset in zip(crops.images[:20], crops.offsets[:20]):
+        assert torch.equal(image[:, HALF:], torch.roll(image[:, :HALF], int(offset), dims=-1))
+    control = load_dataset("builtin:pairs_crops_unpaired", 32, split="test")
+    assert torch.equal(control.images[:, :, :HALF], crop)
+    assert not torch.equal(control.images[0, :, HALF:], torch.roll(crop[0], int(control.offsets[0]), dims=-1))
+    with pytest.raises(ValueError, match="layout"):
+        from nala_diffusion.builtin_pairs import BuiltinPairs
+        BuiltinPairs("test", layout="stripes")
+
+
 def test_partner_tokens_point_to_the_shifted_source_token():
     partners = partner_tokens(6, patch=2)  # 16 x 16 tokens, shift 3 columns (any whole patch count works)
     assert (partners[: 8 * 16] == -1).all()
@@ -50,18 +87,24 @@ def test_partner_tokens_point_to_the_shifted_source_token():
         partner_tokens(3, patch=2)
 
 
-def test_window_mass_is_one_for_attention_on_the_partner_and_window_over_n_for_uniform():
+@pytest.mark.parametrize("window", [0, 1])
+def test_window_mass_is_one_for_attention_on_the_partner_and_window_over_n_for_uniform(window):
     side, partners = 16, partner_tokens(10, patch=2)
     n = side * side
     on_partner = torch.zeros(n, n, dtype=torch.float64)
     rows = torch.nonzero(partners >= 0).flatten()
     on_partner[rows, partners[rows]] = 1.0
-    assert torch.allclose(retrieval.window_mass(on_partner, partners, side), torch.ones(len(rows), dtype=torch.float64))
+    assert torch.allclose(retrieval.window_mass(on_partner, partners, side, window),
+                          torch.ones(len(rows), dtype=torch.float64))
     uniform = torch.full((n, n), 1.0 / n, dtype=torch.float64)
-    mass = retrieval.window_mass(uniform, partners, side)
-    assert torch.allclose(mass, torch.full_like(mass, (2 * retrieval.WINDOW + 1) / n))
+    mass = retrieval.window_mass(uniform, partners, side, window)
+    assert torch.allclose(mass, torch.full_like(mass, (2 * window + 1) / n))
     # the baseline window (another offset) sees none of the partner attention
-    assert retrieval.window_mass(on_partner, partner_tokens(20, patch=2), side).max() == 0
+    assert retrieval.window_mass(on_partner, partner_tokens(20, patch=2), side, window).max() == 0
+    # attention on the partner's neighbour counts only with a window
+    beside = torch.zeros(n, n, dtype=torch.float64)
+    beside[rows, (partners[rows] // side) * side + (partners[rows] % side + 1) % side] = 1.0
+    assert float(retrieval.window_mass(beside, partners, side, window).min()) == float(window)
 
 
 def test_measures_run_on_a_pipeline_folder_and_write_json(tmp_path):
@@ -74,6 +117,12 @@ def test_measures_run_on_a_pipeline_folder_and_write_json(tmp_path):
     gain = result["gain"]
     assert gain["images"] == 8 and set(gain["gain"]) == {"500"}
     assert gain["gain"]["500"] == pytest.approx(gain["unpaired"]["500"] - gain["paired"]["500"])
-    assert len(result["mass"]) == model.config.num_layers
+    assert len(result["mass"]) == model.config.num_layers and result["layout"] == "tiles"
     for layer in result["mass"].values():
-        assert 0 <= layer["mass"] <= 1 and 0 <= layer["baseline"] <= 1 and layer["uniform"] == pytest.approx(3 / 256)
+        assert 0 <= layer["mass"] <= 1 and 0 <= layer["baseline"] <= 1 and layer["uniform"] == pytest.approx(1 / 256)
+    crops = retrieval.measure(str(tmp_path / "pipe"), timesteps=(250,), gain_images=4, mass_images=2, layout="crops")
+    assert crops["layout"] == "crops" and next(iter(crops["mass"].values()))["uniform"] == pytest.approx(3 / 256)
+    tiles_250 = retrieval.measure(str(tmp_path / "pipe"), timesteps=(250,), gain_images=4, mass_images=2)
+    assert crops["gain"]["paired"]["250"] != tiles_250["gain"]["paired"]["250"]  # another test set
+    with pytest.raises(SystemExit):
+        retrieval.main(["--model", str(tmp_path / "pipe"), "--json", str(out), "--layout", "stripes"])
