@@ -75,6 +75,8 @@ NORM_TIMESTEPS = (250, 500, 750)
 # step at patch 2, 256 tokens, costs about four times as much: 2.3 s at batch 32 on the 2-core
 # development machine, too slow for five models at a useful step count; see docs/results.md).
 RETRIEVAL_ARCHITECTURE = {**ARCHITECTURE, "patch_size": 4}
+TRAINING = {"steps": 500, "batch_size": 32, "learning_rate": 5e-4}
+RETRIEVAL_TRAINING = {"steps": 4000, "batch_size": 16, "learning_rate": 1e-3}
 RETRIEVAL_VARIANTS: Dict[str, List[str]] = {
     "softmax": ["--attention", "softmax"],
     "relu_linear": ["--attention", "relu_linear"],
@@ -97,10 +99,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "training side, direct and progressive, attention sharpness off and auto; 'retrieval': the "
                         "retrieval-denoising task builtin:pairs (patch 4, 64 tokens, unless --model_config), retrieval gain and mass of "
                         "softmax, ReLU and 1+ELU linear, NaLa sigma = 1 and NaLa calibrated")
-    p.add_argument("--steps", type=int, default=500, help="training steps of every scratch run")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps of every scratch run (default: 500; --study retrieval: 4000)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help='training seeds per variant')
-    p.add_argument("--batch_size", type=int, default=32, help='training batch size')
-    p.add_argument("--learning_rate", type=float, default=5e-4, help='training learning rate')
+    p.add_argument("--batch_size", type=int, default=None, help="training batch size (default: 32; --study retrieval: 16)")
+    p.add_argument("--learning_rate", type=float, default=None,
+                   help="training learning rate (default: 5e-4; --study retrieval: 1e-3)")
     p.add_argument("--conversion_fraction", type=float, default=0.2, help='share of the budget the converted variants train after conversion')
     p.add_argument("--num_samples", type=int, default=200, help="samples per model for accuracy/FID/KID")
     p.add_argument("--sample_steps", type=int, default=25, help='sampling steps of the evaluation')
@@ -120,7 +124,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="remove a study made with other settings in OUT and start again (default: refuse, naming them)")
     p.add_argument("--highres_models", nargs="+", default=None, metavar="NAME=FOLDER",
                    help="--study highres: the pipelines to compare (default: nala=<the shipped demo>)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # the retrieval study's defaults are the budget at which its task separates softmax from ReLU
+    # linear attention (docs/results.md, "Retrieval")
+    defaults = RETRIEVAL_TRAINING if args.study == "retrieval" else TRAINING
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def cached(path: str, compute):

@@ -13,9 +13,9 @@ Two layouts of the top half:
   photograph. Neighbouring tiles are unrelated, so a bottom-half token's neighbours say little about
   it and its partner is the one token that does. This is the calibrated task: it separates softmax
   from ReLU linear attention (docs/results.md, "Retrieval").
-- ``crops`` (``builtin:pairs_crops``): one 16 x 32 crop of the photograph. Neighbouring tokens are
-  alike, so a denoiser does well from its neighbours alone; at the study's budget no attention learned
-  to retrieve on it (kept to reproduce the calibration).
+- ``crops`` (``builtin:pairs_crops``): one 16 x 32 crop of the photograph, the task's first layout.
+  Neighbouring tokens are alike, so a denoiser does much from its neighbours alone, and a window
+  around the partner, not the partner alone, is what attention can be credited for finding.
 
 ``..._unpaired`` is the control with the same statistics: the bottom half is an independent mosaic
 (or crop) of the same photograph, and an offset is still drawn, so that both sets use the same
