@@ -447,7 +447,10 @@ def plot_retrieval(results: dict, path: str) -> None:
     axes[0].set(ylabel="unpaired - paired eps-MSE", title="retrieval gain (mean over t; dots: seeds)")
     uniform = next(iter(results["runs"][kinds[0]][0]["mass"].values()))["uniform"]
     axes[1].axhline(uniform, color="grey", ls="--", label="uniform")
-    axes[1].set(xlabel="layer", ylabel="attention mass on the partner ± 1", title="retrieval mass")
+    window = retrieval.WINDOWS[results.get("layout", "crops")]
+    axes[1].set_xticks(list(range(len(masses[0]))))
+    axes[1].set(xlabel="layer", ylabel="attention mass on the partner" + (f" ± {window}" if window else ""),
+                title="retrieval mass (mean over seeds)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
