@@ -112,7 +112,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--highres_samples", type=int, default=10, help="images per high-resolution setting")
     p.add_argument("--kinds", nargs="+", default=None, choices=sorted(RETRIEVAL_VARIANTS),
                    help="--study retrieval: train and score only these kinds (default: all five)")
-    p.add_argument("--pairs_layout", choices=["tiles", "crops"], default="tiles",
+    p.add_argument("--pairs_layout", choices=sorted(retrieval.DATASETS), default="tiles",
                    help="--study retrieval: the task, 'tiles' (builtin:pairs, tile mosaics) or 'crops' "
                         "(builtin:pairs_crops, one photograph crop per half)")
     p.add_argument("--retrieval_images", type=int, default=300,
@@ -414,7 +414,7 @@ def retrieval_tables(results: dict) -> str:
             lines.append(f"- {kind}: {mean_std(gap_closed(results, kind))}")
     first = next(iter(results["runs"].values()))[0]
     uniform = next(iter(first["mass"].values()))["uniform"]
-    window = retrieval.WINDOWS[first.get("layout", "crops")]
+    window = retrieval.WINDOWS[results.get("layout", "crops")]
     target = "the partner token" if window == 0 else f"the partner ± {window} column"
     lines += ["", f"Retrieval mass per layer ({target}; baseline: the same at a wrong offset; "
               f"uniform attention: {uniform:.3f}) and rho(entropy, |q|):", "",
