@@ -84,8 +84,9 @@ def noised_batch(pipe, data: str, timesteps: Sequence[int], images: int, seed: i
 
 
 def model_layers(model_dir: str, data: str, timesteps: Sequence[int], images: int, seed: int) -> List[tuple]:
-    """(layer name, q, k, NaLa options or None, saturation report or None) for every self-attention
-    layer of a trained model on noised real images; q, k are (batch, heads, N, d)."""
+    """(layer name, q, k, NaLa options or None, saturation report or None, the layer's own kernel) for
+    every self-attention layer of a trained model on noised real images; q, k are (batch, heads, N, d).
+    In a hybrid model each layer names its own kernel (``"nala"``, ``"softmax"``, ...)."""
     from nala_diffusion import NaLaDiTPipeline
     from nala_diffusion.norm_awareness import capture_queries, nala_processors, saturation_from_queries
 
@@ -101,7 +102,8 @@ def model_layers(model_dir: str, data: str, timesteps: Sequence[int], images: in
         options = processors[name].kernel_options() if name in processors else None
         if options is not None:
             options = {k: v.detach() if torch.is_tensor(v) else v for k, v in options.items()}
-        layers.append((name, tensors["query"], tensors["key"], options, report.get(name)))
+        kernel = getattr(model.get_submodule(name).processor, "kernel_name", None)
+        layers.append((name, tensors["query"], tensors["key"], options, report.get(name), kernel))
     return layers
 
 
@@ -152,13 +154,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.model:
         layers = model_layers(args.model, args.data, args.timestep, args.images, args.seed)
-        per_layer = {name: summarise(q, k, options) for name, q, k, options, _ in layers}
+        per_layer = {name: summarise(q, k, options) for name, q, k, options, _, _ in layers}
+        kernels = {name: kernel for name, _, _, _, _, kernel in layers}
         result = {"timesteps": args.timestep, "layers": {name: public(s) for name, s in per_layer.items()},
-                  "saturation": {name: report for name, _, _, _, report in layers if report is not None}}
+                  "kernels": kernels,
+                  "saturation": {name: report for name, _, _, _, report, _ in layers if report is not None}}
         first = next(iter(per_layer.values()))
         for name, stats in per_layer.items():
-            print(name, "  ".join(f"{k}: rho={v['spearman']:+.2f} H={v['mean_entropy']:.2f} dH/dlog|q|={v['norm_effect']:+.3f}"
-                                  for k, v in stats.items()))
+            # the layer's own kernel first (marked *), then what the other kernels would do on its q, k
+            order = sorted(stats, key=lambda kind: kind != kernels[name])
+            print(f"{name} [{kernels[name]}]", "  ".join(
+                f"{k}{'*' if k == kernels[name] else ''}: rho={stats[k]['spearman']:+.2f} H={stats[k]['mean_entropy']:.2f} "
+                f"dH/dlog|q|={stats[k]['norm_effect']:+.3f}" for k in order))
         for name, report in result["saturation"].items():
             norm, power = report["norm"], report["power"]
             print(f"{name}: |q| p5/p50/p95 {norm['p5']:.2f}/{norm['p50']:.2f}/{norm['p95']:.2f}, "

@@ -68,6 +68,7 @@ class PeakBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live = self.peak = 0
+        self.window = 0  # the peak since it was last set to ``live`` (per-block peaks)
         self._seen = set()
 
     def _release(self, key, size):
@@ -84,6 +85,7 @@ class PeakBytes(TorchDispatchMode):
                     self._seen.add(key)
                     self.live += storage.nbytes()
                     self.peak = max(self.peak, self.live)
+                    self.window = max(self.window, self.live)
                     weakref.finalize(storage, self._release, key, storage.nbytes())
         return out
 
@@ -115,16 +117,69 @@ def median_seconds(fn, device, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def interleaved_medians(calls: Dict[str, Callable[[], object]], device, repeats: int) -> Dict[str, float]:
-    """Median seconds of each call, timed in turn (A B C, A B C, ...) after one warm-up each, so that
-    a slow spell of the machine touches every call alike and their ratios stay fair."""
-    for call in calls.values():
+def interleaved_medians(calls: Dict[str, Callable[[], object]], device, repeats: int,
+                        warmup: bool = True) -> Dict[str, float]:
+    """Median seconds of each call, timed in turn (A B C, A B C, ...) after one warm-up each (unless
+    the caller has warmed them up), so that a slow spell of the machine touches every call alike and
+    their ratios stay fair."""
+    for call in calls.values() if warmup else ():
         call()  # warm-up (and any compilation)
     times: Dict[str, list] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
             times[name].append(median_seconds(call, device, 1, warmup=0))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+class BlockPeaks:
+    """Per transformer block, the peak memory its forward allocates beyond what was live when it began
+    (CPU: live tensor bytes seen by :class:`PeakBytes`; CUDA: ``max_memory_allocated``), plus the peak
+    of the whole call. Tells which block a model's peak comes from."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+        self.blocks: Dict[int, int] = {}
+        self.peak = 0
+
+    def __call__(self, fn) -> "BlockPeaks":
+        probe = PeakBytes() if self.device.type != "cuda" else None
+        start: Dict[int, int] = {}
+
+        def live():
+            if probe is not None:
+                return probe.live
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.memory_allocated(self.device)
+
+        def before(index):
+            def hook(module, args):
+                start[index] = live()
+                if probe is not None:
+                    probe.window = probe.live
+                else:
+                    torch.cuda.reset_peak_memory_stats(self.device)
+            return hook
+
+        def after(index):
+            def hook(module, args, output):
+                top = probe.window if probe is not None else (live(), torch.cuda.max_memory_allocated(self.device))[1]
+                self.blocks[index] = max(self.blocks.get(index, 0), top - start[index])
+            return hook
+
+        handles = []
+        for index, block in enumerate(self.model.transformer_blocks):
+            handles += [block.register_forward_pre_hook(before(index)), block.register_forward_hook(after(index))]
+        try:
+            if probe is not None:
+                with probe:
+                    fn()
+                self.peak = probe.peak
+            else:
+                self.peak = peak_memory(fn, self.device)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self
 
 
 def peak_memory(fn, device) -> int:
@@ -240,6 +295,57 @@ def model_level(device, repeats: int, model_tokens: int, train_tokens: int, trai
             row[kind] = {"seconds": seconds}
         row["nala_vs_softmax"] = row["nala"]["seconds"] / row["softmax"]["seconds"]
         out[name] = row
+    return out
+
+
+HYBRID_KINDS = ("nala", "hybrid", "softmax")
+
+
+@torch.no_grad()
+def hybrid_level(device, repeats: int, tokens: Sequence[int], preset: str, softmax_layers: Sequence[int],
+                 max_seconds: float) -> Dict[int, dict]:
+    """A DiT forward (batch 1) of three layouts of one preset, per token count: pure NaLa, the hybrid
+    (``softmax_layers`` softmax, the rest NaLa; NaLaFormer's layout) and pure softmax (SDPA). Time
+    (interleaved medians) and peak memory, the whole call's and per block (``BlockPeaks``); a layout
+    whose run would pass ``max_seconds`` (estimated from the previous size) is skipped."""
+    torch.manual_seed(0)
+    patch = preset_config(preset)["patch_size"]
+    out: Dict[int, dict] = {}
+    last: Dict[str, tuple] = {}
+    for n in tqdm(tokens, desc="hybrid layouts"):
+        side = int(round(n ** 0.5)) * patch
+        n = (side // patch) ** 2
+        layouts = {"nala": {}, "hybrid": {"softmax_layers": list(softmax_layers)}, "softmax": {"attention_type": "softmax"}}
+        row: Dict[str, object] = {"softmax_layers": list(softmax_layers)}
+        x = torch.randn(1, 4, side, side, device=device)
+        t, y = torch.tensor([500], device=device), torch.tensor([1], device=device)
+        calls = {}
+        for kind, layout in layouts.items():
+            if kind in last:
+                seconds, previous = last[kind]
+                growth = (n / previous) ** (1 if kind == "nala" else 2)
+                if seconds * growth * (repeats + 1) > max_seconds:
+                    row[kind] = {"skipped": f"estimated {seconds * growth:.0f} s per call"}
+                    continue
+            model = NaLaDiTTransformer2DModel.from_preset(preset, sample_size=side, in_channels=4, **layout).to(device).eval()
+            call = (lambda model=model: model(x, timestep=t, class_labels=y))
+            peaks = BlockPeaks(model, device)(call)  # also the warm-up
+            kinds = model.layer_attention_types
+            row[kind] = {"peak_bytes": peaks.peak, "block_peak_bytes": [peaks.blocks[i] for i in range(len(kinds))],
+                         "softmax_block_peak_bytes": max([b for b, k in zip(peaks.blocks.values(), kinds) if k == "softmax"],
+                                                         default=None),
+                         "nala_block_peak_bytes": max([b for b, k in zip(peaks.blocks.values(), kinds) if k == "nala"],
+                                                      default=None)}
+            calls[kind] = call
+        medians = interleaved_medians(calls, device, repeats, warmup=False)
+        for kind, seconds in medians.items():
+            row[kind]["seconds"] = seconds
+            last[kind] = (seconds, n)
+        for kind in ("hybrid", "softmax"):
+            if kind in medians and "nala" in medians:
+                row[f"{kind}_vs_nala"] = {"time": medians[kind] / medians["nala"],
+                                          "peak": row[kind]["peak_bytes"] / row["nala"]["peak_bytes"]}
+        out[n] = row
     return out
 
 
@@ -379,6 +485,9 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+SECTIONS = ("op", "floor", "model", "diffusers", "memory", "hybrid")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="nala-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384, 65536], help='token counts of the kernel comparison')
@@ -397,6 +506,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--diffusers_layers", type=int, default=4, help="layers of that diffusers DiT")
     p.add_argument("--memory_tokens", type=int, default=16384, help="tokens of the training-step memory probe")
     p.add_argument("--memory_layers", type=int, default=4, help="layers of the training-step memory probe")
+    p.add_argument("--hybrid_tokens", type=int, nargs="+", default=[1024, 4096, 16384, 65536],
+                   help="token counts of the hybrid-layout comparison (pure NaLa, hybrid, pure softmax DiT forward)")
+    p.add_argument("--hybrid_softmax_layers", type=int, nargs="+", default=[-1],
+                   help="softmax blocks of that hybrid (negative counts from the end)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                   help="which comparisons to run (--skip_model drops all but op and floor)")
     p.add_argument("--device", default=None, help='device (default: cuda when available, else cpu)')
     p.add_argument("--out", default="benchmark_results", help='folder for results.json and benchmark.png')
     return p.parse_args(argv)
@@ -410,27 +525,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "torch": torch.__version__, "heads": args.heads, "head_dim": args.head_dim, "repeats": args.repeats,
         "command": " ".join(["nala-bench", *(argv if argv is not None else sys.argv[1:])]),
     }
-    results["op_level"] = op_level(args.tokens, args.heads, args.head_dim, device, args.repeats, args.max_seconds,
-                                   args.max_gib * 2**30)
-    floor_tokens = max([n for n in args.tokens if n <= 16384] or [min(args.tokens)])
-    results["matmul_floor"] = matmul_floor(floor_tokens, args.heads, args.head_dim, device, args.repeats)
-    if not args.skip_model:
+    sections = set(args.sections) - ({"model", "diffusers", "memory", "hybrid"} if args.skip_model else set())
+    if "op" in sections:
+        results["op_level"] = op_level(args.tokens, args.heads, args.head_dim, device, args.repeats, args.max_seconds,
+                                       args.max_gib * 2**30)
+    if "floor" in sections:
+        floor_tokens = max([n for n in args.tokens if n <= 16384] or [min(args.tokens)])
+        results["matmul_floor"] = matmul_floor(floor_tokens, args.heads, args.head_dim, device, args.repeats)
+    if "model" in sections:
         results["model_level"] = model_level(device, args.repeats, args.model_tokens, args.train_tokens,
                                              args.train_batch, args.preset)
+    if "diffusers" in sections:
         results["diffusers_model_level"] = diffusers_model_level(device, args.repeats, args.diffusers_tokens,
                                                                  args.preset, args.diffusers_layers)
+    if "memory" in sections:
         results["training_step_memory"] = training_step_memory(device, args.preset, args.memory_layers,
                                                                args.memory_tokens)
+    if "hybrid" in sections:
+        results["hybrid_level"] = hybrid_level(device, args.repeats, args.hybrid_tokens, args.preset,
+                                               args.hybrid_softmax_layers, args.max_seconds)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
-    plot(results, os.path.join(args.out, "benchmark.png"))
-    for name, by_tokens in results["op_level"].items():
+    if "op_level" in results:
+        plot(results, os.path.join(args.out, "benchmark.png"))
+    for name, by_tokens in results.get("op_level", {}).items():
         cells = [f"{n}: {r['seconds'] * 1e3:.1f} ms" if "seconds" in r else f"{n}: skipped" for n, r in by_tokens.items()]
         print(f"{name:14s} " + ", ".join(cells))
-    floor = results["matmul_floor"]
-    print(f"readout products alone at {floor['tokens']} tokens, nala/relu_linear time: dense "
-          f"{floor['nala_dense_vs_relu_linear']:.2f}, gather {floor['nala_gather_vs_relu_linear']:.2f}")
+    floor = results.get("matmul_floor")
+    if floor:
+        print(f"readout products alone at {floor['tokens']} tokens, nala/relu_linear time: dense "
+              f"{floor['nala_dense_vs_relu_linear']:.2f}, gather {floor['nala_gather_vs_relu_linear']:.2f}")
     for name, row in results.get("model_level", {}).items():
         print(f"DiT {name} at {row['tokens']} tokens: nala/softmax time {row['nala_vs_softmax']:.2f}")
     for n, row in results.get("diffusers_model_level", {}).items():
@@ -440,7 +565,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ratio = memory["nala_vs_relu_linear"]
         print(f"training step at {memory['tokens']} tokens, nala/relu_linear: peak tensor memory {ratio['peak']:.2f}, "
               f"max RSS {ratio['max_rss']:.2f}, time {ratio['step_time']:.2f}")
-    print(f"wrote {args.out}/results.json and {args.out}/benchmark.png")
+    for n, row in results.get("hybrid_level", {}).items():
+        cells = [f"{kind} {row[kind]['seconds']:.2f} s, peak {row[kind]['peak_bytes'] / 2**20:.0f} MiB"
+                 if "seconds" in row[kind] else f"{kind} skipped" for kind in HYBRID_KINDS]
+        print(f"DiT forward at {n} tokens: " + "; ".join(cells))
+    print(f"wrote {args.out}/results.json" + (f" and {args.out}/benchmark.png" if "op_level" in results else ""))
     return 0
 
 

@@ -134,7 +134,8 @@ def run_sampling(args, state: PartialState) -> dict:
         pack_npz(args.out, args.num_samples, os.path.join(args.out, "samples.npz"))
     return {
         "model": os.path.abspath(args.model), "model_config_hash": config_hash(pipe),
-        "attention_type": pipe.transformer.config.attention_type, "scheduler": type(pipe.scheduler).__name__,
+        "attention_type": pipe.transformer.config.attention_type,
+        "attention_types": pipe.transformer.config.get("attention_types"), "scheduler": type(pipe.scheduler).__name__,
         "steps": args.steps, "guidance": args.guidance, "num_samples": args.num_samples,
         "seeds": [args.seed, args.seed + args.num_samples - 1], "labels": args.labels or "balanced",
         "height": args.height or pipe.default_sample_size, "width": args.width or pipe.default_sample_size,

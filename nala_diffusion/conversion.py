@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
-from .options import CONFIG_KEYS
+from .options import CONFIG_KEYS, layer_attention_types
 from .model import NaLaDiTTransformer2DModel
 from .norm_awareness import calibrate_norm_scale
 
@@ -129,6 +129,8 @@ def convert_dit_to_nala(
     dit: Union[str, os.PathLike, DiTTransformer2DModel],
     *,
     attention_type: str = "nala",
+    softmax_layers: Optional[Sequence[int]] = None,
+    attention_types: Optional[Sequence[str]] = None,
     subfolder: Optional[str] = None,
     variant: Optional[str] = None,
     num_classes: Optional[int] = None,
@@ -141,6 +143,11 @@ def convert_dit_to_nala(
     Args:
         dit: a ``DiTTransformer2DModel`` (or one of ours), or a folder / Hub id (see :func:`load_dit`).
         attention_type: the attention of the new model (``"nala"`` by default).
+        softmax_layers: block indices (negative counting from the end) kept as softmax attention, the
+            hybrid layout of NaLaFormer's released models: those blocks compute exactly what the DiT's
+            did, the others run ``attention_type``, and sigma is calibrated only where NaLa runs.
+        attention_types: one attention type per block instead (not with ``softmax_layers``). From one
+            of our models, its own layout is kept when neither is given and ``attention_type`` is its.
         num_classes: class count, defaults to the DiT's ``num_embeds_ada_norm``.
         attention_options: config options of :class:`NaLaDiTTransformer2DModel` (``inhibit``,
             ``use_lepe``, ``position_embedding``, ...). From one of our models (any attention type)
@@ -165,15 +172,19 @@ def convert_dit_to_nala(
     if isinstance(dit, NaLaDiTTransformer2DModel):
         accepted = set(CONFIG_KEYS) | {"position_embedding", "num_classes"}
         attention_options = {**{k: v for k, v in dit.config.items() if k in accepted}, **attention_options}
+        if softmax_layers is None and attention_types is None and attention_type == dit.config.attention_type:
+            attention_types = dit.config.get("attention_types")
+    kinds = layer_attention_types(config["num_layers"], attention_type, attention_types, softmax_layers)
+    hybrid = softmax_layers is not None or attention_types is not None
     if attention_options.get("use_gate") and not dit.config.get("use_gate"):
         raise ValueError("use_gate cannot start as identity, so a converted model cannot have it; train one from scratch")
     if num_classes is not None and num_classes != config["num_embeds_ada_norm"]:
         raise ValueError(
             f"num_classes={num_classes} does not match the DiT's {config['num_embeds_ada_norm']} classes"
         )
-    if attention_type == "nala" and not isinstance(dit, NaLaDiTTransformer2DModel):
+    if "nala" in kinds and not isinstance(dit, NaLaDiTTransformer2DModel):
         attention_options.setdefault("norm_scale_mode", DEFAULT_CONVERSION_NORM_SCALE_MODE)
-    config.update(attention_options, attention_type=attention_type)
+    config.update(attention_options, attention_type=attention_type, attention_types=kinds if hybrid else None)
     parameter = next(dit.parameters())
     model = NaLaDiTTransformer2DModel(**config).to(parameter.device)
     if parameter.dtype != torch.float32:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
 from .loading import check_loaded_weights
-from .options import DEFAULTS, options_from_config
+from .options import DEFAULTS, layer_attention_types, options_from_config
 from .swap import ATTENTION_TYPES, set_attention
 
 POSITION_EMBEDDINGS = ("extend", "interpolate")
@@ -45,12 +45,19 @@ DIT_PRESETS: Dict[str, Dict[str, int]] = {
 }
 
 
-def preset_config(name: str, **overrides) -> Dict[str, Any]:
-    """Config dict of a DiT size preset (``"S/2"``, ``"B/4"``, ``"XL/2"``, ...) with overrides."""
+def preset_config(name: str, softmax_layers: Optional[Sequence[int]] = None, **overrides) -> Dict[str, Any]:
+    """Config dict of a DiT size preset (``"S/2"``, ``"B/4"``, ``"XL/2"``, ...) with overrides.
+
+    ``softmax_layers`` (block indices, negative counting from the end) gives a hybrid layout: those
+    blocks softmax, the others ``attention_type``; it is expanded into ``attention_types``."""
     key = name.upper().removeprefix("DIT-")
     if key not in DIT_PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(DIT_PRESETS)}")
-    return {**DIT_PRESETS[key], **overrides}
+    config = {**DIT_PRESETS[key], **overrides}
+    if softmax_layers is not None:
+        config["attention_types"] = layer_attention_types(
+            config["num_layers"], config.get("attention_type", "nala"), config.get("attention_types"), softmax_layers)
+    return config
 
 
 class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
@@ -61,6 +68,10 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
             class ``num_classes`` (unconditional). Defaults to ``num_embeds_ada_norm``.
         attention_type (`str`, defaults to ``"nala"``): ``"nala"``, ``"softmax"``, ``"relu_linear"`` or
             ``"elu_linear"``.
+        attention_types (`list` of `str`, *optional*): one attention type per block, for hybrid layouts
+            such as NaLaFormer's (NaLa in the early blocks, softmax in the last); ``None`` (the default)
+            means every block runs ``attention_type``. Each block's processor takes the options below
+            that its kind accepts. :meth:`from_preset` builds it from ``softmax_layers``.
         power_scale, power_offset, key_power, inhibit, angle_sharpness, attention_eps,
         learnable_power: NaLa kernel options (see :func:`~nala_diffusion.nala_attention`);
             ``attention_eps`` is the kernels' ``eps``.
@@ -101,6 +112,7 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         norm_eps: float = 1e-5,
         num_classes: Optional[int] = None,
         attention_type: str = "nala",
+        attention_types: Optional[List[str]] = None,
         power_scale: float = DEFAULTS.power_scale,
         power_offset: float = DEFAULTS.power_offset,
         key_power: float = DEFAULTS.key_power,
@@ -123,6 +135,7 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
             raise ValueError(f"num_classes ({num_classes}) and num_embeds_ada_norm ({num_embeds_ada_norm}) disagree")
         if attention_type not in ATTENTION_TYPES:
             raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
+        kinds = layer_attention_types(num_layers, attention_type, attention_types)
         if position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {position_embedding!r}")
         super().__init__(
@@ -149,13 +162,23 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
             # Keep the null-class row of the label table (so DiT weights load) but never drop
             # labels at random inside the model.
             block.norm1.emb.class_embedder.dropout_prob = 0.0
-        set_attention(self, attention_type, **self.attention_options())
+        if attention_types is not None:  # saved as a plain list, so configs compare equal after a round trip
+            self.register_to_config(attention_types=kinds)
+        for kind in dict.fromkeys(kinds):
+            blocks = [index for index, each in enumerate(kinds) if each == kind]
+            set_attention(self, kind, layers=blocks, **self.attention_options(kind))
 
     # -- configuration helpers ------------------------------------------------------------------
-    def attention_options(self) -> Dict[str, Any]:
-        """Processor options from the config that ``attention_type``'s processor accepts
-        (:func:`~nala_diffusion.options.options_from_config`)."""
-        return options_from_config(self.config)
+    def attention_options(self, attention_type: Optional[str] = None) -> Dict[str, Any]:
+        """Processor options from the config that a processor of ``attention_type`` (default: the
+        config's ``attention_type``) accepts (:func:`~nala_diffusion.options.options_from_config`)."""
+        return options_from_config(self.config, attention_type)
+
+    @property
+    def layer_attention_types(self) -> List[str]:
+        """The attention type of each block, as the config declares it."""
+        return layer_attention_types(self.config.num_layers, self.config.attention_type,
+                                     self.config.get("attention_types"))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -180,9 +203,13 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         return side, side
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "NaLaDiTTransformer2DModel":
-        """A freshly initialised model of a DiT size preset (``"S/2"``, ``"B/2"``, ``"L/2"``, ``"XL/2"``, ...)."""
-        return cls(**preset_config(name, **overrides))
+    def from_preset(cls, name: str, softmax_layers: Optional[Sequence[int]] = None,
+                    **overrides) -> "NaLaDiTTransformer2DModel":
+        """A freshly initialised model of a DiT size preset (``"S/2"``, ``"B/2"``, ``"L/2"``, ``"XL/2"``, ...).
+
+        ``softmax_layers=[-1]`` gives a hybrid: the last block softmax, the others ``attention_type``
+        (recorded in the config as ``attention_types``)."""
+        return cls(**preset_config(name, softmax_layers=softmax_layers, **overrides))
 
     # -- forward ----------------------------------------------------------------------------------
     def _position_table(self, rows: int, cols: int, mode: str, device) -> Optional[torch.Tensor]:

@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 INHIBIT_MODES = ("relu_split", "cosine")
 NORM_SCALE_MODES = ("fixed", "learnable", "calibrated")
@@ -100,6 +100,51 @@ def check_attention_type(attention_type: str) -> str:
     return attention_type
 
 
+def layer_attention_types(num_layers: int, attention_type: str = "nala", attention_types: Optional[Sequence[str]] = None,
+                          softmax_layers: Optional[Sequence[int]] = None) -> List[str]:
+    """The attention type of each of ``num_layers`` blocks.
+
+    ``attention_types`` gives one kind per block; ``softmax_layers`` (block indices, negative counting
+    from the end, as in NaLaFormer's released models, whose last stages are softmax) makes those blocks
+    ``"softmax"`` and every other block ``attention_type``. Neither: every block is ``attention_type``.
+    Wrong lengths, unknown kinds and indices out of range are ``ValueError``s naming them.
+    """
+    check_attention_type(attention_type)
+    if attention_types is not None and softmax_layers is not None:
+        raise ValueError("give attention_types or softmax_layers, not both")
+    if attention_types is not None:
+        if isinstance(attention_types, str) or not isinstance(attention_types, Sequence):
+            raise ValueError(f"attention_types must be a list with one attention type per block, got {attention_types!r}")
+        kinds = list(attention_types)
+        if len(kinds) != num_layers:
+            raise ValueError(f"attention_types has {len(kinds)} entries but the model has {num_layers} blocks: "
+                             f"{kinds!r}; give one of {ATTENTION_TYPES} per block")
+        for index, kind in enumerate(kinds):
+            if kind not in ATTENTION_TYPES:
+                raise ValueError(f"attention_types[{index}] is {kind!r}; each entry must be one of {ATTENTION_TYPES}")
+        return kinds
+    kinds = [attention_type] * num_layers
+    for index in block_indices(softmax_layers or (), num_layers, "softmax_layers"):
+        kinds[index] = "softmax"
+    return kinds
+
+
+def block_indices(indices: Sequence[int], num_layers: int, what: str = "layers") -> List[int]:
+    """Block indices (negative counting from the end) as sorted non-negative ones; out of range or not
+    an integer is a ``ValueError`` naming ``what``."""
+    if isinstance(indices, (int, str)):
+        indices = [indices]
+    resolved = set()
+    for index in indices:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ValueError(f"{what} must be block indices (integers), got {index!r}")
+        if not -num_layers <= index < num_layers:
+            raise ValueError(f"{what} index {index} is out of range for a model with {num_layers} blocks "
+                             f"(allowed: {-num_layers}..{num_layers - 1})")
+        resolved.add(index % num_layers)
+    return sorted(resolved)
+
+
 def option_names(attention_type: str) -> Tuple[str, ...]:
     """The options a processor of ``attention_type`` takes (besides its sizes)."""
     check_attention_type(attention_type)
@@ -114,10 +159,11 @@ def config_key(name: str) -> str:
 CONFIG_KEYS = tuple(config_key(name) for name in FIELDS)
 
 
-def options_from_config(config: Mapping[str, Any]) -> Dict[str, Any]:
-    """The processor options recorded in a model config, for its ``attention_type``; keys the config
-    lacks (older configs) take the defaults."""
-    attention_type = config.get("attention_type", "nala")
+def options_from_config(config: Mapping[str, Any], attention_type: Optional[str] = None) -> Dict[str, Any]:
+    """The processor options recorded in a model config, for ``attention_type`` (default: the config's
+    ``attention_type``; a hybrid model asks once per kind); keys the config lacks (older configs) take
+    the defaults."""
+    attention_type = attention_type or config.get("attention_type", "nala")
     return AttentionOptions.for_type(
         attention_type, **{name: config[config_key(name)] for name in option_names(attention_type)
                            if config.get(config_key(name)) is not None}

@@ -6,12 +6,12 @@ modules itself. Cross-attention layers (``attn.is_cross_attention``) are left as
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .options import option_names
+from .options import block_indices, option_names
 from .processors import ATTENTION_PROCESSORS, KernelAttnProcessor
 
 ATTENTION_TYPES = tuple(ATTENTION_PROCESSORS)
@@ -46,16 +46,62 @@ def make_processor(attention_type: str, attn: Attention, **options) -> KernelAtt
     return processor.to(device=weight.device, dtype=weight.dtype)
 
 
-def set_attention(model: nn.Module, attention_type: str = "nala", **options) -> Dict[str, object]:
-    """Give every self-attention layer of ``model`` a fresh ``attention_type`` processor.
+def block_of(name: str) -> Optional[str]:
+    """``"transformer_blocks.3"`` for ``"transformer_blocks.3.attn1"``: the name up to the index of the
+    first ``ModuleList`` entry, or None for a module outside any list."""
+    parts = name.split(".")
+    for position, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: position + 1])
+    return None
+
+
+def select_layers(model: nn.Module, layers: Optional[Sequence[Union[int, str]]] = None) -> List[Tuple[str, Attention]]:
+    """The self-attention modules of ``model`` chosen by ``layers``: None for all; else block indices
+    (negative counting from the end; the blocks are the entries of the model's block list, e.g.
+    ``transformer_blocks``, each with its self-attention) and/or module names (a self-attention module
+    such as ``"transformer_blocks.3.attn1"``, or any module above it such as ``"transformer_blocks.3"``).
+    Unknown indices and names are ``ValueError``s."""
+    modules = list(self_attention_modules(model))
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no self-attention Attention modules to swap")
+    if layers is None:
+        return modules
+    if isinstance(layers, (int, str)):
+        layers = [layers]
+    blocks: List[str] = []
+    for name, _ in modules:
+        block = block_of(name) or name
+        if block not in blocks:
+            blocks.append(block)
+    chosen = set()
+    for layer in layers:
+        if isinstance(layer, str):
+            found = [n for n, _ in modules if n == layer or n.startswith(layer + ".")]
+            if not found:
+                shown = ", ".join(n for n, _ in modules[:3])
+                raise ValueError(f"{type(model).__name__} has no self-attention layer named {layer!r} or under it "
+                                 f"(its self-attention layers: {shown}, ... {len(modules)} in all)")
+            chosen.update(found)
+        else:
+            index = block_indices([layer], len(blocks), "layers")[0]
+            chosen.update(n for n, _ in modules if (block_of(n) or n) == blocks[index])
+    if not chosen:
+        raise ValueError("layers selects no self-attention layer")
+    return [(name, attn) for name, attn in modules if name in chosen]
+
+
+def set_attention(model: nn.Module, attention_type: str = "nala", layers: Optional[Sequence[Union[int, str]]] = None,
+                  **options) -> Dict[str, object]:
+    """Give the self-attention layers of ``model`` fresh ``attention_type`` processors: every layer, or
+    those chosen by ``layers`` (block indices, negative allowed, and/or module names; see
+    :func:`select_layers`), the others left as they are.
 
     Returns the processors that were there before, keyed like diffusers' ``attn_processors``
     (``"transformer_blocks.0.attn1.processor"``); :func:`restore_attention` puts them back.
     """
     previous = {}
-    modules = list(self_attention_modules(model))
-    if not modules:
-        raise ValueError(f"{type(model).__name__} has no self-attention Attention modules to swap")
+    modules = select_layers(model, layers)
     joint = [name for name, attn in modules if getattr(attn, "added_kv_proj_dim", None) is not None]
     if joint:
         shown = ", ".join(joint[:4]) + (f" and {len(joint) - 4} more" if len(joint) > 4 else "")
@@ -64,14 +110,17 @@ def set_attention(model: nn.Module, attention_type: str = "nala", **options) -> 
             f"({shown}); the processors here are for self-attention over image tokens only. Models whose "
             "self-attention takes only image tokens work: DiT, PixArt-alpha/sigma, Sana. Nothing was swapped."
         )
-    for name, attn in modules:
+    processors = [(attn, make_processor(attention_type, attn, **options)) for _, attn in modules]  # all or none
+    for (name, attn), (_, processor) in zip(modules, processors):
         previous[f"{name}.processor"] = attn.processor
-        attn.set_processor(make_processor(attention_type, attn, **options))
+        attn.set_processor(processor)
     return previous
 
 
-def set_nala_attention(model: nn.Module, **options) -> Dict[str, object]:
-    """Swap NaLa into every self-attention layer of ``model``; returns the previous processors.
+def set_nala_attention(model: nn.Module, layers: Optional[Sequence[Union[int, str]]] = None,
+                       **options) -> Dict[str, object]:
+    """Swap NaLa into the self-attention layers of ``model`` (all, or those chosen by ``layers``: block
+    indices or module names, as :func:`set_attention`); returns the previous processors.
 
     ``options`` are :class:`~nala_diffusion.NaLaAttnProcessor`'s (``inhibit``, ``power_scale``,
     ``use_lepe``, ...). Example::
@@ -79,8 +128,9 @@ def set_nala_attention(model: nn.Module, **options) -> Dict[str, object]:
         previous = set_nala_attention(dit, inhibit="cosine")
         ...
         restore_attention(dit, previous)  # bit-identical to before
+        set_nala_attention(dit, layers=[0, 1])  # a hybrid: NaLa in the first two blocks, softmax after
     """
-    return set_attention(model, "nala", **options)
+    return set_attention(model, "nala", layers=layers, **options)
 
 
 def restore_attention(model: nn.Module, processors: Dict[str, object]) -> None:

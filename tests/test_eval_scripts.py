@@ -17,7 +17,8 @@ from helpers import tiny_nala
 def test_benchmark_writes_json_and_plot(tmp_path):
     out = tmp_path / "bench"
     assert benchmark.main(["--tokens", "16", "64", "--repeats", "1", "--preset", "S/8", "--model_tokens", "16",
-                           "--train_tokens", "4", "--train_batch", "2", "--out", str(out)]) == 0
+                           "--train_tokens", "4", "--train_batch", "2", "--diffusers_tokens", "16", "--memory_tokens", "16",
+                           "--hybrid_tokens", "16", "64", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["op_level"]) == set(benchmark.KERNELS)
     for name, rows in results["op_level"].items():
@@ -31,6 +32,36 @@ def test_benchmark_writes_json_and_plot(tmp_path):
         floor["nala_gather"]["seconds"] / floor["relu_linear"]["seconds"])
     assert {"forward", "forward_backward"} <= set(results["model_level"])
     assert PIL.Image.open(out / "benchmark.png").size[0] > 100
+    hybrid = results["hybrid_level"]["16"]
+    assert hybrid["softmax_layers"] == [-1]
+    assert hybrid["nala"]["softmax_block_peak_bytes"] is None and hybrid["softmax"]["nala_block_peak_bytes"] is None
+    assert len(hybrid["hybrid"]["block_peak_bytes"]) == 12 and hybrid["hybrid"]["softmax_block_peak_bytes"] > 0
+    assert hybrid["hybrid_vs_nala"]["time"] == pytest.approx(hybrid["hybrid"]["seconds"] / hybrid["nala"]["seconds"])
+
+
+def test_benchmark_sections_choose_what_runs(tmp_path):
+    out = tmp_path / "bench"
+    assert benchmark.main(["--sections", "hybrid", "--hybrid_tokens", "16", "--repeats", "1", "--preset", "S/8",
+                           "--hybrid_softmax_layers", "0", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert "op_level" not in results and "model_level" not in results
+    row = results["hybrid_level"]["16"]
+    assert row["softmax_layers"] == [0] and all(row[kind]["seconds"] > 0 for kind in benchmark.HYBRID_KINDS)
+
+
+def test_block_peaks_find_the_block_that_holds_the_scores():
+    # positive control: diffusers' plain AttnProcessor in the softmax block materialises heads x N x N
+    from diffusers.models.attention_processor import AttnProcessor
+
+    model = tiny_nala(sample_size=64, num_layers=3, attention_types=["nala", "softmax", "nala"])
+    model.transformer_blocks[1].attn1.set_processor(AttnProcessor())
+    x, t, y = torch.randn(1, 3, 64, 64), torch.tensor([500]), torch.tensor([1])
+    tokens = 32 * 32
+    with torch.no_grad():
+        peaks = benchmark.BlockPeaks(model, torch.device("cpu"))(lambda: model(x, timestep=t, class_labels=y))
+    assert peaks.blocks[1] >= 2 * tokens * tokens * 4  # 2 heads of float32 scores
+    assert max(peaks.blocks[0], peaks.blocks[2]) < tokens * tokens * 4
+    assert peaks.peak >= peaks.blocks[1]
 
 
 def test_sana_linear_baseline_is_relu_linear_attention():
@@ -74,6 +105,16 @@ def test_entropy_of_a_model_per_layer(tmp_path):
     assert all(set(v) == set(attention_entropy.KINDS) for v in layers.values())
     assert sorted(result["saturation"]) == sorted(layers)  # every NaLa layer gets a saturation report
     assert all(0 <= s["responding_fraction"] <= 1 for s in result["saturation"].values())
+    assert set(result["kernels"].values()) == {"nala"}
+
+    # a hybrid: each layer names its own kernel, and only NaLa layers get a saturation report
+    hybrid = tiny_nala(sample_size=16, num_classes=2, attention_types=["nala", "softmax"])
+    NaLaDiTPipeline(hybrid, DDIMScheduler()).save_pretrained(tmp_path / "hybrid")
+    assert attention_entropy.main(["--model", str(tmp_path / "hybrid"), "--data", str(tmp_path / "data"),
+                                   "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["kernels"] == {"transformer_blocks.0.attn1": "nala", "transformer_blocks.1.attn1": "softmax"}
+    assert sorted(result["saturation"]) == ["transformer_blocks.0.attn1"]
 
 
 @pytest.mark.slow

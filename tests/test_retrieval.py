@@ -126,3 +126,19 @@ def test_measures_run_on_a_pipeline_folder_and_write_json(tmp_path):
     assert crops["gain"]["paired"]["250"] != tiles_250["gain"]["paired"]["250"]  # another test set
     with pytest.raises(SystemExit):
         retrieval.main(["--model", str(tmp_path / "pipe"), "--json", str(out), "--layout", "stripes"])
+
+
+def test_a_hybrid_model_is_measured_layer_by_layer_with_each_layers_kernel(tmp_path):
+    # the same weights as softmax-then-NaLa and as pure NaLa: block 0 sees the same queries and keys in
+    # both, so its mass differs only by the kernel it is measured with
+    hybrid = tiny_nala(sample_size=32, num_classes=10, attention_types=["softmax", "nala"])
+    pure = tiny_nala(sample_size=32, num_classes=10)
+    pure.load_state_dict(hybrid.state_dict())
+    results = {}
+    for name, model in (("hybrid", hybrid), ("pure", pure)):
+        NaLaDiTPipeline(model, DDPMScheduler()).save_pretrained(tmp_path / name)
+        results[name] = retrieval.measure(str(tmp_path / name), timesteps=(250,), gain_images=2, mass_images=2)
+    first, second = "transformer_blocks.0.attn1", "transformer_blocks.1.attn1"
+    assert [results["hybrid"]["mass"][n]["kind"] for n in (first, second)] == ["softmax", "nala"]
+    assert results["pure"]["mass"][first]["kind"] == "nala"
+    assert results["hybrid"]["mass"][first]["mass"] != pytest.approx(results["pure"]["mass"][first]["mass"], rel=1e-3)

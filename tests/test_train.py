@@ -286,3 +286,23 @@ def test_a_second_trainer_on_one_folder_is_refused(data, tmp_path, capsys):
         assert cli(base_args(data, out, steps=2)) == 2
         assert f"being written by process {pid}" in capsys.readouterr().err
         assert os.listdir(out) == [".lock"]
+
+
+def test_hybrid_layout_trains_loads_and_refuses_another_layout_on_resume(data, tmp_path, capsys):
+    out = tmp_path / "hybrid"
+    train(base_args(data, out, steps=4, softmax_layers=-1))
+    pipe = NaLaDiTPipeline.from_pretrained(out)
+    assert pipe.transformer.config.attention_types == ["nala", "softmax"]
+    assert [type(b.attn1.processor).__name__ for b in pipe.transformer.transformer_blocks] == \
+        ["NaLaAttnProcessor", "SoftmaxAttnProcessor"]
+    assert pipe.transformer.transformer_blocks[0].attn1.processor.norm_scale_mode == "calibrated"
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    result = train(base_args(data, out, steps=6, resume_from_checkpoint="latest", softmax_layers=0), check=False)
+    assert result.returncode == 2
+    assert "model attention_types: checkpoint ['nala', 'softmax'], this run ['softmax', 'nala']" in result.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert cli(base_args(data, tmp_path / "bad", steps=2, attention_types="nala")) == 2
+    assert "attention_types has 1 entries but the model has 2 blocks" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(base_args(data, tmp_path / "both", steps=2, softmax_layers=0, attention_types="nala"))
+    assert "not allowed with argument" in capsys.readouterr().err

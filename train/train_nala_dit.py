@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from nala_diffusion.cli_args import HelpFormatter, positive_int
 from nala_diffusion.distributed import use_cpu_processes
 from nala_diffusion.lazy import lazy
-from nala_diffusion.options import ATTENTION_TYPES, FIELDS, add_option_flags, config_key
+from nala_diffusion.options import ATTENTION_TYPES, FIELDS, add_option_flags, config_key, layer_attention_types
 from nala_diffusion.pipelines.sample import save_grid_atomically
 from nala_diffusion.run_guard import LOCK_FILE, OutputLock
 from nala_diffusion.train.run_log import CsvLog
@@ -91,6 +91,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--model_config", default="S/2", help="preset (S/2, B/2, L/2, XL/2, ...) or a JSON config file")
     model.add_argument("--init_from", default=None, help="DiT or NaLa DiT folder (or Hub id) to inherit weights from")
     model.add_argument("--attention", choices=ATTENTION_TYPES, default=None, help="override the attention type")
+    layout = model.add_mutually_exclusive_group()
+    layout.add_argument("--softmax_layers", type=int, nargs="+", default=None, metavar="INDEX",
+                        help="hybrid layout: these blocks (negative counts from the end: -1 is the last) run softmax "
+                             "attention, the others the attention type (default: the model's layout)")
+    layout.add_argument("--attention_types", choices=ATTENTION_TYPES, nargs="+", default=None, metavar="KIND",
+                        help=f"hybrid layout: one attention type per block, of {', '.join(ATTENTION_TYPES)} "
+                             "(default: the model's layout)")
     add_option_flags(model, defaults={
         "norm_scale_mode": "the model's; new NaLa models: calibrated, the median query norm per head on one training batch",
     })
@@ -147,19 +154,29 @@ def attention_overrides(args) -> Dict[str, Any]:
     return overrides
 
 
+def layout_overrides(args) -> Dict[str, Any]:
+    """The hybrid layout flags, as keyword arguments of ``convert_dit_to_nala`` / ``preset_config``."""
+    if args.softmax_layers is not None:
+        return {"softmax_layers": args.softmax_layers}
+    if args.attention_types is not None:
+        return {"attention_types": args.attention_types}
+    return {}
+
+
 def build_model(args, in_channels: int, sample_size: int, num_classes: int):
     """The model to train and the model whose queries calibrate its sigma (the pretrained source
     for ``--init_from``, else the model itself)."""
     expected = {"in_channels": in_channels, "sample_size": sample_size, "num_classes": num_classes}
     overrides = attention_overrides(args)
+    layout = layout_overrides(args)
     if args.init_from:
         source = load_transformer(args.init_from)
         model = source
-        if not isinstance(source, NaLaDiTTransformer2DModel) or overrides:
+        if not isinstance(source, NaLaDiTTransformer2DModel) or overrides or layout:
             if "norm_scale_mode" not in overrides and "norm_scale_mode" not in source.config:
                 overrides["norm_scale_mode"] = DEFAULT_NORM_SCALE_MODE
             # calibrated below on real data from the source's own queries
-            model = convert_dit_to_nala(source, **{"attention_type": "nala", **overrides}, calibrate=False)
+            model = convert_dit_to_nala(source, **{"attention_type": "nala", **overrides}, **layout, calibrate=False)
         config = dict(model.config)
     elif os.path.isfile(args.model_config):
         with open(args.model_config, encoding="utf-8") as handle:
@@ -172,7 +189,11 @@ def build_model(args, in_channels: int, sample_size: int, num_classes: int):
     if args.init_from:
         return model, source
     config.setdefault("norm_scale_mode", DEFAULT_NORM_SCALE_MODE)
-    model = NaLaDiTTransformer2DModel(**{**config, **expected, **overrides})
+    config = {**config, **expected, **overrides}
+    if layout:
+        config["attention_types"] = layer_attention_types(config["num_layers"], config.get("attention_type", "nala"),
+                                                          **layout)
+    model = NaLaDiTTransformer2DModel(**config)
     return model, model
 
 
