@@ -232,3 +232,21 @@ def test_no_token_by_token_tensor_outside_the_softmax_block():
         model(x, timestep=t, class_labels=y)
     assert largest[2].largest >= tokens * tokens
     assert max(largest[0].largest, largest[1].largest) < tokens * tokens / 4
+
+
+def test_command_line_tools_sample_a_hybrid(tmp_path):
+    from nala_diffusion.eval.fid import cli as fid_cli
+    from nala_diffusion.pipelines.sample import main as sample_main
+
+    model = tiny_nala(sample_size=16, num_classes=3, num_layers=3, attention_types=["nala", "softmax", "nala"])
+    NaLaDiTHighResPipeline(model, DDIMScheduler()).save_pretrained(tmp_path / "pipe")
+    for size, mode in ((16, "direct"), (32, "direct"), (32, "progressive")):
+        out = tmp_path / f"grid-{size}-{mode}.png"
+        assert sample_main(["--model", str(tmp_path / "pipe"), "--labels", "0", "2", "--height", str(size),
+                            "--width", str(size), "--steps", "2", "--highres-mode", mode, "--out", str(out)]) == 0
+        grid = np.asarray(__import__("PIL.Image").Image.open(out))
+        assert grid.shape[0] >= size and grid.std() > 0
+    out = tmp_path / "fid"
+    assert fid_cli(["sample", "--model", str(tmp_path / "pipe"), "--num_samples", "2", "--out", str(out),
+                    "--steps", "2", "--height", "32", "--width", "32", "--highres_mode", "progressive"]) == 0
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["000000.png", "000001.png"]
