@@ -6,7 +6,7 @@ classifier (:class:`nala_diffusion.DomainClassifier`) through clean-fid's custom
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -14,6 +14,8 @@ import torch
 from cleanfid import fid as cleanfid_fid
 from cleanfid.downloads_helper import check_download_inception, inception_url
 from cleanfid.resize import make_resizer
+from cleanfid.utils import ResizeDataset
+from tqdm.auto import tqdm
 
 from nala_diffusion.eval.feature_constants import MODES, TORCHSCRIPT_WEIGHTS  # noqa: F401  (re-exported)
 
@@ -32,9 +34,22 @@ class Extractor:
     fn: Callable[[torch.Tensor], torch.Tensor]  # (B, 3, h, w) in [0, 255] -> (B, D)
     resize: Optional[Callable] = None  # clean-fid custom_fn_resize (numpy image -> numpy image)
     feature_dim: Optional[int] = None
+    # the class logits of the pooled features, for the Inception Score: (N, D) -> (N, classes)
+    logits: Optional[Callable[[np.ndarray], np.ndarray]] = None
+    # the spatial features of sFID: (B, 3, h, w) in [0, 255] -> (B, S)
+    spatial: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # why a metric is missing: {"is": reason, "sfid": reason}
+    unavailable: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
         return {"name": self.name, "mode": self.mode, "feature_dim": self.feature_dim}
+
+    def check_metrics(self, metrics) -> None:
+        """A ``ValueError`` naming the first of ``metrics`` this network cannot compute, and why."""
+        for metric, missing in (("is", self.logits is None), ("sfid", self.spatial is None)):
+            if metric in metrics and missing:
+                raise ValueError(f"--metrics {metric} is not available with this feature extractor: "
+                                 f"{self.unavailable.get(metric, 'it has no such output')}")
 
 
 def _missing(file_name: str, where: str, error: Exception) -> MissingWeightsError:
@@ -73,7 +88,8 @@ def inception_extractor(mode: str, device: torch.device, weights: Optional[str] 
             model = InceptionV3(output_blocks=[3], resize_input=False).to(device).eval()
         except Exception as error:  # the download inside clean-fid failed
             raise _missing(PYTORCH_WEIGHTS, target, error) from None
-        return Extractor("inception", mode, lambda x: model(x / 255)[0].squeeze(-1).squeeze(-1), feature_dim=2048)
+        return Extractor("inception", mode, lambda x: model(x / 255)[0].squeeze(-1).squeeze(-1), feature_dim=2048,
+                         unavailable={"is": NO_LOGITS_PYTORCH, "sfid": NO_SPATIAL_MODE.format(mode=mode)})
 
     from cleanfid.inception_torchscript import InceptionV3W
 
@@ -103,7 +119,48 @@ def inception_extractor(mode: str, device: torch.device, weights: Optional[str] 
             f"{os.path.join(folder, TORCHSCRIPT_WEIGHTS)} is not a usable Inception TorchScript file "
             f"({type(error).__name__}: {error}); download {TORCHSCRIPT_WEIGHTS} again from {inception_url}"
         ) from None
-    return Extractor("inception", mode, lambda x: model(x), feature_dim=2048)
+    logits, spatial, unavailable = inception_heads(model.base, mode)
+    return Extractor("inception", mode, lambda x: model(x), feature_dim=2048, logits=logits, spatial=spatial,
+                     unavailable=unavailable)
+
+
+NO_LOGITS_PYTORCH = ("the legacy_pytorch network (pytorch-fid's Inception) has no class layer; use --mode clean or "
+                     "legacy_tensorflow, whose network is the one the Inception Score is defined with")
+NO_SPATIAL_MODE = ("sFID's spatial features (mixed_6/conv) are taken on the images as --mode clean resizes them; "
+                   "--mode {mode} resizes elsewhere, so sFID is offered with --mode clean only")
+#: layers of the TorchScript Inception up to mixed_5, then mixed_6's first convolution: sFID's mixed_6/conv
+SPATIAL_LAYERS = ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1", "mixed_2",
+                  "mixed_3", "mixed_4", "mixed_5")
+SPATIAL_CHANNELS = 7
+
+
+def inception_heads(base: torch.nn.Module, mode: str):
+    """(logits, spatial, unavailable) of the TorchScript Inception ``base``: class logits of the pooled
+    features from its output layer without the bias (the Inception Score's definition), and the first
+    7 channels of ``mixed_6/conv`` (sFID); each None, with the reason in ``unavailable``, where the
+    network does not expose it."""
+    unavailable = {}
+    logits = spatial = None
+    output = getattr(base, "output", None)
+    weight = getattr(output, "weight", None)
+    if weight is not None and tuple(weight.shape[1:]) == (2048,):
+        matrix = weight.detach().double().cpu().numpy().T  # (2048, classes)
+        logits = lambda features: np.asarray(features, dtype=np.float64) @ matrix  # noqa: E731
+    else:
+        unavailable["is"] = "this Inception network exposes no 2048-input output layer"
+    if mode != "clean":
+        unavailable["sfid"] = NO_SPATIAL_MODE.format(mode=mode)
+    else:
+        try:
+            layers = base.layers
+            stages = torch.nn.Sequential(*[getattr(layers, name) for name in SPATIAL_LAYERS], layers.mixed_6.conv)
+        except AttributeError as error:
+            unavailable["sfid"] = f"this Inception network does not expose mixed_6/conv ({error})"
+        else:
+            def spatial(x):  # x in [0, 255], already 299 x 299 (clean mode resizes before the network)
+                out = stages((x - 128) / 128)  # (B, 192, 17, 17)
+                return out[:, :SPATIAL_CHANNELS].flatten(1)  # (B, 7 * 17 * 17)
+    return logits, spatial, unavailable
 
 
 def classifier_extractor(path: str, device: torch.device) -> Extractor:
@@ -115,9 +172,17 @@ def classifier_extractor(path: str, device: torch.device) -> Extractor:
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot load a DomainClassifier from {path!r}: {error}") from None
     size = model.config.image_size
+
+    @torch.no_grad()
+    def logits(features: np.ndarray) -> np.ndarray:  # the classifier's own head on its pooled features
+        weight = model.head.weight.detach().double().cpu().numpy()
+        bias = model.head.bias.detach().double().cpu().numpy()
+        return np.asarray(features, dtype=np.float64) @ weight.T + bias
+
     return Extractor(
         os.path.abspath(path), "clean", lambda x: model.features(x / 255),
-        resize=make_resizer("PIL", False, "bicubic", (size, size)), feature_dim=model.feature_dim,
+        resize=make_resizer("PIL", False, "bicubic", (size, size)), feature_dim=model.feature_dim, logits=logits,
+        unavailable={"sfid": "sFID is defined on Inception's spatial features; a domain classifier has none"},
     )
 
 
@@ -155,9 +220,25 @@ def _first_unreadable(files: Sequence[str]) -> Optional[str]:
     return None
 
 
+def _network(extractor: Extractor, spatial: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The extractor's pooled features, with the spatial ones appended when asked (one pass)."""
+    if not spatial:
+        return extractor.fn
+    extractor.check_metrics(["sfid"])
+    return lambda x: torch.cat([extractor.fn(x).flatten(1), extractor.spatial(x)], dim=1)
+
+
+def _split(features: np.ndarray, extractor: Extractor, spatial: bool):
+    features = features.astype(np.float64)
+    if not spatial:
+        return features
+    return features[:, :extractor.feature_dim], features[:, extractor.feature_dim:]
+
+
 def folder_features(folder: str, extractor: Extractor, device, batch_size: int = 32, verbose: bool = True,
-                    files: Optional[Sequence[str]] = None) -> np.ndarray:
-    """Features of the images in ``folder`` (or of exactly ``files``), one row per image in sorted order."""
+                    files: Optional[Sequence[str]] = None, spatial: bool = False):
+    """Features of the images in ``folder`` (or of exactly ``files``), one row per image in sorted order;
+    with ``spatial``, (pooled, spatial) features from one pass."""
     if not os.path.isdir(folder):
         raise ValueError(f"image folder {folder!r} does not exist")
     files = list(files) if files is not None else image_files(folder)
@@ -165,16 +246,48 @@ def folder_features(folder: str, extractor: Extractor, device, batch_size: int =
         raise ValueError(f"image folder {folder!r} holds no images")
     try:
         features = cleanfid_fid.get_files_features(
-            files, model=extractor.fn, num_workers=0, batch_size=batch_size, device=device, mode=extractor.mode,
-            custom_fn_resize=extractor.resize, description=f"features {os.path.basename(folder.rstrip('/'))}",
-            verbose=verbose,
+            files, model=_network(extractor, spatial), num_workers=0, batch_size=batch_size, device=device,
+            mode=extractor.mode, custom_fn_resize=extractor.resize,
+            description=f"features {os.path.basename(folder.rstrip('/'))}", verbose=verbose,
         )
     except (OSError, ValueError) as error:
         bad = _first_unreadable(files)
         if bad is None:
             raise
         raise ValueError(f"cannot read the image {bad!r} ({error}); remove or replace it") from None
-    return features.astype(np.float64)
+    return _split(features, extractor, spatial)
+
+
+class ArrayImages(ResizeDataset):
+    """clean-fid's ``ResizeDataset`` over an in-memory ``(N, H, W, 3)`` uint8 array (the guided-diffusion
+    evaluator's ``arr_0``): the same resize and scaling as for image files, so an array and a folder of
+    the same images (PNG, lossless) give the same features."""
+
+    def __init__(self, images: np.ndarray, mode: str, fn_resize: Optional[Callable] = None):
+        super().__init__(files=list(range(len(images))), mode=mode)
+        self.images = images
+        if fn_resize is not None:
+            self.fn_resize = fn_resize
+
+    def __getitem__(self, i):
+        resized = self.fn_resize(np.asarray(self.images[i]))
+        if resized.dtype == "uint8":
+            return self.transforms(np.array(resized)) * 255
+        return self.transforms(resized)
+
+
+def array_features(images: np.ndarray, extractor: Extractor, device, batch_size: int = 32, verbose: bool = True,
+                   spatial: bool = False, description: str = "features"):
+    """Features of ``(N, H, W, 3)`` uint8 images in memory, as :func:`folder_features` gives them for files."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(images) == 0:
+        raise ValueError(f"expected (N, height, width, 3) uint8 images, got {images.dtype} {images.shape}")
+    loader = torch.utils.data.DataLoader(ArrayImages(images, extractor.mode, extractor.resize), batch_size=batch_size,
+                                         shuffle=False, num_workers=0)
+    network = _network(extractor, spatial)
+    batches = tqdm(loader, desc=description) if verbose else loader
+    features = np.concatenate([cleanfid_fid.get_batch_features(batch, network, device) for batch in batches])
+    return _split(features, extractor, spatial)
 
 
 def statistics(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -194,26 +307,144 @@ def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, seed
         np.random.set_state(state)
 
 
-def save_stats(path: str, features: np.ndarray, extractor: Extractor, keep_features: bool = False) -> None:
-    mu, sigma = statistics(features)
-    arrays = {"mu": mu, "sigma": sigma, "num_images": np.array(len(features)),
+@dataclass
+class Reference:
+    """What a reference gives: pooled statistics always; features (KID, precision/recall) and spatial
+    statistics (sFID) where it has them."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: Optional[np.ndarray] = None
+    mu_s: Optional[np.ndarray] = None
+    sigma_s: Optional[np.ndarray] = None
+    num_images: Optional[int] = None
+    kind: str = "folder"
+
+    @classmethod
+    def from_features(cls, features: np.ndarray, spatial: Optional[np.ndarray] = None, kind: str = "folder"):
+        mu_s, sigma_s = statistics(spatial) if spatial is not None else (None, None)
+        return cls(*statistics(features), features=features, mu_s=mu_s, sigma_s=sigma_s, num_images=len(features),
+                   kind=kind)
+
+    def allows(self) -> List[str]:
+        """The metrics this reference supports (the extractor may allow fewer)."""
+        return reference_allows(self.features is not None, self.mu_s is not None)
+
+
+def reference_allows(features: bool, spatial: bool) -> List[str]:
+    """The metrics a reference with (or without) features and spatial statistics supports; IS needs no
+    reference and is always listed."""
+    return ["fid"] + (["kid"] if features else []) + ["is"] + (["pr"] if features else []) + (["sfid"] if spatial else [])
+
+
+def check_reference_metrics(metrics, allows: Sequence[str], source: str, kind: str) -> None:
+    missing = [m for m in metrics if m not in allows]
+    if missing:
+        needs = {"kid": "its features", "pr": "its features", "sfid": "its spatial statistics", "fid": "its statistics"}
+        raise ValueError(
+            f"--metrics {' '.join(missing)} need(s) {' and '.join(sorted({needs[m] for m in missing}))} of the "
+            f"reference, which {source!r} ({kind}) does not hold; it allows {' '.join(allows)}. Pass the image "
+            "folder (or an evaluator .npz with images), or make a stats file with "
+            "`nala-fid ref --images DIR --out ref.npz --metrics " + " ".join(metrics) + "`")
+
+
+def _npz_shape(path: str, key: str) -> Tuple[int, ...]:
+    """The shape of array ``key`` in an .npz, read from its header without loading it."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(handle)
+    return tuple(shape)
+
+
+def peek_reference(source: str, extractor: Extractor) -> Tuple[str, List[str], Optional[int]]:
+    """(kind, metrics it allows, image count or None) of a ``--ref``, read cheaply (no features), so that
+    a run can refuse an unusable reference before it samples."""
+    if os.path.isdir(source):
+        count = len(image_files(source))
+        if count == 0:
+            raise ValueError(f"reference folder {source!r} holds no images")
+        return "folder", reference_allows(True, True), count
+    if not os.path.isfile(source):
+        return "clean-fid custom statistics", reference_allows(False, False), None
+    try:
+        with np.load(source, allow_pickle=False) as data:
+            keys = set(data.files)
+            if is_evaluator_batch(keys):
+                if EVALUATOR_IMAGES in keys:
+                    return "evaluator images", reference_allows(True, True), _npz_shape(source, EVALUATOR_IMAGES)[0]
+                if extractor.name != "inception":
+                    raise ReferenceMismatch(f"{source!r} holds the evaluator's Inception statistics, which cannot serve the "
+                                     f"domain classifier {extractor.name}; give a reference with images")
+                return "evaluator statistics", reference_allows(False, False), None
+            check_stats_extractor(source, data, extractor)
+            count = int(data["num_images"]) if "num_images" in keys else None
+            return "stats file", reference_allows("features" in keys, "mu_s" in keys), count
+    except ReferenceMismatch:
+        raise
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"cannot read reference statistics {source!r}: {error}") from None
+
+
+class ReferenceMismatch(ValueError):
+    """A reference made for another feature extractor."""
+
+
+def check_stats_extractor(source: str, data, extractor: Extractor) -> None:
+    saved = (str(data["extractor"]), str(data["mode"]) if "mode" in data.files else "clean")
+    if saved != (extractor.name, extractor.mode):
+        raise ReferenceMismatch(f"{source!r} was made with extractor {saved[0]} mode {saved[1]}, not {extractor.name} "
+                                f"mode {extractor.mode}")
+
+
+def save_stats(path: str, reference: Reference, extractor: Extractor, keep_features: bool = False) -> None:
+    """Write ``reference`` as our stats file (mu, sigma, and features and spatial statistics when
+    kept), aside and then renamed."""
+    arrays = {"mu": reference.mu, "sigma": reference.sigma, "num_images": np.array(reference.num_images),
               "extractor": np.array(extractor.name), "mode": np.array(extractor.mode)}
-    if keep_features:
-        arrays["features"] = features
+    if keep_features and reference.features is not None:
+        arrays["features"] = reference.features
+    if reference.mu_s is not None:
+        arrays["mu_s"], arrays["sigma_s"] = reference.mu_s, reference.sigma_s
     temporary = f"{path}.tmp.npz"
     np.savez(temporary, **arrays)
     os.replace(temporary, path)
 
 
-def load_stats(path: str, extractor: Extractor):
-    """(mu, sigma, features or None) from a stats file made with the same extractor."""
+#: keys of the guided-diffusion evaluator's reference batches (VIRTUAL_imagenet256_labeled.npz, ...)
+EVALUATOR_IMAGES = "arr_0"
+
+
+def is_evaluator_batch(data) -> bool:
+    """An evaluator reference batch: images under ``arr_0`` and/or its own statistics, none of our keys."""
+    return "extractor" not in data and (EVALUATOR_IMAGES in data or "mu" in data)
+
+
+def load_reference(path: str, extractor: Extractor, device, batch_size: int = 32, spatial: bool = False,
+                   verbose: bool = True) -> Reference:
+    """A reference from a ``.npz``: our stats file (made with the same extractor), or the guided-diffusion
+    evaluator's batch, whose images (``arr_0``) get this extractor's features, or, without images, whose
+    own statistics (``mu``/``sigma``, from the evaluator's TensorFlow Inception) serve FID only."""
     try:
         data = np.load(path, allow_pickle=False)
+        keys = set(data.files)
     except Exception as error:
         raise ValueError(f"cannot read reference statistics {path!r}: {error}") from None
-    if "mu" not in data or "sigma" not in data:
-        raise ValueError(f"{path!r} has no mu/sigma arrays")
-    saved = (str(data["extractor"]) if "extractor" in data else "inception", str(data["mode"]) if "mode" in data else "clean")
-    if saved != (extractor.name, extractor.mode):
-        raise ValueError(f"{path!r} was made with extractor {saved[0]} mode {saved[1]}, not {extractor.name} mode {extractor.mode}")
-    return data["mu"], data["sigma"], data["features"] if "features" in data else None
+    if is_evaluator_batch(keys):
+        if EVALUATOR_IMAGES in keys:
+            features = array_features(data[EVALUATOR_IMAGES], extractor, device, batch_size, verbose, spatial,
+                                      description=f"features {os.path.basename(path)}")
+            features, spatial_features = features if spatial else (features, None)
+            return Reference.from_features(features, spatial_features, kind="evaluator images")
+        if extractor.name != "inception":
+            raise ValueError(f"{path!r} holds the evaluator's Inception statistics, which cannot serve the domain "
+                             f"classifier {extractor.name}; give a reference with images")
+        return Reference(data["mu"], data["sigma"], kind="evaluator statistics")
+    if "mu" not in keys or "sigma" not in keys:
+        raise ValueError(f"{path!r} has no mu/sigma arrays (nor the evaluator's arr_0 images)")
+    check_stats_extractor(path, data, extractor)
+    return Reference(data["mu"], data["sigma"], features=data["features"] if "features" in keys else None,
+                     mu_s=data["mu_s"] if "mu_s" in keys else None, sigma_s=data["sigma_s"] if "sigma_s" in keys else None,
+                     num_images=int(data["num_images"]) if "num_images" in keys else None, kind="stats file")

@@ -1,9 +1,10 @@
-"""nala-fid: FID and KID with clean-fid, reference statistics apart from sampling (as NVlabs/edm).
+"""nala-fid: FID, KID, Inception Score, precision/recall and sFID with clean-fid's networks, reference
+statistics apart from sampling (as NVlabs/edm).
 
     nala-fid sample  --model DIR --num_samples 50000 --out samples_dir        # images only
-    nala-fid ref     --images REAL_DIR --out ref.npz                          # or --name NAME (clean-fid custom stats)
-    nala-fid compare DIR1 DIR2                                                # FID and KID of two folders
-    nala-fid calc    --model DIR --num_samples 50000 --out samples_dir --ref REAL_DIR|ref.npz|NAME
+    nala-fid ref     --images REAL_DIR|batch.npz --out ref.npz --metrics fid is pr   # or --name NAME (clean-fid)
+    nala-fid compare DIR1 DIR2 --metrics fid kid is pr                        # two folders
+    nala-fid calc    --model DIR --num_samples 50000 --out samples_dir --ref REAL_DIR|ref.npz|batch.npz|NAME
 
 Sampling scales out with accelerate (``accelerate launch eval/fid.py sample ...``): image i has the
 seed ``seed + i`` and is the same on any number of processes.
@@ -23,9 +24,10 @@ from nala_diffusion.lazy import lazy
 PartialState = lazy("accelerate", "PartialState")
 
 from nala_diffusion.cli_args import HelpFormatter, positive_int
-from nala_diffusion.eval.feature_constants import MODES, TORCHSCRIPT_WEIGHTS
+from nala_diffusion.eval.feature_constants import METRICS, MODES, TORCHSCRIPT_WEIGHTS
 from nala_diffusion.distributed import use_cpu_processes
 F = lazy("nala_diffusion.eval.features")
+M = lazy("nala_diffusion.eval.metrics")
 from nala_diffusion.eval.sampling import SAMPLE_DIR, balanced_labels, generate_samples, guard_samples, iter_sample_paths, pack_npz
 from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
 NaLaDiTHighResPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit_highres", "NaLaDiTHighResPipeline")
@@ -33,7 +35,14 @@ from nala_diffusion.pipelines.sample import parse_sharpness
 from nala_diffusion.pipelines.schedulers import HIGHRES_MODES, SCHEDULERS, scheduler_from_name
 
 
-def add_feature_args(p: argparse.ArgumentParser) -> None:
+METRIC_HELP = ("metrics to compute: fid, kid (need reference features), is (Inception Score of the samples, 10 "
+               "splits), pr (precision and recall, k = 3; need reference features), sfid (Frechet distance of "
+               "Inception's mixed_6/conv spatial features, --mode clean and the Inception network only: the "
+               "domain classifier has no such features)")
+
+
+def add_feature_args(p: argparse.ArgumentParser, metrics_default=("fid", "kid")) -> None:
+    p.add_argument("--metrics", nargs="+", choices=METRICS, default=list(metrics_default), help=METRIC_HELP)
     p.add_argument("--mode", choices=MODES, default="clean", help="clean-fid feature mode")
     p.add_argument("--inception_weights", default=None, help=f"local copy of {TORCHSCRIPT_WEIGHTS}")
     p.add_argument("--feature_extractor", default=None, help="DomainClassifier folder (safetensors) instead of Inception")
@@ -67,19 +76,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     add_sampling_args(sub.add_parser("sample", formatter_class=HelpFormatter, help="write samples only"))
     ref = sub.add_parser("ref", formatter_class=HelpFormatter, help="reference statistics of an image folder")
-    ref.add_argument("--images", required=True, help='folder of reference images')
+    ref.add_argument("--images", required=True,
+                     help="folder of reference images, or a guided-diffusion evaluator batch (.npz, images under arr_0)")
     target = ref.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="stats file (.npz) to write")
     target.add_argument("--name", help="register as a clean-fid custom-stats name (Inception only)")
-    ref.add_argument("--keep_features", action="store_true", help="store the features too, for KID")
-    add_feature_args(ref)
-    compare = sub.add_parser("compare", formatter_class=HelpFormatter, help="FID and KID between two image folders")
+    ref.add_argument("--keep_features", action="store_true",
+                     help="store the features too, for KID and precision/recall (as --metrics kid or pr does)")
+    add_feature_args(ref, metrics_default=("fid",))
+    compare = sub.add_parser("compare", formatter_class=HelpFormatter,
+                             help="metrics of the first image folder against the second (the reference)")
     compare.add_argument("folders", nargs=2, help="the two image folders")
     compare.add_argument("--json", default=None, help='write the result as JSON here')
     add_feature_args(compare)
-    calc = sub.add_parser("calc", formatter_class=HelpFormatter, help="sample (skipping what exists), then FID and KID against --ref")
+    calc = sub.add_parser("calc", formatter_class=HelpFormatter,
+                          help="sample (skipping what exists), then the --metrics against --ref")
     add_sampling_args(calc)
-    calc.add_argument("--ref", required=True, help="image folder, stats .npz, or clean-fid custom-stats name")
+    calc.add_argument("--ref", required=True,
+                      help="image folder, stats .npz of nala-fid ref, guided-diffusion evaluator batch .npz (images "
+                           "under arr_0, or its statistics: FID only), or clean-fid custom-stats name")
     calc.add_argument("--json", default=None, help="result file (default OUT/fid.json)")
     add_feature_args(calc)
     return parser.parse_args(argv)
@@ -146,31 +161,66 @@ def run_sampling(args, state: PartialState) -> dict:
     }
 
 
-def reference(args, extractor, device):
-    """(mu, sigma, features or None) of --ref: a folder, a stats file, or a clean-fid custom-stats name."""
-    if os.path.isdir(args.ref):
-        feats = F.folder_features(args.ref, extractor, device, args.feature_batch_size)
-        return (*F.statistics(feats), feats)
-    if os.path.isfile(args.ref):
-        return F.load_stats(args.ref, extractor)
+def reference(source: str, args, extractor, device, spatial: bool):
+    """The :class:`~nala_diffusion.eval.features.Reference` of ``source``: an image folder, a ``.npz``
+    (our stats file or the guided-diffusion evaluator's batch), or a clean-fid custom-stats name."""
+    if os.path.isdir(source):
+        feats = F.folder_features(source, extractor, device, args.feature_batch_size, spatial=spatial)
+        return F.Reference.from_features(*(feats if spatial else (feats,)))
+    if os.path.isfile(source):
+        return F.load_reference(source, extractor, device, args.feature_batch_size, spatial=spatial)
     if args.feature_extractor:
-        raise ValueError(f"--ref {args.ref!r} is neither a folder nor a stats file (custom-stats names are Inception only)")
+        raise ValueError(f"--ref {source!r} is neither a folder nor a stats file (custom-stats names are Inception only)")
     from cleanfid.features import get_reference_statistics
 
     try:
-        mu, sigma = get_reference_statistics(args.ref, None, mode=args.mode, split="custom")
+        mu, sigma = get_reference_statistics(source, None, mode=args.mode, split="custom")
     except Exception as error:
-        raise ValueError(f"--ref {args.ref!r} is not a folder, a stats file or a clean-fid custom-stats name: {error}") from None
-    return mu, sigma, None
+        raise ValueError(f"--ref {source!r} is not a folder, a stats file or a clean-fid custom-stats name: {error}") from None
+    return F.Reference(mu, sigma, kind="clean-fid custom statistics")
 
 
-def metrics(feats, mu_ref, sigma_ref, feats_ref, extractor) -> dict:
-    if extractor.feature_dim and len(feats) < extractor.feature_dim:
-        warnings.warn(f"{len(feats)} samples is fewer than the feature dimension {extractor.feature_dim}: "
-                      "the covariance is singular and FID is biased upwards", stacklevel=2)
-    mu, sigma = F.statistics(feats)
-    kid = F.kernel_inception_distance(feats, feats_ref) if feats_ref is not None else None
-    return {"fid": F.frechet_distance(mu, sigma, mu_ref, sigma_ref), "kid": kid}
+def metrics(feats, ref, extractor, chosen, spatial=None) -> dict:
+    """The ``chosen`` metrics of sample features ``feats`` (and ``spatial`` for sFID) against ``ref``,
+    each with the number of images behind it."""
+    result = {"metrics": list(chosen), "num_samples": len(feats), "num_reference": ref.num_images,
+              "reference_kind": ref.kind}
+    if "fid" in chosen or "sfid" in chosen:
+        if extractor.feature_dim and len(feats) < extractor.feature_dim:
+            warnings.warn(f"{len(feats)} samples is fewer than the feature dimension {extractor.feature_dim}: "
+                          "the covariance is singular and FID is biased upwards", stacklevel=2)
+    if "fid" in chosen:
+        result["fid"] = F.frechet_distance(*F.statistics(feats), ref.mu, ref.sigma)
+    if "kid" in chosen:
+        result["kid"] = F.kernel_inception_distance(feats, ref.features)
+    if "is" in chosen:
+        result["is_mean"], result["is_std"] = M.inception_score(extractor.logits(feats))
+        result["is_num_samples"], result["is_splits"] = len(feats), M.IS_SPLITS
+    if "pr" in chosen:
+        result["precision"], result["recall"] = M.precision_recall(feats, ref.features)
+        result["pr_neighbours"] = M.PR_NEIGHBOURS
+    if "sfid" in chosen:
+        result["sfid"] = F.frechet_distance(*F.statistics(spatial), ref.mu_s, ref.sigma_s)
+    return result
+
+
+def check_reference(chosen, source: str, extractor, num_samples: int) -> None:
+    """Refuse, before any sampling or feature extraction, a reference that cannot give the chosen metrics
+    and counts too small for them."""
+    kind, allows, count = F.peek_reference(source, extractor)
+    F.check_reference_metrics(chosen, allows, source, kind)
+    check_counts(chosen, num_samples, count)
+
+
+def check_counts(chosen, num_samples: int, num_reference: Optional[int]) -> None:
+    """Refuse counts too small for the chosen metrics."""
+    needs = {"fid": 2, "sfid": 2, "kid": 2, "is": M.IS_SPLITS, "pr": M.PR_NEIGHBOURS + 1}
+    for metric in chosen:
+        if num_samples < needs[metric]:
+            raise ValueError(f"--metrics {metric} needs at least {needs[metric]} samples, got {num_samples}")
+        if num_reference is not None and metric in ("fid", "sfid", "kid", "pr") and num_reference < needs[metric]:
+            raise ValueError(f"--metrics {metric} needs at least {needs[metric]} reference images, the reference "
+                             f"holds {num_reference}")
 
 
 def write_json(path: str, result: dict) -> None:
@@ -182,8 +232,17 @@ def write_json(path: str, result: dict) -> None:
 
 
 def summary(result: dict) -> str:
-    kid = "n/a" if result.get("kid") is None else f"{result['kid']:.6f}"
-    return f"FID {result['fid']:.4f}  KID {kid}  ({result.get('num_samples', '?')} samples, {result['feature_extractor']['name']})"
+    """One line with every metric of ``result``, as the JSON holds it."""
+    cells = []
+    for key, label, digits in (("fid", "FID", 4), ("kid", "KID", 6), ("sfid", "sFID", 4), ("precision", "precision", 4),
+                               ("recall", "recall", 4)):
+        if key in result:
+            cells.append(f"{label} {result[key]:.{digits}f}")
+    if "is_mean" in result:
+        cells.append(f"IS {result['is_mean']:.4f} ± {result['is_std']:.4f}")
+    reference = f", {result['num_reference']} reference" if result.get("num_reference") else ""
+    return (f"{'  '.join(cells)}  ({result.get('num_samples', '?')} samples{reference}, "
+            f"{result['feature_extractor']['name']})")
 
 
 def main(args) -> int:
@@ -195,35 +254,48 @@ def main(args) -> int:
             print(f"wrote {args.num_samples} samples to {os.path.join(args.out, SAMPLE_DIR)} "
                   f"in {info['sampling_seconds']:.1f} s")
         return 0
-    if args.command in ("calc",):
-        info = run_sampling(args, state)
-        if not state.is_main_process:
-            return 0
+    chosen = list(dict.fromkeys(args.metrics))
+    spatial = "sfid" in chosen
     extractor = F.build_extractor(args.mode, device, args.inception_weights, args.feature_extractor)
+    extractor.check_metrics(chosen)
     start = time.perf_counter()
     if args.command == "ref":
-        feats = F.folder_features(args.images, extractor, device, args.feature_batch_size)
+        keep = args.keep_features or bool({"kid", "pr"} & set(chosen))
         if args.name:
             from cleanfid import fid as cleanfid_fid
 
-            if args.feature_extractor:
-                raise ValueError("--name registers clean-fid custom stats, which are Inception only; use --out")
+            if args.feature_extractor or set(chosen) - {"fid", "is"}:
+                raise ValueError("--name registers clean-fid custom stats, which hold Inception mu/sigma only "
+                                 "(FID); use --out for other metrics or the domain classifier")
             cleanfid_fid.make_custom_stats(args.name, args.images, mode=args.mode, device=device, num_workers=0)
-            print(f"registered clean-fid custom statistics {args.name!r} ({len(feats)} images)")
-        else:
-            F.save_stats(args.out, feats, extractor, args.keep_features)
-            print(f"wrote {args.out} ({len(feats)} images, {extractor.name}, mode {extractor.mode})")
+            print(f"registered clean-fid custom statistics {args.name!r}")
+            return 0
+        ref = reference(args.images, args, extractor, device, spatial)
+        if ref.features is None and keep:
+            raise ValueError(f"{args.images!r} holds statistics only; features need the images")
+        F.save_stats(args.out, ref, extractor, keep)
+        print(f"wrote {args.out} ({ref.num_images} images, {extractor.name}, mode {extractor.mode}; allows "
+              f"--metrics {' '.join(m for m in ref.allows() if keep or m not in ('kid', 'pr'))})")
         return 0
     if args.command == "compare":
-        first, second = (F.folder_features(f, extractor, device, args.feature_batch_size) for f in args.folders)
-        result = {**metrics(first, *F.statistics(second), second, extractor), "folders": args.folders,
-                  "num_samples": len(first), "num_reference": len(second)}
-    else:  # calc
+        if not os.path.isdir(args.folders[0]) or not F.image_files(args.folders[0]):
+            raise ValueError(f"image folder {args.folders[0]!r} does not exist or holds no images")
+        check_reference(chosen, args.folders[1], extractor, len(F.image_files(args.folders[0])))
+        ref = reference(args.folders[1], args, extractor, device, spatial)
+        feats = F.folder_features(args.folders[0], extractor, device, args.feature_batch_size, spatial=spatial)
+        feats, spatial_feats = feats if spatial else (feats, None)
+        result = {**metrics(feats, ref, extractor, chosen, spatial_feats), "folders": args.folders}
+    else:  # calc: the reference and the counts are checked before sampling (extractor built above)
+        check_reference(chosen, args.ref, extractor, args.num_samples)
+        info = run_sampling(args, state)
+        if not state.is_main_process:
+            return 0
         # exactly images 0 .. num_samples - 1, whatever else the folder holds
         feats = F.folder_features(os.path.join(args.out, SAMPLE_DIR), extractor, device, args.feature_batch_size,
-                                  files=list(iter_sample_paths(args.out, args.num_samples)))
-        mu_ref, sigma_ref, feats_ref = reference(args, extractor, device)
-        result = {**metrics(feats, mu_ref, sigma_ref, feats_ref, extractor), **info, "reference": args.ref}
+                                  files=list(iter_sample_paths(args.out, args.num_samples)), spatial=spatial)
+        feats, spatial_feats = feats if spatial else (feats, None)
+        ref = reference(args.ref, args, extractor, device, spatial)
+        result = {**metrics(feats, ref, extractor, chosen, spatial_feats), **info, "reference": args.ref}
     result["feature_extractor"] = extractor.describe()
     result["feature_seconds"] = time.perf_counter() - start
     print(summary(result))

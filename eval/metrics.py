@@ -1,0 +1,61 @@
+"""The evaluation suite beside FID and KID, as the DiT, LiT and DiG papers report it.
+
+- **Inception Score** (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))) over 10 consecutive
+  splits, mean and standard deviation, from the network's class logits (Inception: its output layer
+  without the bias, as the guided-diffusion evaluator and StyleGAN's metrics use it).
+- **Precision and recall** (Kynkäänniemi et al. 2019): each set's manifold is the union of balls
+  around its features with the radius of the k-th nearest neighbour (k = 3, the sample itself not
+  counted); precision is the share of generated samples inside the reference manifold, recall the
+  share of reference samples inside the generated one. Distances are computed by row blocks, so
+  50,000 x 50,000 never sits in memory.
+- **sFID** (Nash et al. 2021): the Fréchet distance of spatial features (the first 7 channels of
+  Inception's ``mixed_6/conv``, 17 x 17 positions) instead of the pooled ones.
+
+The formulas are torch-fidelity's (``isc_features_to_metric``, ``calculate_precision_recall_part``):
+this module chooses the settings of the standard definition (no shuffling before the IS splits;
+k = 3) and a row-block size.
+"""
+
+from typing import Tuple
+
+import numpy as np
+import torch
+
+from nala_diffusion.eval.feature_constants import METRICS  # noqa: F401  (re-exported)
+
+IS_SPLITS = 10
+PR_NEIGHBOURS = 3
+#: rows of a distance block (block x all the other set's features, float32): 1000 x 50,000 is 200 MB
+PR_BLOCK_ROWS = 1000
+
+
+def inception_score(logits: np.ndarray, splits: int = IS_SPLITS) -> Tuple[float, float]:
+    """(mean, std) of the Inception Score of ``(N, classes)`` logits (anything whose softmax is
+    p(y|x)), over ``splits`` consecutive splits of the samples in their order."""
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or len(logits) < splits:
+        raise ValueError(f"the Inception Score needs at least {splits} samples of (N, classes) logits, "
+                         f"got shape {logits.shape}")
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    result = isc_features_to_metric(torch.from_numpy(logits).double(), splits=splits, shuffle=False)
+    return result["inception_score_mean"], result["inception_score_std"]
+
+
+def precision_recall(generated: np.ndarray, reference: np.ndarray, neighbours: int = PR_NEIGHBOURS,
+                     block_rows: int = PR_BLOCK_ROWS) -> Tuple[float, float]:
+    """(precision, recall) of ``generated`` against ``reference`` features, ``(N, D)`` and ``(M, D)``,
+    with ``neighbours``-NN balls; in float32 as the guided-diffusion evaluator computes them."""
+    generated, reference = np.asarray(generated), np.asarray(reference)
+    for name, feats in (("generated", generated), ("reference", reference)):
+        if feats.ndim != 2 or len(feats) <= neighbours:
+            raise ValueError(f"precision/recall need more than {neighbours} {name} samples of (N, D) features, "
+                             f"got shape {feats.shape}")
+    if generated.shape[1] != reference.shape[1]:
+        raise ValueError(f"feature sizes differ: generated {generated.shape[1]}, reference {reference.shape[1]}")
+    from torch_fidelity.metric_prc import calculate_precision_recall_part
+
+    precision, recall = calculate_precision_recall_part(
+        torch.from_numpy(generated).float(), torch.from_numpy(reference).float(), neighborhood=neighbours,
+        batch_size=block_rows)
+    return float(precision), float(recall)
