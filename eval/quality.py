@@ -29,6 +29,7 @@ NaLaDiTTransformer2DModel = lazy("nala_diffusion", "NaLaDiTTransformer2DModel")
 from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path
 load_dataset = lazy("nala_diffusion.data", "load_dataset")
 F = lazy("nala_diffusion.eval.features")
+M = lazy("nala_diffusion.eval.metrics")
 from nala_diffusion.eval.sampling import balanced_labels, generate_samples, guard_samples, sample_path
 from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
 
@@ -122,11 +123,20 @@ def evaluate(args, pipe, settings) -> int:
     result["fid_untrained"] = F.frechet_distance(*F.statistics(untrained_feats), *real_stats)
     result["kid_untrained"] = F.kernel_inception_distance(untrained_feats, real_feats)
     result["fid_ratio_trained_to_untrained"] = result["fid_trained_same_count"] / result["fid_untrained"]
+    # Inception Score (the classifier's logits) and precision/recall (k = 3) against the real images
+    for name, feats in (("trained", trained_feats), ("untrained", untrained_feats)):
+        for key, value in M.suite(feats, real_feats, extractor.logits).items():
+            result[f"{key}_{name}"] = value
+    result["num_real"] = len(real_feats)
     with open(os.path.join(args.out, "quality.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2)
     print(f"class accuracy {result['class_accuracy']['accuracy']:.3f}; domain FID trained {result['fid_trained']:.3f}, "
           f"untrained {result['fid_untrained']:.3f} on {untrained_count} samples "
           f"(ratio at equal counts {result['fid_ratio_trained_to_untrained']:.3f})")
+    for name in ("trained", "untrained"):
+        cells = [f"{label} {result[f'{key}_{name}']:.3f}" for key, label in
+                 (("precision", "precision"), ("recall", "recall"), ("is_mean", "IS")) if result[f"{key}_{name}"] is not None]
+        print(f"{name}: " + ", ".join(cells) + f" (against {len(real_feats)} real images)")
     return 0
 
 

@@ -47,6 +47,7 @@ load_dataset = lazy("nala_diffusion.data", "load_dataset")
 attention_entropy = lazy("nala_diffusion.eval.attention_entropy")
 benchmark = lazy("nala_diffusion.eval.benchmark")
 F = lazy("nala_diffusion.eval.features")
+M = lazy("nala_diffusion.eval.metrics")
 class_accuracy = lazy("nala_diffusion.eval.quality", "class_accuracy")
 retrieval = lazy("nala_diffusion.eval.retrieval")
 from nala_diffusion.eval.sampling import SAMPLE_DIR, balanced_labels, generate_samples, save_png_atomically
@@ -208,6 +209,7 @@ def _score(run: str, folder: str, args, real_feats, real_stats, extractor, class
     return {"class_accuracy": class_accuracy(classifier, folder, labels, pipe.num_classes)["accuracy"],
             "fid": F.frechet_distance(*F.statistics(feats), *real_stats),
             "kid": F.kernel_inception_distance(feats, real_feats),
+            **M.suite(feats, real_feats, extractor.logits),
             "heldout_loss": heldout_loss(pipe, test)}
 
 
@@ -316,10 +318,12 @@ def mean_std(values: List[float]) -> str:
 
 
 def tables(results: dict) -> str:
-    lines = [f"Command: `{results['command']}`", "", "| attention | seeds | class accuracy | domain FID | KID | held-out loss | s/step |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"Command: `{results['command']}`", "",
+             "| attention | seeds | class accuracy | domain FID | KID | IS | precision | recall | held-out loss | s/step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, runs in results["scratch"].items():
-        cells = [mean_std([r[key] for r in runs]) for key in ("class_accuracy", "fid", "kid", "heldout_loss", "seconds_per_step")]
+        cells = [mean_std([r.get(key) for r in runs]) for key in ("class_accuracy", "fid", "kid", "is_mean", "precision",
+                                                                  "recall", "heldout_loss", "seconds_per_step")]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     lines += ["", "| conversion | steps | class accuracy | domain FID | KID | held-out loss | s/step |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results["conversion"].items():
@@ -338,10 +342,11 @@ def tables(results: dict) -> str:
 def norm_tables(results: dict) -> str:
     """The norm-awareness study's tables: per-kind scores, then per-layer measures (mean ± sd over seeds)."""
     lines = [f"Command: `{results['command']}`", "",
-             "| attention | seeds | held-out loss | class accuracy | domain FID | KID | s/step |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| attention | seeds | held-out loss | class accuracy | domain FID | KID | IS | precision | recall | s/step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, runs in results["scratch"].items():
-        cells = [mean_std([r[key] for r in runs]) for key in ("heldout_loss", "class_accuracy", "fid", "kid", "seconds_per_step")]
+        cells = [mean_std([r.get(key) for r in runs]) for key in ("heldout_loss", "class_accuracy", "fid", "kid", "is_mean",
+                                                                  "precision", "recall", "seconds_per_step")]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     lines += ["", "| attention | layer | ρ(entropy, ‖q‖) | dH/dlog‖q‖ | mean entropy | power p5–p95 | responding |",
               "| --- | --- | --- | --- | --- | --- | --- |"]

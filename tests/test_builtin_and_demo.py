@@ -89,6 +89,12 @@ def test_quality_tool_reports_accuracy_and_fid_ratio(tmp_path, capsys):
     s1, s2 = np.cov(fake, rowvar=False), np.cov(real, rowvar=False)
     expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))
     assert rerun["fid_trained"] == pytest.approx(expected, rel=1e-3)
+    # the rest of the suite on the same features: precision/recall against the 1,000 real images, IS
+    from nala_diffusion.eval import metrics as M
+
+    assert (rerun["precision_trained"], rerun["recall_trained"]) == pytest.approx(M.precision_recall(fake, real))
+    assert rerun["is_mean_trained"] == pytest.approx(M.inception_score(extractor.logits(fake))[0])
+    assert rerun["num_real"] == len(real) == 1000 and 0 <= rerun["precision_untrained"] <= 1
     # and other settings in the same folder are refused
     assert quality.main(["--model", str(tmp_path / "pipe"), "--classifier", nala_diffusion.demo_classifier_path(),
                          "--num_samples", "10", "--steps", "3", "--out", str(tmp_path / "q")]) == 2
