@@ -4,7 +4,8 @@ import csv
 import os
 from typing import Dict
 
-COLUMNS = ("step", "loss", "loss_target", "loss_distill", "lr", "images_per_second", "responding_fraction")
+COLUMNS = ("step", "loss", "loss_target", "loss_distill", "loss_distill_variance", "loss_vlb", "lr", "images_per_second",
+           "responding_fraction")
 
 
 class CsvLog:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from nala_diffusion.cli_args import HelpFormatter, positive_int
+from nala_diffusion.learned_variance import VARIANCE_LOSSES
 from nala_diffusion.distributed import use_cpu_processes
 from nala_diffusion.lazy import lazy
 from nala_diffusion.options import ATTENTION_TYPES, FIELDS, add_option_flags, config_key, layer_attention_types
@@ -60,6 +61,7 @@ mean_responding_fraction = lazy("nala_diffusion.norm_awareness", "mean_respondin
 nala_processors = lazy("nala_diffusion.norm_awareness", "nala_processors")
 saturation_report = lazy("nala_diffusion.norm_awareness", "saturation_report")
 checkpoints = lazy("nala_diffusion.train.checkpoints")
+learned_variance = lazy("nala_diffusion.learned_variance")
 
 
 class _Logger:
@@ -108,6 +110,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     objective.add_argument("--class_dropout_prob", type=float, default=0.1, help="labels dropped to the null class")
     objective.add_argument("--teacher", default=None, help="frozen softmax DiT folder to distill from")
     objective.add_argument("--distill_weight", type=float, default=1.0, help='weight of the distillation term (with --teacher)')
+    objective.add_argument("--variance_loss", choices=VARIANCE_LOSSES, default=None,
+                           help="for a model with learned variance (out_channels = 2 x in_channels): 'vlb' trains the "
+                                "variance channels with improved DDPM's L_vlb (the mean's gradient stopped), 'none' "
+                                "leaves them as they are (default: vlb for such models)")
+    objective.add_argument("--vlb_weight", type=float, default=1.0,
+                           help="weight of L_vlb (1.0, improved DDPM's and DiT's hybrid loss)")
     optim = p.add_argument_group("optimisation")
     optim.add_argument("--max_train_steps", type=positive_int, required=True, help='optimiser steps in all (a resumed run continues to this count)')
     optim.add_argument("--train_batch_size", type=positive_int, default=32, help="per process")
@@ -355,6 +363,12 @@ def train(args) -> int:
     # 2. Models
     model, calibration_source = build_model(args, in_channels, args.resolution // vae_factor, len(id2label))
     null_label = model.null_class_label
+    learned = model.config.out_channels == 2 * in_channels
+    if args.variance_loss is None:
+        args.variance_loss = "vlb" if learned else "none"
+    elif args.variance_loss == "vlb" and not learned:
+        raise ValueError(f"--variance_loss vlb needs a model with learned variance (out_channels = 2 x {in_channels}); "
+                         f"this one has out_channels {model.config.out_channels}")
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                                     prediction_type=args.prediction_type, clip_sample=vae is None)
     probe = probe_batch(args, dataset, vae, noise_scheduler, accelerator.device)
@@ -492,7 +506,8 @@ def train(args) -> int:
 
 
 def training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, null_label, channels, generator):
-    """MSE to the target (+ distill_weight x MSE to the teacher); draws in a fixed order from ``generator``."""
+    """MSE to the target (+ distill_weight x MSE to the teacher's mean and, for learned variance, its
+    variance channels; + vlb_weight x L_vlb for learned variance); draws in a fixed order from ``generator``."""
     device = batch.device
     count = len(labels)
     flip = torch.rand(count, generator=generator, device=device) < 0.5 if args.random_flip else torch.zeros(count, dtype=torch.bool, device=device)
@@ -503,13 +518,21 @@ def training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, n
     labels = torch.where(drop, torch.full_like(labels, null_label), labels)
     noisy = noise_scheduler.add_noise(x0, noise, timesteps)
     target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, timesteps)
-    prediction = model(noisy, timestep=timesteps, class_labels=labels).sample[:, :channels]  # mean channels only
+    output = model(noisy, timestep=timesteps, class_labels=labels).sample  # (B, C or 2C, h, w)
+    prediction, variance = output[:, :channels], output[:, channels:]  # the mean; v of a learned variance
     losses = {"loss_target": F.mse_loss(prediction.float(), target.float())}
+    if args.variance_loss == "vlb" and variance.shape[1]:
+        epsilon = learned_variance.epsilon_from_prediction(noise_scheduler, prediction.detach(), noisy, timesteps,
+                                                           args.prediction_type)
+        losses["loss_vlb"] = learned_variance.vlb_terms(noise_scheduler, x0, noisy, timesteps, epsilon, variance).mean()
     if teacher is not None:
         with torch.no_grad():
-            teacher_prediction = teacher(noisy.to(teacher.dtype), timestep=timesteps, class_labels=labels).sample[:, :channels]
-        losses["loss_distill"] = F.mse_loss(prediction.float(), teacher_prediction.float())
-    losses["loss"] = losses["loss_target"] + args.distill_weight * losses.get("loss_distill", 0.0)
+            teacher_output = teacher(noisy.to(teacher.dtype), timestep=timesteps, class_labels=labels).sample
+        losses["loss_distill"] = F.mse_loss(prediction.float(), teacher_output[:, :channels].float())
+        if variance.shape[1] and teacher_output.shape[1] == output.shape[1]:  # LiT: the teacher's variance too
+            losses["loss_distill_variance"] = F.mse_loss(variance.float(), teacher_output[:, channels:].float())
+    distill = losses.get("loss_distill", 0.0) + losses.get("loss_distill_variance", 0.0)
+    losses["loss"] = losses["loss_target"] + args.distill_weight * distill + args.vlb_weight * losses.get("loss_vlb", 0.0)
     return losses
 
 

@@ -1,0 +1,99 @@
+"""Learned variance: L_vlb against an independent computation, training and distilling the variance
+channels, sampling with them; guidance intervals and DiT's 3-channel guidance."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from safetensors.torch import load_file
+
+from nala_diffusion import NaLaDiTHighResPipeline, NaLaDiTPipeline
+from nala_diffusion.learned_variance import vlb_terms
+from helpers import tiny_nala
+from test_train import base_args, data, train  # noqa: F401  (the tiny ImageFolder fixture)
+
+
+def test_vlb_equals_an_independent_gaussian_kl_and_decoder_nll():
+    scheduler = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 4, 4, generator=generator) * 2 - 1
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.tensor([0, 1, 500, 999])
+    xt = scheduler.add_noise(x0, noise, t)
+    epsilon = noise + 0.1 * torch.randn(x0.shape, generator=generator)  # an imperfect prediction
+    v = torch.rand(x0.shape, generator=generator) * 2 - 1
+    got = vlb_terms(scheduler, x0, xt, t, epsilon, v)
+
+    betas, abar = scheduler.betas.double(), scheduler.alphas_cumprod.double()
+    expected = []
+    for i, step in enumerate(t.tolist()):
+        prev = abar[step - 1] if step > 0 else torch.tensor(1.0, dtype=torch.float64)
+        post_var = betas[step] * (1 - prev) / (1 - abar[step])
+        post_var_clipped = betas[1] * (1 - abar[0]) / (1 - abar[1]) if step == 0 else post_var
+        true_mean = (prev.sqrt() * betas[step] * x0[i].double() + (1 - betas[step]).sqrt() * (1 - prev) * xt[i].double()) \
+            / (1 - abar[step])
+        x0_hat = (xt[i].double() - (1 - abar[step]).sqrt() * epsilon[i].double()) / abar[step].sqrt()
+        mean = (prev.sqrt() * betas[step] * x0_hat + (1 - betas[step]).sqrt() * (1 - prev) * xt[i].double()) / (1 - abar[step])
+        frac = (v[i].double() + 1) / 2
+        log_var = frac * betas[step].log() + (1 - frac) * post_var_clipped.log()
+        model = torch.distributions.Normal(mean, (0.5 * log_var).exp())
+        if step == 0:  # decoder: probability of the 1/127.5-wide bin around x0 (edges open)
+            x = x0[i].double()
+            upper = torch.where(x > 0.999, torch.ones_like(x), model.cdf(x + 1 / 255))
+            lower = torch.where(x < -0.999, torch.zeros_like(x), model.cdf(x - 1 / 255))
+            expected.append(float(-(upper - lower).log().mean() / math.log(2)))
+        else:
+            true = torch.distributions.Normal(true_mean, post_var.sqrt().expand_as(true_mean))
+            expected.append(float(torch.distributions.kl_divergence(true, model).mean() / math.log(2)))
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def learned_sigma_model(tmp_path_factory):
+    """A tiny pixel-space NaLa DiT with learned variance (3 mean + 3 variance channels), saved."""
+    folder = tmp_path_factory.mktemp("learned") / "model"
+    model = tiny_nala(sample_size=16, in_channels=3, out_channels=6, num_classes=3, norm_scale_mode="fixed")
+    model.save_pretrained(folder)
+    return folder
+
+
+def variance_rows(weights, channels=3, out_channels=6):
+    """proj_out_2's weight and bias rows that produce the variance channels (layout p, p, C_out)."""
+    rows = torch.arange(weights["proj_out_2.bias"].numel()) % out_channels >= channels
+    return weights["proj_out_2.weight"][rows], weights["proj_out_2.bias"][rows]
+
+
+def test_training_changes_the_variance_channels_only_with_vlb(data, learned_sigma_model, tmp_path):  # noqa: F811
+    initial = variance_rows(load_file(learned_sigma_model / "diffusion_pytorch_model.safetensors"))
+    finals = {}
+    for loss in ("vlb", "none"):
+        out = tmp_path / loss
+        train(base_args(data, out, steps=30, checkpointing_steps=100, init_from=learned_sigma_model,
+                        variance_loss=loss))
+        finals[loss] = variance_rows(load_file(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+        with open(out / "log.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert all(bool(row["loss_vlb"]) == (loss == "vlb") for row in rows if row["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(finals["none"], initial))  # untouched, bit for bit
+    assert not torch.equal(finals["vlb"][0], initial[0]) and not torch.equal(finals["vlb"][1], initial[1])
+    assert json.loads((tmp_path / "none" / "args.json").read_text())["variance_loss"] == "none"
+
+
+def test_distillation_of_both_halves_starts_at_zero(data, learned_sigma_model, tmp_path):  # noqa: F811
+    out = tmp_path / "distill"
+    train(base_args(data, out, steps=2, init_from=learned_sigma_model, teacher=learned_sigma_model))
+    with open(out / "log.csv", newline="") as handle:
+        first = next(csv.DictReader(handle))
+    # 0 up to round-off: the student runs NaLa's training path (autograd), the teacher its sampling path
+    assert float(first["loss_distill"]) < 1e-9 and float(first["loss_distill_variance"]) < 1e-9
+    assert float(first["loss_target"]) > 1e-3
+    assert float(first["loss_vlb"]) > 0  # learned variance: vlb by default
+
+
+def test_vlb_on_a_model_without_learned_variance_is_refused(data, tmp_path):  # noqa: F811
+    result = train(base_args(data, tmp_path / "plain", steps=2, variance_loss="vlb"), check=False)
+    assert result.returncode == 2 and "needs a model with learned variance" in result.stderr
