@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ from nala_diffusion.sharpness import (
 )
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+GUIDANCE_INTERVAL_UNITS = ("timestep", "sigma")
+#: DDPMScheduler variance types that sample with the model's learned variance
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 # what ``__call__`` uses when neither the call nor the pipeline's ``sampling_defaults`` say otherwise (DiT's)
 SAMPLING_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 4.0}
 LabelArg = Union[int, str, Sequence[Union[int, str]]]
@@ -264,6 +267,48 @@ class NaLaDiTPipeline(DiffusionPipeline):
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         return {"generator": generator} if "generator" in accepted else {}
 
+    def check_guidance(self, guidance_interval=None, guidance_interval_unit: str = "timestep",
+                       guidance_channels: Union[str, int] = "all", use_learned_variance: bool = False) -> None:
+        """Refuse guidance and variance settings this pipeline's model or scheduler cannot honour."""
+        if guidance_interval is not None:
+            if len(guidance_interval) != 2 or not all(math.isfinite(float(v)) for v in guidance_interval):
+                raise ValueError(f"guidance_interval must be (low, high), two finite numbers, got {guidance_interval!r}")
+        if guidance_interval_unit not in GUIDANCE_INTERVAL_UNITS:
+            raise ValueError(f"guidance_interval_unit must be one of {GUIDANCE_INTERVAL_UNITS}, got {guidance_interval_unit!r}")
+        if guidance_interval_unit == "sigma" and getattr(self.scheduler, "alphas_cumprod", None) is None:
+            raise ValueError(f"guidance_interval_unit='sigma' needs a scheduler with alphas_cumprod; "
+                             f"{type(self.scheduler).__name__} has none")
+        channels = self.transformer.config.in_channels
+        if guidance_channels != "all" and (not _is_integer(guidance_channels) or not 1 <= guidance_channels <= channels):
+            raise ValueError(f"guidance_channels must be 'all' or a channel count in 1..{channels} (DiT guides 3), "
+                             f"got {guidance_channels!r}")
+        variance_type = getattr(self.scheduler.config, "variance_type", None)
+        learns = variance_type in LEARNED_VARIANCE_TYPES
+        if use_learned_variance:
+            if self.transformer.config.out_channels != 2 * channels:
+                raise ValueError("use_learned_variance needs a model with learned variance (out_channels = 2 x "
+                                 f"in_channels); this one has out_channels {self.transformer.config.out_channels}")
+            if not learns:
+                raise ValueError(
+                    f"use_learned_variance needs a scheduler that samples with it, DDPMScheduler(variance_type="
+                    f"'learned_range'); this one is {type(self.scheduler).__name__} (variance_type {variance_type!r}). "
+                    "Set pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, variance_type='learned_range')")
+        elif learns:
+            raise ValueError(f"the scheduler's variance_type is {variance_type!r}, which needs the model's variance: "
+                             "pass use_learned_variance=True, or use a scheduler with a fixed variance")
+
+    def guided_at(self, t, guidance_interval, guidance_interval_unit: str = "timestep") -> bool:
+        """Whether step ``t`` lies inside ``guidance_interval`` (closed; timesteps, or sigma =
+        sqrt((1 - alpha_bar_t) / alpha_bar_t) with ``guidance_interval_unit="sigma"``)."""
+        if guidance_interval is None:
+            return True
+        value = float(t)
+        if guidance_interval_unit == "sigma":
+            alpha_bar = float(self.scheduler.alphas_cumprod[int(round(value))])
+            value = math.sqrt((1 - alpha_bar) / alpha_bar)
+        low, high = (float(v) for v in guidance_interval)
+        return low <= value <= high
+
     def denoise(
         self,
         latents: torch.Tensor,
@@ -275,32 +320,44 @@ class NaLaDiTPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         position_embedding: Optional[str] = None,
         description: Optional[str] = None,
+        guidance_interval: Optional[Tuple[float, float]] = None,
+        guidance_interval_unit: str = "timestep",
+        guidance_channels: Union[str, int] = "all",
+        use_learned_variance: bool = False,
     ) -> torch.Tensor:
-        """Run the scheduler over ``timesteps`` from ``latents``; returns the final latents."""
+        """Run the scheduler over ``timesteps`` from ``latents``; returns the final latents. Steps outside
+        ``guidance_interval`` run the conditional branch alone (see :meth:`__call__`)."""
         do_guidance = guidance_scale != 1.0
         self._guidance_scale, self._num_timesteps = guidance_scale, len(timesteps)
         channels = self.transformer.config.in_channels
-        learned_sigma = self.transformer.config.out_channels == 2 * channels
-        if do_guidance:
-            null = torch.full_like(class_ids, self.transformer.null_class_label)
-            class_ids = torch.cat([class_ids, null])  # (2B,): conditional, then unconditional
+        null = torch.full_like(class_ids, self.transformer.null_class_label)
+        both_ids = torch.cat([class_ids, null])  # (2B,): conditional, then unconditional
         step_kwargs = self._step_kwargs(generator)
         progress = self.progress_bar(total=len(timesteps))
         if description:
             progress.set_description(description)
         with progress:
             for i, t in enumerate(timesteps):
-                model_input = torch.cat([latents, latents]) if do_guidance else latents
+                guided = do_guidance and self.guided_at(t, guidance_interval, guidance_interval_unit)
+                model_input = torch.cat([latents, latents]) if guided else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 timestep = t.expand(model_input.shape[0]).to(model_input.device) if torch.is_tensor(t) else t
-                prediction = self.transformer(
-                    model_input, timestep=timestep, class_labels=class_ids, position_embedding=position_embedding
+                output = self.transformer(
+                    model_input, timestep=timestep, class_labels=both_ids if guided else class_ids,
+                    position_embedding=position_embedding,
                 ).sample  # (B or 2B, C or 2C, h, w)
-                if learned_sigma:  # as DiT's pipeline: the scheduler gets the mean prediction only
-                    prediction = prediction[:, :channels]
-                if do_guidance:
+                prediction, variance = output[:, :channels], output[:, channels:]  # the mean; v of a learned variance
+                if guided:
                     cond, uncond = prediction.chunk(2)
-                    prediction = uncond + guidance_scale * (cond - uncond)
+                    if guidance_channels == "all":
+                        prediction = uncond + guidance_scale * (cond - uncond)
+                    else:  # DiT's own code guides its first 3 channels and keeps the conditional rest
+                        k = guidance_channels
+                        prediction = torch.cat([uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k]),
+                                                cond[:, k:]], dim=1)
+                    variance = variance.chunk(2)[0]  # the conditional branch's, as DiT samples
+                if use_learned_variance:  # DDPMScheduler(variance_type="learned_range") splits the two halves
+                    prediction = torch.cat([prediction, variance], dim=1)
                 latents = self.scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
                     local = {"latents": latents}
@@ -417,6 +474,10 @@ class NaLaDiTPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],  # noqa: B006 (diffusers' convention)
         position_embedding: Optional[str] = None,
         attention_sharpness: SharpnessArg = None,
+        guidance_interval: Optional[Tuple[float, float]] = None,
+        guidance_interval_unit: str = "timestep",
+        guidance_channels: Union[str, int] = "all",
+        use_learned_variance: bool = False,
     ):
         r"""Generate images of the given classes.
 
@@ -457,6 +518,19 @@ class NaLaDiTPipeline(DiffusionPipeline):
                 `None`/`"off"`, `"auto"` (resolution-aware: keeps each layer's attention entropy at its
                 training level above the training size) or a factor for every layer; see
                 :meth:`set_resolution_sharpness`. Reset after the call.
+            guidance_interval (`tuple`, *optional*, defaults to `None`):
+                ``(low, high)``: classifier-free guidance only at steps whose timestep (or sigma, see
+                ``guidance_interval_unit``) lies in the closed interval; outside it the conditional branch
+                runs alone, with no unconditional pass (Kynkaanniemi et al. 2024). `None` guides every step.
+            guidance_interval_unit (`str`, *optional*, defaults to `"timestep"`):
+                `"timestep"` or `"sigma"` (sqrt((1 - alpha_bar_t) / alpha_bar_t), the EDM noise level).
+            guidance_channels (`str` or `int`, *optional*, defaults to `"all"`):
+                `"all"` guides every mean channel (diffusers' DiTPipeline); `3` reproduces DiT's own sampler,
+                which guides the first 3 latent channels and keeps the conditional prediction for the rest.
+            use_learned_variance (`bool`, *optional*, defaults to `False`):
+                Sample with the model's learned variance (its second half of channels); needs a model with
+                ``out_channels = 2 x in_channels`` and ``DDPMScheduler(variance_type="learned_range")``.
+                `False` drops it, as diffusers' DiTPipeline does.
 
         Examples:
 
@@ -470,6 +544,9 @@ class NaLaDiTPipeline(DiffusionPipeline):
         num_inference_steps, guidance_scale = settings["num_inference_steps"], settings["guidance_scale"]
         self.check_inputs(height, width, num_inference_steps, guidance_scale, output_type, num_images_per_label,
                           callback_on_step_end_tensor_inputs)
+        guidance = dict(guidance_interval=guidance_interval, guidance_interval_unit=guidance_interval_unit,
+                        guidance_channels=guidance_channels, use_learned_variance=use_learned_variance)
+        self.check_guidance(**guidance)
         height, width, num_inference_steps = int(height), int(width), int(num_inference_steps)
         ids = self.get_label_ids(class_labels)
         device = self._execution_device
@@ -490,6 +567,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
                 callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                 position_embedding=position_embedding,
+                **guidance,
             )
         finally:
             set_attention_sharpness(self.transformer, previous_sharpness)

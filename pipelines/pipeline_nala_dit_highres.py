@@ -16,7 +16,7 @@ holds exactly one ``DiffusionPipeline`` subclass.
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -123,13 +123,18 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
         num_stages: Optional[int] = None,
         refine_steps: Optional[int] = None,
         attention_sharpness: base.SharpnessArg = None,
+        guidance_interval: Optional[Tuple[float, float]] = None,
+        guidance_interval_unit: str = "timestep",
+        guidance_channels: Union[str, int] = "all",
+        use_learned_variance: bool = False,
     ):
         r"""Generate images, possibly far above the training size.
 
         Args:
             class_labels, num_inference_steps, guidance_scale, num_images_per_label, generator,
             output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
-            position_embedding: as :meth:`NaLaDiTPipeline.__call__`.
+            position_embedding, guidance_interval, guidance_interval_unit, guidance_channels,
+            use_learned_variance: as :meth:`NaLaDiTPipeline.__call__` (every stage samples with them).
             height (`int`, *optional*, defaults to `None`):
                 Output height in pixels (`None`: twice the training size).
             width (`int`, *optional*, defaults to `None`):
@@ -168,6 +173,9 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
         refine_steps = num_inference_steps if refine_steps is None else refine_steps
         self.check_inputs(height, width, num_inference_steps, guidance_scale, output_type, num_images_per_label,
                           callback_on_step_end_tensor_inputs)
+        guidance = dict(guidance_interval=guidance_interval, guidance_interval_unit=guidance_interval_unit,
+                        guidance_channels=guidance_channels, use_learned_variance=use_learned_variance)
+        self.check_guidance(**guidance)
         height, width, num_inference_steps = int(height), int(width), int(num_inference_steps)
         if not isinstance(refine_steps, int) or refine_steps < 1:
             raise ValueError(f"refine_steps must be an integer >= 1, got {refine_steps}")
@@ -181,6 +189,7 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             position_embedding=position_embedding,
+            **guidance,
         )
 
         stages = []

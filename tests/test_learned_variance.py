@@ -97,3 +97,81 @@ def test_distillation_of_both_halves_starts_at_zero(data, learned_sigma_model, t
 def test_vlb_on_a_model_without_learned_variance_is_refused(data, tmp_path):  # noqa: F811
     result = train(base_args(data, tmp_path / "plain", steps=2, variance_loss="vlb"), check=False)
     assert result.returncode == 2 and "needs a model with learned variance" in result.stderr
+
+
+def sample(pipe, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 6, "guidance_scale": 3.0, "output_type": "np", **kwargs}
+    return pipe([0, 2], height=16, width=16, generator=[torch.Generator().manual_seed(i) for i in range(2)],
+                **kwargs).images
+
+
+class CountPasses:
+    """Counts the unconditional images the transformer is asked for (labels = the null class)."""
+
+    def __init__(self, model):
+        self.unconditional = 0
+        model.register_forward_pre_hook(self.hook, with_kwargs=True)
+        self.null = model.null_class_label
+
+    def hook(self, module, args, kwargs):
+        self.unconditional += int((kwargs["class_labels"] == self.null).sum())
+
+
+@pytest.mark.parametrize("cls", [NaLaDiTPipeline, NaLaDiTHighResPipeline])
+def test_guidance_interval_all_none_and_part(cls):
+    pipe = cls(tiny_nala(sample_size=16, num_classes=3), DDIMScheduler())
+    counter = CountPasses(pipe.transformer)
+    today = sample(pipe)
+    assert counter.unconditional == 2 * 6
+    assert np.array_equal(sample(pipe, guidance_interval=(0, 999)), today)  # every step inside: today's images
+    sigmas = ((1 - pipe.scheduler.alphas_cumprod) / pipe.scheduler.alphas_cumprod).sqrt()
+    assert np.array_equal(sample(pipe, guidance_interval=(0, float(sigmas.max()) + 1), guidance_interval_unit="sigma"),
+                          today)
+    counter.unconditional = 0
+    empty = sample(pipe, guidance_interval=(2000, 3000))
+    assert counter.unconditional == 0  # no unconditional pass at all
+    assert np.array_equal(empty, sample(pipe, guidance_scale=1.0))
+    pipe.scheduler.set_timesteps(6)
+    inside = [int(t) for t in pipe.scheduler.timesteps if 300 <= int(t) <= 700]
+    counter.unconditional = 0
+    part = sample(pipe, guidance_interval=(300, 700))
+    assert counter.unconditional == 2 * len(inside) and 0 < len(inside) < 6
+    assert not np.array_equal(part, today) and not np.array_equal(part, empty)
+
+
+def test_guidance_channels_reproduce_dits_three_channel_guidance():
+    model = tiny_nala(sample_size=16, num_classes=3, in_channels=4)
+    pipe = NaLaDiTPipeline(model, DDIMScheduler())
+    every = sample(pipe, output_type="latent")
+    assert torch.equal(sample(pipe, output_type="latent", guidance_channels=4), every)
+    assert not torch.equal(sample(pipe, output_type="latent", guidance_channels=3), every)
+    # one DDIM step acts channel by channel: channels 0-2 are the guided ones, channel 3 the conditional one
+    one = dict(output_type="latent", num_inference_steps=1)
+    three, every, conditional = (sample(pipe, **one, **extra) for extra in
+                                 ({"guidance_channels": 3}, {}, {"guidance_scale": 1.0}))
+    assert torch.equal(three[:, :3], every[:, :3]) and torch.equal(three[:, 3], conditional[:, 3])
+    assert not torch.equal(every[:, 3], conditional[:, 3])
+    with pytest.raises(ValueError, match="guidance_channels must be 'all' or a channel count in 1..4"):
+        sample(pipe, guidance_channels=5, output_type="latent")
+
+
+def test_learned_variance_sampling():
+    model = tiny_nala(sample_size=16, num_classes=3, out_channels=6)
+    learned = NaLaDiTPipeline(model, DDPMScheduler(variance_type="learned_range"))
+    fixed = NaLaDiTPipeline(model, DDPMScheduler(variance_type="fixed_small"))
+    with_variance = sample(learned, use_learned_variance=True)
+    assert not np.allclose(with_variance, sample(fixed), atol=1e-3)
+    # a model whose variance channels say v = -1 (the lower end, beta~_t) samples as fixed_small does
+    with torch.no_grad():
+        rows = torch.arange(model.proj_out_2.bias.numel()) % 6 >= 3
+        model.proj_out_2.weight[rows] = 0
+        model.proj_out_2.bias[rows] = -1
+    np.testing.assert_allclose(sample(learned, use_learned_variance=True), sample(fixed), atol=1e-5)
+    with pytest.raises(ValueError, match="variance_type is 'learned_range', which needs the model's variance"):
+        sample(learned)
+    with pytest.raises(ValueError, match="needs a scheduler that samples with it"):
+        sample(fixed, use_learned_variance=True)
+    plain = NaLaDiTPipeline(tiny_nala(sample_size=16, num_classes=3), DDPMScheduler(variance_type="learned_range"))
+    with pytest.raises(ValueError, match="needs a model with learned variance"):
+        sample(plain, use_learned_variance=True)
