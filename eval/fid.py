@@ -32,7 +32,9 @@ from nala_diffusion.eval.sampling import SAMPLE_DIR, balanced_labels, generate_s
 from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
 NaLaDiTHighResPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit_highres", "NaLaDiTHighResPipeline")
 from nala_diffusion.pipelines.sample import parse_sharpness
-from nala_diffusion.pipelines.schedulers import HIGHRES_MODES, SCHEDULERS, scheduler_from_name
+from nala_diffusion.pipelines.schedulers import (
+    DIT_PROTOCOL, HIGHRES_MODES, SCHEDULERS, add_guidance_args, guidance_kwargs, set_sampler,
+)
 
 
 METRIC_HELP = ("metrics to compute: fid, kid (need reference features), is (Inception Score of the samples, 10 "
@@ -65,6 +67,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="positions above the training size (default: the model's config, normally interpolate)")
     p.add_argument("--attention_sharpness", type=parse_sharpness, default=None,
                    help="'auto', 'off' (default) or a factor: resolution-aware attention sharpness above the training size")
+    add_guidance_args(p)
+    p.add_argument("--protocol", choices=["dit"], default=None,
+                   help="DiT's evaluation in one flag: 250 DDPM steps, the learned variance (where the model has "
+                        "it), guidance 1.5 on the first 3 channels; conflicting flags are refused")
     p.add_argument("--batch_size", type=positive_int, default=16, help='images per pipeline call')
     p.add_argument("--npz", action="store_true", help="also pack the samples as OUT/samples.npz (ADM evaluator)")
     p.add_argument("--overwrite", action="store_true",
@@ -105,14 +111,32 @@ def config_hash(pipe) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+SAMPLING_DEFAULTS = {"guidance_interval": None, "guidance_interval_unit": "timestep", "guidance_channels": "all",
+                     "use_learned_variance": False, "protocol": None}
+
+
+def apply_dit_protocol(args, learned_variance: bool) -> None:
+    """Set what ``--protocol dit`` fixes; a flag given with another value is a ``ValueError``."""
+    for name, value in DIT_PROTOCOL.items():
+        given = getattr(args, name)
+        if given is not None and given != value and not (name == "guidance_channels" and given == "all"):
+            raise ValueError(f"--protocol dit fixes --{name} {value}; drop --{name} {given} or the protocol")
+        setattr(args, name, value)
+    args.learned_variance = learned_variance  # DiT's models have it; one without samples with fixed variance
+
+
 def run_sampling(args, state: PartialState) -> dict:
     try:
         pipe = NaLaDiTHighResPipeline.from_pretrained(args.model)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot load a pipeline from {args.model!r}: {error}") from None
     pipe.to(state.device)
-    if args.scheduler:
-        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    if args.protocol == "dit":
+        config = pipe.transformer.config
+        apply_dit_protocol(args, learned_variance=config.out_channels == 2 * config.in_channels)
+    set_sampler(pipe, args.scheduler, args.learned_variance)
+    guidance = guidance_kwargs(args)
+    pipe.check_guidance(**guidance)
     if args.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
     labels = balanced_labels(args.num_samples, pipe.num_classes, args.labels)
@@ -125,6 +149,8 @@ def run_sampling(args, state: PartialState) -> dict:
         "highres_mode": args.highres_mode,
         "position_embedding": args.position_embedding or pipe.transformer.config.position_embedding,
         "attention_sharpness": args.attention_sharpness or "off",
+        # recorded where they differ from the defaults, so that folders sampled with the defaults stay valid
+        **{k: v for k, v in {**guidance, "protocol": args.protocol}.items() if v != SAMPLING_DEFAULTS[k]},
     }
     start = time.perf_counter()
     lock = OutputLock(args.out, "the samples folder")
@@ -140,7 +166,7 @@ def run_sampling(args, state: PartialState) -> dict:
             rank=state.process_index, world_size=state.num_processes, height=args.height, width=args.width,
             show_progress=state.is_local_main_process, num_inference_steps=args.steps, guidance_scale=args.guidance,
             highres_mode=args.highres_mode, position_embedding=args.position_embedding,
-            attention_sharpness=args.attention_sharpness,
+            attention_sharpness=args.attention_sharpness, **guidance,
         )
         state.wait_for_everyone()
     finally:
@@ -156,6 +182,7 @@ def run_sampling(args, state: PartialState) -> dict:
         "height": args.height or pipe.default_sample_size, "width": args.width or pipe.default_sample_size,
         "highres_mode": args.highres_mode, "position_embedding": args.position_embedding or
         pipe.transformer.config.position_embedding, "attention_sharpness": args.attention_sharpness or "off",
+        **guidance, "protocol": args.protocol,
         "written_by_process_0": written,
         "sampling_seconds": time.perf_counter() - start, "num_processes": state.num_processes,
     }

@@ -18,7 +18,7 @@ import torch
 from nala_diffusion.cli_args import HelpFormatter
 
 from nala_diffusion.files import new_file_mode
-from nala_diffusion.pipelines.schedulers import HIGHRES_MODES, SCHEDULERS, scheduler_from_name
+from nala_diffusion.pipelines.schedulers import HIGHRES_MODES, SCHEDULERS, add_guidance_args, guidance_kwargs, set_sampler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -64,6 +64,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="'auto': keep each layer's attention entropy at its training level above the training size "
                              "(softmax: logits x sqrt(log N / log n); NaLa: power calibrated on the model); 'off' (default), "
                              "or a factor for every layer")
+    add_guidance_args(parser, dashes=True)
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: per label)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help='weights and compute dtype of the pipeline')
@@ -130,8 +131,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pipe.to(device)
     if args.fused_attention:
         set_fused_attention(pipe.transformer)
-    if args.scheduler:
-        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    try:
+        set_sampler(pipe, args.scheduler, args.learned_variance)
+    except ValueError as error:
+        print(f"nala-sample: error: {error}", file=sys.stderr)
+        return 2
     labels: List[Union[int, str]] = args.labels if args.labels is not None else list(range(pipe.num_classes))
     height = args.height or pipe.default_sample_size
     width = args.width or pipe.default_sample_size
@@ -151,6 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             strength=args.strength,
             position_embedding=args.position_embedding,
             attention_sharpness=args.attention_sharpness,
+            **guidance_kwargs(args),
         )
     except ValueError as error:
         print(f"nala-sample: {error}", file=sys.stderr)

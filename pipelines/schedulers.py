@@ -23,3 +23,50 @@ def scheduler_from_name(name: str, config: Dict[str, Any]):
     import diffusers
 
     return getattr(diffusers, SCHEDULERS[name]).from_config(config)
+
+GUIDANCE_CHANNEL_CHOICES = ("all", "3")
+#: what ``--protocol dit`` fixes: DiT's evaluation (Peebles & Xie 2023, sample_ddp.py): 250 DDPM steps,
+#: the learned variance, classifier-free guidance 1.5 on the first 3 latent channels
+DIT_PROTOCOL = {"steps": 250, "scheduler": "ddpm", "guidance": 1.5, "guidance_channels": "3"}
+
+
+def add_guidance_args(parser, dashes: bool = False) -> None:
+    """The guidance-schedule and learned-variance flags, each under both spellings (``--guidance_interval``
+    and ``--guidance-interval``); ``dashes`` picks which one ``--help`` shows first."""
+
+    def names(flag):
+        snake, kebab = f"--{flag}", f"--{flag.replace('_', '-')}"
+        return (kebab, snake) if dashes else (snake, kebab)
+
+    parser.add_argument(*names("guidance_interval"), dest="guidance_interval", type=float, nargs=2, default=None,
+                        metavar=("LOW", "HIGH"),
+                        help="guide only at steps whose timestep (or sigma, --guidance_interval_unit) is in [LOW, HIGH]; "
+                             "elsewhere the conditional branch runs alone (default: every step)")
+    parser.add_argument(*names("guidance_interval_unit"), dest="guidance_interval_unit", choices=("timestep", "sigma"),
+                        default="timestep", help="unit of --guidance_interval")
+    parser.add_argument(*names("guidance_channels"), dest="guidance_channels", choices=GUIDANCE_CHANNEL_CHOICES,
+                        default="all", help="'all' mean channels (diffusers' DiTPipeline) or '3' (DiT's own sampler)")
+    parser.add_argument(*names("learned_variance"), dest="learned_variance", action="store_true",
+                        help="sample with the model's learned variance (DDPM, variance_type learned_range; models with "
+                             "out_channels = 2 x in_channels)")
+
+
+def guidance_kwargs(args) -> Dict[str, Any]:
+    """The pipeline keyword arguments of the flags of :func:`add_guidance_args`."""
+    return {"guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
+            "guidance_interval_unit": args.guidance_interval_unit,
+            "guidance_channels": "all" if args.guidance_channels == "all" else int(args.guidance_channels),
+            "use_learned_variance": args.learned_variance}
+
+
+def set_sampler(pipe, name=None, learned_variance: bool = False) -> None:
+    """Give ``pipe`` the ``name`` sampler (None keeps its own) built from its scheduler's config; with
+    ``learned_variance``, DDPM with ``variance_type="learned_range"`` (the only sampler that uses it)."""
+    if learned_variance:
+        if name not in (None, "ddpm"):
+            raise ValueError(f"--learned_variance samples with DDPM (variance_type learned_range), not --scheduler {name}")
+        import diffusers
+
+        pipe.scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config, variance_type="learned_range")
+    elif name:
+        pipe.scheduler = scheduler_from_name(name, pipe.scheduler.config)

@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from safetensors.torch import load_file
 
-from nala_diffusion import NaLaDiTHighResPipeline, NaLaDiTPipeline
+from nala_diffusion import NaLaDiTHighResPipeline, NaLaDiTPipeline, NaLaDiTTransformer2DModel
 from nala_diffusion.learned_variance import vlb_terms
 from helpers import tiny_nala
 from test_train import base_args, data, train  # noqa: F401  (the tiny ImageFolder fixture)
@@ -175,3 +175,35 @@ def test_learned_variance_sampling():
     plain = NaLaDiTPipeline(tiny_nala(sample_size=16, num_classes=3), DDPMScheduler(variance_type="learned_range"))
     with pytest.raises(ValueError, match="needs a model with learned variance"):
         sample(plain, use_learned_variance=True)
+
+
+def test_command_line_guidance_variance_and_the_dit_protocol(learned_sigma_model, tmp_path, capsys):
+    from nala_diffusion.eval.fid import cli as fid_cli
+    from nala_diffusion.pipelines.sample import main as sample_main
+
+    transformer = NaLaDiTTransformer2DModel.from_pretrained(learned_sigma_model)
+    NaLaDiTHighResPipeline(transformer, DDIMScheduler()).save_pretrained(tmp_path / "pipe")
+    common = ["--model", str(tmp_path / "pipe"), "--labels", "0", "1", "--steps", "3"]
+    grids = {}
+    for name, extra in (("empty", ["--guidance-interval", "2000", "3000"]), ("unguided", ["--guidance", "1"]),
+                        ("all", ["--guidance_interval", "0", "999"]), ("default", []),
+                        ("learned", ["--learned-variance", "--steps", "3"])):
+        out = tmp_path / f"{name}.png"
+        assert sample_main([*common, *extra, "--out", str(out)]) == 0, name
+        grids[name] = out.read_bytes()
+    assert grids["empty"] == grids["unguided"] and grids["all"] == grids["default"]
+    assert grids["learned"] != grids["default"]
+    assert sample_main([*common, "--learned-variance", "--scheduler", "ddim", "--out", str(tmp_path / "x.png")]) == 2
+    assert "samples with DDPM" in capsys.readouterr().err
+
+    out = tmp_path / "fid"
+    args = ["sample", "--model", str(tmp_path / "pipe"), "--num_samples", "2", "--out", str(out), "--batch_size", "2"]
+    assert fid_cli([*args, "--protocol", "dit", "--steps", "10"]) == 2
+    assert "--protocol dit fixes --steps 250" in capsys.readouterr().err
+    assert fid_cli([*args, "--protocol", "dit"]) == 0
+    fingerprint = json.loads((out / "fingerprint.json").read_text())
+    assert fingerprint["protocol"] == "dit" and fingerprint["use_learned_variance"] is True
+    assert fingerprint["guidance_channels"] == 3 and fingerprint["steps"] == 250 and fingerprint["guidance"] == 1.5
+    # other guidance settings are other samples: refused, naming the field
+    assert fid_cli([*args, "--protocol", "dit", "--guidance_interval", "0", "500"]) == 2
+    assert "guidance_interval" in capsys.readouterr().err
