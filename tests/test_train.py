@@ -290,17 +290,21 @@ def test_a_second_trainer_on_one_folder_is_refused(data, tmp_path, capsys):
 
 def test_hybrid_layout_trains_loads_and_refuses_another_layout_on_resume(data, tmp_path, capsys):
     out = tmp_path / "hybrid"
-    train(base_args(data, out, steps=4, softmax_layers=-1))
+    train(base_args(data, out, steps=4, softmax_layers=-1, use_ema=True))
     pipe = NaLaDiTPipeline.from_pretrained(out)
     assert pipe.transformer.config.attention_types == ["nala", "softmax"]
     assert [type(b.attn1.processor).__name__ for b in pipe.transformer.transformer_blocks] == \
         ["NaLaAttnProcessor", "SoftmaxAttnProcessor"]
     assert pipe.transformer.transformer_blocks[0].attn1.processor.norm_scale_mode == "calibrated"
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    result = train(base_args(data, out, steps=6, resume_from_checkpoint="latest", softmax_layers=0), check=False)
+    result = train(base_args(data, out, steps=6, resume_from_checkpoint="latest", softmax_layers=0, use_ema=True),
+                   check=False)
     assert result.returncode == 2
     assert "model attention_types: checkpoint ['nala', 'softmax'], this run ['softmax', 'nala']" in result.stderr
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    # the same layout resumes, EMA weights of both kinds of layer included
+    result = train(base_args(data, out, steps=6, resume_from_checkpoint="latest", softmax_layers=-1, use_ema=True))
+    assert "resumed from" in result.stderr and [r["step"] for r in log_rows(out)][-1] == 6
     assert cli(base_args(data, tmp_path / "bad", steps=2, attention_types="nala")) == 2
     assert "attention_types has 1 entries but the model has 2 blocks" in capsys.readouterr().err
     with pytest.raises(SystemExit):
