@@ -325,9 +325,11 @@ def tables(results: dict) -> str:
         cells = [mean_std([r.get(key) for r in runs]) for key in ("class_accuracy", "fid", "kid", "is_mean", "precision",
                                                                   "recall", "heldout_loss", "seconds_per_step")]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
-    lines += ["", "| conversion | steps | class accuracy | domain FID | KID | held-out loss | s/step |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| conversion | steps | class accuracy | domain FID | KID | IS | precision | recall | held-out loss | s/step |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results["conversion"].items():
-        lines.append(f"| {name} | {r['steps']} | " + " | ".join(f"{r[k]:.4g}" for k in ("class_accuracy", "fid", "kid", "heldout_loss", "seconds_per_step")) + " |")
+        lines.append(f"| {name} | {r['steps']} | " + " | ".join(mean_std([r.get(k)]) for k in (
+            "class_accuracy", "fid", "kid", "is_mean", "precision", "recall", "heldout_loss", "seconds_per_step")) + " |")
     lines += ["", "| model | side | mode | crop FID | s/image | peak MiB (one image) |", "| --- | --- | --- | --- | --- | --- |"]
     for name, rows in results["highres"].items():
         for r in rows:

@@ -133,12 +133,14 @@ def test_study_runs_every_stage_on_a_tiny_budget_and_resumes(tmp_path, capsys):
     for runs in results["scratch"].values():
         run = runs[0]
         assert 0 <= run["class_accuracy"] <= 1 and run["fid"] > 0 and run["heldout_loss"] > 0 and run["seconds_per_step"] > 0
+        assert 0 <= run["precision"] <= 1 and 0 <= run["recall"] <= 1 and 1 <= run["is_mean"] <= 10
     assert results["conversion"]["nala_from_softmax"]["steps"] == 1
     assert [(r["side"], r["mode"]) for r in results["highres"]["nala_relu_split"]] == [
         (64, "direct"), (64, "progressive"), (128, "direct"), (128, "progressive")]
     assert all(len(layers) == 1 for layers in results["entropy"].values())
     table = (tmp_path / "study" / "results.md").read_text()
     assert "| nala_cosine | 1 |" in table and "convert" not in table.split("| conversion")[0]
+    assert "| IS | precision | recall |" in table
     # a rerun reuses every finished stage
     before = {p: p.stat().st_mtime for p in (tmp_path / "study" / "scores").iterdir()}
     assert study.main(argv) == 0
