@@ -137,8 +137,6 @@ def run_sampling(args, state: PartialState) -> dict:
     set_sampler(pipe, args.scheduler, args.learned_variance)
     guidance = guidance_kwargs(args)
     pipe.check_guidance(**guidance)
-    if args.num_samples < 1:
-        raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
     labels = balanced_labels(args.num_samples, pipe.num_classes, args.labels)
     settings = pipe.sampling_settings(args.steps, args.guidance)
     args.steps, args.guidance = settings["num_inference_steps"], settings["guidance_scale"]

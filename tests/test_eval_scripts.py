@@ -24,9 +24,13 @@ def test_benchmark_writes_json_and_plot(tmp_path):
     for name, rows in results["op_level"].items():
         assert rows["64"]["seconds"] > 0, name
         assert rows["64"]["peak_bytes"] is None if name in benchmark.COMPILED else rows["64"]["peak_bytes"] > 0, name
-    assert results["op_level"]["sdpa"]["64"]["time_vs_sdpa"] == pytest.approx(1.0)
-    assert results["op_level"]["nala"]["64"]["time_vs_relu_linear"] > 0
-    assert results["op_level"]["nala"]["64"]["time_vs_relu_linear_sana"] > 0
+    # the ratios are against the four baselines, and the memory probe sees what each kernel holds:
+    # plain attention's scores grow with the square of the tokens, NaLa's state does not
+    assert {k for k in results["op_level"]["nala"]["64"] if k.startswith("time_vs_")} == {
+        "time_vs_sdpa", "time_vs_relu_linear", "time_vs_relu_linear_sana", "time_vs_nala_explicit"}
+    growth = {k: results["op_level"][k]["64"]["peak_bytes"] / results["op_level"][k]["16"]["peak_bytes"]
+              for k in ("plain", "nala")}
+    assert growth["plain"] > 2 * growth["nala"], growth
     floor = results["matmul_floor"]
     assert floor["tokens"] == 64 and floor["nala_gather_vs_relu_linear"] == pytest.approx(
         floor["nala_gather"]["seconds"] / floor["relu_linear"]["seconds"])
