@@ -439,8 +439,20 @@ class NaLaDiTPipeline(DiffusionPipeline):
                            "class_labels": ids.repeat(len(SHARPNESS_TIMESTEPS)), "position_embedding": position_embedding})
         return inputs
 
+    @staticmethod
+    def check_finite(values: torch.Tensor, what: str) -> None:
+        """Refuse NaN/inf samples (they would be written as black images), naming how many and the usual causes."""
+        bad = ~torch.isfinite(values.float()).flatten(1).all(dim=1)  # (B,)
+        if bool(bad.any()):
+            raise ValueError(
+                f"sampling produced NaN or inf {what} in {int(bad.sum())} of {len(bad)} images (indices "
+                f"{bad.nonzero().flatten().tolist()[:8]}); usual causes: a huge guidance_scale, NaN/inf in the given "
+                "latents, or float16 overflow (sample in float32 or bfloat16). Nothing was returned.")
+
     def decode(self, latents: torch.Tensor, output_type: str):
-        """Latents to images of ``output_type`` (``latent`` returns them unchanged)."""
+        """Latents to images of ``output_type`` (``latent`` returns them unchanged); NaN or inf values,
+        before or after the VAE, are a ``ValueError``."""
+        self.check_finite(latents, "latents")
         if output_type == "latent":
             return latents
         if self.vae is None and latents.shape[1] != 3:
@@ -452,6 +464,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
             latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
             images = self.vae.decode(latents).sample
+            self.check_finite(images, "decoded pixels")
         else:
             images = latents  # pixel space, in [-1, 1]
         return self.image_processor.postprocess(images.float(), output_type=output_type)

@@ -356,3 +356,15 @@ def test_custom_pipeline_path_through_the_installed_package_works_from_any_folde
     monkeypatch.chdir(elsewhere)
     pipe = DiffusionPipeline.from_pretrained(root / "plain", custom_pipeline=module.__file__, trust_remote_code=True)
     assert type(pipe).__name__ == "NaLaDiTPipeline"
+
+
+def test_non_finite_samples_are_refused_not_written_black():
+    from nala_diffusion import NaLaDiTPipeline as Pipe
+
+    pipe = Pipe(tiny_nala(sample_size=16, num_classes=3), DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match=r"NaN or inf latents in 2 of 2 images .* a huge guidance_scale"):
+        pipe([0, 1], num_inference_steps=2, guidance_scale=1e30, output_type="np")
+    nan_start = torch.full((1, 3, 16, 16), float("nan"))
+    with pytest.raises(ValueError, match="NaN or inf latents in 1 of 1 images"):
+        pipe([0], num_inference_steps=2, latents=nan_start, output_type="latent")

@@ -310,3 +310,14 @@ def test_hybrid_layout_trains_loads_and_refuses_another_layout_on_resume(data, t
     with pytest.raises(SystemExit):
         cli(base_args(data, tmp_path / "both", steps=2, softmax_layers=0, attention_types="nala"))
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_decaying_schedule_refuses_another_step_count_on_resume(data, tmp_path):
+    out = tmp_path / "cosine"
+    train(base_args(data, out, steps=4, lr_scheduler="cosine"))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    result = train(base_args(data, out, steps=6, lr_scheduler="cosine", resume_from_checkpoint="latest"), check=False)
+    assert result.returncode == 2 and "--lr_scheduler cosine decays over that count" in result.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    # the same count resumes (here: nothing left to do but the final save)
+    assert train(base_args(data, out, steps=4, lr_scheduler="cosine", resume_from_checkpoint="latest")).returncode == 0

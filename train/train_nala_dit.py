@@ -276,6 +276,8 @@ class StopRequest:
         return bool(flag.item())
 
 
+# learning-rate schedules that do not depend on --max_train_steps, so a resumed run may change it
+STEP_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 # arguments that do not change what a resumed run computes; every other one must match the checkpoint's
 RESUME_FREE_ARGS = {"max_train_steps", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
                     "resume_from_checkpoint", "logging_steps", "validation_steps", "validation_labels",
@@ -415,6 +417,13 @@ def train(args) -> int:
     if resume_path:
         saved = checkpoints.read_state(resume_path)
         checkpoints.check_compatible(saved, run_state, resume_path)
+        saved_steps = saved.get("args", {}).get("max_train_steps", args.max_train_steps)
+        if saved_steps != args.max_train_steps and args.lr_scheduler not in STEP_FREE_SCHEDULES:
+            raise ValueError(
+                f"cannot resume from {resume_path} with --max_train_steps {args.max_train_steps}: the run was started "
+                f"with {saved_steps} and its --lr_scheduler {args.lr_scheduler} decays over that count, so the "
+                "learning rate would jump. Resume with the original --max_train_steps, or use a constant schedule "
+                "(constant, constant_with_warmup), whose run may be extended")
         accelerator.load_state(resume_path)
         if ema is not None:
             checkpoints.load_ema(ema, unwrapped, resume_path)
