@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import PIL.Image
 import torch
 from torch.utils.data import Dataset
@@ -72,7 +73,7 @@ class ImageFolderDataset(datasets.ImageFolder):
             raise ValueError(f"train_data_dir {root!r} does not exist or is not a folder")
         self.skipped: List[str] = []
         try:
-            super().__init__(root, transform=image_transform(resolution), is_valid_file=self._readable)
+            super().__init__(root, transform=image_transform(resolution), loader=load_rgb, is_valid_file=self._readable)
         except FileNotFoundError as error:
             raise ValueError(
                 f"train_data_dir {root!r} needs one subfolder per class, each with at least one readable image "
@@ -81,16 +82,38 @@ class ImageFolderDataset(datasets.ImageFolder):
         if self.skipped:
             logger.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(self.skipped), root, self.skipped[:3])
 
+    def find_classes(self, directory: str):
+        """ImageFolder's classes without hidden folders (``.ipynb_checkpoints``, ``.git``, ...), which
+        would otherwise become classes and shift every label after them."""
+        classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: index for index, name in enumerate(classes)}
+
     def _readable(self, path: str) -> bool:
-        if not path.lower().endswith(IMAGE_EXTENSIONS):
+        if not path.lower().endswith(IMAGE_EXTENSIONS) or os.path.basename(path).startswith("."):
             return False
-        try:
-            with PIL.Image.open(path) as image:
-                image.verify()
+        try:  # decode it whole: verify() passes truncated files that fail at the first epoch
+            load_rgb(path)
             return True
         except Exception:  # any decoder error means the file cannot be used
             self.skipped.append(path)
             return False
+
+
+#: PIL modes of 16- and 32-bit integer greyscale (16-bit PNGs open as one of these)
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def load_rgb(path: str) -> PIL.Image.Image:
+    """An image file as 8-bit RGB. 16-bit greyscale is scaled from 0..65535 to 0..255 (``convert("RGB")``
+    would clip it, so a mid-grey 16-bit image would load white)."""
+    with PIL.Image.open(path) as image:
+        image.load()
+        if image.mode in WIDE_GREY_MODES:
+            levels = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+            image = PIL.Image.fromarray(np.clip(np.round(levels), 0, 255).astype(np.uint8), mode="L")
+        return image.convert("RGB")
 
 
 def load_dataset(spec: str, resolution: int, split: str = "train") -> Dataset:

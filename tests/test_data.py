@@ -1,0 +1,28 @@
+"""ImageFolder data as users bring it: 16-bit greyscale, hidden folders, truncated files."""
+
+import io
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from nala_diffusion.data import dataset_id2label, load_dataset
+
+
+def test_sixteen_bit_grey_hidden_folders_and_truncated_jpegs(tmp_path, caplog):
+    root = tmp_path / "images"
+    for name in ("a", "b", ".ipynb_checkpoints"):
+        (root / name).mkdir(parents=True)
+    grey16 = PIL.Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))  # mid-grey, 16 bits
+    grey16.save(root / "a" / "grey16.png")
+    PIL.Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "b" / "black.png")
+    PIL.Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / ".ipynb_checkpoints" / "x.png")
+    buffer = io.BytesIO()
+    PIL.Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(buffer, "JPEG")
+    (root / "b" / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+    dataset = load_dataset(str(root), 8)
+    assert dataset_id2label(dataset) == {0: "a", 1: "b"}  # the hidden folder is not a class
+    assert len(dataset) == 2 and dataset.skipped == [str(root / "b" / "truncated.jpg")]
+    pixels, label = dataset[0]
+    assert label == 0 and float(pixels.mean()) == pytest.approx(0.0, abs=0.01)  # mid-grey, not white (1.0)
