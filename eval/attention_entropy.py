@@ -63,8 +63,7 @@ def noised_batch(pipe, data: str, timesteps: Sequence[int], images: int, seed: i
 
     from nala_diffusion.data import load_dataset
 
-    dataset = load_dataset(data, pipe.default_sample_size * (pipe.vae_scale_factor if pipe.vae is not None else 1),
-                           split=split)
+    dataset = load_dataset(data, pipe.default_sample_size, split=split)  # in pixels (latent side x VAE factor)
     if len(dataset) == 0:
         raise ValueError(f"{data!r} holds no images")
     indices = torch.linspace(0, len(dataset) - 1, min(images, len(dataset))).round().long().tolist()
@@ -73,7 +72,7 @@ def noised_batch(pipe, data: str, timesteps: Sequence[int], images: int, seed: i
     with torch.no_grad():
         x0 = batch if pipe.vae is None else pipe.vae.encode(batch).latent_dist.mean * pipe.vae.config.scaling_factor
     generator = torch.Generator().manual_seed(seed)
-    scheduler = DDPMScheduler(beta_schedule="linear")
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the pipeline's own noise schedule
     noisy, steps = [], []
     for t in timesteps:
         noise = torch.randn(x0.shape, generator=generator)

@@ -171,7 +171,7 @@ def measure(model_dir: str, timesteps: Sequence[int] = TIMESTEPS, gain_images: i
     if layout not in DATASETS:
         raise ValueError(f"layout must be one of {sorted(DATASETS)}, got {layout!r}")
     pipe = NaLaDiTPipeline.from_pretrained(model_dir)
-    if pipe.default_sample_size * (pipe.vae_scale_factor if pipe.vae is not None else 1) != 32 or pipe.vae is not None:
+    if pipe.default_sample_size != 32 or pipe.vae is not None:
         raise ValueError(f"{model_dir!r} is not a 32 x 32 pixel-space model; builtin:pairs needs one")
     result = {"model": os.path.abspath(model_dir), "timesteps": list(timesteps), "layout": layout,
               "gain": retrieval_gain(pipe, timesteps, gain_images, seed, layout),

@@ -222,3 +222,28 @@ def test_retrieval_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
     # any other setting is still refused
     assert study.main([*argv, "--pairs_layout", "crops"]) == 2
     assert (tmp_path / "study" / "retrieval_gain.png").exists()
+
+
+def test_entropy_inputs_of_a_latent_model_are_latents_of_its_size_noised_by_its_schedule(tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        layers_per_block=1, sample_size=32).eval()
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear")
+    pipe = NaLaDiTPipeline(tiny_nala(in_channels=4, num_classes=2), scheduler, vae=vae)  # 8 x 8 latents, 16 px
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
+        PIL.Image.fromarray((rng.random((16, 16, 3)) * 255).astype("uint8")).save(tmp_path / "data" / f"c{c}" / "a.png")
+    noisy, steps, labels = attention_entropy.noised_batch(pipe, str(tmp_path / "data"), [999], images=2, seed=0)
+    assert noisy.shape == (2, 4, 8, 8)  # the model's own latent grid (a doubled VAE factor gave 16 x 16)
+    from nala_diffusion.data import load_dataset
+
+    images = torch.stack([load_dataset(str(tmp_path / "data"), 16, split="test")[i][0] for i in range(2)])
+    with torch.no_grad():
+        x0 = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    alpha_bar = scheduler.alphas_cumprod[999]
+    torch.testing.assert_close(noisy, alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise)
