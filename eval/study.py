@@ -35,7 +35,7 @@ import PIL.Image
 import torch
 
 from nala_diffusion.cli_args import HelpFormatter
-from nala_diffusion.run_guard import OutputLock, check_fingerprint, code_version
+from nala_diffusion.run_guard import OutputLock, check_fingerprint, code_version, folder_weights_hash
 from nala_diffusion.lazy import lazy
 DDPMScheduler = lazy("diffusers", "DDPMScheduler")
 
@@ -213,13 +213,16 @@ def _score(run: str, folder: str, args, real_feats, real_stats, extractor, class
             "heldout_loss": heldout_loss(pipe, test)}
 
 
-def highres(run: str, out: str, args, real_stats, extractor, classifier=None, sharpness=("off",)) -> List[dict]:
+def highres(run: str, out: str, args, real_stats, extractor, classifier=None, sharpness=("off",),
+            name: Optional[str] = None) -> List[dict]:
     """Sampling at 2x and 4x the training side, direct and progressive (and each ``sharpness``
-    setting), scored on random training-size crops."""
-    name = os.path.basename(run.rstrip("/"))
+    setting), scored on random training-size crops. Cached under ``name`` (default: the folder's
+    name) and the hash of the pipeline's weights, so that two models in folders named alike, or new
+    weights in the same folder, never share results."""
+    key = f"{name or os.path.basename(run.rstrip('/'))}_{folder_weights_hash(run)[:12]}"
     suffix = "" if tuple(sharpness) == ("off",) else "_" + "_".join(sharpness)
-    return cached(os.path.join(out, "scores", f"{name}_highres{suffix}.json"),
-                  lambda: _highres(run, os.path.join(out, "highres", name), args, real_stats, extractor, classifier,
+    return cached(os.path.join(out, "scores", f"{key}_highres{suffix}.json"),
+                  lambda: _highres(run, os.path.join(out, "highres", key), args, real_stats, extractor, classifier,
                                    sharpness))
 
 
@@ -527,7 +530,8 @@ def run_study(args, argv) -> int:
         models = dict(item.split("=", 1) for item in (args.highres_models or [f"nala={demo_pipeline_path()}"]))
         results = {"command": results["command"], "highres": {}}
         for name, folder in models.items():
-            results["highres"][name] = highres(folder, args.out, args, real_stats, extractor, classifier, ("off", "auto"))
+            results["highres"][name] = highres(folder, args.out, args, real_stats, extractor, classifier, ("off", "auto"),
+                                               name=name)
         return write_results(args.out, results, highres_tables)
     if args.study == "norm":
         return write_results(args.out, norm_study(args, argv, run_and_score), norm_tables)

@@ -247,3 +247,20 @@ def test_entropy_inputs_of_a_latent_model_are_latents_of_its_size_noised_by_its_
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     alpha_bar = scheduler.alphas_cumprod[999]
     torch.testing.assert_close(noisy, alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise)
+
+
+def test_highres_study_results_are_keyed_by_name_and_weights(tmp_path, monkeypatch):
+    from nala_diffusion.eval import study
+
+    monkeypatch.setattr(study, "_highres", lambda run, *args: [{"folder": run}])
+    folders = {}
+    for parent, seed in (("a", 0), ("b", 1)):  # two models in folders both named "pipe"
+        folders[parent] = str(tmp_path / parent / "pipe")
+        NaLaDiTPipeline(tiny_nala(seed=seed, sample_size=16, num_classes=2), DDIMScheduler()).save_pretrained(folders[parent])
+    out = str(tmp_path / "study")
+    first = study.highres(folders["a"], out, None, None, None, name="nala")
+    second = study.highres(folders["b"], out, None, None, None, name="other")
+    assert (first[0]["folder"], second[0]["folder"]) == (folders["a"], folders["b"])
+    # the same NAME with other weights is another result too
+    assert study.highres(folders["b"], out, None, None, None, name="nala")[0]["folder"] == folders["b"]
+    assert study.highres(folders["a"], out, None, None, None, name="nala")[0]["folder"] == folders["a"]  # cached
