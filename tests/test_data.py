@@ -26,3 +26,25 @@ def test_sixteen_bit_grey_hidden_folders_and_truncated_jpegs(tmp_path, caplog):
     assert len(dataset) == 2 and dataset.skipped == [str(root / "b" / "truncated.jpg")]
     pixels, label = dataset[0]
     assert label == 0 and float(pixels.mean()) == pytest.approx(0.0, abs=0.01)  # mid-grey, not white (1.0)
+
+
+def test_classifier_training_measures_held_out_images_only(tmp_path, capsys):
+    from nala_diffusion.train.train_classifier import cli
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("test", 3)):
+        for c in range(2):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i in range(count):
+                pixels = (rng.random((8, 8, 3)) * 100 + 120 * c).astype(np.uint8)
+                PIL.Image.fromarray(pixels).save(tmp_path / split / f"c{c}" / f"{i}.png")
+    (tmp_path / "alone" / "c0").mkdir(parents=True)
+    PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "alone" / "c0" / "0.png")
+    common = ["--resolution", "8", "--widths", "4", "8", "--epochs", "1", "--batch_size", "4"]
+    assert cli(["--dataset", str(tmp_path / "alone"), "--output_dir", str(tmp_path / "x"), *common]) == 2
+    assert "has no held-out images" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert cli(["--dataset", str(tmp_path / "train"), "--output_dir", str(tmp_path / "cls"), *common]) == 0
+    import json
+
+    metrics = json.loads((tmp_path / "cls" / "metrics.json").read_text())
+    assert metrics["test_images"] == 6 and metrics["test_source"] == str(tmp_path / "test")

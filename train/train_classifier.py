@@ -23,7 +23,9 @@ from nala_diffusion.data import load_dataset
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="builtin:photos", help="builtin:<name> or an ImageFolder with a test/ twin")
+    p.add_argument("--dataset", default="builtin:photos",
+                   help="builtin:<name>, or an ImageFolder named train/ with a test/ folder beside it (else give "
+                        "--test_data_dir)")
     p.add_argument("--test_data_dir", default=None, help="held-out ImageFolder (builtin datasets have their own)")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128])
@@ -44,10 +46,26 @@ def accuracy(model: DomainClassifier, dataset, batch_size: int = 256) -> float:
     return correct / len(dataset)
 
 
+def test_source(args) -> str:
+    """Where the held-out images come from: the built-in dataset's test split, --test_data_dir, or the
+    test/ twin of a train/ folder. An ImageFolder alone has no held-out images: refused, since its
+    own images would report training accuracy as test accuracy."""
+    if args.test_data_dir or args.dataset.startswith("builtin:"):
+        return args.test_data_dir or args.dataset
+    folder = os.path.normpath(args.dataset)
+    twin = os.path.join(os.path.dirname(folder), "test")
+    if os.path.basename(folder) == "train" and os.path.isdir(twin):
+        return twin
+    raise ValueError(f"{args.dataset!r} has no held-out images: give --test_data_dir, or name the folder train/ "
+                     f"with a test/ folder beside it ({twin!r} does not exist)")
+
+
 def main(args) -> int:
     torch.manual_seed(args.seed)
     train = load_dataset(args.dataset, args.resolution, split="train")
-    test = load_dataset(args.test_data_dir or args.dataset, args.resolution, split="test")
+    test = load_dataset(test_source(args), args.resolution, split="test")
+    if list(test.classes) != list(train.classes):
+        raise ValueError(f"the test classes {list(test.classes)} differ from the training classes {list(train.classes)}")
     model = DomainClassifier(num_classes=len(train.classes), image_size=args.resolution, widths=args.widths)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-4)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True)
@@ -63,7 +81,7 @@ def main(args) -> int:
             optimizer.step()
             schedule.step()
     metrics = {"test_accuracy": accuracy(model, test), "train_accuracy": accuracy(model, train),
-               "test_images": len(test), "classes": list(train.classes), "command": " ".join(sys.argv)}
+               "test_images": len(test), "test_source": test_source(args), "classes": list(train.classes), "command": " ".join(sys.argv)}
     model.save_pretrained(args.output_dir)
     with open(os.path.join(args.output_dir, "metrics.json"), "w", encoding="utf-8") as handle:
         json.dump(metrics, handle, indent=2)
@@ -71,5 +89,13 @@ def main(args) -> int:
     return 0
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return main(parse_args(argv))
+    except ValueError as error:
+        print(f"train_classifier: error: {error}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    sys.exit(cli())
