@@ -17,6 +17,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
+from .files import follow_umask
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
@@ -184,6 +186,7 @@ def build_latent_cache(dataset: Dataset, vae, path: str, batch_size: int = 32, s
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = f"{path}.tmp-{os.getpid()}"
     save_file(tensors, temporary)
+    follow_umask(temporary)
     os.replace(temporary, path)
 
 

@@ -9,3 +9,15 @@ def new_file_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def follow_umask(path: str) -> None:
+    """Give ``path`` (a file, or every file under a folder) the mode a plain ``open()`` would: safetensors
+    writes through a temporary file of mode 0o600, so weights, checkpoints and caches written under
+    umask 022 would be unreadable to the other users of a shared folder."""
+    mode = new_file_mode()
+    files = [path] if os.path.isfile(path) else [os.path.join(root, name) for root, _, names in os.walk(path)
+                                                   for name in names]
+    for file in files:
+        if (os.stat(file).st_mode & 0o777) == 0o600 and mode != 0o600:
+            os.chmod(file, mode)

@@ -27,6 +27,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' pipeline loader looks it up here)
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
+from .files import follow_umask
 from .loading import check_loaded_weights
 from .options import DEFAULTS, layer_attention_types, options_from_config
 from .swap import ATTENTION_TYPES, set_attention
@@ -191,6 +192,12 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         check_loaded_weights(model, where.rstrip(os.sep), missing=info.get("missing_keys"),
                              unexpected=info.get("unexpected_keys"), mismatched=info.get("mismatched_keys"))
         return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``ModelMixin.save_pretrained``, with the weights readable as the umask allows (safetensors
+        would leave them 0o600)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        follow_umask(os.fspath(save_directory))
 
     @property
     def null_class_label(self) -> int:

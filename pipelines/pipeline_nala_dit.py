@@ -25,6 +25,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
+from nala_diffusion.files import follow_umask
 from nala_diffusion.loading import check_loaded_weights
 from nala_diffusion.model import NaLaDiTTransformer2DModel
 from nala_diffusion.sharpness import (
@@ -597,6 +598,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
         ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it (the Hub's
         custom-pipeline convention; ``nala_diffusion`` must be installed where it is loaded)."""
         super().save_pretrained(save_directory, **kwargs)
+        follow_umask(os.fspath(save_directory))
         if include_code:
             source = inspect.getsourcefile(type(self))
             module_name = os.path.splitext(os.path.basename(source))[0]

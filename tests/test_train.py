@@ -321,3 +321,19 @@ def test_a_decaying_schedule_refuses_another_step_count_on_resume(data, tmp_path
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     # the same count resumes (here: nothing left to do but the final save)
     assert train(base_args(data, out, steps=4, lr_scheduler="cosine", resume_from_checkpoint="latest")).returncode == 0
+
+
+def test_weights_and_checkpoints_follow_the_umask(data, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        out = tmp_path / "shared"
+        train(base_args(data, out, steps=4, use_ema=True))
+        pipe = NaLaDiTPipeline.from_pretrained(out)
+        pipe.save_pretrained(tmp_path / "copy")
+        pipe.transformer.save_pretrained(tmp_path / "model")
+    finally:
+        os.umask(previous)
+    weights = [p for folder in (out, tmp_path / "copy", tmp_path / "model") for p in folder.rglob("*.safetensors")]
+    assert any("checkpoint-4" in str(p) for p in weights) and any("ema" in p.name for p in weights)
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in weights}
+    assert set(modes.values()) == {"0o644"}, modes

@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from nala_diffusion.files import follow_umask
+
 PREFIX = "checkpoint-"
 TEMPORARY_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "training_state.json"
@@ -97,6 +99,7 @@ def save_checkpoint(accelerator, folder: str, step: int, state: Dict[str, Any], 
             json.dump(state, handle, indent=2, sort_keys=True, default=str)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        follow_umask(temporary)
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(temporary, final)

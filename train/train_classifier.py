@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from nala_diffusion.classifier import DomainClassifier
 from nala_diffusion.data import load_dataset
+from nala_diffusion.files import follow_umask
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -83,6 +84,7 @@ def main(args) -> int:
     metrics = {"test_accuracy": accuracy(model, test), "train_accuracy": accuracy(model, train),
                "test_images": len(test), "test_source": test_source(args), "classes": list(train.classes), "command": " ".join(sys.argv)}
     model.save_pretrained(args.output_dir)
+    follow_umask(args.output_dir)  # safetensors writes 0o600
     with open(os.path.join(args.output_dir, "metrics.json"), "w", encoding="utf-8") as handle:
         json.dump(metrics, handle, indent=2)
     print(f"test accuracy {metrics['test_accuracy']:.4f} ({len(test)} images); saved to {args.output_dir}")
