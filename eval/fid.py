@@ -151,24 +151,18 @@ def run_sampling(args, state: PartialState) -> dict:
         **{k: v for k, v in {**guidance, "protocol": args.protocol}.items() if v != SAMPLING_DEFAULTS[k]},
     }
     start = time.perf_counter()
-    lock = OutputLock(args.out, "the samples folder")
-    if state.is_main_process:
-        lock.acquire()
-    try:
-        guard_samples(args.out, fingerprint, args.overwrite, write=state.is_main_process)
-        state.wait_for_everyone()
-        if not state.is_main_process:
-            guard_samples(args.out, fingerprint, args.overwrite, write=False)
-        written = generate_samples(
-            pipe, args.out, args.num_samples, labels=labels, seed=args.seed, batch_size=args.batch_size,
-            rank=state.process_index, world_size=state.num_processes, height=args.height, width=args.width,
-            show_progress=state.is_local_main_process, num_inference_steps=args.steps, guidance_scale=args.guidance,
-            highres_mode=args.highres_mode, position_embedding=args.position_embedding,
-            attention_sharpness=args.attention_sharpness, **guidance,
-        )
-        state.wait_for_everyone()
-    finally:
-        lock.release()
+    guard_samples(args.out, fingerprint, args.overwrite, write=state.is_main_process)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        guard_samples(args.out, fingerprint, args.overwrite, write=False)
+    written = generate_samples(
+        pipe, args.out, args.num_samples, labels=labels, seed=args.seed, batch_size=args.batch_size,
+        rank=state.process_index, world_size=state.num_processes, height=args.height, width=args.width,
+        show_progress=state.is_local_main_process, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        highres_mode=args.highres_mode, position_embedding=args.position_embedding,
+        attention_sharpness=args.attention_sharpness, **guidance,
+    )
+    state.wait_for_everyone()
     if args.npz and state.is_main_process:
         pack_npz(args.out, args.num_samples, os.path.join(args.out, "samples.npz"))
     return {
@@ -272,6 +266,19 @@ def summary(result: dict) -> str:
 
 def main(args) -> int:
     state = PartialState(cpu=use_cpu_processes())
+    if args.command not in ("sample", "calc"):
+        return run(args, state)
+    # one lock over the whole command: sampling, features and fid.json
+    lock = OutputLock(args.out, "the samples folder")
+    if state.is_main_process:
+        lock.acquire()
+    try:
+        return run(args, state)
+    finally:
+        lock.release()
+
+
+def run(args, state) -> int:
     device = state.device
     if args.command == "sample":
         info = run_sampling(args, state)

@@ -63,6 +63,10 @@ def save_png_atomically(image: PIL.Image.Image, path: str) -> None:
             os.remove(temporary)
 
 
+#: files made from a samples folder's images, removed with them by --overwrite
+DERIVED_FILES = ("fid.json", "samples.npz")
+
+
 def guard_samples(out_dir: str, fingerprint: dict, overwrite: bool = False, write: bool = True) -> str:
     """Refuse to add to ``out_dir/samples`` images made with another fingerprint (model weights and
     config, scheduler, steps, guidance, size, labels, seed, code version), naming what differs;
@@ -72,8 +76,14 @@ def guard_samples(out_dir: str, fingerprint: dict, overwrite: bool = False, writ
     def has_outputs() -> bool:
         return os.path.isdir(samples) and any(name.endswith(".png") for name in os.listdir(samples))
 
-    return check_fingerprint(out_dir, fingerprint, overwrite=overwrite, has_outputs=has_outputs,
-                             clear=lambda: shutil.rmtree(samples, ignore_errors=True), what="samples", write=write)
+    def clear() -> None:  # the images and everything made from them
+        shutil.rmtree(samples, ignore_errors=True)
+        for name in DERIVED_FILES:
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+
+    return check_fingerprint(out_dir, fingerprint, overwrite=overwrite, has_outputs=has_outputs, clear=clear,
+                             what="samples", write=write)
 
 
 def generate_samples(

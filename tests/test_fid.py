@@ -203,3 +203,21 @@ def test_compare_on_an_empty_folder_and_a_truncated_png_name_the_problem(assets,
     (broken / "1.png").write_bytes(data[: len(data) // 2])
     assert cli(["compare", str(broken), str(assets / "real"), *extractor]) == 2
     assert "1.png" in capsys.readouterr().err
+
+
+def test_overwrite_removes_derived_files_and_calc_holds_its_lock_throughout(assets, tmp_path, monkeypatch):
+    extractor = ["--feature_extractor", str(assets / "classifier")]
+    out = tmp_path / "calc"
+    seen = []
+    original = F.folder_features
+
+    def features_while_locked(folder, *args, **kwargs):
+        seen.append((out / ".lock").exists())
+        return original(folder, *args, **kwargs)
+
+    monkeypatch.setattr(F, "folder_features", features_while_locked)
+    assert cli(["calc", *sample_args(assets, out, n=4), "--ref", str(assets / "real"), *extractor, "--npz"]) == 0
+    assert seen == [True, True] and not (out / ".lock").exists()
+    assert (out / "fid.json").exists() and (out / "samples.npz").exists()
+    assert cli(["sample", *sample_args(assets, out, n=4), "--steps", "3", "--overwrite"]) == 0
+    assert not (out / "fid.json").exists() and not (out / "samples.npz").exists()
