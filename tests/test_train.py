@@ -337,3 +337,25 @@ def test_weights_and_checkpoints_follow_the_umask(data, tmp_path):
     assert any("checkpoint-4" in str(p) for p in weights) and any("ema" in p.name for p in weights)
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in weights}
     assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_overwrite_removes_only_the_run_and_data_inside_output_dir_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(base_args(data, out, steps=4))
+    (out / "notes.txt").write_text("mine")
+    (out / "my_images").mkdir()
+    train(base_args(data, out, steps=2, overwrite=True))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "my_images").is_dir()
+    assert [row["step"] for row in log_rows(out)][-1] == 2 and not (out / "checkpoint-4").exists()
+    # an output_dir that holds the data: refused before anything is touched
+    inside = tmp_path / "project"
+    (inside / "data").mkdir(parents=True)
+    for c in range(2):
+        (inside / "data" / f"c{c}").mkdir()
+        for image in list((data / "images" / f"class{c}").glob("[0-9].png"))[:2]:
+            (inside / "data" / f"c{c}" / image.name).write_bytes(image.read_bytes())
+    args = base_args(data, inside, steps=2, overwrite=True)
+    args[args.index("--train_data_dir") + 1] = str(inside / "data")
+    before = sorted(p.relative_to(inside) for p in inside.rglob("*"))
+    assert cli(args) == 2 and "contains the training data" in capsys.readouterr().err
+    assert sorted(p.relative_to(inside) for p in inside.rglob("*")) == before

@@ -21,7 +21,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -286,19 +286,37 @@ RESUME_FREE_ARGS = {"max_train_steps", "output_dir", "checkpointing_steps", "che
 
 
 def main(args) -> int:
+    check_output_dir(args)
     if int(os.environ.get("RANK", "0")) != 0:
         return train(args)  # other processes of a distributed run: the main one holds the lock
     with OutputLock(args.output_dir, "the training run"):
         return train(args)
 
 
-def clear_run(folder: str) -> None:
-    """Remove a training run's outputs (for --overwrite): checkpoints, weights, logs."""
-    for name in os.listdir(folder):
-        if name == LOCK_FILE:
-            continue
-        path = os.path.join(folder, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+#: what a training run writes in output_dir (with checkpoint-<step> folders): all --overwrite removes
+RUN_OUTPUTS = ("args.json", "log.csv", "logs", "samples", "latent_cache", "model_index.json", "transformer",
+               "scheduler", "vae", ".tmp-pipeline")
+
+
+def clear_run(folder: str) -> List[str]:
+    """Remove a training run's outputs (for --overwrite): checkpoints, the pipeline, logs, samples and
+    caches; any other file in the folder (the user's own) stays. Returns what was removed."""
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        if name in RUN_OUTPUTS or name.startswith((checkpoints.PREFIX, checkpoints.TEMPORARY_PREFIX)):
+            path = os.path.join(folder, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            removed.append(name)
+    return removed
+
+
+def check_output_dir(args) -> None:
+    """Refuse an output_dir that holds the training data: --overwrite or a checkpoint could touch it."""
+    if args.train_data_dir:
+        out, data = os.path.realpath(args.output_dir), os.path.realpath(args.train_data_dir)
+        if os.path.commonpath([out, data]) == out:
+            raise ValueError(f"output_dir {args.output_dir!r} contains the training data {args.train_data_dir!r}; "
+                             "choose an output_dir outside it (nothing was written or removed)")
 
 
 def train(args) -> int:
@@ -306,8 +324,8 @@ def train(args) -> int:
     finished = os.path.exists(os.path.join(args.output_dir, "model_index.json"))
     has_run = bool(checkpoints.list_checkpoints(args.output_dir)) or finished
     if has_run and args.overwrite:
-        clear_run(args.output_dir)
-        logger_warning(f"--overwrite: removed the earlier run in {args.output_dir}")
+        removed = clear_run(args.output_dir)
+        logger_warning(f"--overwrite: removed the earlier run in {args.output_dir} ({', '.join(removed)})")
         has_run = finished = False
     resume_path = checkpoints.resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if has_run and args.resume_from_checkpoint is None:
