@@ -40,9 +40,10 @@ class Extractor:
     spatial: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     # why a metric is missing: {"is": reason, "sfid": reason}
     unavailable: dict = field(default_factory=dict)
+    path: Optional[str] = None  # where the network was loaded from (its name identifies its weights)
 
     def describe(self) -> dict:
-        return {"name": self.name, "mode": self.mode, "feature_dim": self.feature_dim}
+        return {"name": self.name, "mode": self.mode, "feature_dim": self.feature_dim, "path": self.path}
 
     def check_metrics(self, metrics) -> None:
         """A ``ValueError`` naming the first of ``metrics`` this network cannot compute, and why."""
@@ -179,8 +180,12 @@ def classifier_extractor(path: str, device: torch.device) -> Extractor:
         bias = model.head.bias.detach().double().cpu().numpy()
         return np.asarray(features, dtype=np.float64) @ weight.T + bias
 
+    from nala_diffusion.run_guard import folder_weights_hash
+
+    # named by its weights, not its path: a stats file made with other weights is refused, a copy accepted
     return Extractor(
-        os.path.abspath(path), "clean", lambda x: model.features(x / 255),
+        f"domain-classifier:{folder_weights_hash(path)[:16]}", "clean", lambda x: model.features(x / 255),
+        path=os.path.abspath(path),
         resize=make_resizer("PIL", False, "bicubic", (size, size)), feature_dim=model.feature_dim, logits=logits,
         unavailable={"sfid": "sFID is defined on Inception's spatial features; a domain classifier has none"},
     )

@@ -221,3 +221,21 @@ def test_overwrite_removes_derived_files_and_calc_holds_its_lock_throughout(asse
     assert (out / "fid.json").exists() and (out / "samples.npz").exists()
     assert cli(["sample", *sample_args(assets, out, n=4), "--steps", "3", "--overwrite"]) == 0
     assert not (out / "fid.json").exists() and not (out / "samples.npz").exists()
+
+
+def test_a_domain_extractor_is_known_by_its_weights_not_its_path(assets, tmp_path, capsys):
+    import shutil
+
+    stats = tmp_path / "real.npz"
+    assert cli(["ref", "--images", str(assets / "real"), "--out", str(stats), "--feature_extractor",
+                str(assets / "classifier")]) == 0
+    copy = tmp_path / "elsewhere" / "classifier"
+    shutil.copytree(assets / "classifier", copy)  # byte-identical weights, another path: accepted
+    assert cli(["compare", str(assets / "real"), str(stats), "--feature_extractor", str(copy), "--metrics", "fid"]) == 0
+    torch.manual_seed(1)
+    DomainClassifier(num_classes=3, image_size=16, widths=(8, 16)).save_pretrained(tmp_path / "other")
+    shutil.rmtree(copy)
+    shutil.copytree(tmp_path / "other", copy)  # other weights at the same path: refused
+    capsys.readouterr()
+    assert cli(["compare", str(assets / "real"), str(stats), "--feature_extractor", str(copy), "--metrics", "fid"]) == 2
+    assert "was made with extractor domain-classifier:" in capsys.readouterr().err
