@@ -130,6 +130,15 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         rope_base: float = DEFAULTS.rope_base,
         position_embedding: str = "interpolate",
     ):
+        for name, value in (("num_attention_heads", num_attention_heads), ("attention_head_dim", attention_head_dim),
+                            ("in_channels", in_channels), ("num_layers", num_layers), ("sample_size", sample_size),
+                            ("patch_size", patch_size), ("out_channels", out_channels), ("num_classes", num_classes),
+                            ("num_embeds_ada_norm", num_embeds_ada_norm), ("norm_num_groups", norm_num_groups)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}); "
+                                 "check the model config")
+        if not isinstance(sample_size, int) or sample_size % patch_size:
+            raise ValueError(f"sample_size {sample_size} must be a multiple of patch_size {patch_size}")
         if num_classes is None:
             num_classes = num_embeds_ada_norm
         elif num_embeds_ada_norm not in (None, 1000, num_classes):

@@ -133,6 +133,11 @@ class NaLaDiTPipeline(DiffusionPipeline):
         sampling_defaults: Optional[Dict[str, Union[int, float]]] = None,
     ):
         super().__init__()
+        if not isinstance(transformer, NaLaDiTTransformer2DModel):
+            raise ValueError(
+                f"the transformer is a {type(transformer).__name__}; this pipeline needs a NaLaDiTTransformer2DModel. "
+                "Convert a diffusers DiT with nala_diffusion.convert_dit_to_nala(dit) (attention_type='softmax' keeps "
+                "its outputs exactly) and save that, or load the folder with diffusers' DiTPipeline")
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
         id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
         num_classes = transformer.config.num_classes
@@ -231,7 +236,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
                 f"this pipeline has no vae and its transformer works on {channels}-channel latents, which cannot be "
                 "shown as images: give it a vae, or ask for output_type='latent'"
             )
-        if not isinstance(num_images_per_label, int) or num_images_per_label < 1:
+        if not _is_integer(num_images_per_label) or num_images_per_label < 1:
             raise ValueError(f"num_images_per_label must be an integer >= 1, got {num_images_per_label}")
 
     def prepare_latents(self, batch_size, height, width, generator, latents=None):
@@ -562,6 +567,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
                         guidance_channels=guidance_channels, use_learned_variance=use_learned_variance)
         self.check_guidance(**guidance)
         height, width, num_inference_steps = int(height), int(width), int(num_inference_steps)
+        num_images_per_label = int(num_images_per_label)
         ids = self.get_label_ids(class_labels)
         device = self._execution_device
         class_ids = torch.tensor(ids, device=device).repeat_interleave(num_images_per_label)  # (B,)

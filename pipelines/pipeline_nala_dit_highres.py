@@ -177,6 +177,7 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
                         guidance_channels=guidance_channels, use_learned_variance=use_learned_variance)
         self.check_guidance(**guidance)
         height, width, num_inference_steps = int(height), int(width), int(num_inference_steps)
+        num_images_per_label = int(num_images_per_label)
         if not isinstance(refine_steps, int) or refine_steps < 1:
             raise ValueError(f"refine_steps must be an integer >= 1, got {refine_steps}")
         ids = self.get_label_ids(class_labels)

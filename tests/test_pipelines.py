@@ -15,7 +15,7 @@ import nala_diffusion.pipelines.pipeline_nala_dit_highres as highres_module
 from nala_diffusion import NaLaDiTHighResPipeline, NaLaDiTPipeline
 from nala_diffusion.pipelines.sample import main as sample_main
 from nala_diffusion.pipelines.schedulers import SCHEDULERS, scheduler_from_name
-from helpers import LargestAllocation, tiny_nala
+from helpers import LargestAllocation, tiny_dit, tiny_nala
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 ID2LABEL = {0: "cat", 1: "dog, puppy", 2: "bird"}
@@ -368,3 +368,16 @@ def test_non_finite_samples_are_refused_not_written_black():
     nan_start = torch.full((1, 3, 16, 16), float("nan"))
     with pytest.raises(ValueError, match="NaN or inf latents in 1 of 1 images"):
         pipe([0], num_inference_steps=2, latents=nan_start, output_type="latent")
+
+
+def test_wrong_types_and_components_get_clear_errors(tmp_path):
+    from nala_diffusion import NaLaDiTPipeline as Pipe, NaLaDiTTransformer2DModel
+
+    with pytest.raises(ValueError, match="this pipeline needs a NaLaDiTTransformer2DModel.*convert_dit_to_nala"):
+        Pipe(tiny_dit(), DDIMScheduler())
+    with pytest.raises(ValueError, match=r"num_layers must be a positive integer, got '2' \(str\)"):
+        NaLaDiTTransformer2DModel(num_layers="2", num_attention_heads=2, attention_head_dim=8, sample_size=8,
+                                  patch_size=2, norm_num_groups=1)
+    pipe = Pipe(tiny_nala(sample_size=16, num_classes=3), DDIMScheduler())
+    with pytest.raises(ValueError, match="num_images_per_label must be an integer >= 1, got True"):
+        pipe([0], num_images_per_label=True, num_inference_steps=1)

@@ -359,3 +359,10 @@ def test_overwrite_removes_only_the_run_and_data_inside_output_dir_is_refused(da
     before = sorted(p.relative_to(inside) for p in inside.rglob("*"))
     assert cli(args) == 2 and "contains the training data" in capsys.readouterr().err
     assert sorted(p.relative_to(inside) for p in inside.rglob("*")) == before
+
+
+def test_validation_labels_outside_the_data_are_refused_at_start(data, tmp_path, capsys):
+    out = tmp_path / "labels"
+    assert cli(base_args(data, out, steps=2, validation_steps=1, validation_labels=99)) == 2
+    assert "--validation_labels [99] are not classes of the data (0..2)" in capsys.readouterr().err
+    assert not list(out.glob("checkpoint-*")) and not (out / "log.csv").exists()

@@ -345,6 +345,9 @@ def train(args) -> int:
     if len(dataset) == 0:
         raise ValueError("the dataset holds no images")
     id2label = dataset_id2label(dataset)
+    bad_labels = [label for label in args.validation_labels or [] if not 0 <= label < len(id2label)]
+    if bad_labels:
+        raise ValueError(f"--validation_labels {bad_labels} are not classes of the data (0..{len(id2label) - 1})")
 
     report_to = args.report_to
     if report_to == "auto":
