@@ -366,3 +366,15 @@ def test_validation_labels_outside_the_data_are_refused_at_start(data, tmp_path,
     assert cli(base_args(data, out, steps=2, validation_steps=1, validation_labels=99)) == 2
     assert "--validation_labels [99] are not classes of the data (0..2)" in capsys.readouterr().err
     assert not list(out.glob("checkpoint-*")) and not (out / "log.csv").exists()
+
+
+def test_an_in_process_run_gives_the_signal_handlers_back(data, tmp_path):
+    def mine(signum, frame):
+        raise AssertionError("not called")
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert cli(base_args(data, tmp_path / "inproc", steps=1)) == 0  # as nala-study runs it
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)

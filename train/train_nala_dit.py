@@ -287,10 +287,17 @@ RESUME_FREE_ARGS = {"max_train_steps", "output_dir", "checkpointing_steps", "che
 
 def main(args) -> int:
     check_output_dir(args)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return train(args)  # other processes of a distributed run: the main one holds the lock
-    with OutputLock(args.output_dir, "the training run"):
-        return train(args)
+    # the run installs its own SIGTERM/SIGINT handlers (StopRequest); a caller in the same process
+    # (nala-study) gets its own back afterwards
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return train(args)  # other processes of a distributed run: the main one holds the lock
+        with OutputLock(args.output_dir, "the training run"):
+            return train(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 #: what a training run writes in output_dir (with checkpoint-<step> folders): all --overwrite removes
