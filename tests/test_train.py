@@ -378,3 +378,28 @@ def test_an_in_process_run_gives_the_signal_handlers_back(data, tmp_path):
         assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_full_disk_during_a_checkpoint_is_named_and_loses_nothing(tmp_path, monkeypatch):
+    import collections
+
+    from nala_diffusion.train import checkpoints
+
+    class FullDiskAccelerator:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, folder):
+            os.makedirs(folder)
+            (Path(folder) / "model.safetensors").write_bytes(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: "
+                               "basic_ios::clear: iostream error")
+
+    (tmp_path / "checkpoint-10").mkdir()
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30, 2**20))
+    with pytest.raises(ValueError, match=r"could not write checkpoint-20 in .*: the disk holding .* is full \(1 MiB free\)"):
+        checkpoints.save_checkpoint(FullDiskAccelerator(), str(tmp_path), 20, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10"]  # the partial one removed, the old kept

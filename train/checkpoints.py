@@ -8,6 +8,7 @@ checkpoint as the latest one. The optimizer and RNG files are accelerate's own (
 resume only from checkpoints you wrote.
 """
 
+import errno
 import json
 import os
 import re
@@ -83,6 +84,21 @@ def load_ema(ema, model: torch.nn.Module, folder: str) -> None:
     ema.load_state_dict({**state, "shadow_params": [tensors[n].to(device) for n in names]})
 
 
+#: below this many free bytes a failed write is reported as a full disk
+LOW_DISK_BYTES = 64 * 2**20
+
+
+def write_error(folder: str, what: str, error: Exception) -> Exception:
+    """A one-line error for a failed checkpoint write: a full disk named as such, with where and how much
+    is free; the earlier checkpoints are untouched (the new one was written aside and is removed)."""
+    free = shutil.disk_usage(folder).free
+    full = getattr(error, "errno", None) == errno.ENOSPC or free < LOW_DISK_BYTES
+    cause = (f"the disk holding {folder!r} is full ({free / 2**20:.0f} MiB free)" if full
+             else f"{type(error).__name__}: {error}")
+    return ValueError(f"could not write {what} in {folder!r}: {cause}. The earlier checkpoints are intact; free some "
+                      "space (or choose another output_dir) and resume with --resume_from_checkpoint latest")
+
+
 def save_checkpoint(accelerator, folder: str, step: int, state: Dict[str, Any], ema=None, model=None,
                     total_limit: Optional[int] = None) -> str:
     """Write ``checkpoint-<step>`` atomically on every process's behalf; returns its path."""
@@ -91,12 +107,16 @@ def save_checkpoint(accelerator, folder: str, step: int, state: Dict[str, Any], 
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(temporary)
-    if accelerator.is_main_process:
-        if ema is not None:
-            save_ema(ema, model, temporary)
-        with open(os.path.join(temporary, STATE_FILE), "w", encoding="utf-8") as handle:
-            json.dump(state, handle, indent=2, sort_keys=True, default=str)
+    try:
+        accelerator.save_state(temporary)
+        if accelerator.is_main_process:
+            if ema is not None:
+                save_ema(ema, model, temporary)
+            with open(os.path.join(temporary, STATE_FILE), "w", encoding="utf-8") as handle:
+                json.dump(state, handle, indent=2, sort_keys=True, default=str)
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as "basic_ios::clear: iostream error"
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise write_error(folder, f"{PREFIX}{step}", error) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         follow_umask(temporary)
