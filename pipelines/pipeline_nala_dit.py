@@ -14,6 +14,7 @@ import numbers
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -231,10 +232,10 @@ class NaLaDiTPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         channels = self.transformer.config.in_channels
-        if output_type != "latent" and self.vae is None and channels != 3:
+        if output_type == "pil" and self.vae is None and channels != 3:
             raise ValueError(
                 f"this pipeline has no vae and its transformer works on {channels}-channel latents, which cannot be "
-                "shown as images: give it a vae, or ask for output_type='latent'"
+                "shown as images: give it a vae, or ask for output_type='latent' (or 'np'/'pt', which return them)"
             )
         if not _is_integer(num_images_per_label) or num_images_per_label < 1:
             raise ValueError(f"num_images_per_label must be an integer >= 1, got {num_images_per_label}")
@@ -461,11 +462,10 @@ class NaLaDiTPipeline(DiffusionPipeline):
         self.check_finite(latents, "latents")
         if output_type == "latent":
             return latents
-        if self.vae is None and latents.shape[1] != 3:
-            raise ValueError(
-                f"this pipeline has no vae and its transformer works on {latents.shape[1]}-channel latents, which cannot "
-                "be shown as images: give it a vae, or ask for output_type='latent'"
-            )
+        if self.vae is None and latents.shape[1] != 3:  # latents with no VAE to decode them: returned as they are
+            warnings.warn(f"this pipeline has no vae to decode its {latents.shape[1]}-channel latents; output_type="
+                          f"{output_type!r} returns the latents themselves", stacklevel=3)
+            return latents.float().permute(0, 2, 3, 1).cpu().numpy() if output_type == "np" else latents
         if self.vae is not None:
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
             latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift

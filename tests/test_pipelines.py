@@ -159,7 +159,7 @@ def test_bad_components_raise():
     latents = latent_only([1], num_inference_steps=2, output_type="latent").images
     assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
     with pytest.raises(ValueError, match="no vae"):
-        latent_only([1], num_inference_steps=2, output_type="np")
+        latent_only([1], num_inference_steps=2, output_type="pil")
     with pytest.raises(ValueError, match="no vae"):
         tiny_pipeline(NaLaDiTHighResPipeline).enable_vae_tiling()
 
@@ -381,3 +381,25 @@ def test_wrong_types_and_components_get_clear_errors(tmp_path):
     pipe = Pipe(tiny_nala(sample_size=16, num_classes=3), DDIMScheduler())
     with pytest.raises(ValueError, match="num_images_per_label must be an integer >= 1, got True"):
         pipe([0], num_images_per_label=True, num_inference_steps=1)
+
+
+def test_a_latent_model_without_vae_returns_its_latents_for_np_and_pt(tmp_path):
+    # what diffusers' PipelineTesterMixin.test_save_load_optional_components does: vae=None, output_type="np"
+    from nala_diffusion import NaLaDiTPipeline as Pipe
+
+    pipe = Pipe(tiny_nala(in_channels=4, num_classes=3), DDIMScheduler(), vae=None)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=2, generator=torch.manual_seed(0))
+    with pytest.warns(UserWarning, match="no vae to decode its 4-channel latents"):
+        images = pipe([0, 1], output_type="np", **call).images
+    latents = pipe([0, 1], output_type="latent", num_inference_steps=2, generator=torch.manual_seed(0)).images
+    assert images.shape == (2, 8, 8, 4) and np.array_equal(images, latents.permute(0, 2, 3, 1).numpy())
+    pipe.save_pretrained(tmp_path / "no_vae")
+    loaded = Pipe.from_pretrained(tmp_path / "no_vae")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.vae is None
+    with pytest.warns(UserWarning):
+        again = loaded([0, 1], output_type="np", num_inference_steps=2, generator=torch.manual_seed(0)).images
+    assert np.array_equal(again, images)
+    with pytest.raises(ValueError, match="cannot be shown as images"):
+        pipe([0], output_type="pil", num_inference_steps=1)
