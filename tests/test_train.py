@@ -403,3 +403,19 @@ def test_a_full_disk_during_a_checkpoint_is_named_and_loses_nothing(tmp_path, mo
     with pytest.raises(ValueError, match=r"could not write checkpoint-20 in .*: the disk holding .* is full \(1 MiB free\)"):
         checkpoints.save_checkpoint(FullDiskAccelerator(), str(tmp_path), 20, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10"]  # the partial one removed, the old kept
+
+
+def test_sharded_training_is_refused_ddp_is_not():
+    from accelerate.utils import DistributedType
+
+    from nala_diffusion.train.train_nala_dit import check_distributed
+
+    class Fake:
+        def __init__(self, kind):
+            self.distributed_type = kind
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ValueError, match="shards the parameters.*--multi_gpu"):
+            check_distributed(Fake(kind))
+    for kind in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.NO):
+        check_distributed(Fake(kind))

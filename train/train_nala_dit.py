@@ -2,7 +2,7 @@
 
     python train/train_nala_dit.py --train_data_dir DATA --resolution 32 --model_config S/2 \\
         --max_train_steps 10000 --output_dir runs/s2
-    accelerate launch --num_processes 8 train/train_nala_dit.py ...   # DDP, FSDP, DeepSpeed as configured
+    accelerate launch --multi_gpu --num_processes 8 train/train_nala_dit.py ...   # DDP (FSDP/DeepSpeed refused)
     accelerate launch --multi_gpu --num_processes 2 train/train_nala_dit.py ...   # no GPU: 2 CPU processes (gloo)
     nala-train --init_from facebook/DiT-XL-2-256 --teacher facebook/DiT-XL-2-256 --vae VAE_DIR ...
 
@@ -317,6 +317,19 @@ def clear_run(folder: str) -> List[str]:
     return removed
 
 
+#: accelerate distributed types whose sharded parameters validation and EMA cannot read
+SHARDED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def check_distributed(accelerator) -> None:
+    """Refuse sharded training: validation sampling and the EMA read the full parameters of the unwrapped
+    model on one process, which FSDP and DeepSpeed shard across processes. DDP (and one process) work."""
+    kind = str(getattr(accelerator.distributed_type, "name", accelerator.distributed_type))
+    if kind in SHARDED_TYPES:
+        raise ValueError(f"accelerate is configured for {kind}, which shards the parameters; nala-train's validation "
+                         "and EMA need them whole. Launch with DDP (accelerate launch --multi_gpu) or one process")
+
+
 def check_output_dir(args) -> None:
     """Refuse an output_dir that holds the training data: --overwrite or a checkpoint could touch it."""
     if args.train_data_dir:
@@ -367,6 +380,7 @@ def train(args) -> int:
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
+    check_distributed(accelerator)
     set_seed(args.seed)
     stop = StopRequest()
     os.makedirs(args.output_dir, exist_ok=True)
