@@ -72,6 +72,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="DiT's evaluation in one flag: 250 DDPM steps, the learned variance (where the model has "
                         "it), guidance 1.5 on the first 3 channels; conflicting flags are refused")
     p.add_argument("--batch_size", type=positive_int, default=16, help='images per pipeline call')
+    p.add_argument("--no_memory_check", "--no-memory-check", dest="memory_check", action="store_false",
+                   help="sample even where a batch's activations are estimated not to fit in free memory")
     p.add_argument("--npz", action="store_true", help="also pack the samples as OUT/samples.npz (ADM evaluator)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace samples in OUT made with other settings (default: refuse, naming what differs)")
@@ -151,6 +153,9 @@ def run_sampling(args, state: PartialState) -> dict:
         **{k: v for k, v in {**guidance, "protocol": args.protocol}.items() if v != SAMPLING_DEFAULTS[k]},
     }
     start = time.perf_counter()
+    if args.memory_check:  # before anything is written: a size that cannot fit is refused here
+        pipe.check_memory(fingerprint["height"], fingerprint["width"], min(args.batch_size, args.num_samples),
+                          args.guidance != 1.0)
     guard_samples(args.out, fingerprint, args.overwrite, write=state.is_main_process)
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -160,7 +165,7 @@ def run_sampling(args, state: PartialState) -> dict:
         rank=state.process_index, world_size=state.num_processes, height=args.height, width=args.width,
         show_progress=state.is_local_main_process, num_inference_steps=args.steps, guidance_scale=args.guidance,
         highres_mode=args.highres_mode, position_embedding=args.position_embedding,
-        attention_sharpness=args.attention_sharpness, **guidance,
+        attention_sharpness=args.attention_sharpness, check_memory=args.memory_check, **guidance,
     )
     state.wait_for_everyone()
     if args.npz and state.is_main_process:

@@ -74,6 +74,26 @@ EXAMPLE_DOC_STRING = """
 """
 
 
+def available_memory(device: torch.device) -> Optional[int]:
+    """Free bytes on ``device``: CUDA's ``mem_get_info``, or the system's available memory for the CPU
+    (``/proc/meminfo``'s MemAvailable, else free pages); None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _is_integer(value) -> bool:
     """An integral number of any type (int, numpy or 0-d torch integers, 3.0), not a bool."""
     if isinstance(value, bool):
@@ -206,6 +226,28 @@ class NaLaDiTPipeline(DiffusionPipeline):
                 raise ValueError(f"class_labels: id {label} is out of range; allowed ids are 0..{self.num_classes - 1}")
             ids.append(label)
         return ids
+
+    def estimated_bytes(self, height: int, width: int, images: int, guidance: bool = True) -> int:
+        """A lower estimate of the memory one denoising step needs at ``height`` x ``width`` for
+        ``images`` images: the transformer's widest activations (the MLP's 4x hidden plus the block
+        input, queries, keys and values) for every token, in the model's dtype, twice with guidance."""
+        config = self.transformer.config
+        tokens = (height // self.size_unit) * (width // self.size_unit)
+        hidden = config.num_attention_heads * config.attention_head_dim
+        element = torch.finfo(self.transformer.dtype).bits // 8
+        return (2 if guidance else 1) * images * tokens * hidden * (4 + 4) * element
+
+    def check_memory(self, height: int, width: int, images: int, guidance: bool = True) -> None:
+        """Refuse a size whose :meth:`estimated_bytes` exceeds the memory this device has free (CUDA:
+        ``mem_get_info``; CPU: the system's available memory), before anything is sampled or written."""
+        needed = self.estimated_bytes(height, width, images, guidance)
+        device = self._execution_device
+        free = available_memory(device)
+        if free is not None and needed > free:
+            raise ValueError(
+                f"{height}x{width} x {images} image(s) needs at least {needed / 2**30:.1f} GiB for its activations, "
+                f"more than the {free / 2**30:.1f} GiB free on {device}; sample fewer or smaller images (a smaller "
+                "--batch_size), or pass check_memory=False (--no_memory_check) to try anyway")
 
     @property
     def size_unit(self) -> int:
@@ -497,6 +539,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
         guidance_interval_unit: str = "timestep",
         guidance_channels: Union[str, int] = "all",
         use_learned_variance: bool = False,
+        check_memory: bool = True,
     ):
         r"""Generate images of the given classes.
 
@@ -550,6 +593,9 @@ class NaLaDiTPipeline(DiffusionPipeline):
                 Sample with the model's learned variance (its second half of channels); needs a model with
                 ``out_channels = 2 x in_channels`` and ``DDPMScheduler(variance_type="learned_range")``.
                 `False` drops it, as diffusers' DiTPipeline does.
+            check_memory (`bool`, *optional*, defaults to `True`):
+                Refuse a size whose activations alone would not fit in the device's free memory
+                (:meth:`check_memory`), before sampling; `False` tries anyway.
 
         Examples:
 
@@ -571,6 +617,8 @@ class NaLaDiTPipeline(DiffusionPipeline):
         ids = self.get_label_ids(class_labels)
         device = self._execution_device
         class_ids = torch.tensor(ids, device=device).repeat_interleave(num_images_per_label)  # (B,)
+        if check_memory:
+            self.check_memory(height, width, len(class_ids), guidance_scale != 1.0)
 
         previous_sharpness = attention_sharpness_of(self.transformer)
         try:

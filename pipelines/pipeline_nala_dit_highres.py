@@ -127,6 +127,7 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
         guidance_interval_unit: str = "timestep",
         guidance_channels: Union[str, int] = "all",
         use_learned_variance: bool = False,
+        check_memory: bool = True,
     ):
         r"""Generate images, possibly far above the training size.
 
@@ -134,7 +135,8 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
             class_labels, num_inference_steps, guidance_scale, num_images_per_label, generator,
             output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
             position_embedding, guidance_interval, guidance_interval_unit, guidance_channels,
-            use_learned_variance: as :meth:`NaLaDiTPipeline.__call__` (every stage samples with them).
+            use_learned_variance, check_memory: as :meth:`NaLaDiTPipeline.__call__` (every stage samples
+            with them; the memory check is for the final size).
             height (`int`, *optional*, defaults to `None`):
                 Output height in pixels (`None`: twice the training size).
             width (`int`, *optional*, defaults to `None`):
@@ -183,6 +185,8 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
         ids = self.get_label_ids(class_labels)
         device = self._execution_device
         class_ids = torch.tensor(ids, device=device).repeat_interleave(num_images_per_label)  # (B,)
+        if check_memory:
+            self.check_memory(height, width, len(class_ids), guidance_scale != 1.0)
         sizes = [(height, width)] if highres_mode == "direct" else self.stage_sizes(height, width, num_stages)
         common = dict(
             guidance_scale=guidance_scale,

@@ -65,6 +65,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "(softmax: logits x sqrt(log N / log n); NaLa: power calibrated on the model); 'off' (default), "
                              "or a factor for every layer")
     add_guidance_args(parser, dashes=True)
+    parser.add_argument("--no-memory-check", "--no_memory_check", dest="memory_check", action="store_false",
+                        help="sample even where the activations are estimated not to fit in free memory")
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: per label)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help='weights and compute dtype of the pipeline')
@@ -155,6 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             strength=args.strength,
             position_embedding=args.position_embedding,
             attention_sharpness=args.attention_sharpness,
+            check_memory=args.memory_check,
             **guidance_kwargs(args),
         )
     except ValueError as error:

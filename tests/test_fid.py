@@ -239,3 +239,16 @@ def test_a_domain_extractor_is_known_by_its_weights_not_its_path(assets, tmp_pat
     capsys.readouterr()
     assert cli(["compare", str(assets / "real"), str(stats), "--feature_extractor", str(copy), "--metrics", "fid"]) == 2
     assert "was made with extractor domain-classifier:" in capsys.readouterr().err
+
+
+def test_a_size_that_cannot_fit_is_refused_before_anything_is_written(assets, tmp_path, capsys):
+    from nala_diffusion.pipelines.sample import main as sample_main
+
+    out = tmp_path / "huge"
+    assert cli(["sample", *sample_args(assets, out, n=2), "--height", "40000", "--width", "40000"]) == 2
+    error = capsys.readouterr().err
+    assert "40000x40000 x 2 image(s) needs at least" in error and "--no_memory_check" in error
+    assert not (out / "fingerprint.json").exists() and not (out / "samples").exists()
+    assert sample_main(["--model", str(assets / "pipe"), "--height", "40000", "--width", "40000",
+                        "--out", str(tmp_path / "huge.png")]) == 2
+    assert "needs at least" in capsys.readouterr().err and not (tmp_path / "huge.png").exists()
