@@ -144,6 +144,7 @@ def run_sampling(args, state: PartialState) -> dict:
     args.steps, args.guidance = settings["num_inference_steps"], settings["guidance_scale"]
     fingerprint = {
         **pipeline_fingerprint(args.model, pipe), "steps": args.steps, "guidance": args.guidance,
+        "batch_size": args.batch_size,  # batched numerics move pixels by a level: another batch size, other images
         "height": args.height or pipe.default_sample_size, "width": args.width or pipe.default_sample_size,
         "labels": args.labels or f"balanced over {pipe.num_classes} classes", "seed": args.seed,
         "highres_mode": args.highres_mode,

@@ -55,6 +55,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def sample(pipe, folder, args, labels, count, weights: str):
     """Images 0 .. count - 1 in ``folder`` (reusing those a run with the same fingerprint made); their paths."""
     fingerprint = {**pipeline_fingerprint(weights, pipe), "steps": args.steps, "guidance": args.guidance,
+                   "batch_size": args.batch_size,
                    "seed": args.seed, "labels": f"balanced over {pipe.num_classes} classes"}
     guard_samples(folder, fingerprint, args.overwrite)
     generate_samples(pipe, folder, count, labels=labels, seed=args.seed, batch_size=args.batch_size,

@@ -35,7 +35,7 @@ import PIL.Image
 import torch
 
 from nala_diffusion.cli_args import HelpFormatter
-from nala_diffusion.run_guard import OutputLock, check_fingerprint, code_version, folder_weights_hash
+from nala_diffusion.run_guard import OutputLock, check_fingerprint, code_version, pipeline_weights_hash
 from nala_diffusion.lazy import lazy
 DDPMScheduler = lazy("diffusers", "DDPMScheduler")
 
@@ -219,7 +219,7 @@ def highres(run: str, out: str, args, real_stats, extractor, classifier=None, sh
     setting), scored on random training-size crops. Cached under ``name`` (default: the folder's
     name) and the hash of the pipeline's weights, so that two models in folders named alike, or new
     weights in the same folder, never share results."""
-    key = f"{name or os.path.basename(run.rstrip('/'))}_{folder_weights_hash(run)[:12]}"
+    key = f"{name or os.path.basename(run.rstrip('/'))}_{pipeline_weights_hash(run)[:12]}"
     suffix = "" if tuple(sharpness) == ("off",) else "_" + "_".join(sharpness)
     return cached(os.path.join(out, "scores", f"{key}_highres{suffix}.json"),
                   lambda: _highres(run, os.path.join(out, "highres", key), args, real_stats, extractor, classifier,

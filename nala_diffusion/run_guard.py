@@ -218,14 +218,45 @@ class OutputLock:
         self.release()
 
 
+def pipeline_weights_hash(folder: str) -> str:
+    """sha256 over the weights a pipeline folder's ``model_index.json`` loads (the ``*.safetensors`` of its
+    component subfolders): checkpoints, latent caches and other files beside them do not count. A
+    folder without ``model_index.json`` (a bare model) hashes every ``*.safetensors`` under it."""
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        return folder_weights_hash(folder)
+    with open(index_path, encoding="utf-8") as handle:
+        index = json.load(handle)
+    components = sorted(name for name, value in index.items()
+                        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0])
+    digest = hashlib.sha256()
+    files = sorted(os.path.join(name, file) for name in components if os.path.isdir(os.path.join(folder, name))
+                   for file in os.listdir(os.path.join(folder, name)) if file.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"{folder!r} holds no .safetensors weights in its components {components}")
+    for relative in files:
+        digest.update(relative.replace(os.sep, "/").encode())
+        with open(os.path.join(folder, relative), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _public(config) -> Dict[str, Any]:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
 def pipeline_fingerprint(model_path: str, pipe) -> Dict[str, Any]:
-    """What a pipeline folder contributes to its samples: weights hash, transformer config and the
+    """What a pipeline folder contributes to its samples: the hash of the weights it loads, the
+    transformer's and the VAE's configs (the VAE's scaling factor changes every image) and the
     scheduler with its settings."""
-    transformer = pipe.transformer
-    return {
-        "model_weights_sha256": folder_weights_hash(model_path) if os.path.isdir(model_path) else model_path,
-        "transformer_config": {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")},
+    fingerprint = {
+        "model_weights_sha256": pipeline_weights_hash(model_path) if os.path.isdir(model_path) else model_path,
+        "transformer_config": _public(pipe.transformer.config),
         "scheduler": type(pipe.scheduler).__name__,
-        "scheduler_config": {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")},
+        "scheduler_config": _public(pipe.scheduler.config),
         "code_version": code_version(),
     }
+    if getattr(pipe, "vae", None) is not None:
+        fingerprint["vae_config"] = _public(pipe.vae.config)
+    return fingerprint

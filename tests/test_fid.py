@@ -252,3 +252,33 @@ def test_a_size_that_cannot_fit_is_refused_before_anything_is_written(assets, tm
     assert sample_main(["--model", str(assets / "pipe"), "--height", "40000", "--width", "40000",
                         "--out", str(tmp_path / "huge.png")]) == 2
     assert "needs at least" in capsys.readouterr().err and not (tmp_path / "huge.png").exists()
+
+
+def test_samples_fingerprint_covers_vae_and_batch_size_and_only_the_loaded_weights(assets, tmp_path, capsys):
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from nala_diffusion.run_guard import pipeline_weights_hash
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        layers_per_block=1, sample_size=16).eval()
+    model = tmp_path / "latent_pipe"
+    NaLaDiTPipeline(tiny_nala(in_channels=4, num_classes=3), DDIMScheduler(), vae=vae).save_pretrained(model)
+    weights = pipeline_weights_hash(str(model))
+    (model / "checkpoint-5").mkdir()
+    shutil.copy(model / "transformer" / "diffusion_pytorch_model.safetensors", model / "checkpoint-5" / "model.safetensors")
+    assert pipeline_weights_hash(str(model)) == weights  # a checkpoint beside the pipeline is not what it loads
+    out = tmp_path / "samples"
+    args = ["sample", "--model", str(model), "--num_samples", "2", "--out", str(out), "--steps", "2", "--batch_size", "2"]
+    assert cli(args) == 0
+    shutil.rmtree(model / "checkpoint-5")
+    assert cli(args) == 0  # deleting the checkpoint does not invalidate the samples
+    capsys.readouterr()
+    assert cli([*args[:-1], "1"]) == 2 and "batch_size" in capsys.readouterr().err
+    config = json.loads((model / "vae" / "config.json").read_text())
+    config["scaling_factor"] = 0.5
+    (model / "vae" / "config.json").write_text(json.dumps(config))
+    assert cli(args) == 2 and "vae_config" in capsys.readouterr().err
