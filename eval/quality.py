@@ -27,10 +27,11 @@ DomainClassifier = lazy("nala_diffusion", "DomainClassifier")
 NaLaDiTPipeline = lazy("nala_diffusion", "NaLaDiTPipeline")
 NaLaDiTTransformer2DModel = lazy("nala_diffusion", "NaLaDiTTransformer2DModel")
 from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path
-load_dataset = lazy("nala_diffusion.data", "load_dataset")
 F = lazy("nala_diffusion.eval.features")
 M = lazy("nala_diffusion.eval.metrics")
-from nala_diffusion.eval.sampling import balanced_labels, generate_samples, guard_samples, sample_path
+from nala_diffusion.eval.sampling import (
+    balanced_labels, export_reference, generate_samples, guard_samples, sample_path,
+)
 from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
 
 
@@ -92,9 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def evaluate(args, pipe, settings) -> int:
-    real = os.path.join(args.out, "real")
-    if not os.path.isdir(real):
-        load_dataset(args.dataset, pipe.default_sample_size, split="test").export(real)
+    real = export_reference(args.dataset, pipe.default_sample_size, os.path.join(args.out, "real"), args.overwrite)
     labels = balanced_labels(args.num_samples, pipe.num_classes)
     untrained_count = min(args.untrained_samples or args.num_samples, args.num_samples)
     trained_files = sample(pipe, os.path.join(args.out, "trained"), args, labels, args.num_samples, args.model)

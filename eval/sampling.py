@@ -63,6 +63,42 @@ def save_png_atomically(image: PIL.Image.Image, path: str) -> None:
             os.remove(temporary)
 
 
+#: in an exported reference folder: what it was exported from (written last, so its presence means complete)
+REFERENCE_SOURCE = ".reference.json"
+
+
+def export_reference(dataset: str, resolution: int, folder: str, overwrite: bool = False, split: str = "test") -> str:
+    """``folder`` holding the ``split`` images of ``dataset`` at ``resolution`` as PNGs: exported aside
+    and renamed, with a record of its source, so that an interrupted export is never adopted and a
+    folder exported from another dataset or size is refused (``overwrite`` exports it again)."""
+    import json
+
+    from nala_diffusion.data import load_dataset
+
+    source = {"dataset": dataset, "resolution": resolution, "split": split}
+    if os.path.isdir(folder):
+        recorded = None
+        marker = os.path.join(folder, REFERENCE_SOURCE)
+        if os.path.isfile(marker):
+            with open(marker, encoding="utf-8") as handle:
+                recorded = json.load(handle)
+        if recorded is not None and {k: recorded.get(k) for k in source} == source:
+            return folder
+        if not overwrite:
+            what = (f"the {recorded['split']} images of {recorded['dataset']} at {recorded['resolution']} px"
+                    if recorded else "images of unknown origin (an interrupted export?)")
+            raise ValueError(f"{folder!r} holds {what}, not the {split} images of {dataset} at {resolution} px; pass "
+                             "--overwrite to export them again, or remove the folder")
+        shutil.rmtree(folder)
+    temporary = f"{folder}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    count = load_dataset(dataset, resolution, split=split).export(temporary)
+    with open(os.path.join(temporary, REFERENCE_SOURCE), "w", encoding="utf-8") as handle:
+        json.dump({**source, "images": count}, handle)
+    os.replace(temporary, folder)
+    return folder
+
+
 #: files made from a samples folder's images, removed with them by --overwrite
 DERIVED_FILES = ("fid.json", "samples.npz")
 

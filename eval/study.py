@@ -50,7 +50,9 @@ F = lazy("nala_diffusion.eval.features")
 M = lazy("nala_diffusion.eval.metrics")
 class_accuracy = lazy("nala_diffusion.eval.quality", "class_accuracy")
 retrieval = lazy("nala_diffusion.eval.retrieval")
-from nala_diffusion.eval.sampling import SAMPLE_DIR, balanced_labels, generate_samples, save_png_atomically
+from nala_diffusion.eval.sampling import (
+    SAMPLE_DIR, balanced_labels, export_reference, generate_samples, save_png_atomically,
+)
 from nala_diffusion.pipelines.sample import save_grid_atomically
 train_nala_dit = lazy("nala_diffusion.train.train_nala_dit")
 
@@ -503,7 +505,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 # what a study writes and a rerun reuses (under OUT)
-STUDY_OUTPUTS = ("runs", "scores", "samples", "highres", "results.json", "results.md", "model_config.json",
+STUDY_OUTPUTS = ("runs", "scores", "samples", "highres", "real", "results.json", "results.md", "model_config.json",
                  "retrieval_gain.png")
 
 
@@ -512,9 +514,7 @@ def run_study(args, argv) -> int:
         return write_results(args.out, retrieval_study(args, argv), retrieval_tables)
     classifier_path = args.classifier or demo_classifier_path()
     test = load_dataset("builtin:photos", 32, split="test")
-    real = os.path.join(args.out, "real")
-    if not os.path.isdir(real):
-        test.export(real)
+    real = export_reference("builtin:photos", 32, os.path.join(args.out, "real"), args.overwrite)
     extractor = F.classifier_extractor(classifier_path, torch.device("cpu"))
     classifier = DomainClassifier.from_pretrained(classifier_path).eval()
     real_feats = F.folder_features(real, extractor, "cpu", verbose=False)

@@ -48,3 +48,20 @@ def test_classifier_training_measures_held_out_images_only(tmp_path, capsys):
 
     metrics = json.loads((tmp_path / "cls" / "metrics.json").read_text())
     assert metrics["test_images"] == 6 and metrics["test_source"] == str(tmp_path / "test")
+
+
+def test_reference_exports_are_atomic_and_recorded(tmp_path):
+    from nala_diffusion.eval.sampling import export_reference
+    from nala_diffusion.eval.features import image_files
+
+    real = tmp_path / "real"
+    (real / "astronaut").mkdir(parents=True)  # what a killed export leaves: some images, no record
+    PIL.Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(real / "astronaut" / "00000.png")
+    with pytest.raises(ValueError, match="images of unknown origin .* pass --overwrite"):
+        export_reference("builtin:photos", 32, str(real))
+    export_reference("builtin:photos", 32, str(real), overwrite=True)
+    assert len(image_files(str(real))) == 1000 and not list(tmp_path.glob("real.tmp-*"))
+    assert export_reference("builtin:photos", 32, str(real)) == str(real)  # the same source: reused
+    with pytest.raises(ValueError, match="holds the test images of builtin:photos at 32 px, not the test images of "
+                                         "builtin:pairs at 32 px"):
+        export_reference("builtin:pairs", 32, str(real))
