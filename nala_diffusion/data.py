@@ -133,14 +133,18 @@ def dataset_id2label(dataset: Dataset) -> Dict[int, str]:
     return {i: str(name) for i, name in enumerate(getattr(dataset, "classes"))}
 
 
-def dataset_fingerprint(dataset: Dataset, resolution: int, extra: Optional[str] = None) -> str:
-    """A short hash of the file list and settings, naming a latent cache that fits this data."""
+def dataset_fingerprint(dataset: Dataset, resolution: int, extra: Optional[str] = None, name: Optional[str] = None
+                        ) -> str:
+    """A short hash of the data and settings: a built-in dataset's ``name``, or an ImageFolder's file list
+    (paths under its root, labels, sizes and modification times); names latent caches and checks resumes."""
     import hashlib
 
-    digest = hashlib.sha256(f"{resolution}|{extra}".encode())
+    digest = hashlib.sha256(f"{resolution}|{extra}|{name if name and name.startswith('builtin:') else ''}".encode())
+    root = getattr(dataset, "root", None)
     for path, label in getattr(dataset, "samples", []):
         stat = os.stat(path)
-        digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        shown = os.path.relpath(path, root) if root else path
+        digest.update(f"{shown}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     digest.update(str(len(dataset)).encode())
     return digest.hexdigest()[:16]
 

@@ -202,6 +202,31 @@ def test_latent_space_with_cached_latents(data, tmp_path):
     pipe = NaLaDiTPipeline.from_pretrained(out)
     assert pipe.vae is not None and pipe.transformer.config.in_channels == 4 and pipe.transformer.config.sample_size == 8
     assert pipe([1], num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+    # another VAE at the same path: resume is refused, and a new run does not reuse the old latents
+    torch.manual_seed(1)
+    type(vae)(**vae.config).save_pretrained(tmp_path / "vae")
+    result = train(base_args(data, out, steps=6, vae=tmp_path / "vae", cache_latents=True,
+                             resume_from_checkpoint="latest"), check=False)
+    assert result.returncode == 2 and "--vae weights: checkpoint" in result.stderr
+    train(base_args(data, tmp_path / "again", steps=1, vae=tmp_path / "vae", cache_latents=True))
+    assert len(list((out / "latent_cache").glob("*.safetensors"))) == 1  # nothing added to the old run
+
+
+def test_resume_refuses_other_data_behind_the_same_class_names(data, tmp_path):
+    out = tmp_path / "run"
+    copy = tmp_path / "images"
+    for image in (data / "images").rglob("*.png"):
+        target = copy / image.relative_to(data / "images")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(image.read_bytes())
+    args = base_args(data, out, steps=4)
+    args[args.index("--train_data_dir") + 1] = str(copy)
+    train(args)
+    Image.fromarray(np.full((20, 24, 3), 7, np.uint8)).save(copy / "class1" / "0.png")  # one image changed
+    resumed = [*args[:args.index("--max_train_steps") + 1], "6", *args[args.index("--max_train_steps") + 2:],
+               "--resume_from_checkpoint", "latest"]
+    result = train(resumed, check=False)
+    assert result.returncode == 2 and "the training data (another dataset, or files added" in result.stderr
 
 
 def test_errors_are_clear_and_overwrite_nothing(data, tmp_path, capsys):

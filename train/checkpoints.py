@@ -135,6 +135,28 @@ def read_state(path: str) -> Dict[str, Any]:
         return json.load(handle)
 
 
+def input_problems(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """What differs in the data and the weights a run reads (VAE, teacher, initialisation) between a
+    checkpoint and this run; checkpoints written before these were recorded pass."""
+    problems = []
+    if "data_fingerprint" in saved and saved["data_fingerprint"] != current.get("data_fingerprint"):
+        problems.append("the training data (another dataset, or files added, removed or changed): fingerprint "
+                        f"{saved['data_fingerprint']} at the checkpoint, {current.get('data_fingerprint')} now")
+    for key, value in saved.get("input_weights", {}).items():
+        now = current.get("input_weights", {}).get(key)
+        if value != now:
+            problems.append(f"--{key} weights: checkpoint {value!r}, this run {now!r}")
+    return problems
+
+
+def check_inputs(saved: Dict[str, Any], current: Dict[str, Any], path: str) -> None:
+    """:func:`input_problems` as a refusal, early: before latents are cached or models loaded."""
+    problems = input_problems(saved, current)
+    if problems:
+        raise ValueError(f"cannot resume from {path}: incompatible inputs\n  " + "\n  ".join(problems)
+                         + "\nResume with the checkpoint's data and weights, or pass --overwrite to start again.")
+
+
 def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], path: str) -> None:
     """Refuse to resume when the model or the data layout differs from the checkpoint's."""
     problems = []
@@ -147,6 +169,7 @@ def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], path: str) 
             problems.append(f"{key}: checkpoint {saved.get(key)!r}, this run {current.get(key)!r}")
     if "class_names" in saved and saved["class_names"] != current.get("class_names"):
         problems.append(f"class names: checkpoint {saved['class_names']!r}, this run {current.get('class_names')!r}")
+    problems += input_problems(saved, current)
     saved_args, current_args = saved.get("result_args", {}), current.get("result_args", {})
     for key in sorted(set(saved_args) & set(current_args)):
         if saved_args[key] != current_args[key]:

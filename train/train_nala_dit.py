@@ -321,6 +321,18 @@ def clear_run(folder: str) -> List[str]:
 SHARDED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
+def weights_id(path: Optional[str]) -> Optional[str]:
+    """The sha256 of the weights a local folder loads (pipeline components, or every safetensors file),
+    or the Hub id as given; None for no path."""
+    if not path:
+        return None
+    if os.path.isdir(path):
+        from nala_diffusion.run_guard import pipeline_weights_hash
+
+        return pipeline_weights_hash(path)
+    return path
+
+
 def check_distributed(accelerator) -> None:
     """Refuse sharded training: validation sampling and the EMA read the full parameters of the unwrapped
     model on one process, which FSDP and DeepSpeed shard across processes. DDP (and one process) work."""
@@ -362,6 +374,7 @@ def train(args) -> int:
         )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     dataset = load_dataset(args.dataset or args.train_data_dir, args.resolution)
+    data_fingerprint = dataset_fingerprint(dataset, args.resolution, name=args.dataset)
     if len(dataset) == 0:
         raise ValueError("the dataset holds no images")
     id2label = dataset_id2label(dataset)
@@ -389,12 +402,19 @@ def train(args) -> int:
         if removed:
             logger.warning(f"removed partially written checkpoints {removed}", main_process_only=True)
 
-    # 1. Data and VAE
+    # 1. Data and VAE; the weights that go into the run, by hash, for resume checks
+    input_weights = {key: weights_id(getattr(args, key)) for key in ("vae", "teacher", "init_from")}
+    if resume_path:
+        checkpoints.check_inputs(checkpoints.read_state(resume_path),
+                                 {"data_fingerprint": data_fingerprint, "input_weights": input_weights}, resume_path)
     vae = AutoencoderKL.from_pretrained(args.vae, use_safetensors=True).to(accelerator.device).eval() if args.vae else None
     if vae is not None:
         vae.requires_grad_(False)
     if args.cache_latents:
-        cache = os.path.join(args.output_dir, "latent_cache", f"{dataset_fingerprint(dataset, args.resolution, args.vae)}.safetensors")
+        # named by the data and the VAE's weights: a VAE replaced at the same path gets its own latents
+        vae_id = f"{args.vae}|{input_weights['vae']}"
+        cache = os.path.join(args.output_dir, "latent_cache",
+                             f"{dataset_fingerprint(dataset, args.resolution, vae_id, name=args.dataset)}.safetensors")
         if accelerator.is_main_process and not os.path.exists(cache):
             build_latent_cache(dataset, vae, cache)
         accelerator.wait_for_everyone()
@@ -453,6 +473,7 @@ def train(args) -> int:
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "num_processes": accelerator.num_processes, "latent_space": vae is not None, "args": vars(args),
         "class_names": [id2label[i] for i in sorted(id2label)],
+        "data_fingerprint": data_fingerprint, "input_weights": input_weights,
         "result_args": {k: v for k, v in vars(args).items() if k not in RESUME_FREE_ARGS},
     }
     global_step = batch_index = 0
