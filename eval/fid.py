@@ -23,7 +23,7 @@ import torch
 from nala_diffusion.lazy import lazy
 PartialState = lazy("accelerate", "PartialState")
 
-from nala_diffusion.cli_args import HelpFormatter, positive_int
+from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error, positive_int
 from nala_diffusion.eval.feature_constants import METRICS, MODES, TORCHSCRIPT_WEIGHTS
 from nala_diffusion.distributed import use_cpu_processes
 F = lazy("nala_diffusion.eval.features")
@@ -348,9 +348,11 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         return main(args)
-    except (ValueError, F.MissingWeightsError) as error:
+    except F.MissingWeightsError as error:
         print(f"nala-fid: error: {error}", file=sys.stderr)
         return 2
+    except ValueError as error:
+        return exit_on_input_error("nala-fid", error)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from nala_diffusion.cli_args import HelpFormatter, positive_int
+from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error, positive_int
 
 from nala_diffusion.lazy import lazy
 DomainClassifier = lazy("nala_diffusion", "DomainClassifier")
@@ -88,8 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with OutputLock(args.out, "the quality folder"):
             return evaluate(args, pipe, settings)
     except ValueError as error:
-        print(f"nala-quality: error: {error}", file=sys.stderr)
-        return 2
+        return exit_on_input_error("nala-quality", error)
 
 
 def evaluate(args, pipe, settings) -> int:

@@ -32,7 +32,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from nala_diffusion.cli_args import HelpFormatter, positive_int
+from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error, positive_int
 from nala_diffusion.lazy import lazy
 from nala_diffusion.options import ATTENTION_TYPES
 from nala_diffusion.run_guard import write_json_atomically
@@ -197,9 +197,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         result = measure(args.model, args.timesteps, args.gain_images, args.mass_images, args.seed, args.layout)
-    except (OSError, ValueError) as error:
+    except OSError as error:
         print(f"nala-retrieval: error: {error}", file=sys.stderr)
         return 2
+    except ValueError as error:
+        return exit_on_input_error("nala-retrieval", error)
     write_json_atomically(args.json, result)
     gain = result["gain"]
     print(f"retrieval gain (unpaired - paired eps-MSE): " + ", ".join(f"t={t}: {g:+.5f}" for t, g in gain["gain"].items()))

@@ -34,7 +34,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from nala_diffusion.cli_args import HelpFormatter
+from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error
 from nala_diffusion.run_guard import OutputLock, check_fingerprint, code_version, pipeline_weights_hash
 from nala_diffusion.lazy import lazy
 DDPMScheduler = lazy("diffusers", "DDPMScheduler")
@@ -500,8 +500,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                              for d in STUDY_OUTPUTS])
             return run_study(args, argv)
     except ValueError as error:
-        print(f"nala-study: error: {error}", file=sys.stderr)
-        return 2
+        return exit_on_input_error("nala-study", error)
 
 
 # what a study writes and a rerun reuses (under OUT)

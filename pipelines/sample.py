@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from nala_diffusion.cli_args import HelpFormatter
+from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error
 
 from nala_diffusion.files import new_file_mode
 from nala_diffusion.pipelines.schedulers import HIGHRES_MODES, SCHEDULERS, add_guidance_args, guidance_kwargs, set_sampler
@@ -136,8 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         set_sampler(pipe, args.scheduler, args.learned_variance)
     except ValueError as error:
-        print(f"nala-sample: error: {error}", file=sys.stderr)
-        return 2
+        return exit_on_input_error("nala-sample", error)
     labels: List[Union[int, str]] = args.labels if args.labels is not None else list(range(pipe.num_classes))
     height = args.height or pipe.default_sample_size
     width = args.width or pipe.default_sample_size
@@ -161,8 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             **guidance_kwargs(args),
         )
     except ValueError as error:
-        print(f"nala-sample: {error}", file=sys.stderr)
-        return 2
+        return exit_on_input_error("nala-sample", error)
     nrow = args.nrow or (args.images_per_label if args.images_per_label > 1 else min(len(labels), 8))
     save_grid_atomically(output.images.float().cpu(), args.out, nrow)
     for stage in output.stages:

@@ -55,3 +55,19 @@ def test_help_does_not_import_diffusers_accelerate_or_clean_fid():
             "print([name for name in ('diffusers', 'accelerate', 'cleanfid') if name in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_input_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    from nala_diffusion.cli_args import exit_on_input_error
+    from nala_diffusion.options import layer_attention_types
+
+    try:
+        layer_attention_types(2, softmax_layers=[5])  # the user's mistake, refused by the project
+    except ValueError as error:
+        assert exit_on_input_error("nala-x", error) == 2
+    assert capsys.readouterr().err.startswith("nala-x: error: softmax_layers index 5 is out of range")
+    try:
+        int("not a number")  # a ValueError no project code raised on purpose: a bug, shown whole
+    except ValueError as error:
+        with pytest.raises(ValueError, match="invalid literal"):
+            exit_on_input_error("nala-x", error)

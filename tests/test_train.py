@@ -148,6 +148,8 @@ def test_two_cpu_processes(data, tmp_path):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     train(base_args(data, out, steps=4), launcher=launcher, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    # --overwrite on two processes: one removes the old run, neither trips over the other
+    train(base_args(data, out, steps=4, overwrite=True), launcher=launcher, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     state = json.loads((out / "checkpoint-4" / "training_state.json").read_text())
     assert state["num_processes"] == 2 and (out / "checkpoint-4" / "random_states_1.pkl").exists()
     images = NaLaDiTPipeline.from_pretrained(out)([0, 1], num_inference_steps=2, output_type="np").images

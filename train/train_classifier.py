@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from nala_diffusion.classifier import DomainClassifier
+from nala_diffusion.cli_args import exit_on_input_error
 from nala_diffusion.data import load_dataset
 from nala_diffusion.files import follow_umask
 
@@ -95,8 +96,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return main(parse_args(argv))
     except ValueError as error:
-        print(f"train_classifier: error: {error}", file=sys.stderr)
-        return 2
+        return exit_on_input_error("train_classifier", error)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nala_diffusion.cli_args import HelpFormatter, positive_int
+from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error, positive_int
 from nala_diffusion.learned_variance import VARIANCE_LOSSES
 from nala_diffusion.distributed import use_cpu_processes
 from nala_diffusion.lazy import lazy
@@ -356,10 +356,11 @@ def train(args) -> int:
     finished = os.path.exists(os.path.join(args.output_dir, "model_index.json"))
     has_run = bool(checkpoints.list_checkpoints(args.output_dir)) or finished
     if has_run and args.overwrite:
-        removed = clear_run(args.output_dir)
-        logger_warning(f"--overwrite: removed the earlier run in {args.output_dir} ({', '.join(removed)})")
+        if int(os.environ.get("RANK", "0")) == 0:  # one process removes; the others start fresh with it
+            removed = clear_run(args.output_dir)
+            logger_warning(f"--overwrite: removed the earlier run in {args.output_dir} ({', '.join(removed)})")
         has_run = finished = False
-    resume_path = checkpoints.resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    resume_path = None if args.overwrite else checkpoints.resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if has_run and args.resume_from_checkpoint is None:
         raise ValueError(
             f"output_dir {args.output_dir!r} already holds a training run; pass --resume_from_checkpoint latest "
@@ -652,8 +653,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return main(parse_args(argv))
     except ValueError as error:
-        print(f"nala-train: error: {error}", file=sys.stderr)
-        return 2
+        return exit_on_input_error("nala-train", error)
 
 
 if __name__ == "__main__":
