@@ -129,3 +129,25 @@ def test_shipped_demo_samples_are_recognised_by_the_classifier():
     with torch.no_grad():
         predictions = classifier((images * 255).round() / 255).argmax(-1)  # as the PNGs hold them
     assert (predictions == torch.tensor(labels)).float().mean().item() >= 0.8
+
+
+def test_quality_tool_on_a_latent_pipeline_with_a_vae(tmp_path):
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    from nala_diffusion import NaLaDiTTransformer2DModel
+    from nala_diffusion.eval import quality
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        layers_per_block=1, sample_size=32).eval()
+    transformer = NaLaDiTTransformer2DModel(num_layers=1, num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                            sample_size=16, patch_size=4, num_classes=10, norm_num_groups=1)
+    NaLaDiTPipeline(transformer, DDIMScheduler(), vae=vae).save_pretrained(tmp_path / "pipe")
+    assert quality.main(["--model", str(tmp_path / "pipe"), "--classifier", nala_diffusion.demo_classifier_path(),
+                         "--num_samples", "10", "--steps", "2", "--out", str(tmp_path / "q")]) == 0
+    result = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert result["fid_trained"] > 0 and result["num_real"] == 1000
+    image = PIL.Image.open(tmp_path / "q" / "trained" / "samples" / "000000.png")
+    assert image.size == (32, 32)  # pixels: 16 latent x the VAE's factor 2, the real crops' size
+    assert PIL.Image.open(next((tmp_path / "q" / "real").rglob("*.png"))).size == (32, 32)
