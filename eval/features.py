@@ -158,9 +158,10 @@ def inception_heads(base: torch.nn.Module, mode: str):
         except AttributeError as error:
             unavailable["sfid"] = f"this Inception network does not expose mixed_6/conv ({error})"
         else:
-            def spatial(x):  # x in [0, 255], already 299 x 299 (clean mode resizes before the network)
+            def mixed_6_conv(x):  # x in [0, 255], already 299 x 299 (clean mode resizes before the network)
                 out = stages((x - 128) / 128)  # (B, 192, 17, 17)
                 return out[:, :SPATIAL_CHANNELS].flatten(1)  # (B, 7 * 17 * 17)
+            spatial = mixed_6_conv
     return logits, spatial, unavailable
 
 

@@ -5,9 +5,8 @@ hash and config, the scheduler, the sampling settings, the seed, the code versio
 same folder continues only when its fingerprint is the same; otherwise it refuses, naming the
 fields that differ, unless told to overwrite (the old outputs are then removed first).
 
-A **lock** (``.lock``, holding the process id and host) keeps two runs from writing one folder at
-the same time. A lock whose process is gone (same host, dead pid) is stale and is taken over with a
-warning.
+A **lock** (``.lock``, a kernel lock that dies with its process; the file names the holder's process
+id and host) keeps two runs from writing one folder at the same time.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import os
 import socket
 import tempfile
 import time
-import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from .files import new_file_mode
@@ -134,22 +132,13 @@ def check_fingerprint(
     return status
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
 class OutputLock:
     """``with OutputLock(folder): ...``: hold ``folder/.lock`` while writing ``folder``.
 
-    A second writer gets a ``ValueError`` naming the holder's process id and host. A lock left by a
-    process that has died (same host) is taken over with a warning; a lock from another host is
-    never assumed stale (remove the file by hand if that run is gone).
+    The lock is the kernel's (``fcntl.flock``), so it dies with its process: a run killed by SIGKILL,
+    a restarted container, another PID namespace or a lock file left empty by a full disk never
+    block a later run, and no stale lock is ever "taken over". The file also records the holder's
+    process id and host, so that a second writer gets a ``ValueError`` naming them.
     """
 
     def __init__(self, folder: str, what: str = "this folder"):
@@ -157,59 +146,65 @@ class OutputLock:
         self.path = os.path.join(folder, LOCK_FILE)
         self.what = what
         self.held = False
+        self._fd: Optional[int] = None
 
-    def _claim(self) -> bool:
+    def _holder(self) -> Dict[str, Any]:
         try:
-            handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, stream)
-        return True
+            with open(self.path, encoding="utf-8") as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return {}
 
     def acquire(self) -> "OutputLock":
+        import fcntl
+
+        if self.held:
+            raise ValueError(f"{self.path} is already held by this process")
         self.created = not os.path.isdir(self.folder)
         os.makedirs(self.folder, exist_ok=True)
-        for _ in range(3):
-            if self._claim():
-                self.held = True
-                return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, new_file_mode())
             try:
-                with open(self.path, encoding="utf-8") as handle:
-                    holder = json.load(handle)
-            except (OSError, ValueError):
-                holder = {}
-            pid, host = holder.get("pid"), holder.get("host")
-            if pid == os.getpid() and host == socket.gethostname():
-                raise ValueError(f"{self.path} is already held by this process")
-            if host == socket.gethostname() and isinstance(pid, int) and not _process_alive(pid):
-                warnings.warn(f"taking over the stale lock {self.path} of process {pid}, which is no longer running")
-                try:
-                    os.remove(self.path)
-                except FileNotFoundError:
-                    pass
-                continue
-            if not holder:  # a lock being written this instant, or garbage: look again
-                time.sleep(0.2)
-                continue
-            raise ValueError(
-                f"{self.what} {self.folder!r} is being written by process {pid} on {host} (lock file {self.path}); "
-                "wait for it to finish, or remove the lock file if that process is gone"
-            )
-        raise ValueError(f"could not take the lock {self.path}; remove it if no run is writing {self.folder!r}")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = self._holder()
+                raise ValueError(
+                    f"{self.what} {self.folder!r} is being written by process {holder.get('pid', '?')} on "
+                    f"{holder.get('host', '?')} (lock file {self.path}); wait for it to finish") from None
+            try:  # the holder before us may have removed the file between our open and our lock: retry
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self._fd, self.held = fd, True
+        try:  # who holds it, for the message a second writer gets; the lock does not depend on it
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode())
+        except OSError:  # a full disk: the lock is held all the same
+            pass
+        return self
 
     def release(self) -> None:
-        if self.held:
-            self.held = False
+        if not self.held:
+            return
+        import fcntl
+
+        self.held = False
+        try:
+            os.remove(self.path)  # while still locked: a waiting process then sees another inode and retries
+        except FileNotFoundError:
+            pass
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+        if getattr(self, "created", False):
             try:
-                os.remove(self.path)
-            except FileNotFoundError:
+                os.rmdir(self.folder)  # made only for the lock, and nothing was written: leave no trace
+            except OSError:
                 pass
-            if getattr(self, "created", False):
-                try:
-                    os.rmdir(self.folder)  # made only for the lock, and nothing was written: leave no trace
-                except OSError:
-                    pass
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()

@@ -1,8 +1,6 @@
 """Tiny model factories shared by the tests (2 layers, 2 heads, head_dim 8), and other test helpers."""
 
 import contextlib
-import json
-import socket
 import subprocess
 import sys
 
@@ -76,14 +74,25 @@ class LargestAllocation(TorchDispatchMode):
         return out
 
 
+HOLD_LOCK = """
+import fcntl, json, os, socket, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
 @contextlib.contextmanager
 def lock_held_by_a_live_process(folder):
-    """Inside the block, ``folder/.lock`` names a running process of this host (its pid is yielded);
-    afterwards that process is gone, so the lock is stale."""
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    """Inside the block, ``folder/.lock`` is locked by a running process (its pid is yielded), as a
+    run writing the folder holds it; afterwards that process is gone and the lock with it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
-        (folder / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
-        yield sleeper.pid
+        assert holder.stdout.readline().strip() == "ready"
+        yield holder.pid
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        holder.kill()
+        holder.wait()

@@ -65,3 +65,48 @@ def test_reference_exports_are_atomic_and_recorded(tmp_path):
     with pytest.raises(ValueError, match="holds the test images of builtin:photos at 32 px, not the test images of "
                                          "builtin:pairs at 32 px"):
         export_reference("builtin:pairs", 32, str(real))
+
+
+RACE = """
+import os, sys, time
+from nala_diffusion.run_guard import OutputLock
+folder, start = sys.argv[1], float(sys.argv[2])
+while time.time() < start:
+    time.sleep(0.001)
+try:
+    with OutputLock(folder, "the race folder"):
+        inside = os.path.join(folder, "inside")
+        fd = os.open(inside, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # fails if another holder is inside
+        time.sleep(0.05)
+        os.close(fd)
+        os.remove(inside)
+    print("held")
+except ValueError as error:
+    print("refused" if "being written by process" in str(error) else f"other: {error}")
+"""
+
+
+@pytest.mark.slow
+def test_many_starters_never_hold_one_lock_together(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import json
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that no longer runs
+    outcomes = []
+    for trial in range(10):
+        folder = tmp_path / f"race{trial}"
+        folder.mkdir()  # each race starts from a lock file left by a killed run, the case that raced before
+        (folder / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+        start = time.time() + 1.5
+        starters = [subprocess.Popen([sys.executable, "-c", RACE, str(folder), str(start)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True) for _ in range(8)]
+        results = [p.communicate(timeout=120) for p in starters]
+        assert all(p.returncode == 0 for p in starters), [r[1][-500:] for r in results]
+        outcomes += [r[0].strip() for r in results]
+        assert not (folder / "inside").exists() and not (folder / ".lock").exists()
+    assert set(outcomes) <= {"held", "refused"} and "held" in outcomes

@@ -33,7 +33,7 @@ from nala_diffusion.distributed import use_cpu_processes
 from nala_diffusion.lazy import lazy
 from nala_diffusion.options import ATTENTION_TYPES, FIELDS, add_option_flags, config_key, layer_attention_types
 from nala_diffusion.pipelines.sample import save_grid_atomically
-from nala_diffusion.run_guard import LOCK_FILE, OutputLock
+from nala_diffusion.run_guard import OutputLock
 from nala_diffusion.train.run_log import CsvLog
 
 # imported on first use, so that --help answers at once
