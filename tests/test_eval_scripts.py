@@ -248,6 +248,14 @@ def test_entropy_inputs_of_a_latent_model_are_latents_of_its_size_noised_by_its_
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     alpha_bar = scheduler.alphas_cumprod[999]
     torch.testing.assert_close(noisy, alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise)
+    # the whole tool on that pipeline: per-layer entropies and the saturation report
+    pipe.save_pretrained(tmp_path / "latent_pipe")
+    path = tmp_path / "latent.json"
+    assert attention_entropy.main(["--model", str(tmp_path / "latent_pipe"), "--data", str(tmp_path / "data"),
+                                   "--images", "2", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert sorted(result["saturation"]) == sorted(result["layers"]) == ["transformer_blocks.0.attn1",
+                                                                      "transformer_blocks.1.attn1"]
 
 
 def test_highres_study_results_are_keyed_by_name_and_weights(tmp_path, monkeypatch):
