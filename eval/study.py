@@ -216,7 +216,7 @@ def _score(run: str, folder: str, args, real_feats, real_stats, extractor, class
 
 
 def highres(run: str, out: str, args, real_stats, extractor, classifier=None, sharpness=("off",),
-            name: Optional[str] = None) -> List[dict]:
+            name: Optional[str] = None, real_feats=None) -> List[dict]:
     """Sampling at 2x and 4x the training side, direct and progressive (and each ``sharpness``
     setting), scored on random training-size crops. Cached under ``name`` (default: the folder's
     name) and the hash of the pipeline's weights, so that two models in folders named alike, or new
@@ -225,7 +225,7 @@ def highres(run: str, out: str, args, real_stats, extractor, classifier=None, sh
     suffix = "" if tuple(sharpness) == ("off",) else "_" + "_".join(sharpness)
     return cached(os.path.join(out, "scores", f"{key}_highres{suffix}.json"),
                   lambda: _highres(run, os.path.join(out, "highres", key), args, real_stats, extractor, classifier,
-                                   sharpness))
+                                   sharpness, real_feats))
 
 
 def crop_accuracy(classifier, crops: torch.Tensor, labels: torch.Tensor) -> float:
@@ -235,7 +235,8 @@ def crop_accuracy(classifier, crops: torch.Tensor, labels: torch.Tensor) -> floa
     return float((predictions == labels).float().mean())
 
 
-def _highres(run: str, crop_root: str, args, real_stats, extractor, classifier, sharpness) -> List[dict]:
+def _highres(run: str, crop_root: str, args, real_stats, extractor, classifier, sharpness, real_feats=None
+             ) -> List[dict]:
     pipe = NaLaDiTHighResPipeline.from_pretrained(run)
     pipe.set_progress_bar_config(disable=True)
     side = pipe.default_sample_size
@@ -273,6 +274,9 @@ def _highres(run: str, crop_root: str, args, real_stats, extractor, classifier, 
         row = {"factor": factor, "mode": mode, "sharpness": setting, "side": factor * side, "seconds_per_image": seconds,
                "peak_mib_one_image": probe.peak / 2**20, "crop_fid": F.frechet_distance(*F.statistics(feats), *real_stats),
                "crops": len(crops)}
+        if real_feats is not None:  # the rest of the suite on the crops, as the scores beside FID
+            suite = M.suite(feats, real_feats, extractor.logits)
+            row.update({"crop_is": suite["is_mean"], "crop_precision": suite["precision"], "crop_recall": suite["recall"]})
         if classifier is not None:
             row["crop_accuracy"] = crop_accuracy(classifier, torch.stack(crops), torch.tensor(crop_labels))
         report = out.stages[-1].get("attention_report")
@@ -284,12 +288,14 @@ def _highres(run: str, crop_root: str, args, real_stats, extractor, classifier, 
 
 def highres_tables(results: dict) -> str:
     lines = [f"Command: `{results['command']}`", "",
-             "| model | side | mode | sharpness | crop accuracy | crop FID | s/image | peak MiB (one image) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | side | mode | sharpness | crop accuracy | crop FID | crop IS | crop precision | crop recall | "
+             "s/image | peak MiB (one image) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, rows in results["highres"].items():
         for r in rows:
+            suite = " | ".join(mean_std([r.get(k)]) for k in ("crop_is", "crop_precision", "crop_recall"))
             lines.append(f"| {name} | {r['side']} | {r['mode']} | {r['sharpness']} | {r.get('crop_accuracy', float('nan')):.3f} | "
-                         f"{r['crop_fid']:.4g} | {r['seconds_per_image']:.3g} | {r['peak_mib_one_image']:.1f} |")
+                         f"{r['crop_fid']:.4g} | {suite} | {r['seconds_per_image']:.3g} | {r['peak_mib_one_image']:.1f} |")
     lines += ["", "| model | side | mode | sharpness per layer (auto) |", "| --- | --- | --- | --- |"]
     for name, rows in results["highres"].items():
         for r in rows:
@@ -335,10 +341,13 @@ def tables(results: dict) -> str:
     for name, r in results["conversion"].items():
         lines.append(f"| {name} | {r['steps']} | " + " | ".join(mean_std([r.get(k)]) for k in (
             "class_accuracy", "fid", "kid", "is_mean", "precision", "recall", "heldout_loss", "seconds_per_step")) + " |")
-    lines += ["", "| model | side | mode | crop FID | s/image | peak MiB (one image) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| model | side | mode | crop FID | crop precision | crop recall | s/image | peak MiB (one image) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, rows in results["highres"].items():
         for r in rows:
-            lines.append(f"| {name} | {r['side']} | {r['mode']} | {r['crop_fid']:.4g} | {r['seconds_per_image']:.3g} | {r['peak_mib_one_image']:.1f} |")
+            suite = " | ".join(mean_std([r.get(k)]) for k in ("crop_precision", "crop_recall"))
+            lines.append(f"| {name} | {r['side']} | {r['mode']} | {r['crop_fid']:.4g} | {suite} | {r['seconds_per_image']:.3g} | "
+                         f"{r['peak_mib_one_image']:.1f} |")
     lines += ["", "| model | layer | Spearman(entropy, ‖q‖) | mean entropy |", "| --- | --- | --- | --- |"]
     for name, layers in results["entropy"].items():
         for layer, s in layers.items():
@@ -530,7 +539,7 @@ def run_study(args, argv) -> int:
         results = {"command": results["command"], "highres": {}}
         for name, folder in models.items():
             results["highres"][name] = highres(folder, args.out, args, real_stats, extractor, classifier, ("off", "auto"),
-                                               name=name)
+                                               name=name, real_feats=real_feats)
         return write_results(args.out, results, highres_tables)
     if args.study == "norm":
         return write_results(args.out, norm_study(args, argv, run_and_score), norm_tables)
@@ -544,7 +553,7 @@ def run_study(args, argv) -> int:
         "convert_nala_distilled", convert + ["--teacher", teacher], short, args.seeds[0])
     for kind in ("softmax", "nala_relu_split"):
         run = results["scratch"][kind][0]["folder"]
-        results["highres"][kind] = highres(run, args.out, args, real_stats, extractor)
+        results["highres"][kind] = highres(run, args.out, args, real_stats, extractor, real_feats=real_feats)
     for kind, runs in results["scratch"].items():
         results["entropy"][kind] = entropy(runs[0]["folder"], args.out, kind)
     return write_results(args.out, results, tables)

@@ -189,6 +189,7 @@ def test_highres_study_scores_every_setting(tmp_path):
     assert [(r["side"], r["mode"], r["sharpness"]) for r in rows] == [(32, "direct", "off")] + [
         (s, m, h) for s in (64, 128) for m in ("direct", "progressive") for h in ("off", "auto")]
     assert all(0 <= r["crop_accuracy"] <= 1 and r["crop_fid"] > 0 and r["seconds_per_image"] > 0 for r in rows)
+    assert all(0 <= r["crop_precision"] <= 1 and 0 <= r["crop_recall"] <= 1 for r in rows)  # the suite beside FID
     assert all(len(r["attention_sharpness"]) == 2 for r in rows if r["sharpness"] == "auto")
     # named by the model's NAME and weights hash
     assert len(list((tmp_path / "study" / "highres").glob("tiny_*/4x_progressive_auto.png"))) == 1
