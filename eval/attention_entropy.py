@@ -21,9 +21,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from nala_diffusion.attention_weights import KINDS, attention_weights, entropy, norm_effect
 from nala_diffusion.cli_args import HelpFormatter
 
-from nala_diffusion.attention_weights import KINDS, attention_weights, entropy, norm_effect
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     """Rank correlation (ties broken by order, fine for continuous values)."""

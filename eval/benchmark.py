@@ -15,6 +15,7 @@ Writes ``results.json`` and ``benchmark.png``.
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -24,12 +25,11 @@ import weakref
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
-
-from nala_diffusion.cli_args import HelpFormatter
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
+from nala_diffusion.cli_args import HelpFormatter
 from nala_diffusion.kernels import linear_attention, nala_attention, nala_attention_explicit, readout_table_width
 from nala_diffusion.lazy import lazy
 
@@ -328,7 +328,7 @@ def hybrid_level(device, repeats: int, tokens: Sequence[int], preset: str, softm
                     row[kind] = {"skipped": f"estimated {seconds * growth:.0f} s per call"}
                     continue
             model = NaLaDiTTransformer2DModel.from_preset(preset, sample_size=side, in_channels=4, **layout).to(device).eval()
-            call = (lambda model=model: model(x, timestep=t, class_labels=y))
+            call = functools.partial(model, x, timestep=t, class_labels=y)
             peaks = BlockPeaks(model, device)(call)  # also the warm-up
             kinds = model.layer_attention_types
             row[kind] = {"peak_bytes": peaks.peak, "block_peak_bytes": [peaks.blocks[i] for i in range(len(kinds))],

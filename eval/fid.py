@@ -19,23 +19,33 @@ import time
 import warnings
 from typing import Optional, Sequence
 
-import torch
-from nala_diffusion.lazy import lazy
-PartialState = lazy("accelerate", "PartialState")
-
 from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error, positive_int
-from nala_diffusion.eval.feature_constants import METRICS, MODES, TORCHSCRIPT_WEIGHTS
 from nala_diffusion.distributed import use_cpu_processes
-F = lazy("nala_diffusion.eval.features")
-M = lazy("nala_diffusion.eval.metrics")
-from nala_diffusion.eval.sampling import SAMPLE_DIR, balanced_labels, generate_samples, guard_samples, iter_sample_paths, pack_npz
-from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
-NaLaDiTHighResPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit_highres", "NaLaDiTHighResPipeline")
+from nala_diffusion.eval.feature_constants import METRICS, MODES, TORCHSCRIPT_WEIGHTS
+from nala_diffusion.eval.sampling import (
+    SAMPLE_DIR,
+    balanced_labels,
+    generate_samples,
+    guard_samples,
+    iter_sample_paths,
+    pack_npz,
+)
+from nala_diffusion.lazy import lazy
 from nala_diffusion.pipelines.sample import parse_sharpness
 from nala_diffusion.pipelines.schedulers import (
-    DIT_PROTOCOL, HIGHRES_MODES, SCHEDULERS, add_guidance_args, guidance_kwargs, set_sampler,
+    DIT_PROTOCOL,
+    HIGHRES_MODES,
+    SCHEDULERS,
+    add_guidance_args,
+    guidance_kwargs,
+    set_sampler,
 )
+from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
 
+PartialState = lazy("accelerate", "PartialState")
+F = lazy("nala_diffusion.eval.features")
+M = lazy("nala_diffusion.eval.metrics")
+NaLaDiTHighResPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit_highres", "NaLaDiTHighResPipeline")
 
 METRIC_HELP = ("metrics to compute: fid, kid (need reference features), is (Inception Score of the samples, 10 "
                "splits), pr (precision and recall, k = 3; need reference features), sfid (Frechet distance of "

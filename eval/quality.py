@@ -20,19 +20,23 @@ import numpy as np
 import PIL.Image
 import torch
 
+from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path
 from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error, positive_int
-
+from nala_diffusion.eval.sampling import (
+    balanced_labels,
+    export_reference,
+    generate_samples,
+    guard_samples,
+    sample_path,
+)
 from nala_diffusion.lazy import lazy
+from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
+
 DomainClassifier = lazy("nala_diffusion", "DomainClassifier")
 NaLaDiTPipeline = lazy("nala_diffusion", "NaLaDiTPipeline")
 NaLaDiTTransformer2DModel = lazy("nala_diffusion", "NaLaDiTTransformer2DModel")
-from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path
 F = lazy("nala_diffusion.eval.features")
 M = lazy("nala_diffusion.eval.metrics")
-from nala_diffusion.eval.sampling import (
-    balanced_labels, export_reference, generate_samples, guard_samples, sample_path,
-)
-from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -83,7 +87,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pipe = NaLaDiTPipeline.from_pretrained(args.model)
     settings = pipe.sampling_settings(args.steps, args.guidance)
     args.steps, args.guidance = settings["num_inference_steps"], settings["guidance_scale"]
-    resolution = pipe.default_sample_size
     try:
         with OutputLock(args.out, "the quality folder"):
             return evaluate(args, pipe, settings)

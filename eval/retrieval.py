@@ -204,7 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exit_on_input_error("nala-retrieval", error)
     write_json_atomically(args.json, result)
     gain = result["gain"]
-    print(f"retrieval gain (unpaired - paired eps-MSE): " + ", ".join(f"t={t}: {g:+.5f}" for t, g in gain["gain"].items()))
+    print("retrieval gain (unpaired - paired eps-MSE): " + ", ".join(f"t={t}: {g:+.5f}" for t, g in gain["gain"].items()))
     for name, layer in result["mass"].items():
         print(f"{name}: retrieval mass {layer['mass']:.3f} (baseline {layer['baseline']:.3f}, uniform {layer['uniform']:.3f})")
     print(f"wrote {args.json}")

@@ -15,10 +15,10 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 import PIL.Image
 import torch
+from tqdm.auto import tqdm
 
 from nala_diffusion.files import new_file_mode
 from nala_diffusion.run_guard import check_fingerprint
-from tqdm.auto import tqdm
 
 SAMPLE_DIR = "samples"
 

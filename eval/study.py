@@ -34,15 +34,23 @@ import numpy as np
 import PIL.Image
 import torch
 
+from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path
 from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error
-from nala_diffusion.run_guard import OutputLock, check_fingerprint, code_version, pipeline_weights_hash
+from nala_diffusion.eval.sampling import (
+    SAMPLE_DIR,
+    balanced_labels,
+    export_reference,
+    generate_samples,
+    save_png_atomically,
+)
 from nala_diffusion.lazy import lazy
-DDPMScheduler = lazy("diffusers", "DDPMScheduler")
+from nala_diffusion.pipelines.sample import save_grid_atomically
+from nala_diffusion.run_guard import OutputLock, check_fingerprint, code_version, pipeline_weights_hash
 
+DDPMScheduler = lazy("diffusers", "DDPMScheduler")
 DomainClassifier = lazy("nala_diffusion", "DomainClassifier")
 NaLaDiTHighResPipeline = lazy("nala_diffusion", "NaLaDiTHighResPipeline")
 NaLaDiTPipeline = lazy("nala_diffusion", "NaLaDiTPipeline")
-from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path
 load_dataset = lazy("nala_diffusion.data", "load_dataset")
 attention_entropy = lazy("nala_diffusion.eval.attention_entropy")
 benchmark = lazy("nala_diffusion.eval.benchmark")
@@ -50,10 +58,7 @@ F = lazy("nala_diffusion.eval.features")
 M = lazy("nala_diffusion.eval.metrics")
 class_accuracy = lazy("nala_diffusion.eval.quality", "class_accuracy")
 retrieval = lazy("nala_diffusion.eval.retrieval")
-from nala_diffusion.eval.sampling import (
-    SAMPLE_DIR, balanced_labels, export_reference, generate_samples, save_png_atomically,
-)
-from nala_diffusion.pipelines.sample import save_grid_atomically
+
 train_nala_dit = lazy("nala_diffusion.train.train_nala_dit")
 
 ARCHITECTURE = {"num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 64, "patch_size": 4,

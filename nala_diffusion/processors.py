@@ -19,9 +19,8 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .options import NORM_SCALE_MODES, AttentionOptions, option_names  # noqa: F401  (NORM_SCALE_MODES re-exported)
 from .kernels import compute_dtype, linear_attention, nala_attention, rope_2d_tables, softmax_attention
-
+from .options import NORM_SCALE_MODES, AttentionOptions, option_names  # noqa: F401  (NORM_SCALE_MODES re-exported)
 
 
 def _resolve_grid(grid_size: Optional[Sequence[int]], num_tokens: int) -> Tuple[int, int]:

@@ -29,7 +29,6 @@ from nala_diffusion.pipelines import pipeline_nala_dit as base
 from nala_diffusion.pipelines.schedulers import HIGHRES_MODES
 from nala_diffusion.sharpness import attention_sharpness_of, set_attention_sharpness
 
-
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py

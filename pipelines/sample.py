@@ -16,9 +16,14 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error
-
 from nala_diffusion.files import new_file_mode
-from nala_diffusion.pipelines.schedulers import HIGHRES_MODES, SCHEDULERS, add_guidance_args, guidance_kwargs, set_sampler
+from nala_diffusion.pipelines.schedulers import (
+    HIGHRES_MODES,
+    SCHEDULERS,
+    add_guidance_args,
+    guidance_kwargs,
+    set_sampler,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

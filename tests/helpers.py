@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nala_diffusion import NaLaDiTTransformer2DModel
 

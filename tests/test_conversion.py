@@ -2,9 +2,9 @@ import json
 
 import pytest
 import torch
+from helpers import dit_inputs, tiny_dit
 
 from nala_diffusion import NaLaDiTTransformer2DModel, convert_dit_to_nala, set_nala_attention
-from helpers import dit_inputs, tiny_dit
 
 # Extra keys of the legacy Transformer2DModel config that facebook/DiT-XL-2-256 ships.
 LEGACY_KEYS = {

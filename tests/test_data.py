@@ -51,8 +51,8 @@ def test_classifier_training_measures_held_out_images_only(tmp_path, capsys):
 
 
 def test_reference_exports_are_atomic_and_recorded(tmp_path):
-    from nala_diffusion.eval.sampling import export_reference
     from nala_diffusion.eval.features import image_files
+    from nala_diffusion.eval.sampling import export_reference
 
     real = tmp_path / "real"
     (real / "astronaut").mkdir(parents=True)  # what a killed export leaves: some images, no record
@@ -88,12 +88,11 @@ except ValueError as error:
 
 @pytest.mark.slow
 def test_many_starters_never_hold_one_lock_together(tmp_path):
+    import json
+    import socket
     import subprocess
     import sys
     import time
-
-    import json
-    import socket
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a process id that no longer runs

@@ -7,10 +7,10 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from helpers import tiny_nala
 
 from nala_diffusion import NaLaDiTPipeline
 from nala_diffusion.eval import attention_entropy, benchmark
-from helpers import tiny_nala
 
 
 @pytest.mark.slow

@@ -9,12 +9,12 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from helpers import lock_held_by_a_live_process, tiny_nala
 from scipy import linalg
 
 from nala_diffusion import DomainClassifier, NaLaDiTPipeline
 from nala_diffusion.eval import features as F
 from nala_diffusion.eval.fid import cli
-from helpers import lock_held_by_a_live_process, tiny_nala
 
 REPO = Path(__file__).resolve().parents[1]
 JSON_FIELDS = {"fid", "kid", "num_samples", "model", "model_config_hash", "attention_type", "scheduler", "steps",

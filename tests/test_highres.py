@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from helpers import tiny_nala
 
 from nala_diffusion import NaLaDiTHighResPipeline, NaLaDiTPipeline, demo_pipeline_path
 from nala_diffusion.attention_weights import mean_entropy
@@ -15,7 +16,6 @@ from nala_diffusion.sharpness import (
     set_attention_sharpness,
     softmax_sharpness_rule,
 )
-from helpers import tiny_nala
 
 
 def tiny_pipeline(cls=NaLaDiTHighResPipeline, **config):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
+from helpers import TINY, LargestAllocation, dit_inputs, randomize, tiny_dit, tiny_nala
 
 from nala_diffusion import (
     NaLaAttnProcessor,
@@ -25,7 +26,6 @@ from nala_diffusion import (
 from nala_diffusion.norm_awareness import calibrate_norm_scale
 from nala_diffusion.options import layer_attention_types
 from nala_diffusion.sharpness import resolution_sharpness, softmax_sharpness_rule
-from helpers import TINY, LargestAllocation, dit_inputs, randomize, tiny_dit, tiny_nala
 
 KIND_CLASSES = {"nala": NaLaAttnProcessor, "softmax": SoftmaxAttnProcessor, "relu_linear": ReLULinearAttnProcessor}
 

@@ -1,13 +1,12 @@
-import math
 import subprocess
 import sys
 
 import pytest
 import torch
-
-from nala_diffusion import linear_attention, nala_attention, nala_attention_explicit, rope_2d_tables, softmax_attention
 from helpers import LargestAllocation
 from reference import linear_reference, nala_reference, softmax_reference
+
+from nala_diffusion import linear_attention, nala_attention, nala_attention_explicit, rope_2d_tables, softmax_attention
 
 INHIBITS = ["relu_split", "cosine"]
 

@@ -9,6 +9,7 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from helpers import tiny_nala
 from scipy import linalg
 from torch import nn
 
@@ -16,7 +17,6 @@ from nala_diffusion import DomainClassifier, NaLaDiTPipeline
 from nala_diffusion.eval import features as F
 from nala_diffusion.eval import metrics as M
 from nala_diffusion.eval.fid import cli
-from helpers import tiny_nala
 
 
 def independent_inception_score(logits, splits=10):

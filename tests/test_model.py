@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
+from helpers import dit_inputs, randomize, tiny_nala
 
 from nala_diffusion import DIT_PRESETS, NaLaAttnProcessor, NaLaDiTTransformer2DModel, preset_config
 from nala_diffusion.processors import ELULinearAttnProcessor, ReLULinearAttnProcessor, SoftmaxAttnProcessor
-from helpers import dit_inputs, randomize, tiny_nala
 
 
 def run(model, x, t=None, y=None, **kwargs):

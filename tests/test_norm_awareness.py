@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from helpers import dit_inputs, tiny_dit, tiny_nala
+from reference import nala_reference
 
 from nala_diffusion import (
     NaLaDiTPipeline,
@@ -19,8 +21,6 @@ from nala_diffusion import (
 )
 from nala_diffusion.eval import attention_entropy as E
 from nala_diffusion.norm_awareness import nala_processors
-from helpers import dit_inputs, tiny_dit, tiny_nala
-from reference import nala_reference
 
 INHIBITS = ["relu_split", "cosine"]
 

@@ -9,13 +9,13 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline
+from helpers import LargestAllocation, tiny_dit, tiny_nala
 
 import nala_diffusion.pipelines.pipeline_nala_dit as pipeline_module
 import nala_diffusion.pipelines.pipeline_nala_dit_highres as highres_module
 from nala_diffusion import NaLaDiTHighResPipeline, NaLaDiTPipeline
 from nala_diffusion.pipelines.sample import main as sample_main
 from nala_diffusion.pipelines.schedulers import SCHEDULERS, scheduler_from_name
-from helpers import LargestAllocation, tiny_dit, tiny_nala
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 ID2LABEL = {0: "cat", 1: "dog, puppy", 2: "bird"}
@@ -371,7 +371,8 @@ def test_non_finite_samples_are_refused_not_written_black():
 
 
 def test_wrong_types_and_components_get_clear_errors(tmp_path):
-    from nala_diffusion import NaLaDiTPipeline as Pipe, NaLaDiTTransformer2DModel
+    from nala_diffusion import NaLaDiTPipeline as Pipe
+    from nala_diffusion import NaLaDiTTransformer2DModel
 
     with pytest.raises(ValueError, match="this pipeline needs a NaLaDiTTransformer2DModel.*convert_dit_to_nala"):
         Pipe(tiny_dit(), DDIMScheduler())

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from helpers import dit_inputs, randomize, tiny_dit, tiny_pixart
 
 from nala_diffusion import (
     ELULinearAttnProcessor,
@@ -13,7 +14,6 @@ from nala_diffusion import (
     set_attention,
     set_nala_attention,
 )
-from helpers import dit_inputs, randomize, tiny_dit, tiny_pixart
 
 
 def run_dit(model, inputs, **kwargs):
@@ -82,7 +82,9 @@ def test_processor_is_projections_around_the_kernel(processor, kernel):
     attn.set_processor(processor)
     with torch.no_grad():
         got = attn(x)
-        split = lambda t: t.view(2, 12, 2, 8).transpose(1, 2)
+        def split(t):
+            return t.view(2, 12, 2, 8).transpose(1, 2)
+
         o = kernel(split(attn.to_q(x)), split(attn.to_k(x)), split(attn.to_v(x)))
         expected = attn.to_out[0](o.transpose(1, 2).reshape(2, 12, 16))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -174,8 +176,9 @@ def test_half_precision_model_is_finite(dtype):
 
 
 def test_set_fused_attention_switches_nala_layers_and_keeps_outputs():
-    from nala_diffusion import set_fused_attention
     from helpers import tiny_nala
+
+    from nala_diffusion import set_fused_attention
 
     model = tiny_nala(sample_size=16, num_classes=3).eval()
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), torch.tensor([0, 2])

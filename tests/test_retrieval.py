@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from helpers import tiny_nala
 
 from nala_diffusion import NaLaDiTPipeline
 from nala_diffusion.builtin_pairs import HALF, SIZE, TILE, partner_tokens
 from nala_diffusion.data import load_dataset
 from nala_diffusion.eval import retrieval
-from helpers import tiny_nala
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,9 @@ def tiles(half: torch.Tensor) -> torch.Tensor:
 def test_tiles_layout_is_a_mosaic_of_unrelated_tiles_and_crops_layout_one_crop(pairs):
     # tiles: neighbouring tiles differ far more than neighbouring 4-px columns of a crop do, and every
     # tile is a 4 x 4 crop of its photograph (checked on one image against the photograph itself)
-    from nala_diffusion.builtin_photos import PHOTOS, load_photo
     import numpy as np
+
+    from nala_diffusion.builtin_photos import PHOTOS, load_photo
 
     mosaic = pairs["paired"].images[:, :, :HALF]
     crops = load_dataset("builtin:pairs_crops", 32, split="test")

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, lock_held_by_a_live_process, tiny_dit
 from PIL import Image
 from safetensors.torch import load_file
 
 from nala_diffusion import NaLaDiTPipeline, NaLaDiTTransformer2DModel
 from nala_diffusion.train.train_nala_dit import cli
-from helpers import TINY, lock_held_by_a_live_process, tiny_dit
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "train" / "train_nala_dit.py")
