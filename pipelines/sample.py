@@ -50,7 +50,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="pipeline folder (save_pretrained output) or Hub id (default: the shipped demo pipeline)")
     parser.add_argument("--labels", nargs="+", type=parse_label, default=None,
                         help="class ids or names (default: every class, in order)")
-    parser.add_argument("--images-per-label", type=int, default=1, help='images drawn for each label')
+    parser.add_argument("--images_per_label", "--images-per-label", type=int, default=1, help='images drawn for each label')
     parser.add_argument("--height", type=int, default=None, help="pixels (default: the training size)")
     parser.add_argument("--width", type=int, default=None, help="pixels (default: the training size)")
     parser.add_argument("--steps", type=int, default=None,
@@ -60,22 +60,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
                         help="sampler (default: the one saved with the pipeline)")
-    parser.add_argument("--highres-mode", choices=HIGHRES_MODES, default="direct", help="above the training size: 'direct' (one pass) or 'progressive' (sample at the training size, then refine upsampled stages)")
+    parser.add_argument("--highres_mode", "--highres-mode", choices=HIGHRES_MODES, default="direct", help="above the training size: 'direct' (one pass) or 'progressive' (sample at the training size, then refine upsampled stages)")
     parser.add_argument("--strength", type=float, default=0.6, help="progressive mode: re-noise level per stage")
-    parser.add_argument("--position-embedding", choices=["extend", "interpolate"], default=None,
+    parser.add_argument("--position_embedding", "--position-embedding", choices=["extend", "interpolate"], default=None,
                         help="positions above the training size: 'interpolate' into the training range, or 'extend' "
                              "beyond it (models trained at several sizes); default: the model's config")
-    parser.add_argument("--attention-sharpness", type=parse_sharpness, default=None,
+    parser.add_argument("--attention_sharpness", "--attention-sharpness", type=parse_sharpness, default=None,
                         help="'auto': keep each layer's attention entropy at its training level above the training size "
                              "(softmax: logits x sqrt(log N / log n); NaLa: power calibrated on the model); 'off' (default), "
                              "or a factor for every layer")
-    add_guidance_args(parser, dashes=True)
-    parser.add_argument("--no-memory-check", "--no_memory_check", dest="memory_check", action="store_false",
+    add_guidance_args(parser)
+    parser.add_argument("--no_memory_check", "--no-memory-check", dest="memory_check", action="store_false",
                         help="sample even where the activations are estimated not to fit in free memory")
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: per label)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help='weights and compute dtype of the pipeline')
-    parser.add_argument("--fused-attention", action="store_true",
+    parser.add_argument("--fused_attention", "--fused-attention", action="store_true",
                         help="NaLa layers run the torch.compile-fused kernel (compiles on first use; pays off at many tokens)")
     parser.add_argument("--out", default="grid.png", help="PNG file to write")
     return parser.parse_args(argv)

@@ -30,13 +30,12 @@ GUIDANCE_CHANNEL_CHOICES = ("all", "3")
 DIT_PROTOCOL = {"steps": 250, "scheduler": "ddpm", "guidance": 1.5, "guidance_channels": "3"}
 
 
-def add_guidance_args(parser, dashes: bool = False) -> None:
-    """The guidance-schedule and learned-variance flags, each under both spellings (``--guidance_interval``
-    and ``--guidance-interval``); ``dashes`` picks which one ``--help`` shows first."""
+def add_guidance_args(parser) -> None:
+    """The guidance-schedule and learned-variance flags, each under both spellings (``--guidance_interval``,
+    as every tool spells its flags, and ``--guidance-interval``)."""
 
     def names(flag):
-        snake, kebab = f"--{flag}", f"--{flag.replace('_', '-')}"
-        return (kebab, snake) if dashes else (snake, kebab)
+        return f"--{flag}", f"--{flag.replace('_', '-')}"
 
     parser.add_argument(*names("guidance_interval"), dest="guidance_interval", type=float, nargs=2, default=None,
                         metavar=("LOW", "HIGH"),

@@ -71,3 +71,18 @@ def test_input_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     except ValueError as error:
         with pytest.raises(ValueError, match="invalid literal"):
             exit_on_input_error("nala-x", error)
+
+
+def test_flags_are_spelled_alike_across_tools_and_old_dashes_still_work():
+    from nala_diffusion.eval.fid import parse_args as fid_args
+    from nala_diffusion.pipelines.sample import parse_args as sample_args
+
+    for spelling in ("--highres_mode", "--highres-mode"):
+        assert sample_args([spelling, "progressive"]).highres_mode == "progressive"
+    shared = ["--highres_mode", "progressive", "--position_embedding", "extend", "--attention_sharpness", "auto",
+              "--guidance_interval", "1", "2", "--guidance_channels", "3", "--learned_variance", "--no_memory_check"]
+    sample = sample_args(shared)
+    fid = fid_args(["sample", "--model", "m", "--num_samples", "1", "--out", "o", *shared])
+    for name in ("highres_mode", "position_embedding", "attention_sharpness", "guidance_interval", "guidance_channels",
+                 "learned_variance", "memory_check"):
+        assert getattr(sample, name) == getattr(fid, name), name
