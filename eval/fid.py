@@ -43,8 +43,8 @@ from nala_diffusion.pipelines.schedulers import (
 from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
 
 PartialState = lazy("accelerate", "PartialState")
-F = lazy("nala_diffusion.eval.features")
-M = lazy("nala_diffusion.eval.metrics")
+features = lazy("nala_diffusion.eval.features")
+metrics_lib = lazy("nala_diffusion.eval.metrics")
 NaLaDiTHighResPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit_highres", "NaLaDiTHighResPipeline")
 
 METRIC_HELP = ("metrics to compute: fid, kid (need reference features), is (Inception Score of the samples, 10 "
@@ -200,10 +200,10 @@ def reference(source: str, args, extractor, device, spatial: bool):
     """The :class:`~nala_diffusion.eval.features.Reference` of ``source``: an image folder, a ``.npz``
     (our stats file or the guided-diffusion evaluator's batch), or a clean-fid custom-stats name."""
     if os.path.isdir(source):
-        feats = F.folder_features(source, extractor, device, args.feature_batch_size, spatial=spatial)
-        return F.Reference.from_features(*(feats if spatial else (feats,)))
+        feats = features.folder_features(source, extractor, device, args.feature_batch_size, spatial=spatial)
+        return features.Reference.from_features(*(feats if spatial else (feats,)))
     if os.path.isfile(source):
-        return F.load_reference(source, extractor, device, args.feature_batch_size, spatial=spatial)
+        return features.load_reference(source, extractor, device, args.feature_batch_size, spatial=spatial)
     if args.feature_extractor:
         raise ValueError(f"--ref {source!r} is neither a folder nor a stats file (custom-stats names are Inception only)")
     from cleanfid.features import get_reference_statistics
@@ -212,7 +212,7 @@ def reference(source: str, args, extractor, device, spatial: bool):
         mu, sigma = get_reference_statistics(source, None, mode=args.mode, split="custom")
     except Exception as error:
         raise ValueError(f"--ref {source!r} is not a folder, a stats file or a clean-fid custom-stats name: {error}") from None
-    return F.Reference(mu, sigma, kind="clean-fid custom statistics")
+    return features.Reference(mu, sigma, kind="clean-fid custom statistics")
 
 
 def metrics(feats, ref, extractor, chosen, spatial=None) -> dict:
@@ -225,31 +225,31 @@ def metrics(feats, ref, extractor, chosen, spatial=None) -> dict:
             warnings.warn(f"{len(feats)} samples is fewer than the feature dimension {extractor.feature_dim}: "
                           "the covariance is singular and FID is biased upwards", stacklevel=2)
     if "fid" in chosen:
-        result["fid"] = F.frechet_distance(*F.statistics(feats), ref.mu, ref.sigma)
+        result["fid"] = features.frechet_distance(*features.statistics(feats), ref.mu, ref.sigma)
     if "kid" in chosen:
-        result["kid"] = F.kernel_inception_distance(feats, ref.features)
+        result["kid"] = features.kernel_inception_distance(feats, ref.features)
     if "is" in chosen:
-        result["is_mean"], result["is_std"] = M.inception_score(extractor.logits(feats))
-        result["is_num_samples"], result["is_splits"] = len(feats), M.IS_SPLITS
+        result["is_mean"], result["is_std"] = metrics_lib.inception_score(extractor.logits(feats))
+        result["is_num_samples"], result["is_splits"] = len(feats), metrics_lib.IS_SPLITS
     if "pr" in chosen:
-        result["precision"], result["recall"] = M.precision_recall(feats, ref.features)
-        result["pr_neighbours"] = M.PR_NEIGHBOURS
+        result["precision"], result["recall"] = metrics_lib.precision_recall(feats, ref.features)
+        result["pr_neighbours"] = metrics_lib.PR_NEIGHBOURS
     if "sfid" in chosen:
-        result["sfid"] = F.frechet_distance(*F.statistics(spatial), ref.mu_s, ref.sigma_s)
+        result["sfid"] = features.frechet_distance(*features.statistics(spatial), ref.mu_s, ref.sigma_s)
     return result
 
 
 def check_reference(chosen, source: str, extractor, num_samples: int) -> None:
     """Refuse, before any sampling or feature extraction, a reference that cannot give the chosen metrics
     and counts too small for them."""
-    kind, allows, count = F.peek_reference(source, extractor)
-    F.check_reference_metrics(chosen, allows, source, kind)
+    kind, allows, count = features.peek_reference(source, extractor)
+    features.check_reference_metrics(chosen, allows, source, kind)
     check_counts(chosen, num_samples, count)
 
 
 def check_counts(chosen, num_samples: int, num_reference: Optional[int]) -> None:
     """Refuse counts too small for the chosen metrics."""
-    needs = {"fid": 2, "sfid": 2, "kid": 2, "is": M.IS_SPLITS, "pr": M.PR_NEIGHBOURS + 1}
+    needs = {"fid": 2, "sfid": 2, "kid": 2, "is": metrics_lib.IS_SPLITS, "pr": metrics_lib.PR_NEIGHBOURS + 1}
     for metric in chosen:
         if num_samples < needs[metric]:
             raise ValueError(f"--metrics {metric} needs at least {needs[metric]} samples, got {num_samples}")
@@ -304,7 +304,7 @@ def run(args, state) -> int:
         return 0
     chosen = list(dict.fromkeys(args.metrics))
     spatial = "sfid" in chosen
-    extractor = F.build_extractor(args.mode, device, args.inception_weights, args.feature_extractor)
+    extractor = features.build_extractor(args.mode, device, args.inception_weights, args.feature_extractor)
     extractor.check_metrics(chosen)
     start = time.perf_counter()
     if args.command == "ref":
@@ -321,16 +321,16 @@ def run(args, state) -> int:
         ref = reference(args.images, args, extractor, device, spatial)
         if ref.features is None and keep:
             raise ValueError(f"{args.images!r} holds statistics only; features need the images")
-        F.save_stats(args.out, ref, extractor, keep)
+        features.save_stats(args.out, ref, extractor, keep)
         print(f"wrote {args.out} ({ref.num_images} images, {extractor.name}, mode {extractor.mode}; allows "
               f"--metrics {' '.join(m for m in ref.allows() if keep or m not in ('kid', 'pr'))})")
         return 0
     if args.command == "compare":
-        if not os.path.isdir(args.folders[0]) or not F.image_files(args.folders[0]):
+        if not os.path.isdir(args.folders[0]) or not features.image_files(args.folders[0]):
             raise ValueError(f"image folder {args.folders[0]!r} does not exist or holds no images")
-        check_reference(chosen, args.folders[1], extractor, len(F.image_files(args.folders[0])))
+        check_reference(chosen, args.folders[1], extractor, len(features.image_files(args.folders[0])))
         ref = reference(args.folders[1], args, extractor, device, spatial)
-        feats = F.folder_features(args.folders[0], extractor, device, args.feature_batch_size, spatial=spatial)
+        feats = features.folder_features(args.folders[0], extractor, device, args.feature_batch_size, spatial=spatial)
         feats, spatial_feats = feats if spatial else (feats, None)
         result = {**metrics(feats, ref, extractor, chosen, spatial_feats), "folders": args.folders}
     else:  # calc: the reference and the counts are checked before sampling (extractor built above)
@@ -339,7 +339,7 @@ def run(args, state) -> int:
         if not state.is_main_process:
             return 0
         # exactly images 0 .. num_samples - 1, whatever else the folder holds
-        feats = F.folder_features(os.path.join(args.out, SAMPLE_DIR), extractor, device, args.feature_batch_size,
+        feats = features.folder_features(os.path.join(args.out, SAMPLE_DIR), extractor, device, args.feature_batch_size,
                                   files=list(iter_sample_paths(args.out, args.num_samples)), spatial=spatial)
         feats, spatial_feats = feats if spatial else (feats, None)
         ref = reference(args.ref, args, extractor, device, spatial)
@@ -358,7 +358,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         return main(args)
-    except F.MissingWeightsError as error:
+    except features.MissingWeightsError as error:
         print(f"nala-fid: error: {error}", file=sys.stderr)
         return 2
     except ValueError as error:

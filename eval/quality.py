@@ -35,8 +35,8 @@ from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
 DomainClassifier = lazy("nala_diffusion", "DomainClassifier")
 NaLaDiTPipeline = lazy("nala_diffusion", "NaLaDiTPipeline")
 NaLaDiTTransformer2DModel = lazy("nala_diffusion", "NaLaDiTTransformer2DModel")
-F = lazy("nala_diffusion.eval.features")
-M = lazy("nala_diffusion.eval.metrics")
+features = lazy("nala_diffusion.eval.features")
+metrics_lib = lazy("nala_diffusion.eval.metrics")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -106,28 +106,28 @@ def evaluate(args, pipe, settings) -> int:
                              f"untrained, initialised with torch seed {args.seed}")
 
     classifier = DomainClassifier.from_pretrained(args.classifier).eval()
-    extractor = F.classifier_extractor(args.classifier, torch.device("cpu"))
-    real_feats = F.folder_features(real, extractor, "cpu", verbose=False)
+    extractor = features.classifier_extractor(args.classifier, torch.device("cpu"))
+    real_feats = features.folder_features(real, extractor, "cpu", verbose=False)
     result = {"model": os.path.abspath(args.model), "num_samples": args.num_samples, "steps": args.steps,
               "guidance": args.guidance, "classes": pipe.id2label,
               "class_accuracy": class_accuracy(classifier, os.path.join(args.out, "trained"), labels, pipe.num_classes)}
     # exactly the images of this run's counts, whatever else the folders hold
-    trained_feats = F.folder_features(os.path.dirname(trained_files[0]), extractor, "cpu", verbose=False,
+    trained_feats = features.folder_features(os.path.dirname(trained_files[0]), extractor, "cpu", verbose=False,
                                       files=trained_files)
-    untrained_feats = F.folder_features(os.path.dirname(untrained_files[0]), extractor, "cpu", verbose=False,
+    untrained_feats = features.folder_features(os.path.dirname(untrained_files[0]), extractor, "cpu", verbose=False,
                                         files=untrained_files)
-    real_stats = F.statistics(real_feats)
-    result["fid_trained"] = F.frechet_distance(*F.statistics(trained_feats), *real_stats)
-    result["kid_trained"] = F.kernel_inception_distance(trained_feats, real_feats)
+    real_stats = features.statistics(real_feats)
+    result["fid_trained"] = features.frechet_distance(*features.statistics(trained_feats), *real_stats)
+    result["kid_trained"] = features.kernel_inception_distance(trained_feats, real_feats)
     # the ratio compares equal numbers of samples (FID is biased by the sample count)
     result["untrained_samples"] = untrained_count
-    result["fid_trained_same_count"] = F.frechet_distance(*F.statistics(trained_feats[:untrained_count]), *real_stats)
-    result["fid_untrained"] = F.frechet_distance(*F.statistics(untrained_feats), *real_stats)
-    result["kid_untrained"] = F.kernel_inception_distance(untrained_feats, real_feats)
+    result["fid_trained_same_count"] = features.frechet_distance(*features.statistics(trained_feats[:untrained_count]), *real_stats)
+    result["fid_untrained"] = features.frechet_distance(*features.statistics(untrained_feats), *real_stats)
+    result["kid_untrained"] = features.kernel_inception_distance(untrained_feats, real_feats)
     result["fid_ratio_trained_to_untrained"] = result["fid_trained_same_count"] / result["fid_untrained"]
     # Inception Score (the classifier's logits) and precision/recall (k = 3) against the real images
     for name, feats in (("trained", trained_feats), ("untrained", untrained_feats)):
-        for key, value in M.suite(feats, real_feats, extractor.logits).items():
+        for key, value in metrics_lib.suite(feats, real_feats, extractor.logits).items():
             result[f"{key}_{name}"] = value
     result["num_real"] = len(real_feats)
     with open(os.path.join(args.out, "quality.json"), "w", encoding="utf-8") as handle:

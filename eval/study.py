@@ -54,8 +54,8 @@ NaLaDiTPipeline = lazy("nala_diffusion", "NaLaDiTPipeline")
 load_dataset = lazy("nala_diffusion.data", "load_dataset")
 attention_entropy = lazy("nala_diffusion.eval.attention_entropy")
 benchmark = lazy("nala_diffusion.eval.benchmark")
-F = lazy("nala_diffusion.eval.features")
-M = lazy("nala_diffusion.eval.metrics")
+features = lazy("nala_diffusion.eval.features")
+metrics_lib = lazy("nala_diffusion.eval.metrics")
 class_accuracy = lazy("nala_diffusion.eval.quality", "class_accuracy")
 retrieval = lazy("nala_diffusion.eval.retrieval")
 
@@ -212,11 +212,11 @@ def _score(run: str, folder: str, args, real_feats, real_stats, extractor, class
     labels = balanced_labels(args.num_samples, pipe.num_classes)
     generate_samples(pipe, folder, args.num_samples, labels=labels, seed=0, batch_size=100,
                      num_inference_steps=args.sample_steps, guidance_scale=args.guidance)
-    feats = F.folder_features(os.path.join(folder, SAMPLE_DIR), extractor, "cpu", verbose=False)
+    feats = features.folder_features(os.path.join(folder, SAMPLE_DIR), extractor, "cpu", verbose=False)
     return {"class_accuracy": class_accuracy(classifier, folder, labels, pipe.num_classes)["accuracy"],
-            "fid": F.frechet_distance(*F.statistics(feats), *real_stats),
-            "kid": F.kernel_inception_distance(feats, real_feats),
-            **M.suite(feats, real_feats, extractor.logits),
+            "fid": features.frechet_distance(*features.statistics(feats), *real_stats),
+            "kid": features.kernel_inception_distance(feats, real_feats),
+            **metrics_lib.suite(feats, real_feats, extractor.logits),
             "heldout_loss": heldout_loss(pipe, test)}
 
 
@@ -275,12 +275,12 @@ def _highres(run: str, crop_root: str, args, real_stats, extractor, classifier, 
                 save_png_atomically(PIL.Image.fromarray(pixels), os.path.join(crops_dir, f"{i:04d}_{j:02d}.png"))
                 crops.append(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
                 crop_labels.append(batch[i])
-        feats = F.folder_features(crops_dir, extractor, "cpu", verbose=False)
+        feats = features.folder_features(crops_dir, extractor, "cpu", verbose=False)
         row = {"factor": factor, "mode": mode, "sharpness": setting, "side": factor * side, "seconds_per_image": seconds,
-               "peak_mib_one_image": probe.peak / 2**20, "crop_fid": F.frechet_distance(*F.statistics(feats), *real_stats),
+               "peak_mib_one_image": probe.peak / 2**20, "crop_fid": features.frechet_distance(*features.statistics(feats), *real_stats),
                "crops": len(crops)}
         if real_feats is not None:  # the rest of the suite on the crops, as the scores beside FID
-            suite = M.suite(feats, real_feats, extractor.logits)
+            suite = metrics_lib.suite(feats, real_feats, extractor.logits)
             row.update({"crop_is": suite["is_mean"], "crop_precision": suite["precision"], "crop_recall": suite["recall"]})
         if classifier is not None:
             row["crop_accuracy"] = crop_accuracy(classifier, torch.stack(crops), torch.tensor(crop_labels))
@@ -528,10 +528,10 @@ def run_study(args, argv) -> int:
     classifier_path = args.classifier or demo_classifier_path()
     test = load_dataset("builtin:photos", 32, split="test")
     real = export_reference("builtin:photos", 32, os.path.join(args.out, "real"), args.overwrite)
-    extractor = F.classifier_extractor(classifier_path, torch.device("cpu"))
+    extractor = features.classifier_extractor(classifier_path, torch.device("cpu"))
     classifier = DomainClassifier.from_pretrained(classifier_path).eval()
-    real_feats = F.folder_features(real, extractor, "cpu", verbose=False)
-    real_stats = F.statistics(real_feats)
+    real_feats = features.folder_features(real, extractor, "cpu", verbose=False)
+    real_stats = features.statistics(real_feats)
     results = {"command": " ".join(["nala-study", *(argv if argv is not None else sys.argv[1:])]),
                "architecture": args.architecture, "scratch": {}, "conversion": {}, "highres": {}, "entropy": {}}
 
