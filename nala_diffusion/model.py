@@ -30,7 +30,7 @@ from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DMod
 from .files import follow_umask
 from .loading import check_loaded_weights
 from .options import DEFAULTS, layer_attention_types, options_from_config
-from .swap import ATTENTION_TYPES, set_attention
+from .swap import set_attention
 
 POSITION_EMBEDDINGS = ("extend", "interpolate")
 
@@ -143,9 +143,7 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
             num_classes = num_embeds_ada_norm
         elif num_embeds_ada_norm not in (None, 1000, num_classes):
             raise ValueError(f"num_classes ({num_classes}) and num_embeds_ada_norm ({num_embeds_ada_norm}) disagree")
-        if attention_type not in ATTENTION_TYPES:
-            raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
-        kinds = layer_attention_types(num_layers, attention_type, attention_types)
+        kinds = layer_attention_types(num_layers, attention_type, attention_types)  # validates both
         if position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {position_embedding!r}")
         super().__init__(

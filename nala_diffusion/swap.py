@@ -11,10 +11,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .options import block_indices, option_names
+from .options import ATTENTION_TYPES, block_indices, check_attention_type, option_names  # noqa: F401  (ATTENTION_TYPES re-exported)
 from .processors import ATTENTION_PROCESSORS, KernelAttnProcessor
-
-ATTENTION_TYPES = tuple(ATTENTION_PROCESSORS)
 
 
 def self_attention_modules(model: nn.Module) -> Iterator[Tuple[str, Attention]]:
@@ -32,10 +30,7 @@ def processor_options(attention_type: str) -> Tuple[str, ...]:
 
 
 def processor_class(attention_type: str):
-    try:
-        return ATTENTION_PROCESSORS[attention_type]
-    except KeyError:
-        raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}") from None
+    return ATTENTION_PROCESSORS[check_attention_type(attention_type)]
 
 
 def make_processor(attention_type: str, attn: Attention, **options) -> KernelAttnProcessor:
