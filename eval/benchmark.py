@@ -405,40 +405,6 @@ def diffusers_model_level(device, repeats: int, tokens: Sequence[int], preset: s
     return out
 
 
-TRAIN_STEP_PROBE = """
-import json, resource, sys, time, torch
-from nala_diffusion import NaLaDiTTransformer2DModel
-from nala_diffusion.eval.benchmark import PeakBytes
-from nala_diffusion.model import preset_config
-kind, preset, layers, tokens, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), torch.device(sys.argv[5])
-torch.manual_seed(0)
-config = {**preset_config(preset), "num_layers": layers}
-side = int(round(tokens ** 0.5)) * config["patch_size"]
-model = NaLaDiTTransformer2DModel(**config, sample_size=side, in_channels=4, attention_type=kind).to(device)
-x = torch.randn(1, 4, side, side, device=device)
-t, y = torch.tensor([500], device=device), torch.tensor([1], device=device)
-def step():
-    model.zero_grad(set_to_none=False)
-    model(x, timestep=t, class_labels=y).sample.square().mean().backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-step()  # warm-up: the gradients now exist, as in training
-times = []
-for _ in range(3):
-    start = time.perf_counter(); step(); times.append(time.perf_counter() - start)
-if device.type == "cuda":
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    tensor_peak = torch.cuda.max_memory_allocated(device)
-else:
-    with PeakBytes() as probe:
-        step()
-    tensor_peak = probe.peak + sum(p.numel() * p.element_size() * 2 for p in model.parameters())
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"peak_bytes": tensor_peak, "max_rss_bytes": rss, "step_seconds": sorted(times)[1]}))
-"""
-
-
 def training_step_memory(device, preset: str, layers: int, tokens: int, kinds=("relu_linear", "nala")) -> dict:
     """Peak memory and time of a training step (forward + backward, batch 1) per attention kind, each
     in a fresh process. ``peak_bytes`` is the largest total of live tensors during a step, weights and
@@ -448,7 +414,8 @@ def training_step_memory(device, preset: str, layers: int, tokens: int, kinds=("
 
     out = {"tokens": tokens, "layers": layers, "preset": preset}
     for kind in tqdm(kinds, desc="training-step memory"):
-        result = subprocess.run([sys.executable, "-c", TRAIN_STEP_PROBE, kind, preset, str(layers), str(tokens), str(device)],
+        result = subprocess.run([sys.executable, "-m", "nala_diffusion.eval.train_step_probe", kind, preset, str(layers),
+                                 str(tokens), str(device)],
                                 capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"the training-step probe for {kind} failed:\n{result.stderr[-2000:]}")
