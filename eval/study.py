@@ -43,8 +43,8 @@ from nala_diffusion.eval.sampling import (
     generate_samples,
     save_png_atomically,
 )
+from nala_diffusion.files import save_grid_atomically
 from nala_diffusion.lazy import lazy
-from nala_diffusion.pipelines.sample import save_grid_atomically
 from nala_diffusion.run_guard import OutputLock, check_fingerprint, code_version, pipeline_weights_hash
 
 DDPMScheduler = lazy("diffusers", "DDPMScheduler")

@@ -1,6 +1,7 @@
 """File helpers shared by the tools."""
 
 import os
+import tempfile
 
 
 def new_file_mode() -> int:
@@ -21,3 +22,21 @@ def follow_umask(path: str) -> None:
     for file in files:
         if (os.stat(file).st_mode & 0o777) == 0o600 and mode != 0o600:
             os.chmod(file, mode)
+
+
+def save_grid_atomically(images, path: str, nrow: int) -> None:
+    """Write the grid beside ``path`` and rename it into place, so no half-written PNG is left."""
+    from torchvision.utils import make_grid, save_image
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".png")
+    os.close(handle)
+    os.chmod(temporary, new_file_mode())
+    try:
+        save_image(grid, temporary, format="PNG")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)

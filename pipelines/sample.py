@@ -10,13 +10,12 @@ the batch it was drawn in.
 import argparse
 import os
 import sys
-import tempfile
 from typing import List, Optional, Sequence, Union
 
 import torch
 
 from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error
-from nala_diffusion.files import new_file_mode
+from nala_diffusion.files import save_grid_atomically
 from nala_diffusion.pipelines.schedulers import (
     HIGHRES_MODES,
     SCHEDULERS,
@@ -79,24 +78,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="NaLa layers run the torch.compile-fused kernel (compiles on first use; pays off at many tokens)")
     parser.add_argument("--out", default="grid.png", help="PNG file to write")
     return parser.parse_args(argv)
-
-
-def save_grid_atomically(images: torch.Tensor, path: str, nrow: int) -> None:
-    """Write the grid beside ``path`` and rename it into place, so no half-written PNG is left."""
-    from torchvision.utils import make_grid, save_image
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
-    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".png")
-    os.close(handle)
-    os.chmod(temporary, new_file_mode())
-    try:
-        save_image(grid, temporary, format="PNG")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def check_args(args) -> Optional[str]:

@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 
 from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error, positive_int
 from nala_diffusion.distributed import use_cpu_processes
+from nala_diffusion.files import save_grid_atomically
 from nala_diffusion.lazy import lazy
 from nala_diffusion.learned_variance import VARIANCE_LOSSES
 from nala_diffusion.options import ATTENTION_TYPES, FIELDS, add_option_flags, config_key, layer_attention_types
-from nala_diffusion.pipelines.sample import save_grid_atomically
 from nala_diffusion.run_guard import OutputLock
 from nala_diffusion.train.run_log import CsvLog
 
