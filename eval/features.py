@@ -18,6 +18,7 @@ from cleanfid.utils import ResizeDataset
 from tqdm.auto import tqdm
 
 from nala_diffusion.eval.feature_constants import MODES, TORCHSCRIPT_WEIGHTS  # noqa: F401  (re-exported)
+from nala_diffusion.files import written_atomically
 
 PYTORCH_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 DEFAULT_WEIGHTS_DIR = "/tmp"  # where clean-fid looks for and downloads the torchscript Inception
@@ -414,9 +415,8 @@ def save_stats(path: str, reference: Reference, extractor: Extractor, keep_featu
         arrays["features"] = reference.features
     if reference.mu_s is not None:
         arrays["mu_s"], arrays["sigma_s"] = reference.mu_s, reference.sigma_s
-    temporary = f"{path}.tmp.npz"
-    np.savez(temporary, **arrays)
-    os.replace(temporary, path)
+    with written_atomically(path, ".npz") as temporary:
+        np.savez(temporary, **arrays)
 
 
 #: keys of the guided-diffusion evaluator's reference batches (VIRTUAL_imagenet256_labeled.npz, ...)

@@ -30,6 +30,7 @@ from nala_diffusion.eval.sampling import (
     iter_sample_paths,
     pack_npz,
 )
+from nala_diffusion.files import write_json_atomically
 from nala_diffusion.lazy import lazy
 from nala_diffusion.pipelines.sample import parse_sharpness
 from nala_diffusion.pipelines.schedulers import (
@@ -259,11 +260,7 @@ def check_counts(chosen, num_samples: int, num_reference: Optional[int]) -> None
 
 
 def write_json(path: str, result: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2, default=str)
-    os.replace(temporary, path)
+    write_json_atomically(path, result, sort_keys=False)
 
 
 def summary(result: dict) -> str:

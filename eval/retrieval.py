@@ -33,9 +33,9 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error, positive_int
+from nala_diffusion.files import write_json_atomically
 from nala_diffusion.lazy import lazy
 from nala_diffusion.options import ATTENTION_TYPES
-from nala_diffusion.run_guard import write_json_atomically
 
 TIMESTEPS = (100, 250, 500)
 # columns on each side of the partner that count as hits: none for unrelated tiles, one for crops

@@ -9,7 +9,6 @@ rerun regenerates the batches that hold a missing or unreadable image and writes
 
 import os
 import shutil
-import tempfile
 from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -17,7 +16,7 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from nala_diffusion.files import new_file_mode
+from nala_diffusion.files import written_atomically
 from nala_diffusion.run_guard import check_fingerprint
 
 SAMPLE_DIR = "samples"
@@ -51,16 +50,8 @@ def rank_batches(num_samples: int, batch_size: int, rank: int, world_size: int) 
 
 
 def save_png_atomically(image: PIL.Image.Image, path: str) -> None:
-    folder = os.path.dirname(path)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(handle)
-    os.chmod(temporary, new_file_mode())
-    try:
+    with written_atomically(path, ".png") as temporary:
         image.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 #: in an exported reference folder: what it was exported from (written last, so its presence means complete)
@@ -168,6 +159,5 @@ def iter_sample_paths(out_dir: str, num_samples: int) -> Iterator[str]:
 def pack_npz(out_dir: str, num_samples: int, path: str) -> None:
     """All samples as ``arr_0`` (N, H, W, 3) uint8, the format of OpenAI's ADM evaluator."""
     images = np.stack([np.asarray(PIL.Image.open(p).convert("RGB")) for p in iter_sample_paths(out_dir, num_samples)])
-    temporary = f"{path}.tmp.npz"
-    np.savez(temporary, arr_0=images)
-    os.replace(temporary, path)
+    with written_atomically(path, ".npz") as temporary:
+        np.savez(temporary, arr_0=images)

@@ -43,7 +43,7 @@ from nala_diffusion.eval.sampling import (
     generate_samples,
     save_png_atomically,
 )
-from nala_diffusion.files import save_grid_atomically
+from nala_diffusion.files import save_grid_atomically, write_json_atomically
 from nala_diffusion.lazy import lazy
 from nala_diffusion.run_guard import OutputLock, check_fingerprint, code_version, pipeline_weights_hash
 
@@ -148,10 +148,7 @@ def cached(path: str, compute):
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     result = compute()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2)
-    os.replace(f"{path}.tmp", path)
+    write_json_atomically(path, result, sort_keys=False)
     return result
 
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from .files import follow_umask
+from .files import written_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -187,11 +187,8 @@ def build_latent_cache(dataset: Dataset, vae, path: str, batch_size: int = 32, s
         moments.append(both)  # (B, 2, 2C, h, w)
         labels.append(torch.as_tensor(batch_labels))
     tensors = {"moments": torch.cat(moments).contiguous(), "labels": torch.cat(labels).long()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, temporary)
-    follow_umask(temporary)
-    os.replace(temporary, path)
+    with written_atomically(path, ".safetensors") as temporary:
+        save_file(tensors, temporary)
 
 
 def load_latent_cache(path: str, classes: List[str]) -> LatentMomentsDataset:

@@ -1,7 +1,10 @@
-"""File helpers shared by the tools."""
+"""File helpers shared by the tools: modes that follow the umask, and writes that are atomic."""
 
+import contextlib
+import json
 import os
 import tempfile
+from typing import Any, Iterator
 
 
 def new_file_mode() -> int:
@@ -24,19 +27,36 @@ def follow_umask(path: str) -> None:
             os.chmod(file, mode)
 
 
-def save_grid_atomically(images, path: str, nrow: int) -> None:
-    """Write the grid beside ``path`` and rename it into place, so no half-written PNG is left."""
-    from torchvision.utils import make_grid, save_image
-
+@contextlib.contextmanager
+def written_atomically(path: str, suffix: str = "") -> Iterator[str]:
+    """``with written_atomically(path) as temporary: <write temporary>``: the file is written beside
+    ``path`` under a hidden temporary name and renamed into place only when the block succeeds, with the
+    mode a plain ``open()`` would give; a failure leaves ``path`` as it was and no temporary behind.
+    ``suffix`` keeps the extension that writers such as ``numpy.savez`` or PIL read the format from."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
-    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".png")
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     os.close(handle)
-    os.chmod(temporary, new_file_mode())
     try:
-        save_image(grid, temporary, format="PNG")
+        yield temporary
+        os.chmod(temporary, new_file_mode())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def write_json_atomically(path: str, data: Any, sort_keys: bool = True) -> None:
+    """``data`` as indented JSON at ``path``, written aside and renamed (values JSON cannot hold as text)."""
+    with written_atomically(path, ".json") as temporary, open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=sort_keys, default=str)
+        handle.write("\n")
+
+
+def save_grid_atomically(images, path: str, nrow: int) -> None:
+    """Write a grid of ``images`` (B, 3, H, W in [0, 1]) as a PNG at ``path``, aside and renamed."""
+    from torchvision.utils import make_grid, save_image
+
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    with written_atomically(path, ".png") as temporary:
+        save_image(grid, temporary, format="PNG")

@@ -15,11 +15,10 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from .files import new_file_mode
+from .files import new_file_mode, write_json_atomically
 
 FINGERPRINT_FILE = "fingerprint.json"
 LOCK_FILE = ".lock"
@@ -65,20 +64,6 @@ def fingerprint_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> L
             before, after = json.dumps(old.get(key))[:200], json.dumps(new.get(key))[:200]
             lines.append(f"{key}: {before} -> {after}")
     return lines
-
-
-def write_json_atomically(path: str, data: Mapping[str, Any]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(_jsonable(data), stream, indent=2, sort_keys=True)
-        os.chmod(temporary, new_file_mode())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def check_fingerprint(
@@ -128,7 +113,7 @@ def check_fingerprint(
             clear()
         status = "overwritten"
     if write:
-        write_json_atomically(path, fingerprint)
+        write_json_atomically(path, _jsonable(fingerprint))
     return status
 
 

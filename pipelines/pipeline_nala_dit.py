@@ -13,7 +13,6 @@ import math
 import numbers
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -26,7 +25,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from nala_diffusion.files import follow_umask
+from nala_diffusion.files import follow_umask, write_json_atomically
 from nala_diffusion.loading import check_loaded_weights
 from nala_diffusion.model import NaLaDiTTransformer2DModel
 from nala_diffusion.sharpness import (
@@ -115,14 +114,6 @@ def _flatten(labels) -> list:
         else:
             flat.append(label)
     return flat
-
-
-def _atomic_write_json(path: str, data: Dict[str, Any]) -> None:
-    folder = os.path.dirname(path) or "."
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(handle.name, path)
 
 
 class NaLaDiTPipeline(DiffusionPipeline):
@@ -661,4 +652,4 @@ class NaLaDiTPipeline(DiffusionPipeline):
             with open(index_path, encoding="utf-8") as handle:
                 index = json.load(handle)
             index["_class_name"] = [module_name, type(self).__name__]
-            _atomic_write_json(index_path, index)
+            write_json_atomically(index_path, index)

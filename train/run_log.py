@@ -4,6 +4,8 @@ import csv
 import os
 from typing import Dict
 
+from nala_diffusion.files import written_atomically
+
 COLUMNS = ("step", "loss", "loss_target", "loss_distill", "loss_distill_variance", "loss_vlb", "lr", "images_per_second",
            "responding_fraction")
 
@@ -15,12 +17,10 @@ class CsvLog:
         if os.path.exists(path) and keep_until_step > 0:
             with open(path, newline="", encoding="utf-8") as handle:
                 rows = [r for r in csv.DictReader(handle) if r.get("step", "").isdigit() and int(r["step"]) <= keep_until_step]
-        temporary = f"{path}.tmp"
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+        with written_atomically(path, ".csv") as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(temporary, path)
 
     def write(self, row: Dict[str, float]) -> None:
         with open(self.path, "a", newline="", encoding="utf-8") as handle:
