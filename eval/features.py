@@ -176,10 +176,10 @@ def classifier_extractor(path: str, device: torch.device) -> Extractor:
         raise ValueError(f"cannot load a DomainClassifier from {path!r}: {error}") from None
     size = model.config.image_size
 
-    @torch.no_grad()
+    weight = model.head.weight.detach().double().cpu().numpy()
+    bias = model.head.bias.detach().double().cpu().numpy()
+
     def logits(features: np.ndarray) -> np.ndarray:  # the classifier's own head on its pooled features
-        weight = model.head.weight.detach().double().cpu().numpy()
-        bias = model.head.bias.detach().double().cpu().numpy()
         return np.asarray(features, dtype=np.float64) @ weight.T + bias
 
     from nala_diffusion.run_guard import folder_weights_hash
@@ -368,7 +368,7 @@ def _npz_shape(path: str, key: str) -> Tuple[int, ...]:
 
 def peek_reference(source: str, extractor: Extractor) -> Tuple[str, List[str], Optional[int]]:
     """(kind, metrics it allows, image count or None) of a ``--ref``, read cheaply (no features), so that
-    a run can refuse an unusable reference before it samples."""
+    a run can refuse an unusable reference before it samples; every refusal of a reference is here."""
     if os.path.isdir(source):
         count = len(image_files(source))
         if count == 0:
@@ -379,31 +379,24 @@ def peek_reference(source: str, extractor: Extractor) -> Tuple[str, List[str], O
     try:
         with np.load(source, allow_pickle=False) as data:
             keys = set(data.files)
-            if is_evaluator_batch(keys):
-                if EVALUATOR_IMAGES in keys:
-                    return "evaluator images", reference_allows(True, True), _npz_shape(source, EVALUATOR_IMAGES)[0]
-                if extractor.name != "inception":
-                    raise ReferenceMismatch(f"{source!r} holds the evaluator's Inception statistics, which cannot serve the "
-                                     f"domain classifier {extractor.name}; give a reference with images")
-                return "evaluator statistics", reference_allows(False, False), None
-            check_stats_extractor(source, data, extractor)
+            saved = (str(data["extractor"]), str(data["mode"]) if "mode" in keys else "clean") if "extractor" in keys \
+                else None
             count = int(data["num_images"]) if "num_images" in keys else None
-            return "stats file", reference_allows("features" in keys, "mu_s" in keys), count
-    except ReferenceMismatch:
-        raise
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError) as error:
         raise ValueError(f"cannot read reference statistics {source!r}: {error}") from None
-
-
-class ReferenceMismatch(ValueError):
-    """A reference made for another feature extractor."""
-
-
-def check_stats_extractor(source: str, data, extractor: Extractor) -> None:
-    saved = (str(data["extractor"]), str(data["mode"]) if "mode" in data.files else "clean")
+    if is_evaluator_batch(keys):
+        if EVALUATOR_IMAGES in keys:
+            return "evaluator images", reference_allows(True, True), _npz_shape(source, EVALUATOR_IMAGES)[0]
+        if extractor.name != "inception":
+            raise ValueError(f"{source!r} holds the evaluator's Inception statistics, which cannot serve the "
+                             f"domain classifier {extractor.name}; give a reference with images")
+        return "evaluator statistics", reference_allows(False, False), None
+    if "mu" not in keys or "sigma" not in keys:
+        raise ValueError(f"{source!r} has no mu/sigma arrays (nor the evaluator's arr_0 images)")
     if saved != (extractor.name, extractor.mode):
-        raise ReferenceMismatch(f"{source!r} was made with extractor {saved[0]} mode {saved[1]}, not {extractor.name} "
-                                f"mode {extractor.mode}")
+        raise ValueError(f"{source!r} was made with extractor {saved[0]} mode {saved[1]}, not {extractor.name} "
+                         f"mode {extractor.mode}")
+    return "stats file", reference_allows("features" in keys, "mu_s" in keys), count
 
 
 def save_stats(path: str, reference: Reference, extractor: Extractor, keep_features: bool = False) -> None:
@@ -433,24 +426,14 @@ def load_reference(path: str, extractor: Extractor, device, batch_size: int = 32
     """A reference from a ``.npz``: our stats file (made with the same extractor), or the guided-diffusion
     evaluator's batch, whose images (``arr_0``) get this extractor's features, or, without images, whose
     own statistics (``mu``/``sigma``, from the evaluator's TensorFlow Inception) serve FID only."""
-    try:
-        data = np.load(path, allow_pickle=False)
-        keys = set(data.files)
-    except Exception as error:
-        raise ValueError(f"cannot read reference statistics {path!r}: {error}") from None
-    if is_evaluator_batch(keys):
-        if EVALUATOR_IMAGES in keys:
-            features = array_features(data[EVALUATOR_IMAGES], extractor, device, batch_size, verbose, spatial,
-                                      description=f"features {os.path.basename(path)}")
-            features, spatial_features = features if spatial else (features, None)
-            return Reference.from_features(features, spatial_features, kind="evaluator images")
-        if extractor.name != "inception":
-            raise ValueError(f"{path!r} holds the evaluator's Inception statistics, which cannot serve the domain "
-                             f"classifier {extractor.name}; give a reference with images")
-        return Reference(data["mu"], data["sigma"], kind="evaluator statistics")
-    if "mu" not in keys or "sigma" not in keys:
-        raise ValueError(f"{path!r} has no mu/sigma arrays (nor the evaluator's arr_0 images)")
-    check_stats_extractor(path, data, extractor)
-    return Reference(data["mu"], data["sigma"], features=data["features"] if "features" in keys else None,
-                     mu_s=data["mu_s"] if "mu_s" in keys else None, sigma_s=data["sigma_s"] if "sigma_s" in keys else None,
-                     num_images=int(data["num_images"]) if "num_images" in keys else None, kind="stats file")
+    kind, _, count = peek_reference(path, extractor)  # refuses what cannot serve
+    data = np.load(path, allow_pickle=False)
+    if kind == "evaluator images":
+        features = array_features(data[EVALUATOR_IMAGES], extractor, device, batch_size, verbose, spatial,
+                                  description=f"features {os.path.basename(path)}")
+        features, spatial_features = features if spatial else (features, None)
+        return Reference.from_features(features, spatial_features, kind=kind)
+    if kind == "evaluator statistics":  # its mu_s/sigma_s come from another network: FID only
+        return Reference(data["mu"], data["sigma"], kind=kind)
+    optional = {key: data[key] for key in ("features", "mu_s", "sigma_s") if key in data.files}
+    return Reference(data["mu"], data["sigma"], num_images=count, kind=kind, **optional)

@@ -259,10 +259,6 @@ def check_counts(chosen, num_samples: int, num_reference: Optional[int]) -> None
                              f"holds {num_reference}")
 
 
-def write_json(path: str, result: dict) -> None:
-    write_json_atomically(path, result, sort_keys=False)
-
-
 def summary(result: dict) -> str:
     """One line with every metric of ``result``, as the JSON holds it."""
     cells = []
@@ -346,7 +342,7 @@ def run(args, state) -> int:
     print(summary(result))
     json_path = args.json or (os.path.join(args.out, "fid.json") if args.command == "calc" else None)
     if json_path:
-        write_json(json_path, result)
+        write_json_atomically(json_path, result, sort_keys=False)
         print(f"wrote {json_path}")
     return 0
 

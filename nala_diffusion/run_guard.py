@@ -37,15 +37,19 @@ def code_version() -> str:
 def folder_weights_hash(folder: str) -> str:
     """sha256 over every ``*.safetensors`` file under ``folder`` (relative path and bytes), in
     sorted order: two folders with the same weights hash alike wherever they are."""
-    digest = hashlib.sha256()
-    files = []
-    for root, _, names in os.walk(folder):
-        files += [os.path.join(root, n) for n in names if n.endswith(".safetensors")]
+    files = [os.path.relpath(os.path.join(root, n), folder) for root, _, names in os.walk(folder)
+             for n in names if n.endswith(".safetensors")]
     if not files:
         raise ValueError(f"{folder!r} holds no .safetensors weights")
-    for path in sorted(files):
-        digest.update(os.path.relpath(path, folder).replace(os.sep, "/").encode())
-        with open(path, "rb") as handle:
+    return _files_hash(folder, files)
+
+
+def _files_hash(folder: str, relative_paths) -> str:
+    """sha256 over the given files under ``folder``, each as its relative path and its bytes, in sorted order."""
+    digest = hashlib.sha256()
+    for relative in sorted(relative_paths):
+        digest.update(relative.replace(os.sep, "/").encode())
+        with open(os.path.join(folder, relative), "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
@@ -209,17 +213,11 @@ def pipeline_weights_hash(folder: str) -> str:
         index = json.load(handle)
     components = sorted(name for name, value in index.items()
                         if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0])
-    digest = hashlib.sha256()
-    files = sorted(os.path.join(name, file) for name in components if os.path.isdir(os.path.join(folder, name))
-                   for file in os.listdir(os.path.join(folder, name)) if file.endswith(".safetensors"))
+    files = [os.path.join(name, file) for name in components if os.path.isdir(os.path.join(folder, name))
+             for file in os.listdir(os.path.join(folder, name)) if file.endswith(".safetensors")]
     if not files:
         raise ValueError(f"{folder!r} holds no .safetensors weights in its components {components}")
-    for relative in files:
-        digest.update(relative.replace(os.sep, "/").encode())
-        with open(os.path.join(folder, relative), "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return _files_hash(folder, files)
 
 
 def _public(config) -> Dict[str, Any]:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import nala_diffusion.learned_variance as learned_variance
 from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error, positive_int
 from nala_diffusion.distributed import use_cpu_processes
 from nala_diffusion.files import save_grid_atomically
@@ -61,7 +62,6 @@ mean_responding_fraction = lazy("nala_diffusion.norm_awareness", "mean_respondin
 nala_processors = lazy("nala_diffusion.norm_awareness", "nala_processors")
 saturation_report = lazy("nala_diffusion.norm_awareness", "saturation_report")
 checkpoints = lazy("nala_diffusion.train.checkpoints")
-learned_variance = lazy("nala_diffusion.learned_variance")
 
 
 class _Logger:
@@ -405,9 +405,10 @@ def train(args) -> int:
 
     # 1. Data and VAE; the weights that go into the run, by hash, for resume checks
     input_weights = {key: weights_id(getattr(args, key)) for key in ("vae", "teacher", "init_from")}
-    if resume_path:
-        checkpoints.check_inputs(checkpoints.read_state(resume_path),
-                                 {"data_fingerprint": data_fingerprint, "input_weights": input_weights}, resume_path)
+    saved = checkpoints.read_state(resume_path) if resume_path else None
+    if saved is not None:
+        checkpoints.check_inputs(saved, {"data_fingerprint": data_fingerprint, "input_weights": input_weights},
+                                 resume_path)
     vae = AutoencoderKL.from_pretrained(args.vae, use_safetensors=True).to(accelerator.device).eval() if args.vae else None
     if vae is not None:
         vae.requires_grad_(False)
@@ -479,7 +480,6 @@ def train(args) -> int:
     }
     global_step = batch_index = 0
     if resume_path:
-        saved = checkpoints.read_state(resume_path)
         checkpoints.check_compatible(saved, run_state, resume_path)
         saved_steps = saved.get("args", {}).get("max_train_steps", args.max_train_steps)
         if saved_steps != args.max_train_steps and args.lr_scheduler not in STEP_FREE_SCHEDULES:
