@@ -6,11 +6,11 @@
 Two measures (see ``nala_diffusion.builtin_pairs`` for the task):
 
 - **retrieval gain**: the held-out epsilon-MSE on the unpaired control minus that on paired images, at
-  each timestep (100, 250, 500 by default), with the same images' top halves, labels and noise in
+  each timestep (50, 100, 250 by default), with the same images' top halves, labels and noise in
   both sets. A model that finds the partner denoises paired images better; one that cannot, does
   not see a difference (gain 0). The timesteps are those at which a 4 x 4 px token can still be
-  recognised under the noise (signal fraction alpha_bar = 0.90, 0.52, 0.08 on the linear schedule);
-  at t = 750 (alpha_bar = 0.004) no model can find its partner.
+  recognised under the noise (signal fraction alpha_bar = 0.95, 0.90, 0.52 on the linear schedule);
+  at t = 500 (alpha_bar = 0.08) no model can find its partner.
 - **retrieval mass**: per self-attention layer, from the layer's explicit attention weights on noised
   paired images, the mean share of a bottom-half query's attention that lands on its partner token
   (tiles layout) or on the partner and the tokens beside it in its row (crops layout, whose
@@ -19,7 +19,8 @@ Two measures (see ``nala_diffusion.builtin_pairs`` for the task):
   window / tokens for both.
 
 Both are written as JSON, with the per-layer Spearman correlation between a query's attention
-entropy and its norm (rho) and the mean entropy.
+entropy and its norm (rho), the norm effect dH/dlog|q| (the causal measure of norm-awareness) and
+the mean entropy.
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ from nala_diffusion.files import write_json_atomically
 from nala_diffusion.lazy import lazy
 from nala_diffusion.options import ATTENTION_TYPES
 
-TIMESTEPS = (100, 250, 500)
+# signal fraction alpha_bar = 0.95, 0.90, 0.52 on the linear schedule: a 4 x 4 px token can be recognised
+TIMESTEPS = (50, 100, 250)
 # columns on each side of the partner that count as hits: none for unrelated tiles, one for crops
 WINDOWS = {"tiles": 0, "crops": 1}
 DATASETS = {"tiles": "builtin:pairs", "crops": "builtin:pairs_crops"}
+# per layer, averaged over the timesteps
+MASS_MEASURES = ("mass", "baseline", "rho", "entropy", "norm_effect")
 
 DDPMScheduler = lazy("diffusers", "DDPMScheduler")
 NaLaDiTPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit", "NaLaDiTPipeline")
@@ -156,12 +160,14 @@ def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, 
             baselines = [window_mass(weights[b], wrong_partners[b], side, window) for b in range(len(x0))]
             entropy = attention_weights.entropy(weights)
             norms = q.double().norm(dim=-1)
-            entry = sums.setdefault(name, {"kind": kind, "mass": [], "baseline": [], "rho": [], "entropy": []})
+            entry = sums.setdefault(name, {"kind": kind, "mass": [], "baseline": [], "rho": [], "entropy": [],
+                                           "norm_effect": []})
             entry["mass"].append(float(torch.stack(masses).mean()))
             entry["baseline"].append(float(torch.stack(baselines).mean()))
             entry["rho"].append(spearman(entropy, norms))
             entry["entropy"].append(float(entropy.mean()))
-    return {name: {"kind": e["kind"], **{key: sum(e[key]) / len(e[key]) for key in ("mass", "baseline", "rho", "entropy")},
+            entry["norm_effect"].append(attention_weights.norm_effect(kind, q, k, options))
+    return {name: {"kind": e["kind"], **{key: sum(e[key]) / len(e[key]) for key in MASS_MEASURES},
                    "uniform": (2 * window + 1) / side ** 2}
             for name, e in sums.items()}
 

@@ -84,14 +84,26 @@ NORM_TIMESTEPS = (250, 500, 750)
 # development machine, too slow for five models at a useful step count; see docs/results.md).
 RETRIEVAL_ARCHITECTURE = {**ARCHITECTURE, "patch_size": 4}
 TRAINING = {"steps": 500, "batch_size": 32, "learning_rate": 5e-4}
-RETRIEVAL_TRAINING = {"steps": 4000, "batch_size": 16, "learning_rate": 1e-3}
+# the calibrated budget and task (docs/results.md, "Calibration"): timesteps where a token can be recognised
+RETRIEVAL_TRAINING = {"steps": 8000, "batch_size": 32, "learning_rate": 1e-3, "timestep_range": [0, 500],
+                      "retrieval_timesteps": list(retrieval.TIMESTEPS)}
+NALA = ["--attention", "nala", "--norm_scale_mode", "calibrated"]  # relu_split inhibit, power scale 3
 RETRIEVAL_VARIANTS: Dict[str, List[str]] = {
     "softmax": ["--attention", "softmax"],
     "relu_linear": ["--attention", "relu_linear"],
     "elu_linear": ["--attention", "elu_linear"],
+    "nala_calibrated": NALA,
+    "nala_cosine": [*NALA, "--inhibit", "cosine"],
+    "nala_rope": [*NALA, "--use_rope"],
+    "nala_gate": [*NALA, "--use_gate"],
+    "nala_learnable_power": [*NALA, "--learnable_power"],
+    "hybrid_nala": [*NALA, "--softmax_layers", "-1"],
+    # the control that separates the hybrid layout's effect from NaLa's
+    "hybrid_relu_linear": ["--attention", "relu_linear", "--softmax_layers", "-1"],
     "nala_sigma1": ["--attention", "nala", "--norm_scale_mode", "fixed", "--norm_scale", "1"],
-    "nala_calibrated": ["--attention", "nala", "--norm_scale_mode", "calibrated"],
 }
+# what --study retrieval trains without --kinds (nala_sigma1 belongs to the first version of the study)
+RETRIEVAL_DEFAULT_KINDS = [kind for kind in RETRIEVAL_VARIANTS if kind != "nala_sigma1"]
 ENTROPY_KIND = {"softmax": "softmax", "relu_linear": "relu_linear", "elu_linear": "elu_linear",
                 "nala_relu_split": "nala", "nala_cosine": "nala", "nala_sigma1": "nala", "nala_calibrated": "nala",
                 "nala_learnable": "nala"}
@@ -118,8 +130,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sample_steps", type=int, default=25, help='sampling steps of the evaluation')
     p.add_argument("--guidance", type=float, default=2.0, help='classifier-free guidance of the evaluation')
     p.add_argument("--highres_samples", type=int, default=10, help="images per high-resolution setting")
-    p.add_argument("--kinds", nargs="+", default=None, choices=sorted(RETRIEVAL_VARIANTS),
-                   help="--study retrieval: train and score only these kinds (default: all five)")
+    p.add_argument("--kinds", nargs="+", default=None, choices=list(RETRIEVAL_VARIANTS), metavar="KIND",
+                   help="--study retrieval: train and score only these kinds, in this order (default: "
+                        + ", ".join(RETRIEVAL_DEFAULT_KINDS) + "; also nala_sigma1)")
+    p.add_argument("--timestep_range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="training timesteps LOW <= t < HIGH (default: all; --study retrieval: 0 500, the half in "
+                        "which a partner token can be recognised)")
+    p.add_argument("--retrieval_timesteps", type=int, nargs="+", default=None, metavar="T",
+                   help="--study retrieval: timesteps of the retrieval gain and mass (default: "
+                        + " ".join(map(str, retrieval.TIMESTEPS)) + ")")
     p.add_argument("--pairs_layout", choices=sorted(retrieval.DATASETS), default="tiles",
                    help="--study retrieval: the task, 'tiles' (builtin:pairs, tile mosaics) or 'crops' "
                         "(builtin:pairs_crops, one photograph crop per half)")
@@ -169,6 +188,7 @@ def _train(folder: str, out: str, extra: List[str], steps: int, seed: int, args,
         "--use_ema", "--ema_decay", "0.995", "--checkpointing_steps", str(max(steps // 2, 1)),
         "--checkpoints_total_limit", "1", "--seed", str(seed), "--report_to", "none",
         "--output_dir", folder, "--resume_from_checkpoint", "latest", *extra,
+        *(["--timestep_range", *map(str, args.timestep_range)] if args.timestep_range else []),
     ])
     if code != 0:
         raise RuntimeError(f"nala-study: training {os.path.basename(folder)} failed (exit code {code}); see the messages above")
@@ -386,18 +406,18 @@ def retrieval_study(args, argv) -> dict:
     that the control is not out of distribution), then measure retrieval gain and mass
     (:mod:`nala_diffusion.eval.retrieval`) on the held-out split."""
     results = {"command": " ".join(["nala-study", *(argv if argv is not None else sys.argv[1:])]),
-               "architecture": args.architecture, "layout": args.pairs_layout, "timesteps": list(retrieval.TIMESTEPS),
-               "runs": {}}
+               "architecture": args.architecture, "layout": args.pairs_layout,
+               "timesteps": list(args.retrieval_timesteps), "timestep_range": args.timestep_range, "runs": {}}
     dataset = f"{retrieval.DATASETS[args.pairs_layout]}_mixed"
-    for kind, extra in RETRIEVAL_VARIANTS.items():
-        if args.kinds and kind not in args.kinds:
-            continue
+    for kind in args.kinds or RETRIEVAL_DEFAULT_KINDS:
+        extra = RETRIEVAL_VARIANTS[kind]
         results["runs"][kind] = []
         for seed in args.seeds:
             info = train(args.out, f"retrieval_{kind}_s{seed}", extra, args.steps, seed, args, dataset=dataset)
             path = os.path.join(args.out, "scores", f"retrieval_{kind}_s{seed}.json")
-            measures = cached(path, lambda: retrieval.measure(info["folder"], gain_images=args.retrieval_images,
-                                                              mass_images=8, layout=args.pairs_layout))
+            measures = cached(path, lambda: retrieval.measure(info["folder"], args.retrieval_timesteps,
+                                                              gain_images=args.retrieval_images, mass_images=8,
+                                                              layout=args.pairs_layout))
             results["runs"][kind].append({**info, **measures})
     plot_retrieval(results, os.path.join(args.out, "retrieval_gain.png"))
     return results

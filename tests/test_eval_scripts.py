@@ -206,11 +206,17 @@ def test_retrieval_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
             "--batch_size", "4", "--retrieval_images", "6", "--model_config", str(config)]
     assert study.main(argv) == 0
     results = json.loads((tmp_path / "study" / "results.json").read_text())
-    assert set(results["runs"]) == set(study.RETRIEVAL_VARIANTS)
-    for runs in results["runs"].values():
+    assert list(results["runs"]) == study.RETRIEVAL_DEFAULT_KINDS
+    for kind, runs in results["runs"].items():
         run = runs[0]
-        assert set(run["gain"]["gain"]) == {"100", "250", "500"} and len(run["mass"]) == 2
+        assert set(run["gain"]["gain"]) == {"50", "100", "250"} and len(run["mass"]) == 2
         assert run["seconds_per_step"] > 0
+        kinds = [layer["kind"] for layer in run["mass"].values()]
+        assert kinds[-1] == ("softmax" if kind.startswith("hybrid") or kind == "softmax" else kinds[0])
+        # the causal norm measure: exactly 0 for ReLU linear attention
+        assert all(layer["norm_effect"] == 0 for layer in run["mass"].values() if layer["kind"] == "relu_linear")
+        train_args = json.loads((tmp_path / "study" / "runs" / f"retrieval_{kind}_s0" / "args.json").read_text())
+        assert train_args["timestep_range"] == [0, 500]  # the calibrated task's training noise levels
     table = (tmp_path / "study" / "results.md").read_text()
     assert "| nala_calibrated | 1 |" in table and "gap in mean retrieval gain" in table
     assert "(the partner token;" in table and results["layout"] == "tiles"

@@ -107,6 +107,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="calibration sets sigma to this quantile of each head's query norms")
     objective = p.add_argument_group("objective")
     objective.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon", help='what the model predicts: the noise or v')
+    objective.add_argument("--timestep_range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                           help="train on timesteps LOW <= t < HIGH only (default: all of the scheduler's); "
+                                "e.g. 0 500 for a denoiser of the less noisy half")
     objective.add_argument("--class_dropout_prob", type=float, default=0.1, help="labels dropped to the null class")
     objective.add_argument("--teacher", default=None, help="frozen softmax DiT folder to distill from")
     objective.add_argument("--distill_weight", type=float, default=1.0, help='weight of the distillation term (with --teacher)')
@@ -152,6 +155,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--cache_latents needs --vae")
     if not 0 <= args.class_dropout_prob < 1:
         p.error("--class_dropout_prob must be in [0, 1)")
+    if args.timestep_range and not 0 <= args.timestep_range[0] < args.timestep_range[1] <= NUM_TRAIN_TIMESTEPS:
+        p.error(f"--timestep_range LOW HIGH needs 0 <= LOW < HIGH <= {NUM_TRAIN_TIMESTEPS}, got {args.timestep_range}")
     return args
 
 
@@ -216,9 +221,14 @@ def probe_batch(args, dataset, vae, noise_scheduler, device):
     flip = torch.zeros(count, dtype=torch.bool, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     x0 = clean_latents(batch, vae, args.cache_latents, flip, generator)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (count,), generator=generator, device=device)
+    timesteps = torch.randint(*timestep_bounds(args, noise_scheduler), (count,), generator=generator, device=device)
     noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
     return noise_scheduler.add_noise(x0, noise, timesteps), timesteps, labels
+
+
+def timestep_bounds(args, noise_scheduler):
+    """(low, high): training timesteps are drawn uniformly from low <= t < high (--timestep_range)."""
+    return tuple(args.timestep_range or (0, noise_scheduler.config.num_train_timesteps))
 
 
 def needs_calibration(model) -> bool:
@@ -276,6 +286,8 @@ class StopRequest:
         return bool(flag.item())
 
 
+# the training noise schedule's length (DiT's linear schedule)
+NUM_TRAIN_TIMESTEPS = 1000
 # learning-rate schedules that do not depend on --max_train_steps, so a resumed run may change it
 STEP_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 # arguments that do not change what a resumed run computes; every other one must match the checkpoint's
@@ -435,8 +447,8 @@ def train(args) -> int:
     elif args.variance_loss == "vlb" and not learned:
         raise ValueError(f"--variance_loss vlb needs a model with learned variance (out_channels = 2 x {in_channels}); "
                          f"this one has out_channels {model.config.out_channels}")
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                                    prediction_type=args.prediction_type, clip_sample=vae is None)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear", beta_start=1e-4,
+                                    beta_end=0.02, prediction_type=args.prediction_type, clip_sample=vae is None)
     probe = probe_batch(args, dataset, vae, noise_scheduler, accelerator.device)
     if needs_calibration(model) and not resume_path:
         # sigma from the queries the layers see on real noised data (a resumed run loads its own)
@@ -586,7 +598,7 @@ def training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, n
     flip = torch.rand(count, generator=generator, device=device) < 0.5 if args.random_flip else torch.zeros(count, dtype=torch.bool, device=device)
     x0 = clean_latents(batch, vae, args.cache_latents, flip, generator)
     noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (count,), generator=generator, device=device)
+    timesteps = torch.randint(*timestep_bounds(args, noise_scheduler), (count,), generator=generator, device=device)
     drop = torch.rand(count, generator=generator, device=device) < args.class_dropout_prob
     labels = torch.where(drop, torch.full_like(labels, null_label), labels)
     noisy = noise_scheduler.add_noise(x0, noise, timesteps)
