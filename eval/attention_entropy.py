@@ -21,8 +21,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from nala_diffusion.attention_weights import KINDS, attention_weights, entropy, norm_effect
-from nala_diffusion.cli_args import HelpFormatter
+from nala_diffusion.ops.attention_weights import KINDS, attention_weights, entropy, norm_effect
+from nala_diffusion.utils.cli_args import HelpFormatter
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -61,7 +61,7 @@ def noised_batch(pipe, data: str, timesteps: Sequence[int], images: int, seed: i
     each noised at every timestep (fixed noise): (noisy, timesteps, labels)."""
     from diffusers import DDPMScheduler
 
-    from nala_diffusion.data import load_dataset
+    from nala_diffusion.data.datasets import load_dataset
 
     dataset = load_dataset(data, pipe.default_sample_size, split=split)  # in pixels (latent side x VAE factor)
     if len(dataset) == 0:
@@ -87,7 +87,7 @@ def model_layers(model_dir: str, data: str, timesteps: Sequence[int], images: in
     every self-attention layer of a trained model on noised real images; q, k are (batch, heads, N, d).
     In a hybrid model each layer names its own kernel (``"nala"``, ``"softmax"``, ...)."""
     from nala_diffusion import NaLaDiTPipeline
-    from nala_diffusion.norm_awareness import capture_queries, nala_processors, saturation_from_queries
+    from nala_diffusion.models.norm_awareness import capture_queries, nala_processors, saturation_from_queries
 
     pipe = NaLaDiTPipeline.from_pretrained(model_dir)
     model = pipe.transformer.eval()

@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
-from nala_diffusion.cli_args import HelpFormatter
-from nala_diffusion.kernels import linear_attention, nala_attention, nala_attention_explicit, readout_table_width
-from nala_diffusion.lazy import lazy
+from nala_diffusion.ops import linear_attention, nala_attention, nala_attention_explicit
+from nala_diffusion.ops.gather import readout_table_width
+from nala_diffusion.utils.cli_args import HelpFormatter
+from nala_diffusion.utils.lazy import lazy
 
-NaLaDiTTransformer2DModel = lazy("nala_diffusion.model", "NaLaDiTTransformer2DModel")  # imported on first use
-preset_config = lazy("nala_diffusion.model", "preset_config")
+NaLaDiTTransformer2DModel = lazy("nala_diffusion.models.transformer", "NaLaDiTTransformer2DModel")  # imported on first use
+preset_config = lazy("nala_diffusion.models.transformer", "preset_config")
 
 
 def sana_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

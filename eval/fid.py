@@ -19,10 +19,8 @@ import time
 import warnings
 from typing import Optional, Sequence
 
-from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error, positive_int
-from nala_diffusion.distributed import use_cpu_processes
-from nala_diffusion.eval.feature_constants import METRICS, MODES, TORCHSCRIPT_WEIGHTS
-from nala_diffusion.eval.sampling import (
+from nala_diffusion.metrics.feature_constants import METRICS, MODES, TORCHSCRIPT_WEIGHTS
+from nala_diffusion.metrics.samples import (
     SAMPLE_DIR,
     balanced_labels,
     generate_samples,
@@ -30,8 +28,6 @@ from nala_diffusion.eval.sampling import (
     iter_sample_paths,
     pack_npz,
 )
-from nala_diffusion.files import write_json_atomically
-from nala_diffusion.lazy import lazy
 from nala_diffusion.pipelines.sample import parse_sharpness
 from nala_diffusion.pipelines.schedulers import (
     DIT_PROTOCOL,
@@ -41,11 +37,15 @@ from nala_diffusion.pipelines.schedulers import (
     guidance_kwargs,
     set_sampler,
 )
-from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
+from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, positive_int
+from nala_diffusion.utils.distributed import use_cpu_processes
+from nala_diffusion.utils.files import write_json_atomically
+from nala_diffusion.utils.lazy import lazy
+from nala_diffusion.utils.run_guard import OutputLock, pipeline_fingerprint
 
 PartialState = lazy("accelerate", "PartialState")
-features = lazy("nala_diffusion.eval.features")
-metrics_lib = lazy("nala_diffusion.eval.metrics")
+features = lazy("nala_diffusion.metrics.features")
+metrics_lib = lazy("nala_diffusion.metrics.scores")
 NaLaDiTHighResPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit_highres", "NaLaDiTHighResPipeline")
 
 METRIC_HELP = ("metrics to compute: fid, kid (need reference features), is (Inception Score of the samples, 10 "
@@ -198,7 +198,7 @@ def run_sampling(args, state: PartialState) -> dict:
 
 
 def reference(source: str, args, extractor, device, spatial: bool):
-    """The :class:`~nala_diffusion.eval.features.Reference` of ``source``: an image folder, a ``.npz``
+    """The :class:`~nala_diffusion.metrics.features.Reference` of ``source``: an image folder, a ``.npz``
     (our stats file or the guided-diffusion evaluator's batch), or a clean-fid custom-stats name."""
     if os.path.isdir(source):
         feats = features.folder_features(source, extractor, device, args.feature_batch_size, spatial=spatial)

@@ -21,22 +21,22 @@ import PIL.Image
 import torch
 
 from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path
-from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error, positive_int
-from nala_diffusion.eval.sampling import (
+from nala_diffusion.metrics.samples import (
     balanced_labels,
     export_reference,
     generate_samples,
     guard_samples,
     sample_path,
 )
-from nala_diffusion.lazy import lazy
-from nala_diffusion.run_guard import OutputLock, pipeline_fingerprint
+from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, positive_int
+from nala_diffusion.utils.lazy import lazy
+from nala_diffusion.utils.run_guard import OutputLock, pipeline_fingerprint
 
 DomainClassifier = lazy("nala_diffusion", "DomainClassifier")
 NaLaDiTPipeline = lazy("nala_diffusion", "NaLaDiTPipeline")
 NaLaDiTTransformer2DModel = lazy("nala_diffusion", "NaLaDiTTransformer2DModel")
-features = lazy("nala_diffusion.eval.features")
-metrics_lib = lazy("nala_diffusion.eval.metrics")
+features = lazy("nala_diffusion.metrics.features")
+metrics_lib = lazy("nala_diffusion.metrics.scores")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -3,7 +3,7 @@
     nala-retrieval --model RUN --json retrieval.json                  # builtin:pairs (tiles)
     nala-retrieval --model RUN --json retrieval.json --layout crops   # builtin:pairs_crops
 
-Two measures (see ``nala_diffusion.builtin_pairs`` for the task):
+Two measures (see ``nala_diffusion.data.builtin_pairs`` for the task):
 
 - **retrieval gain**: the held-out epsilon-MSE on the unpaired control minus that on paired images, at
   each timestep (50, 100, 250 by default), with the same images' top halves, labels and noise in
@@ -33,10 +33,10 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error, positive_int
-from nala_diffusion.files import write_json_atomically
-from nala_diffusion.lazy import lazy
-from nala_diffusion.options import ATTENTION_TYPES
+from nala_diffusion.models.options import ATTENTION_TYPES
+from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, positive_int
+from nala_diffusion.utils.files import write_json_atomically
+from nala_diffusion.utils.lazy import lazy
 
 # signal fraction alpha_bar = 0.95, 0.90, 0.52 on the linear schedule: a 4 x 4 px token can be recognised
 TIMESTEPS = (50, 100, 250)
@@ -48,12 +48,12 @@ MASS_MEASURES = ("mass", "baseline", "rho", "entropy", "norm_effect")
 
 DDPMScheduler = lazy("diffusers", "DDPMScheduler")
 NaLaDiTPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit", "NaLaDiTPipeline")
-load_dataset = lazy("nala_diffusion.data", "load_dataset")
-attention_weights = lazy("nala_diffusion.attention_weights")
-norm_awareness = lazy("nala_diffusion.norm_awareness")
-builtin_pairs = lazy("nala_diffusion.builtin_pairs")
+load_dataset = lazy("nala_diffusion.data.datasets", "load_dataset")
+attention_weights = lazy("nala_diffusion.ops.attention_weights")
+norm_awareness = lazy("nala_diffusion.models.norm_awareness")
+builtin_pairs = lazy("nala_diffusion.data.builtin_pairs")
 spearman = lazy("nala_diffusion.eval.attention_entropy", "spearman")
-swap = lazy("nala_diffusion.swap")
+swap = lazy("nala_diffusion.models.swap")
 
 
 def evenly(count: int, total: int) -> list:

@@ -35,27 +35,27 @@ import PIL.Image
 import torch
 
 from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path
-from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error
-from nala_diffusion.eval.sampling import (
+from nala_diffusion.metrics.samples import (
     SAMPLE_DIR,
     balanced_labels,
     export_reference,
     generate_samples,
     save_png_atomically,
 )
-from nala_diffusion.files import save_grid_atomically, write_json_atomically
-from nala_diffusion.lazy import lazy
-from nala_diffusion.run_guard import OutputLock, check_fingerprint, code_version, pipeline_weights_hash
+from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error
+from nala_diffusion.utils.files import save_grid_atomically, write_json_atomically
+from nala_diffusion.utils.lazy import lazy
+from nala_diffusion.utils.run_guard import OutputLock, check_fingerprint, code_version, pipeline_weights_hash
 
 DDPMScheduler = lazy("diffusers", "DDPMScheduler")
 DomainClassifier = lazy("nala_diffusion", "DomainClassifier")
 NaLaDiTHighResPipeline = lazy("nala_diffusion", "NaLaDiTHighResPipeline")
 NaLaDiTPipeline = lazy("nala_diffusion", "NaLaDiTPipeline")
-load_dataset = lazy("nala_diffusion.data", "load_dataset")
+load_dataset = lazy("nala_diffusion.data.datasets", "load_dataset")
 attention_entropy = lazy("nala_diffusion.eval.attention_entropy")
 benchmark = lazy("nala_diffusion.eval.benchmark")
-features = lazy("nala_diffusion.eval.features")
-metrics_lib = lazy("nala_diffusion.eval.metrics")
+features = lazy("nala_diffusion.metrics.features")
+metrics_lib = lazy("nala_diffusion.metrics.scores")
 class_accuracy = lazy("nala_diffusion.eval.quality", "class_accuracy")
 retrieval = lazy("nala_diffusion.eval.retrieval")
 

@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 
 _EXPORTS: Dict[str, List[str]] = {
     "assets": ["demo_classifier_path", "demo_pipeline_path"],
-    "classifier": ["DomainClassifier"],
-    "conversion": ["convert_dit_to_nala", "load_dit", "load_transformer"],
-    "kernels": [
+    "metrics.classifier": ["DomainClassifier"],
+    "models.conversion": ["convert_dit_to_nala", "load_dit", "load_transformer"],
+    "ops": [
         "apply_rope",
         "linear_attention",
         "nala_attention",
@@ -27,10 +27,10 @@ _EXPORTS: Dict[str, List[str]] = {
         "rope_2d_tables",
         "softmax_attention",
     ],
-    "model": ["DIT_PRESETS", "NaLaDiTTransformer2DModel", "preset_config"],
-    "norm_awareness": ["calibrate_norm_scale", "capture_queries", "saturation_report"],
-    "options": ["AttentionOptions"],
-    "processors": [
+    "models.transformer": ["DIT_PRESETS", "NaLaDiTTransformer2DModel", "preset_config"],
+    "models.norm_awareness": ["calibrate_norm_scale", "capture_queries", "saturation_report"],
+    "models.options": ["AttentionOptions"],
+    "models.processors": [
         "ATTENTION_PROCESSORS",
         "ELULinearAttnProcessor",
         "KernelAttnProcessor",
@@ -38,8 +38,8 @@ _EXPORTS: Dict[str, List[str]] = {
         "ReLULinearAttnProcessor",
         "SoftmaxAttnProcessor",
     ],
-    "sharpness": ["set_attention_sharpness"],
-    "swap": [
+    "models.sharpness": ["set_attention_sharpness"],
+    "models.swap": [
         "ATTENTION_TYPES",
         "restore_attention",
         "self_attention_modules",
@@ -73,8 +73,8 @@ def __dir__() -> List[str]:
 
 
 if TYPE_CHECKING:  # names for type checkers and IDEs
-    from .assets import demo_classifier_path, demo_pipeline_path  # noqa: F401
-    from .conversion import convert_dit_to_nala, load_dit, load_transformer  # noqa: F401
-    from .kernels import linear_attention, nala_attention, softmax_attention  # noqa: F401
-    from .model import NaLaDiTTransformer2DModel  # noqa: F401
-    from .pipelines import NaLaDiTHighResPipeline, NaLaDiTPipeline  # noqa: F401
+    from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path  # noqa: F401
+    from nala_diffusion.models.conversion import convert_dit_to_nala, load_dit, load_transformer  # noqa: F401
+    from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel  # noqa: F401
+    from nala_diffusion.ops import linear_attention, nala_attention, softmax_attention  # noqa: F401
+    from nala_diffusion.pipelines import NaLaDiTHighResPipeline, NaLaDiTPipeline  # noqa: F401

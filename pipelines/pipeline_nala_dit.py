@@ -25,15 +25,18 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from nala_diffusion.files import follow_umask, write_json_atomically
-from nala_diffusion.loading import check_loaded_weights
-from nala_diffusion.model import NaLaDiTTransformer2DModel
-from nala_diffusion.sharpness import (
+# pipeline folders saved before the sub-packages name this module as the transformer's library, and
+# diffusers loads a component only from a module that is already imported
+import nala_diffusion.model  # noqa: F401
+from nala_diffusion.models.loading import check_loaded_weights
+from nala_diffusion.models.sharpness import (
     SHARPNESS_MODES,
     attention_sharpness_of,
     resolution_sharpness,
     set_attention_sharpness,
 )
+from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel
+from nala_diffusion.utils.files import follow_umask, write_json_atomically
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 GUIDANCE_INTERVAL_UNITS = ("timestep", "sigma")

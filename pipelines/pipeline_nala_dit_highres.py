@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
+from nala_diffusion.models.sharpness import attention_sharpness_of, set_attention_sharpness
 from nala_diffusion.pipelines import pipeline_nala_dit as base
 from nala_diffusion.pipelines.schedulers import HIGHRES_MODES
-from nala_diffusion.sharpness import attention_sharpness_of, set_attention_sharpness
 
 EXAMPLE_DOC_STRING = """
     Examples:

@@ -14,8 +14,6 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error
-from nala_diffusion.files import save_grid_atomically
 from nala_diffusion.pipelines.schedulers import (
     HIGHRES_MODES,
     SCHEDULERS,
@@ -23,6 +21,8 @@ from nala_diffusion.pipelines.schedulers import (
     guidance_kwargs,
     set_sampler,
 )
+from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error
+from nala_diffusion.utils.files import save_grid_atomically
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -103,8 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if problem:
         print(f"nala-sample: error: {problem}", file=sys.stderr)
         return 2
+    from nala_diffusion.models.swap import set_fused_attention
     from nala_diffusion.pipelines.pipeline_nala_dit_highres import NaLaDiTHighResPipeline
-    from nala_diffusion.swap import set_fused_attention
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.model is None:

@@ -1,7 +1,7 @@
-"""Independent float64 O(N^2) implementation of the NaLa layer (README, "The layer"), written from the formulas.
+"""Independent float64 O(N^2) implementation of the NaLa layer (docs/method.md), written from the formulas.
 
 The attention weights w_ij = phi_q(q_i) . phi_k(k_j) are built explicitly, one query at a time,
-and normalised; nothing here shares code with nala_diffusion.kernels.
+and normalised; nothing here shares code with nala_diffusion.ops.
 """
 
 import math

@@ -12,7 +12,7 @@ import torch
 
 import nala_diffusion
 from nala_diffusion import DomainClassifier, NaLaDiTPipeline
-from nala_diffusion.data import load_dataset
+from nala_diffusion.data.datasets import load_dataset
 
 
 @pytest.fixture(scope="module")
@@ -79,21 +79,21 @@ def test_quality_tool_reports_accuracy_and_fid_ratio(tmp_path, capsys):
     assert rerun["num_samples"] == 10 and len(os.listdir(tmp_path / "q" / "trained" / "samples")) == 20
     from scipy import linalg
 
-    from nala_diffusion.eval import features as F
+    from nala_diffusion.metrics import features
 
-    extractor = F.classifier_extractor(nala_diffusion.demo_classifier_path(), torch.device("cpu"))
+    extractor = features.classifier_extractor(nala_diffusion.demo_classifier_path(), torch.device("cpu"))
     first = [str(tmp_path / "q" / "trained" / "samples" / f"{i:06d}.png") for i in range(10)]
-    fake = F.folder_features(str(tmp_path / "q" / "trained" / "samples"), extractor, "cpu", verbose=False, files=first)
-    real = F.folder_features(str(tmp_path / "q" / "real"), extractor, "cpu", verbose=False)
+    fake = features.folder_features(str(tmp_path / "q" / "trained" / "samples"), extractor, "cpu", verbose=False, files=first)
+    real = features.folder_features(str(tmp_path / "q" / "real"), extractor, "cpu", verbose=False)
     mu1, mu2 = fake.mean(0), real.mean(0)
     s1, s2 = np.cov(fake, rowvar=False), np.cov(real, rowvar=False)
     expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))
     assert rerun["fid_trained"] == pytest.approx(expected, rel=1e-3)
     # the rest of the suite on the same features: precision/recall against the 1,000 real images, IS
-    from nala_diffusion.eval import metrics as M
+    from nala_diffusion.metrics import scores
 
-    assert (rerun["precision_trained"], rerun["recall_trained"]) == pytest.approx(M.precision_recall(fake, real))
-    assert rerun["is_mean_trained"] == pytest.approx(M.inception_score(extractor.logits(fake))[0])
+    assert (rerun["precision_trained"], rerun["recall_trained"]) == pytest.approx(scores.precision_recall(fake, real))
+    assert rerun["is_mean_trained"] == pytest.approx(scores.inception_score(extractor.logits(fake))[0])
     assert rerun["num_real"] == len(real) == 1000 and 0 <= rerun["precision_untrained"] <= 1
     # and other settings in the same folder are refused
     assert quality.main(["--model", str(tmp_path / "pipe"), "--classifier", nala_diffusion.demo_classifier_path(),

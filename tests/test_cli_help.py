@@ -58,8 +58,8 @@ def test_help_does_not_import_diffusers_accelerate_or_clean_fid():
 
 
 def test_input_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
-    from nala_diffusion.cli_args import exit_on_input_error
-    from nala_diffusion.options import layer_attention_types
+    from nala_diffusion.models.options import layer_attention_types
+    from nala_diffusion.utils.cli_args import exit_on_input_error
 
     try:
         layer_attention_types(2, softmax_layers=[5])  # the user's mistake, refused by the project

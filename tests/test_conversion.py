@@ -106,7 +106,7 @@ def test_converting_one_of_our_models_keeps_its_extras_and_their_weights():
 def test_a_hub_id_on_an_offline_machine_fails_fast_naming_the_way_out(monkeypatch):
     import time
 
-    from nala_diffusion import conversion
+    from nala_diffusion.models import conversion
 
     monkeypatch.setattr(conversion, "hub_reachable", lambda timeout=3.0: False)
     start = time.perf_counter()

@@ -6,7 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from nala_diffusion.data import dataset_id2label, load_dataset
+from nala_diffusion.data.datasets import dataset_id2label, load_dataset
 
 
 def test_sixteen_bit_grey_hidden_folders_and_truncated_jpegs(tmp_path, caplog):
@@ -51,8 +51,8 @@ def test_classifier_training_measures_held_out_images_only(tmp_path, capsys):
 
 
 def test_reference_exports_are_atomic_and_recorded(tmp_path):
-    from nala_diffusion.eval.features import image_files
-    from nala_diffusion.eval.sampling import export_reference
+    from nala_diffusion.metrics.features import image_files
+    from nala_diffusion.metrics.samples import export_reference
 
     real = tmp_path / "real"
     (real / "astronaut").mkdir(parents=True)  # what a killed export leaves: some images, no record
@@ -69,7 +69,7 @@ def test_reference_exports_are_atomic_and_recorded(tmp_path):
 
 RACE = """
 import os, sys, time
-from nala_diffusion.run_guard import OutputLock
+from nala_diffusion.utils.run_guard import OutputLock
 folder, start = sys.argv[1], float(sys.argv[2])
 while time.time() < start:
     time.sleep(0.001)

@@ -247,7 +247,7 @@ def test_entropy_inputs_of_a_latent_model_are_latents_of_its_size_noised_by_its_
         PIL.Image.fromarray((rng.random((16, 16, 3)) * 255).astype("uint8")).save(tmp_path / "data" / f"c{c}" / "a.png")
     noisy, steps, labels = attention_entropy.noised_batch(pipe, str(tmp_path / "data"), [999], images=2, seed=0)
     assert noisy.shape == (2, 4, 8, 8)  # the model's own latent grid (a doubled VAE factor gave 16 x 16)
-    from nala_diffusion.data import load_dataset
+    from nala_diffusion.data.datasets import load_dataset
 
     images = torch.stack([load_dataset(str(tmp_path / "data"), 16, split="test")[i][0] for i in range(2)])
     with torch.no_grad():

@@ -13,8 +13,8 @@ from helpers import lock_held_by_a_live_process, tiny_nala
 from scipy import linalg
 
 from nala_diffusion import DomainClassifier, NaLaDiTPipeline
-from nala_diffusion.eval import features as F
 from nala_diffusion.eval.fid import cli
+from nala_diffusion.metrics import features
 
 REPO = Path(__file__).resolve().parents[1]
 JSON_FIELDS = {"fid", "kid", "num_samples", "model", "model_config_hash", "attention_type", "scheduler", "steps",
@@ -115,7 +115,7 @@ def test_stats_made_with_another_extractor_are_refused(assets, tmp_path, capsys)
     assert code == 2 and "was made with extractor inception" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(os.path.exists(os.path.join(F.DEFAULT_WEIGHTS_DIR, F.TORCHSCRIPT_WEIGHTS)),
+@pytest.mark.skipif(os.path.exists(os.path.join(features.DEFAULT_WEIGHTS_DIR, features.TORCHSCRIPT_WEIGHTS)),
                     reason="Inception weights are present on this machine")
 def test_missing_inception_weights_name_the_file(assets, capsys):
     code = cli(["compare", str(assets / "real"), str(assets / "real")])
@@ -127,7 +127,7 @@ def test_missing_inception_weights_name_the_file(assets, capsys):
 def test_corrupt_inception_weights_are_refused_and_not_copied(assets, tmp_path, capsys):
     corrupt = tmp_path / "weights.pt"
     corrupt.write_bytes(b"<html>rate limited</html>" * 100)
-    copy = os.path.join(F.DEFAULT_WEIGHTS_DIR, "nala-inception", F.TORCHSCRIPT_WEIGHTS)
+    copy = os.path.join(features.DEFAULT_WEIGHTS_DIR, "nala-inception", features.TORCHSCRIPT_WEIGHTS)
     before = os.path.getmtime(copy) if os.path.exists(copy) else None
     assert cli(["compare", str(assets / "real"), str(assets / "real"), "--inception_weights", str(corrupt)]) == 2
     error = capsys.readouterr().err
@@ -212,13 +212,13 @@ def test_overwrite_removes_derived_files_and_calc_holds_its_lock_throughout(asse
     extractor = ["--feature_extractor", str(assets / "classifier")]
     out = tmp_path / "calc"
     seen = []
-    original = F.folder_features
+    original = features.folder_features
 
     def features_while_locked(folder, *args, **kwargs):
         seen.append((out / ".lock").exists())
         return original(folder, *args, **kwargs)
 
-    monkeypatch.setattr(F, "folder_features", features_while_locked)
+    monkeypatch.setattr(features, "folder_features", features_while_locked)
     assert cli(["calc", *sample_args(assets, out, n=4), "--ref", str(assets / "real"), *extractor, "--npz"]) == 0
     assert seen == [True, True] and not (out / ".lock").exists()
     assert (out / "fid.json").exists() and (out / "samples.npz").exists()
@@ -262,7 +262,7 @@ def test_samples_fingerprint_covers_vae_and_batch_size_and_only_the_loaded_weigh
 
     from diffusers import AutoencoderKL
 
-    from nala_diffusion.run_guard import pipeline_weights_hash
+    from nala_diffusion.utils.run_guard import pipeline_weights_hash
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,

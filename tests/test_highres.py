@@ -7,15 +7,15 @@ from diffusers import DDIMScheduler
 from helpers import tiny_nala
 
 from nala_diffusion import NaLaDiTHighResPipeline, NaLaDiTPipeline, demo_pipeline_path
-from nala_diffusion.attention_weights import mean_entropy
-from nala_diffusion.norm_awareness import capture_queries, nala_processors
-from nala_diffusion.pipelines.sample import main as sample_main
-from nala_diffusion.sharpness import (
+from nala_diffusion.models.norm_awareness import capture_queries, nala_processors
+from nala_diffusion.models.sharpness import (
     attention_sharpness_of,
     resolution_sharpness,
     set_attention_sharpness,
     softmax_sharpness_rule,
 )
+from nala_diffusion.ops.attention_weights import mean_entropy
+from nala_diffusion.pipelines.sample import main as sample_main
 
 
 def tiny_pipeline(cls=NaLaDiTHighResPipeline, **config):

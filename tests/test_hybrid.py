@@ -23,9 +23,9 @@ from nala_diffusion import (
     set_attention,
     set_nala_attention,
 )
-from nala_diffusion.norm_awareness import calibrate_norm_scale
-from nala_diffusion.options import layer_attention_types
-from nala_diffusion.sharpness import resolution_sharpness, softmax_sharpness_rule
+from nala_diffusion.models.norm_awareness import calibrate_norm_scale
+from nala_diffusion.models.options import layer_attention_types
+from nala_diffusion.models.sharpness import resolution_sharpness, softmax_sharpness_rule
 
 KIND_CLASSES = {"nala": NaLaAttnProcessor, "softmax": SoftmaxAttnProcessor, "relu_linear": ReLULinearAttnProcessor}
 

@@ -172,7 +172,7 @@ def test_value_head_dim_may_differ_and_empty_queries_give_empty_output(inhibit):
 @pytest.mark.parametrize("inhibit", INHIBITS)
 @pytest.mark.parametrize("use_rope", [False, True])
 def test_no_tokens_by_tokens_tensor_nor_2d_wide_features(inhibit, use_rope):
-    from nala_diffusion.kernels import readout_table_width
+    from nala_diffusion.ops.gather import readout_table_width
 
     n, d = 2048, 64
     q, k, v = (torch.randn(1, 1, n, d, requires_grad=True) for _ in range(3))
@@ -243,20 +243,20 @@ def test_inference_readouts_match_reference_on_edge_cases(gather, inhibit):
 
 def test_dense_path_runs_batched_and_chunks_only_when_memory_requires(monkeypatch):
     # the path CUDA takes, forced on CPU: one batched call; by (batch x heads) chunks above the budget
-    from nala_diffusion import kernels
+    from nala_diffusion.ops import dense
 
     q, k, v = (torch.randn(2, 3, 40, 8, dtype=torch.float64) for _ in range(3))
     expected = nala_reference(q, k, v, power_scale=[2.0, 3.0, 4.0], norm_scale=[1.0, 2.0, 5.0])
     options = dict(power_scale=torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64),
                    norm_scale=torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64), gather=False)
     calls = []
-    real = kernels.dense_nala
-    monkeypatch.setattr(kernels, "dense_nala", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = dense.dense_nala
+    monkeypatch.setattr(dense, "dense_nala", lambda *a: calls.append(a[0].shape) or real(*a))
     with torch.no_grad():
         assert rel_err(nala_attention(q, k, v, **options), expected) < 1e-10
         assert calls == [q.shape]
         calls.clear()
-        monkeypatch.setattr(kernels, "_DENSE_CHUNK_BYTES", 2 * (40 + 40) * 2 * 8 * 8 * 2)  # two heads per call
+        monkeypatch.setattr(dense, "DENSE_CHUNK_BYTES", 2 * (40 + 40) * 2 * 8 * 8 * 2)  # two heads per call
         assert rel_err(nala_attention(q, k, v, **options), expected) < 1e-10
     assert len(calls) == 3
 
@@ -294,12 +294,12 @@ def test_compiled_kernel_matches_float64_reference(inhibit):
 
 
 def test_large_training_inputs_keep_no_features_between_forward_and_backward(monkeypatch):
-    # above _RECOMPUTE_BYTES the backward recomputes the feature halves instead of storing them
-    from nala_diffusion import kernels
+    # above RECOMPUTE_BYTES the backward recomputes the feature halves instead of storing them
     from nala_diffusion.eval.benchmark import PeakBytes
+    from nala_diffusion.ops import dense
 
     def live_after_forward(threshold):
-        monkeypatch.setattr(kernels, "_RECOMPUTE_BYTES", threshold)
+        monkeypatch.setattr(dense, "RECOMPUTE_BYTES", threshold)
         torch.manual_seed(0)
         q, k, v = (torch.randn(1, 2, 4096, 32, requires_grad=True) for _ in range(3))
         with PeakBytes() as probe:

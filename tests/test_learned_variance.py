@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_train import base_args, data, train  # noqa: F401  (the tiny ImageFolder fixture)
 
 from nala_diffusion import NaLaDiTHighResPipeline, NaLaDiTPipeline, NaLaDiTTransformer2DModel
-from nala_diffusion.learned_variance import vlb_terms
+from nala_diffusion.diffusion.learned_variance import vlb_terms
 
 
 def test_vlb_equals_an_independent_gaussian_kl_and_decoder_nll():

@@ -14,9 +14,8 @@ from scipy import linalg
 from torch import nn
 
 from nala_diffusion import DomainClassifier, NaLaDiTPipeline
-from nala_diffusion.eval import features as F
-from nala_diffusion.eval import metrics as M
 from nala_diffusion.eval.fid import cli
+from nala_diffusion.metrics import features, scores
 
 
 def independent_inception_score(logits, splits=10):
@@ -26,12 +25,12 @@ def independent_inception_score(logits, splits=10):
     logits = logits[np.random.RandomState(2020).permutation(len(logits))]
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    scores = []
+    per_split = []
     n = len(probs)
     for part in (probs[i * n // splits:(i + 1) * n // splits] for i in range(splits)):
         marginal = part.mean(0, keepdims=True)
-        scores.append(np.exp(np.mean(np.sum(part * (np.log(part) - np.log(marginal)), 1))))
-    return float(np.mean(scores)), float(np.std(scores))
+        per_split.append(np.exp(np.mean(np.sum(part * (np.log(part) - np.log(marginal)), 1))))
+    return float(np.mean(per_split)), float(np.std(per_split))
 
 
 def brute_force_precision_recall(generated, reference, k=3):
@@ -48,17 +47,17 @@ def brute_force_precision_recall(generated, reference, k=3):
 def test_inception_score_equals_the_definition():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(203, 30)) * 3  # not a multiple of the 10 splits
-    mean, std = M.inception_score(logits)
+    mean, std = scores.inception_score(logits)
     expected_mean, expected_std = independent_inception_score(logits)
     assert mean == pytest.approx(expected_mean, abs=1e-6) and std == pytest.approx(expected_std, abs=1e-6)
     # confident, diverse predictions score near the class count; one class for all scores 1
-    assert M.inception_score(np.eye(10)[np.arange(10000) % 10] * 50)[0] == pytest.approx(10, rel=0.01)
-    assert M.inception_score(np.tile(np.eye(10)[0] * 50, (300, 1)))[0] == pytest.approx(1.0, abs=1e-6)
+    assert scores.inception_score(np.eye(10)[np.arange(10000) % 10] * 50)[0] == pytest.approx(10, rel=0.01)
+    assert scores.inception_score(np.tile(np.eye(10)[0] * 50, (300, 1)))[0] == pytest.approx(1.0, abs=1e-6)
     # samples sorted by class (a folder of real images) score as the same samples in random order
     classes = np.eye(10)[np.arange(10000) // 1000] * 50
-    assert M.inception_score(classes)[0] == pytest.approx(10, rel=0.01)
+    assert scores.inception_score(classes)[0] == pytest.approx(10, rel=0.01)
     with pytest.raises(ValueError, match="at least 10 samples"):
-        M.inception_score(logits[:5])
+        scores.inception_score(logits[:5])
 
 
 @pytest.mark.parametrize("block_rows", [7, 1000])
@@ -66,14 +65,14 @@ def test_precision_recall_equal_a_brute_force_knn(block_rows):
     rng = np.random.default_rng(1)
     reference = rng.normal(size=(70, 6))
     generated = rng.normal(size=(50, 6)) * 1.3 + 0.4
-    got = M.precision_recall(generated, reference, block_rows=block_rows)
+    got = scores.precision_recall(generated, reference, block_rows=block_rows)
     expected = brute_force_precision_recall(generated.astype(np.float32).astype(np.float64),
                                             reference.astype(np.float32).astype(np.float64))
     assert got == pytest.approx(expected, abs=1e-6)  # shares of 50 and 70 samples, computed in float32
     assert 0 < got[0] < 1 and 0 < got[1] < 1  # a case where both are informative
-    assert M.precision_recall(reference, reference) == (1.0, 1.0)
+    assert scores.precision_recall(reference, reference) == (1.0, 1.0)
     with pytest.raises(ValueError, match="feature sizes differ"):
-        M.precision_recall(generated, reference[:, :5])
+        scores.precision_recall(generated, reference[:, :5])
 
 
 # -- a TorchScript network with the layout of clean-fid's inception-2015-12-05.pt ------------------
@@ -109,8 +108,8 @@ class StandInInception(nn.Module):
         self.output = nn.Linear(2048, 1008)
 
     def forward(self, x, return_features: bool = False):
-        features = self.layers((x - 128) / 128).flatten(1)
-        return features if return_features else torch.softmax(self.output(features), dim=1)
+        pooled = self.layers((x - 128) / 128).flatten(1)
+        return pooled if return_features else torch.softmax(self.output(pooled), dim=1)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +118,7 @@ def assets(tmp_path_factory):
     torch.manual_seed(0)
     network = StandInInception().eval()
     (root / "inception").mkdir()
-    torch.jit.script(network).save(str(root / "inception" / F.TORCHSCRIPT_WEIGHTS))
+    torch.jit.script(network).save(str(root / "inception" / features.TORCHSCRIPT_WEIGHTS))
     torch.manual_seed(0)
     DomainClassifier(num_classes=3, image_size=16, widths=(8, 16)).save_pretrained(root / "classifier")
     NaLaDiTPipeline(tiny_nala(sample_size=16, num_classes=3), DDIMScheduler()).save_pretrained(root / "pipe")
@@ -138,7 +137,7 @@ def folder_array(folder):
 
 def test_inception_suite_uses_the_output_layer_without_bias_and_mixed_6_conv(assets, tmp_path):
     root, network = assets
-    weights = ["--inception_weights", str(root / "inception" / F.TORCHSCRIPT_WEIGHTS)]
+    weights = ["--inception_weights", str(root / "inception" / features.TORCHSCRIPT_WEIGHTS)]
     out = tmp_path / "all.json"
     # (FID itself is left out: the square root of a 2048 x 2048 covariance is slow, and unchanged here)
     assert cli(["compare", str(root / "other"), str(root / "real"), *weights, "--metrics", "kid", "is", "pr",
@@ -147,8 +146,8 @@ def test_inception_suite_uses_the_output_layer_without_bias_and_mixed_6_conv(ass
     assert result["metrics"] == ["kid", "is", "pr", "sfid"] and result["num_samples"] == 24
     assert "fid" not in result
     # independent: the stand-in network run by hand on clean-fid's resized inputs
-    extractor = F.inception_extractor("clean", torch.device("cpu"), weights[1])
-    resize = F.ArrayImages(folder_array(root / "other"), "clean")
+    extractor = features.inception_extractor("clean", torch.device("cpu"), weights[1])
+    resize = features.ArrayImages(folder_array(root / "other"), "clean")
     batch = torch.stack([resize[i] for i in range(len(resize))])  # (24, 3, 299, 299) in [0, 255]
     with torch.no_grad():
         pooled = network.layers((batch - 128) / 128).flatten(1).double()
@@ -156,7 +155,7 @@ def test_inception_suite_uses_the_output_layer_without_bias_and_mixed_6_conv(ass
         spatial = network.layers[:13]((batch - 128) / 128)
         spatial = network.layers.mixed_6.conv(spatial)[:, :7].flatten(1).double().numpy()
     assert result["is_mean"] == pytest.approx(independent_inception_score(logits.numpy())[0], rel=1e-6)
-    real = F.folder_features(str(root / "real"), extractor, "cpu", verbose=False, spatial=True)
+    real = features.folder_features(str(root / "real"), extractor, "cpu", verbose=False, spatial=True)
     mu, sigma = np.mean(spatial, 0), np.cov(spatial, rowvar=False)
     mu_r, sigma_r = np.mean(real[1], 0), np.cov(real[1], rowvar=False)
     covmean = linalg.sqrtm(sigma @ sigma_r).real
@@ -182,8 +181,8 @@ def test_domain_classifier_suite_and_evaluator_batches(assets, tmp_path, capsys)
     # IS from the classifier's own logits
     model = DomainClassifier.from_pretrained(root / "classifier").eval()
     images = torch.from_numpy(folder_array(root / "other")).permute(0, 3, 1, 2).float()
-    extractor = F.classifier_extractor(str(root / "classifier"), torch.device("cpu"))
-    feats = F.folder_features(str(root / "other"), extractor, "cpu", verbose=False)
+    extractor = features.classifier_extractor(str(root / "classifier"), torch.device("cpu"))
+    feats = features.folder_features(str(root / "other"), extractor, "cpu", verbose=False)
     weight, bias = model.head.weight.detach().double().numpy(), model.head.bias.detach().double().numpy()
     logits = feats @ weight.T + bias  # the classifier's head, in float64
     assert by_folder["is_mean"] == pytest.approx(independent_inception_score(logits)[0], rel=1e-6)
@@ -228,6 +227,6 @@ def test_without_the_inception_file_is_fails_as_fid_does(assets, tmp_path, capsy
     messages = []
     for metric in ("fid", "is"):
         assert cli(["compare", str(root / "other"), str(root / "real"), "--metrics", metric,
-                    "--inception_weights", str(tmp_path / "nowhere" / F.TORCHSCRIPT_WEIGHTS)]) == 2
+                    "--inception_weights", str(tmp_path / "nowhere" / features.TORCHSCRIPT_WEIGHTS)]) == 2
         messages.append(capsys.readouterr().err)
     assert messages[0] == messages[1] and "inception-2015-12-05.pt" in messages[1]

@@ -6,7 +6,7 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from helpers import dit_inputs, randomize, tiny_nala
 
 from nala_diffusion import DIT_PRESETS, NaLaAttnProcessor, NaLaDiTTransformer2DModel, preset_config
-from nala_diffusion.processors import ELULinearAttnProcessor, ReLULinearAttnProcessor, SoftmaxAttnProcessor
+from nala_diffusion.models.processors import ELULinearAttnProcessor, ReLULinearAttnProcessor, SoftmaxAttnProcessor
 
 
 def run(model, x, t=None, y=None, **kwargs):

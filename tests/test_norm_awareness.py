@@ -20,7 +20,7 @@ from nala_diffusion import (
     set_nala_attention,
 )
 from nala_diffusion.eval import attention_entropy as E
-from nala_diffusion.norm_awareness import nala_processors
+from nala_diffusion.models.norm_awareness import nala_processors
 
 INHIBITS = ["relu_split", "cosine"]
 
@@ -124,7 +124,7 @@ def test_conversion_calibrates_sigma_from_the_teachers_queries():
 
 def test_diagnostics_on_the_shipped_demo_and_with_the_official_sigma():
     pipe = NaLaDiTPipeline.from_pretrained(demo_pipeline_path())
-    from nala_diffusion.data import load_dataset
+    from nala_diffusion.data.datasets import load_dataset
 
     test = load_dataset("builtin:photos", 32, split="test")
     x0, labels = test.images[::100], test.labels[::100]

@@ -308,8 +308,8 @@ def test_nala_sample_refuses_bad_arguments_before_loading(tmp_path, capsys):
 
 
 def test_written_pngs_follow_the_umask(tmp_path):
-    from nala_diffusion.eval.sampling import save_png_atomically
-    from nala_diffusion.files import save_grid_atomically
+    from nala_diffusion.metrics.samples import save_png_atomically
+    from nala_diffusion.utils.files import save_grid_atomically
 
     previous = os.umask(0o022)
     try:

@@ -197,8 +197,15 @@ def test_every_option_is_declared_once_and_reaches_every_consumer():
     import inspect
 
     from nala_diffusion import NaLaDiTTransformer2DModel
-    from nala_diffusion.options import CONFIG_KEYS, DEFAULTS, FIELDS, AttentionOptions, add_option_flags, option_names
-    from nala_diffusion.processors import ATTENTION_PROCESSORS
+    from nala_diffusion.models.options import (
+        CONFIG_KEYS,
+        DEFAULTS,
+        FIELDS,
+        AttentionOptions,
+        add_option_flags,
+        option_names,
+    )
+    from nala_diffusion.models.processors import ATTENTION_PROCESSORS
 
     # the model config has a key for every option, with the dataclass default
     signature = inspect.signature(NaLaDiTTransformer2DModel.__init__).parameters

@@ -7,8 +7,8 @@ from diffusers import DDPMScheduler
 from helpers import tiny_nala
 
 from nala_diffusion import NaLaDiTPipeline
-from nala_diffusion.builtin_pairs import HALF, SIZE, TILE, partner_tokens
-from nala_diffusion.data import load_dataset
+from nala_diffusion.data.builtin_pairs import HALF, SIZE, TILE, partner_tokens
+from nala_diffusion.data.datasets import load_dataset
 from nala_diffusion.eval import retrieval
 
 
@@ -51,7 +51,7 @@ def test_tiles_layout_is_a_mosaic_of_unrelated_tiles_and_crops_layout_one_crop(p
     # tile is a 4 x 4 crop of its photograph (checked on one image against the photograph itself)
     import numpy as np
 
-    from nala_diffusion.builtin_photos import PHOTOS, load_photo
+    from nala_diffusion.data.builtin_photos import PHOTOS, load_photo
 
     mosaic = pairs["paired"].images[:, :, :HALF]
     crops = load_dataset("builtin:pairs_crops", 32, split="test")
@@ -75,7 +75,7 @@ def test_tiles_layout_is_a_mosaic_of_unrelated_tiles_and_crops_layout_one_crop(p
     assert torch.equal(control.images[:, :, :HALF], crop)
     assert not torch.equal(control.images[0, :, HALF:], torch.roll(crop[0], int(control.offsets[0]), dims=-1))
     with pytest.raises(ValueError, match="layout"):
-        from nala_diffusion.builtin_pairs import BuiltinPairs
+        from nala_diffusion.data.builtin_pairs import BuiltinPairs
         BuiltinPairs("test", layout="stripes")
 
 

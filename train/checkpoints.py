@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from nala_diffusion.files import follow_umask
+from nala_diffusion.utils.files import follow_umask
 
 PREFIX = "checkpoint-"
 TEMPORARY_PREFIX = ".tmp-checkpoint-"

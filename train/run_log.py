@@ -4,7 +4,7 @@ import csv
 import os
 from typing import Dict
 
-from nala_diffusion.files import written_atomically
+from nala_diffusion.utils.files import written_atomically
 
 COLUMNS = ("step", "loss", "loss_target", "loss_distill", "loss_distill_variance", "loss_vlb", "lr", "images_per_second",
            "responding_fraction")

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nala_diffusion.classifier import DomainClassifier
-from nala_diffusion.cli_args import exit_on_input_error
-from nala_diffusion.data import load_dataset
-from nala_diffusion.files import follow_umask
+from nala_diffusion.data.datasets import load_dataset
+from nala_diffusion.metrics.classifier import DomainClassifier
+from nala_diffusion.utils.cli_args import exit_on_input_error
+from nala_diffusion.utils.files import follow_umask
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

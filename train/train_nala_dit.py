@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import nala_diffusion.learned_variance as learned_variance
-from nala_diffusion.cli_args import HelpFormatter, exit_on_input_error, positive_int
-from nala_diffusion.distributed import use_cpu_processes
-from nala_diffusion.files import save_grid_atomically
-from nala_diffusion.lazy import lazy
-from nala_diffusion.learned_variance import VARIANCE_LOSSES
-from nala_diffusion.options import ATTENTION_TYPES, FIELDS, add_option_flags, config_key, layer_attention_types
-from nala_diffusion.run_guard import OutputLock
+import nala_diffusion.diffusion.learned_variance as learned_variance
+from nala_diffusion.diffusion.learned_variance import VARIANCE_LOSSES
+from nala_diffusion.models.options import ATTENTION_TYPES, FIELDS, add_option_flags, config_key, layer_attention_types
 from nala_diffusion.train.run_log import CsvLog
+from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, positive_int
+from nala_diffusion.utils.distributed import use_cpu_processes
+from nala_diffusion.utils.files import save_grid_atomically
+from nala_diffusion.utils.lazy import lazy
+from nala_diffusion.utils.run_guard import OutputLock
 
 # imported on first use, so that --help answers at once
 Accelerator = lazy("accelerate", "Accelerator")
@@ -48,19 +48,19 @@ DDPMScheduler = lazy("diffusers", "DDPMScheduler")
 get_scheduler = lazy("diffusers.optimization", "get_scheduler")
 EMAModel = lazy("diffusers.training_utils", "EMAModel")
 NaLaDiTPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit", "NaLaDiTPipeline")
-NaLaDiTTransformer2DModel = lazy("nala_diffusion.model", "NaLaDiTTransformer2DModel")
-preset_config = lazy("nala_diffusion.model", "preset_config")
-convert_dit_to_nala = lazy("nala_diffusion.conversion", "convert_dit_to_nala")
-load_transformer = lazy("nala_diffusion.conversion", "load_transformer")
-build_latent_cache = lazy("nala_diffusion.data", "build_latent_cache")
-dataset_fingerprint = lazy("nala_diffusion.data", "dataset_fingerprint")
-dataset_id2label = lazy("nala_diffusion.data", "dataset_id2label")
-load_dataset = lazy("nala_diffusion.data", "load_dataset")
-load_latent_cache = lazy("nala_diffusion.data", "load_latent_cache")
-calibrate_norm_scale = lazy("nala_diffusion.norm_awareness", "calibrate_norm_scale")
-mean_responding_fraction = lazy("nala_diffusion.norm_awareness", "mean_responding_fraction")
-nala_processors = lazy("nala_diffusion.norm_awareness", "nala_processors")
-saturation_report = lazy("nala_diffusion.norm_awareness", "saturation_report")
+NaLaDiTTransformer2DModel = lazy("nala_diffusion.models.transformer", "NaLaDiTTransformer2DModel")
+preset_config = lazy("nala_diffusion.models.transformer", "preset_config")
+convert_dit_to_nala = lazy("nala_diffusion.models.conversion", "convert_dit_to_nala")
+load_transformer = lazy("nala_diffusion.models.conversion", "load_transformer")
+build_latent_cache = lazy("nala_diffusion.data.datasets", "build_latent_cache")
+dataset_fingerprint = lazy("nala_diffusion.data.datasets", "dataset_fingerprint")
+dataset_id2label = lazy("nala_diffusion.data.datasets", "dataset_id2label")
+load_dataset = lazy("nala_diffusion.data.datasets", "load_dataset")
+load_latent_cache = lazy("nala_diffusion.data.datasets", "load_latent_cache")
+calibrate_norm_scale = lazy("nala_diffusion.models.norm_awareness", "calibrate_norm_scale")
+mean_responding_fraction = lazy("nala_diffusion.models.norm_awareness", "mean_responding_fraction")
+nala_processors = lazy("nala_diffusion.models.norm_awareness", "nala_processors")
+saturation_report = lazy("nala_diffusion.models.norm_awareness", "saturation_report")
 checkpoints = lazy("nala_diffusion.train.checkpoints")
 
 
@@ -74,8 +74,8 @@ class _Logger:
 
 
 logger = _Logger()
-# sigma of NaLa's power for new models: calibrated on one batch of the training data (see README,
-# "The layer"); the official sigma = 1 saturates in a DiT.
+# sigma of NaLa's power for new models: calibrated on one batch of the training data (see
+# docs/method.md); the official sigma = 1 saturates in a DiT.
 DEFAULT_NORM_SCALE_MODE = "calibrated"
 
 
@@ -339,7 +339,7 @@ def weights_id(path: Optional[str]) -> Optional[str]:
     if not path:
         return None
     if os.path.isdir(path):
-        from nala_diffusion.run_guard import pipeline_weights_hash
+        from nala_diffusion.utils.run_guard import pipeline_weights_hash
 
         return pipeline_weights_hash(path)
     return path

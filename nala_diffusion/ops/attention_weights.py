@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .kernels import nala_key_features, nala_query_features
+from nala_diffusion.ops.feature_maps import nala_key_features, nala_query_features
 
 KINDS = ("softmax", "relu_linear", "elu_linear", "nala", "norm_cancelling")
 QUERY_OPTIONS = ("power_scale", "power_offset", "inhibit", "angle_sharpness", "eps", "norm_scale")

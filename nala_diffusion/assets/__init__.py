@@ -2,7 +2,7 @@
 
 import os
 
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+ASSETS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _existing(name: str) -> str:

@@ -26,10 +26,10 @@ from typing import Dict, Mapping, Union
 import torch
 from torch import nn
 
-from .attention_weights import mean_entropy
-from .norm_awareness import capture_queries
-from .processors import KernelAttnProcessor, NaLaAttnProcessor, SoftmaxAttnProcessor
-from .swap import self_attention_modules
+from nala_diffusion.models.norm_awareness import capture_queries
+from nala_diffusion.models.processors import KernelAttnProcessor, NaLaAttnProcessor, SoftmaxAttnProcessor
+from nala_diffusion.models.swap import self_attention_modules
+from nala_diffusion.ops.attention_weights import mean_entropy
 
 SHARPNESS_MODES = ("off", "auto")
 #: the search range of NaLa's power factor

@@ -15,9 +15,9 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
-from .model import NaLaDiTTransformer2DModel
-from .norm_awareness import calibrate_norm_scale
-from .options import CONFIG_KEYS, layer_attention_types
+from nala_diffusion.models.norm_awareness import calibrate_norm_scale
+from nala_diffusion.models.options import CONFIG_KEYS, layer_attention_types
+from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel
 
 # sigma of NaLa's power in a converted DiT: from the DiT's own queries (the official sigma = 1
 # saturates at a DiT's query norms).

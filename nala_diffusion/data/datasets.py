@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from .files import written_atomically
+from nala_diffusion.utils.files import written_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -25,14 +25,14 @@ IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
 
 
 def _photos(split: str, resolution: int) -> Dataset:
-    from .builtin_photos import BuiltinPhotos
+    from nala_diffusion.data.builtin_photos import BuiltinPhotos
 
     return BuiltinPhotos(split=split, resolution=resolution)
 
 
 def _pairs(mode: str, layout: str = "tiles") -> Callable[..., Dataset]:
     def factory(split: str, resolution: int) -> Dataset:
-        from .builtin_pairs import BuiltinPairs
+        from nala_diffusion.data.builtin_pairs import BuiltinPairs
 
         return BuiltinPairs(split=split, resolution=resolution, mode=mode, layout=layout)
 

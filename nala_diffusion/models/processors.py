@@ -1,4 +1,4 @@
-"""diffusers attention processors that run the kernels of :mod:`nala_diffusion.kernels`.
+"""diffusers attention processors that run the kernels of :mod:`nala_diffusion.ops`.
 
 All processors share one shape (:class:`KernelAttnProcessor`): the projections, heads and
 ``norm_q``/``norm_k`` of the ``Attention`` module they serve, the same optional extras (LePE, output
@@ -19,8 +19,14 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .kernels import compute_dtype, linear_attention, nala_attention, rope_2d_tables, softmax_attention
-from .options import NORM_SCALE_MODES, AttentionOptions, option_names  # noqa: F401  (NORM_SCALE_MODES re-exported)
+from nala_diffusion.models.options import NORM_SCALE_MODES, AttentionOptions, option_names  # noqa: F401  (NORM_SCALE_MODES re-exported)
+from nala_diffusion.ops import (
+    compute_dtype,
+    linear_attention,
+    nala_attention,
+    rope_2d_tables,
+    softmax_attention,
+)
 
 
 def _resolve_grid(grid_size: Optional[Sequence[int]], num_tokens: int) -> Tuple[int, int]:
@@ -47,7 +53,7 @@ class KernelAttnProcessor(nn.Module):
             per-head NaLa state. :func:`~nala_diffusion.set_attention` fills it in.
         num_heads: number of heads; needed by per-head NaLa state.
         query_dim: channels of the attention's input, for the gate (defaults to ``hidden_size``).
-        **options: the options of :class:`~nala_diffusion.options.AttentionOptions` that this
+        **options: the options of :class:`~nala_diffusion.models.options.AttentionOptions` that this
             processor's ``attention_type`` takes. Extras for every kernel: ``use_lepe`` (a
             zero-initialised depthwise ``lepe_kernel_size`` convolution of V over the token grid,
             added to the output), ``use_gate`` (``LayerNorm(o) * SiLU(W_g x)``), ``use_rope`` (2D

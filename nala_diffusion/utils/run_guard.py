@@ -18,7 +18,7 @@ import socket
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from .files import new_file_mode, write_json_atomically
+from nala_diffusion.utils.files import new_file_mode, write_json_atomically
 
 FINGERPRINT_FILE = "fingerprint.json"
 LOCK_FILE = ".lock"

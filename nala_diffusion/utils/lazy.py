@@ -3,7 +3,7 @@ diffusers, accelerate or clean-fid (seconds each).
 
 ``Scheduler = lazy("diffusers", "DDPMScheduler")`` binds a stand-in that imports
 ``diffusers.DDPMScheduler`` the first time it is called, an attribute is read or it is used in
-``isinstance``; ``features = lazy("nala_diffusion.eval.features")`` does the same for a module.
+``isinstance``; ``features = lazy("nala_diffusion.metrics.features")`` does the same for a module.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from nala_diffusion.eval.feature_constants import METRICS  # noqa: F401  (re-exported)
+from nala_diffusion.metrics.feature_constants import METRICS  # noqa: F401  (re-exported)
 
 IS_SPLITS = 10
 PR_NEIGHBOURS = 3

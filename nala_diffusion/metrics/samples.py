@@ -16,8 +16,8 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from nala_diffusion.files import written_atomically
-from nala_diffusion.run_guard import check_fingerprint
+from nala_diffusion.utils.files import written_atomically
+from nala_diffusion.utils.run_guard import check_fingerprint
 
 SAMPLE_DIR = "samples"
 
@@ -64,7 +64,7 @@ def export_reference(dataset: str, resolution: int, folder: str, overwrite: bool
     folder exported from another dataset or size is refused (``overwrite`` exports it again)."""
     import json
 
-    from nala_diffusion.data import load_dataset
+    from nala_diffusion.data.datasets import load_dataset
 
     source = {"dataset": dataset, "resolution": resolution, "split": split}
     if os.path.isdir(folder):
@@ -97,7 +97,7 @@ DERIVED_FILES = ("fid.json", "samples.npz")
 def guard_samples(out_dir: str, fingerprint: dict, overwrite: bool = False, write: bool = True) -> str:
     """Refuse to add to ``out_dir/samples`` images made with another fingerprint (model weights and
     config, scheduler, steps, guidance, size, labels, seed, code version), naming what differs;
-    with ``overwrite`` the old images are removed first. See :func:`~nala_diffusion.run_guard.check_fingerprint`."""
+    with ``overwrite`` the old images are removed first. See :func:`~nala_diffusion.utils.run_guard.check_fingerprint`."""
     samples = os.path.join(out_dir, SAMPLE_DIR)
 
     def has_outputs() -> bool:

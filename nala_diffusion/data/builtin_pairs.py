@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .builtin_photos import PHOTOS, TRAIN_FRACTION, load_photo
+from nala_diffusion.data.builtin_photos import PHOTOS, TRAIN_FRACTION, load_photo
 
 SIZE = 32  # image side
 HALF = SIZE // 2  # rows of each half
@@ -118,7 +118,7 @@ class BuiltinPairs(Dataset):
         return self.images[index], int(self.labels[index])
 
     def export(self, folder: str) -> int:
-        from .builtin_photos import BuiltinPhotos
+        from nala_diffusion.data.builtin_photos import BuiltinPhotos
 
         return BuiltinPhotos.export(self, folder)
 

@@ -23,9 +23,9 @@ from typing import Dict, Iterator, Optional
 import torch
 from torch import nn
 
-from .kernels import power_sensitivity, query_power
-from .processors import NaLaAttnProcessor
-from .swap import self_attention_modules
+from nala_diffusion.models.processors import NaLaAttnProcessor
+from nala_diffusion.models.swap import self_attention_modules
+from nala_diffusion.ops.feature_maps import power_sensitivity, query_power
 
 #: |dp / d log r| below this counts as saturated: a 10 % change of the norm moves the power by
 #: less than 0.01 (lambda = 3 reaches it at r / sigma ~ 2.9).

@@ -11,8 +11,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .options import ATTENTION_TYPES, block_indices, check_attention_type, option_names  # noqa: F401  (ATTENTION_TYPES re-exported)
-from .processors import ATTENTION_PROCESSORS, KernelAttnProcessor
+from nala_diffusion.models.options import ATTENTION_TYPES, block_indices, check_attention_type, option_names  # noqa: F401  (ATTENTION_TYPES re-exported)
+from nala_diffusion.models.processors import ATTENTION_PROCESSORS, KernelAttnProcessor
 
 
 def self_attention_modules(model: nn.Module) -> Iterator[Tuple[str, Attention]]:
@@ -24,7 +24,7 @@ def self_attention_modules(model: nn.Module) -> Iterator[Tuple[str, Attention]]:
 
 def processor_options(attention_type: str) -> Tuple[str, ...]:
     """Keyword options a processor of ``attention_type`` accepts (besides the sizes), from
-    :class:`~nala_diffusion.options.AttentionOptions`."""
+    :class:`~nala_diffusion.models.options.AttentionOptions`."""
     processor_class(attention_type)
     return option_names(attention_type)
 
@@ -142,7 +142,7 @@ def set_fused_attention(model: nn.Module, enabled: bool = True) -> int:
     """Run every NaLa processor of ``model`` with the ``torch.compile``-fused inference kernel
     (``nala_attention(..., compile=True)``; training steps keep the eager kernel). A run-time switch,
     not saved with the model. Returns the number of processors switched."""
-    from .processors import NaLaAttnProcessor
+    from nala_diffusion.models.processors import NaLaAttnProcessor
 
     count = 0
     for _, attn in self_attention_modules(model):

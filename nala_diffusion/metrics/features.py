@@ -17,8 +17,8 @@ from cleanfid.resize import make_resizer
 from cleanfid.utils import ResizeDataset
 from tqdm.auto import tqdm
 
-from nala_diffusion.eval.feature_constants import MODES, TORCHSCRIPT_WEIGHTS  # noqa: F401  (re-exported)
-from nala_diffusion.files import written_atomically
+from nala_diffusion.metrics.feature_constants import MODES, TORCHSCRIPT_WEIGHTS  # noqa: F401  (re-exported)
+from nala_diffusion.utils.files import written_atomically
 
 PYTORCH_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 DEFAULT_WEIGHTS_DIR = "/tmp"  # where clean-fid looks for and downloads the torchscript Inception
@@ -168,7 +168,7 @@ def inception_heads(base: torch.nn.Module, mode: str):
 
 def classifier_extractor(path: str, device: torch.device) -> Extractor:
     """Penultimate features of a :class:`~nala_diffusion.DomainClassifier` folder (safetensors)."""
-    from nala_diffusion.classifier import DomainClassifier
+    from nala_diffusion.metrics.classifier import DomainClassifier
 
     try:
         model = DomainClassifier.from_pretrained(path, use_safetensors=True).to(device).eval()
@@ -182,7 +182,7 @@ def classifier_extractor(path: str, device: torch.device) -> Extractor:
     def logits(features: np.ndarray) -> np.ndarray:  # the classifier's own head on its pooled features
         return np.asarray(features, dtype=np.float64) @ weight.T + bias
 
-    from nala_diffusion.run_guard import folder_weights_hash
+    from nala_diffusion.utils.run_guard import folder_weights_hash
 
     # named by its weights, not its path: a stats file made with other weights is refused, a copy accepted
     return Extractor(

@@ -1,0 +1,1 @@
+"""Diffusion maths shared by training, sampling and evaluation: the learned-variance terms."""

@@ -1,0 +1,334 @@
+"""NaLaDiTTransformer2DModel: diffusers' DiT with a configurable self-attention kernel.
+
+A subclass of ``DiTTransformer2DModel``: same modules, same parameter names, so DiT weights load.
+What it adds:
+
+- ``attention_type`` (``"nala"``, ``"softmax"``, ``"relu_linear"``, ``"elu_linear"``) and the
+  processor options in the config, so a saved model reloads with the attention it was trained with;
+- any height x width the patch divides (non-square, larger than ``sample_size``), with the sin-cos
+  positions squeezed into the training grid's range (``position_embedding="interpolate"``, the
+  default, diffusers' ``PatchEmbed`` behaviour) or built for that grid (``"extend"``);
+- ``num_classes`` with the null class ``num_classes`` for classifier-free guidance, and no random
+  label drop inside the model (each DiT block would drop labels independently; drop them once, in
+  the training step).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' pipeline loader looks it up here)
+from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
+
+from nala_diffusion.models.loading import check_loaded_weights
+from nala_diffusion.models.options import DEFAULTS, layer_attention_types, options_from_config
+from nala_diffusion.models.swap import set_attention
+from nala_diffusion.utils.files import follow_umask
+
+POSITION_EMBEDDINGS = ("extend", "interpolate")
+
+# DiT sizes (Peebles & Xie, Table 1); every patch size 2, 4, 8 is offered as in the DiT repo.
+_DIT_SIZES = {
+    "S": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),  # hidden 384
+    "B": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64),  # hidden 768
+    "L": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64),  # hidden 1024
+    "XL": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72),  # hidden 1152
+}
+DIT_PRESETS: Dict[str, Dict[str, int]] = {
+    f"{size}/{patch}": {**dims, "patch_size": patch} for size, dims in _DIT_SIZES.items() for patch in (2, 4, 8)
+}
+
+
+def preset_config(name: str, softmax_layers: Optional[Sequence[int]] = None, **overrides) -> Dict[str, Any]:
+    """Config dict of a DiT size preset (``"S/2"``, ``"B/4"``, ``"XL/2"``, ...) with overrides.
+
+    ``softmax_layers`` (block indices, negative counting from the end) gives a hybrid layout: those
+    blocks softmax, the others ``attention_type``; it is expanded into ``attention_types``."""
+    key = name.upper().removeprefix("DIT-")
+    if key not in DIT_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(DIT_PRESETS)}")
+    config = {**DIT_PRESETS[key], **overrides}
+    if softmax_layers is not None:
+        config["attention_types"] = layer_attention_types(
+            config["num_layers"], config.get("attention_type", "nala"), config.get("attention_types"), softmax_layers)
+    return config
+
+
+class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
+    r"""DiT (arXiv 2212.09748) whose self-attention kernel is chosen by ``attention_type``.
+
+    Parameters are those of ``DiTTransformer2DModel`` plus:
+        num_classes (`int`, *optional*): number of classes; labels ``0..num_classes-1`` and the null
+            class ``num_classes`` (unconditional). Defaults to ``num_embeds_ada_norm``.
+        attention_type (`str`, defaults to ``"nala"``): ``"nala"``, ``"softmax"``, ``"relu_linear"`` or
+            ``"elu_linear"``.
+        attention_types (`list` of `str`, *optional*): one attention type per block, for hybrid layouts
+            such as NaLaFormer's (NaLa in the early blocks, softmax in the last); ``None`` (the default)
+            means every block runs ``attention_type``. Each block's processor takes the options below
+            that its kind accepts. :meth:`from_preset` builds it from ``softmax_layers``.
+        power_scale, power_offset, key_power, inhibit, angle_sharpness, attention_eps,
+        learnable_power: NaLa kernel options (see :func:`~nala_diffusion.nala_attention`);
+            ``attention_eps`` is the kernels' ``eps``.
+        norm_scale, norm_scale_mode: the query-norm scale sigma of NaLa's power
+            p(r) = lambda (tau + tanh(r / sigma)): ``"fixed"`` (``norm_scale`` everywhere; 1 is the
+            official formula and the default, so configs saved without these keys load unchanged),
+            ``"learnable"`` or ``"calibrated"`` (per-head values in the weights, set by
+            :func:`~nala_diffusion.calibrate_norm_scale`; ``nala-train`` and conversion calibrate).
+        use_lepe, lepe_kernel_size, use_gate, use_rope, rope_base: processor extras.
+        Every attention option, its default and its meaning is declared once, in
+        :class:`~nala_diffusion.models.options.AttentionOptions`; its config key is the option's name
+        (``eps`` is ``attention_eps``).
+        position_embedding (`str`, defaults to ``"interpolate"``): for grids other than the training
+            grid, ``"interpolate"`` squeezes each axis into the training range (as diffusers'
+            ``PatchEmbed`` and PixArt: a model trained at one size has seen only those positions),
+            ``"extend"`` builds the sin-cos table for the new grid (positions 0..rows-1, 0..cols-1;
+            for models trained at several sizes).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_attention_heads: int = 16,
+        attention_head_dim: int = 72,
+        in_channels: int = 4,
+        out_channels: Optional[int] = None,
+        num_layers: int = 28,
+        dropout: float = 0.0,
+        norm_num_groups: int = 32,
+        attention_bias: bool = True,
+        sample_size: int = 32,
+        patch_size: int = 2,
+        activation_fn: str = "gelu-approximate",
+        num_embeds_ada_norm: Optional[int] = 1000,
+        upcast_attention: bool = False,
+        norm_type: str = "ada_norm_zero",
+        norm_elementwise_affine: bool = False,
+        norm_eps: float = 1e-5,
+        num_classes: Optional[int] = None,
+        attention_type: str = "nala",
+        attention_types: Optional[List[str]] = None,
+        power_scale: float = DEFAULTS.power_scale,
+        power_offset: float = DEFAULTS.power_offset,
+        key_power: float = DEFAULTS.key_power,
+        inhibit: str = DEFAULTS.inhibit,
+        angle_sharpness: float = DEFAULTS.angle_sharpness,
+        attention_eps: float = DEFAULTS.eps,
+        learnable_power: bool = DEFAULTS.learnable_power,
+        norm_scale: float = DEFAULTS.norm_scale,
+        norm_scale_mode: str = DEFAULTS.norm_scale_mode,
+        use_lepe: bool = DEFAULTS.use_lepe,
+        lepe_kernel_size: int = DEFAULTS.lepe_kernel_size,
+        use_gate: bool = DEFAULTS.use_gate,
+        use_rope: bool = DEFAULTS.use_rope,
+        rope_base: float = DEFAULTS.rope_base,
+        position_embedding: str = "interpolate",
+    ):
+        for name, value in (("num_attention_heads", num_attention_heads), ("attention_head_dim", attention_head_dim),
+                            ("in_channels", in_channels), ("num_layers", num_layers), ("sample_size", sample_size),
+                            ("patch_size", patch_size), ("out_channels", out_channels), ("num_classes", num_classes),
+                            ("num_embeds_ada_norm", num_embeds_ada_norm), ("norm_num_groups", norm_num_groups)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}); "
+                                 "check the model config")
+        if not isinstance(sample_size, int) or sample_size % patch_size:
+            raise ValueError(f"sample_size {sample_size} must be a multiple of patch_size {patch_size}")
+        if num_classes is None:
+            num_classes = num_embeds_ada_norm
+        elif num_embeds_ada_norm not in (None, 1000, num_classes):
+            raise ValueError(f"num_classes ({num_classes}) and num_embeds_ada_norm ({num_embeds_ada_norm}) disagree")
+        kinds = layer_attention_types(num_layers, attention_type, attention_types)  # validates both
+        if position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {position_embedding!r}")
+        super().__init__(
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            num_layers=num_layers,
+            dropout=dropout,
+            norm_num_groups=norm_num_groups,
+            attention_bias=attention_bias,
+            sample_size=sample_size,
+            patch_size=patch_size,
+            activation_fn=activation_fn,
+            num_embeds_ada_norm=num_classes,
+            upcast_attention=upcast_attention,
+            norm_type=norm_type,
+            norm_elementwise_affine=norm_elementwise_affine,
+            norm_eps=norm_eps,
+        )
+        # The config records the resolved class count under both names.
+        self.register_to_config(num_classes=num_classes, num_embeds_ada_norm=num_classes)
+        for block in self.transformer_blocks:
+            # Keep the null-class row of the label table (so DiT weights load) but never drop
+            # labels at random inside the model.
+            block.norm1.emb.class_embedder.dropout_prob = 0.0
+        if attention_types is not None:  # saved as a plain list, so configs compare equal after a round trip
+            self.register_to_config(attention_types=kinds)
+        for kind in dict.fromkeys(kinds):
+            blocks = [index for index, each in enumerate(kinds) if each == kind]
+            set_attention(self, kind, layers=blocks, **self.attention_options(kind))
+
+    # -- configuration helpers ------------------------------------------------------------------
+    def attention_options(self, attention_type: Optional[str] = None) -> Dict[str, Any]:
+        """Processor options from the config that a processor of ``attention_type`` (default: the
+        config's ``attention_type``) accepts (:func:`~nala_diffusion.models.options.options_from_config`)."""
+        return options_from_config(self.config, attention_type)
+
+    @property
+    def layer_attention_types(self) -> List[str]:
+        """The attention type of each block, as the config declares it."""
+        return layer_attention_types(self.config.num_layers, self.config.attention_type,
+                                     self.config.get("attention_types"))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``ModelMixin.from_pretrained``, refusing weights that do not fit: missing, unexpected or
+        reshaped tensors and NaN/inf values raise a ``ValueError`` naming them (diffusers would only
+        warn, and leave missing parameters uninitialised)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        where = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        check_loaded_weights(model, where.rstrip(os.sep), missing=info.get("missing_keys"),
+                             unexpected=info.get("unexpected_keys"), mismatched=info.get("mismatched_keys"))
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``ModelMixin.save_pretrained``, with the weights readable as the umask allows (safetensors
+        would leave them 0o600)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        follow_umask(os.fspath(save_directory))
+
+    @property
+    def null_class_label(self) -> int:
+        """The label that means "no class" (classifier-free guidance's unconditional branch)."""
+        return self.config.num_classes
+
+    @property
+    def training_grid(self):
+        side = self.config.sample_size // self.config.patch_size
+        return side, side
+
+    @classmethod
+    def from_preset(cls, name: str, softmax_layers: Optional[Sequence[int]] = None,
+                    **overrides) -> "NaLaDiTTransformer2DModel":
+        """A freshly initialised model of a DiT size preset (``"S/2"``, ``"B/2"``, ``"L/2"``, ``"XL/2"``, ...).
+
+        ``softmax_layers=[-1]`` gives a hybrid: the last block softmax, the others ``attention_type``
+        (recorded in the config as ``attention_types``)."""
+        return cls(**preset_config(name, softmax_layers=softmax_layers, **overrides))
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _position_table(self, rows: int, cols: int, mode: str, device) -> Optional[torch.Tensor]:
+        """(1, rows * cols, D) sin-cos table, or None where PatchEmbed's own table is the right one."""
+        if mode == "interpolate" or (rows, cols) == self.training_grid:
+            return None
+        scale = self.pos_embed.interpolation_scale
+        grid_h = torch.arange(rows, device=device, dtype=torch.float32) / scale
+        grid_w = torch.arange(cols, device=device, dtype=torch.float32) / scale
+        grid = torch.stack(torch.meshgrid(grid_w, grid_h, indexing="xy"), dim=0)  # (2, rows, cols), w first as in diffusers
+        table = get_2d_sincos_pos_embed_from_grid(self.inner_dim, grid, output_type="pt")  # (rows * cols, D)
+        return table.float().unsqueeze(0)
+
+    def _embed_patches(self, hidden_states: torch.Tensor, mode: str) -> torch.Tensor:
+        rows, cols = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
+        table = self._position_table(rows, cols, mode, hidden_states.device)
+        if table is None:
+            return self.pos_embed(hidden_states)  # training grid, or diffusers' interpolation
+        patches = self.pos_embed.proj(hidden_states).flatten(2).transpose(1, 2)  # (B, N, D)
+        if self.pos_embed.layer_norm:
+            patches = self.pos_embed.norm(patches)
+        return (patches + table).to(patches.dtype)
+
+    def _check_input(self, hidden_states: torch.Tensor) -> None:
+        if hidden_states.ndim != 4 or hidden_states.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"hidden_states must be (batch, {self.config.in_channels}, height, width); got {tuple(hidden_states.shape)}"
+            )
+        height, width = hidden_states.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"height and width must be multiples of the patch size {self.patch_size}; got {height}x{width}"
+            )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: Optional[torch.LongTensor] = None,
+        class_labels: Optional[torch.LongTensor] = None,
+        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
+        return_dict: bool = True,
+        position_embedding: Optional[str] = None,
+    ):
+        """Like ``DiTTransformer2DModel.forward``, for any height x width the patch divides.
+
+        Args:
+            hidden_states: ``(batch, in_channels, height, width)``.
+            timestep: ``(batch,)`` or a scalar.
+            class_labels: ``(batch,)`` in ``0..num_classes`` (``num_classes`` is the null class).
+            cross_attention_kwargs: passed to the attention processors; ``grid_size`` is added.
+            position_embedding: overrides the config's ``position_embedding`` for this call.
+
+        Returns:
+            ``Transformer2DModelOutput`` with ``sample`` ``(batch, out_channels, height, width)``,
+            or a tuple when ``return_dict`` is False.
+        """
+        # 1. Input
+        self._check_input(hidden_states)
+        mode = position_embedding or self.config.position_embedding
+        if mode not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {mode!r}")
+        batch = hidden_states.shape[0]
+        if timestep is not None:
+            timestep = torch.as_tensor(timestep, device=hidden_states.device)
+            if timestep.ndim == 0:
+                timestep = timestep.expand(batch)
+        rows, cols = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
+        hidden_states = self._embed_patches(hidden_states, mode)  # (B, rows * cols, D)
+        cross_attention_kwargs = dict(cross_attention_kwargs or {})
+        if self._processors_take_grid():
+            cross_attention_kwargs.setdefault("grid_size", (rows, cols))
+
+        # 2. Blocks
+        for block in self.transformer_blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(
+                    block, hidden_states, None, None, None, timestep, cross_attention_kwargs, class_labels
+                )
+            else:
+                hidden_states = block(
+                    hidden_states,
+                    attention_mask=None,
+                    encoder_hidden_states=None,
+                    encoder_attention_mask=None,
+                    timestep=timestep,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    class_labels=class_labels,
+                )  # (B, N, D)
+
+        # 3. Output
+        conditioning = self.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
+        shift, scale = self.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)  # (B, D) each
+        hidden_states = self.norm_out(hidden_states) * (1 + scale[:, None]) + shift[:, None]
+        hidden_states = self.proj_out_2(hidden_states)  # (B, N, p * p * C_out)
+
+        # 4. Unpatchify on the (rows, cols) grid
+        p, channels = self.patch_size, self.out_channels
+        hidden_states = hidden_states.reshape(-1, rows, cols, p, p, channels)
+        hidden_states = torch.einsum("nhwpqc->nchpwq", hidden_states)
+        output = hidden_states.reshape(-1, channels, rows * p, cols * p)  # (B, C_out, H, W)
+
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+    def _processors_take_grid(self) -> bool:
+        processor = self.transformer_blocks[0].attn1.processor
+        return "grid_size" in inspect.signature(processor.__call__).parameters

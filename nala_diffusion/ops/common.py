@@ -1,0 +1,76 @@
+"""Checks and helpers every attention kernel shares: input validation, the accumulation dtype, the
+per-head form of an option, and the batched product on skinny shapes."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the linear kernels accumulate in: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Shapes (batch, heads, tokens, head_dim) that agree: the same batch and heads everywhere, q and
+    k of one head_dim, k and v of one token count (v's head_dim may differ); floating dtypes."""
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+        raise ValueError(
+            "query, key and value must be shaped (batch, heads, tokens, head_dim); got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not tensor.is_floating_point():
+            raise TypeError(f"attention needs floating-point tensors; {name} is {tensor.dtype}")
+    if not query.shape[:2] == key.shape[:2] == value.shape[:2]:
+        raise ValueError(
+            "query, key and value must have the same batch and heads; got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"query and key head_dim differ: {query.shape[-1]} vs {key.shape[-1]}")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"key and value token counts differ: {key.shape[-2]} vs {value.shape[-2]}")
+    if key.shape[-2] == 0:
+        raise ValueError("attention needs at least one key token")
+
+
+def check_positive(**values) -> None:
+    """Float options that must be positive (tensors are left to their owners, to avoid a device sync)."""
+    for name, value in values.items():
+        if not torch.is_tensor(value) and not float(value) > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+def per_head(value: Union[float, torch.Tensor], like: torch.Tensor) -> Union[float, torch.Tensor]:
+    """A float stays a float; a per-head tensor of shape (heads,) becomes (1, heads, 1, 1)."""
+    if not torch.is_tensor(value):
+        return float(value)
+    value = value.to(device=like.device, dtype=like.dtype)
+    if value.ndim == 1:
+        if value.shape[0] != like.shape[1]:
+            raise ValueError(f"a per-head tensor needs {like.shape[1]} entries (one per head), got {value.shape[0]}")
+        value = value.view(1, -1, 1, 1)
+    return value
+
+
+def head_scales(value: Union[float, torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+    """A per-head option (lambda, sigma) as a (batch, heads, 1, 1) tensor like ``q``, from a float or
+    a per-head tensor."""
+    scales = per_head(value, q)
+    if not torch.is_tensor(scales):
+        return q.new_full((q.shape[0], q.shape[1], 1, 1), scales)
+    return scales.expand(q.shape[0], q.shape[1], 1, 1)
+
+
+def needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in tensors)
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bmm, or the 2-D mm/mv for a batch of one (faster on CPU for these skinny shapes)."""
+    if a.shape[0] == 1:
+        return (torch.mv(a[0], b[0, :, 0]).unsqueeze(-1) if b.shape[-1] == 1 else torch.mm(a[0], b[0])).unsqueeze(0)
+    return torch.bmm(a, b)

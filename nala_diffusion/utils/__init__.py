@@ -1,0 +1,1 @@
+"""Infrastructure: atomic files, output locks and fingerprints, command-line helpers, distributed runs."""
