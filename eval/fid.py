@@ -41,7 +41,8 @@ from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, po
 from nala_diffusion.utils.distributed import use_cpu_processes
 from nala_diffusion.utils.files import write_json_atomically
 from nala_diffusion.utils.lazy import lazy
-from nala_diffusion.utils.run_guard import OutputLock, pipeline_fingerprint
+from nala_diffusion.utils.locks import output_lock
+from nala_diffusion.utils.run_guard import pipeline_fingerprint
 
 PartialState = lazy("accelerate", "PartialState")
 features = lazy("nala_diffusion.metrics.features")
@@ -278,13 +279,8 @@ def main(args) -> int:
     if args.command not in ("sample", "calc"):
         return run(args, state)
     # one lock over the whole command: sampling, features and fid.json
-    lock = OutputLock(args.out, "the samples folder")
-    if state.is_main_process:
-        lock.acquire()
-    try:
+    with output_lock(args.out, "the samples folder", hold=state.is_main_process):
         return run(args, state)
-    finally:
-        lock.release()
 
 
 def run(args, state) -> int:

@@ -30,7 +30,8 @@ from nala_diffusion.metrics.samples import (
 )
 from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, positive_int
 from nala_diffusion.utils.lazy import lazy
-from nala_diffusion.utils.run_guard import OutputLock, pipeline_fingerprint
+from nala_diffusion.utils.locks import output_lock
+from nala_diffusion.utils.run_guard import pipeline_fingerprint
 
 DomainClassifier = lazy("nala_diffusion", "DomainClassifier")
 NaLaDiTPipeline = lazy("nala_diffusion", "NaLaDiTPipeline")
@@ -88,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = pipe.sampling_settings(args.steps, args.guidance)
     args.steps, args.guidance = settings["num_inference_steps"], settings["guidance_scale"]
     try:
-        with OutputLock(args.out, "the quality folder"):
+        with output_lock(args.out, "the quality folder"):
             return evaluate(args, pipe, settings)
     except ValueError as error:
         return exit_on_input_error("nala-quality", error)

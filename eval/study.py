@@ -45,7 +45,8 @@ from nala_diffusion.metrics.samples import (
 from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error
 from nala_diffusion.utils.files import save_grid_atomically, write_json_atomically
 from nala_diffusion.utils.lazy import lazy
-from nala_diffusion.utils.run_guard import OutputLock, check_fingerprint, code_version, pipeline_weights_hash
+from nala_diffusion.utils.locks import output_lock
+from nala_diffusion.utils.run_guard import check_fingerprint, code_version, pipeline_weights_hash
 
 DDPMScheduler = lazy("diffusers", "DDPMScheduler")
 DomainClassifier = lazy("nala_diffusion", "DomainClassifier")
@@ -524,7 +525,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fingerprint = {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite", *selection)},
                    "code_version": code_version()}
     try:
-        with OutputLock(args.out, "the study folder"):
+        with output_lock(args.out, "the study folder"):
             check_fingerprint(args.out, fingerprint, overwrite=args.overwrite, what="study results",
                               has_outputs=lambda: any(os.path.exists(os.path.join(args.out, d)) for d in STUDY_OUTPUTS),
                               clear=lambda: [shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)

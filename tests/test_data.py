@@ -69,12 +69,12 @@ def test_reference_exports_are_atomic_and_recorded(tmp_path):
 
 RACE = """
 import os, sys, time
-from nala_diffusion.utils.run_guard import OutputLock
+from nala_diffusion.utils.locks import output_lock
 folder, start = sys.argv[1], float(sys.argv[2])
 while time.time() < start:
     time.sleep(0.001)
 try:
-    with OutputLock(folder, "the race folder"):
+    with output_lock(folder, "the race folder"):
         inside = os.path.join(folder, "inside")
         fd = os.open(inside, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # fails if another holder is inside
         time.sleep(0.05)

@@ -35,7 +35,7 @@ from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, po
 from nala_diffusion.utils.distributed import use_cpu_processes
 from nala_diffusion.utils.files import save_grid_atomically
 from nala_diffusion.utils.lazy import lazy
-from nala_diffusion.utils.run_guard import OutputLock
+from nala_diffusion.utils.locks import output_lock
 
 # imported on first use, so that --help answers at once
 Accelerator = lazy("accelerate", "Accelerator")
@@ -303,9 +303,8 @@ def main(args) -> int:
     # (nala-study) gets its own back afterwards
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        if int(os.environ.get("RANK", "0")) != 0:
-            return train(args)  # other processes of a distributed run: the main one holds the lock
-        with OutputLock(args.output_dir, "the training run"):
+        # other processes of a distributed run: the main one holds the lock
+        with output_lock(args.output_dir, "the training run", hold=int(os.environ.get("RANK", "0")) == 0):
             return train(args)
     finally:
         for sig, handler in previous.items():

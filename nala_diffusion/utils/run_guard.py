@@ -14,14 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import time
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from nala_diffusion.utils.files import new_file_mode, write_json_atomically
+from nala_diffusion.utils.files import write_json_atomically
 
 FINGERPRINT_FILE = "fingerprint.json"
-LOCK_FILE = ".lock"
 
 
 def code_version() -> str:
@@ -119,87 +116,6 @@ def check_fingerprint(
     if write:
         write_json_atomically(path, _jsonable(fingerprint))
     return status
-
-
-class OutputLock:
-    """``with OutputLock(folder): ...``: hold ``folder/.lock`` while writing ``folder``.
-
-    The lock is the kernel's (``fcntl.flock``), so it dies with its process: a run killed by SIGKILL,
-    a restarted container, another PID namespace or a lock file left empty by a full disk never
-    block a later run, and no stale lock is ever "taken over". The file also records the holder's
-    process id and host, so that a second writer gets a ``ValueError`` naming them.
-    """
-
-    def __init__(self, folder: str, what: str = "this folder"):
-        self.folder = folder
-        self.path = os.path.join(folder, LOCK_FILE)
-        self.what = what
-        self.held = False
-        self._fd: Optional[int] = None
-
-    def _holder(self) -> Dict[str, Any]:
-        try:
-            with open(self.path, encoding="utf-8") as handle:
-                return json.load(handle)
-        except (OSError, ValueError):
-            return {}
-
-    def acquire(self) -> "OutputLock":
-        import fcntl
-
-        if self.held:
-            raise ValueError(f"{self.path} is already held by this process")
-        self.created = not os.path.isdir(self.folder)
-        os.makedirs(self.folder, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, new_file_mode())
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                holder = self._holder()
-                raise ValueError(
-                    f"{self.what} {self.folder!r} is being written by process {holder.get('pid', '?')} on "
-                    f"{holder.get('host', '?')} (lock file {self.path}); wait for it to finish") from None
-            try:  # the holder before us may have removed the file between our open and our lock: retry
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        self._fd, self.held = fd, True
-        try:  # who holds it, for the message a second writer gets; the lock does not depend on it
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode())
-        except OSError:  # a full disk: the lock is held all the same
-            pass
-        return self
-
-    def release(self) -> None:
-        if not self.held:
-            return
-        import fcntl
-
-        self.held = False
-        try:
-            os.remove(self.path)  # while still locked: a waiting process then sees another inode and retries
-        except FileNotFoundError:
-            pass
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
-        self._fd = None
-        if getattr(self, "created", False):
-            try:
-                os.rmdir(self.folder)  # made only for the lock, and nothing was written: leave no trace
-            except OSError:
-                pass
-
-    def __enter__(self) -> "OutputLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def pipeline_weights_hash(folder: str) -> str:
