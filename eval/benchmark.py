@@ -32,10 +32,6 @@ from tqdm.auto import tqdm
 from nala_diffusion.ops import linear_attention, nala_attention, nala_attention_explicit
 from nala_diffusion.ops.gather import readout_table_width
 from nala_diffusion.utils.cli_args import HelpFormatter
-from nala_diffusion.utils.lazy import lazy
-
-NaLaDiTTransformer2DModel = lazy("nala_diffusion.models.transformer", "NaLaDiTTransformer2DModel")  # imported on first use
-preset_config = lazy("nala_diffusion.models.transformer", "preset_config")
 
 
 def sana_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -268,6 +264,7 @@ def matmul_floor(tokens: int, heads: int, head_dim: int, device, repeats: int) -
 
 
 def model_level(device, repeats: int, model_tokens: int, train_tokens: int, train_batch: int, preset: str) -> dict:
+    from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel
     out = {}
     torch.manual_seed(0)
     models = {kind: NaLaDiTTransformer2DModel.from_preset(preset, sample_size=32, attention_type=kind).to(device)
@@ -309,6 +306,7 @@ def hybrid_level(device, repeats: int, tokens: Sequence[int], preset: str, softm
     (``softmax_layers`` softmax, the rest NaLa; NaLaFormer's layout) and pure softmax (SDPA). Time
     (interleaved medians) and peak memory, the whole call's and per block (``BlockPeaks``); a layout
     whose run would pass ``max_seconds`` (estimated from the previous size) is skipped."""
+    from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel, preset_config
     torch.manual_seed(0)
     patch = preset_config(preset)["patch_size"]
     out: Dict[int, dict] = {}
@@ -357,6 +355,8 @@ def diffusers_dit(preset: str, layers: int, sample_size: int, device):
     """diffusers' own ``DiTTransformer2DModel`` at a preset's width (S/2: 6 heads x 64)."""
     from diffusers import DiTTransformer2DModel
 
+    from nala_diffusion.models.transformer import preset_config
+
     config = preset_config(preset)
     return DiTTransformer2DModel(num_attention_heads=config["num_attention_heads"],
                                  attention_head_dim=config["attention_head_dim"], in_channels=4, num_layers=layers,
@@ -381,6 +381,7 @@ def processor_sets(model) -> Dict[str, Dict[str, object]]:
 def diffusers_model_level(device, repeats: int, tokens: Sequence[int], preset: str, layers: int) -> Dict[int, dict]:
     """A diffusers DiT forward (batch 1) with each processor set, interleaved, per token count."""
     from nala_diffusion import restore_attention
+    from nala_diffusion.models.transformer import preset_config
 
     torch.manual_seed(0)
     patch = preset_config(preset)["patch_size"]

@@ -10,6 +10,8 @@ Sampling scales out with accelerate (``accelerate launch eval/fid.py sample ...`
 seed ``seed + i`` and is the same on any number of processes.
 """
 
+from __future__ import annotations
+
 import argparse
 import hashlib
 import json
@@ -17,7 +19,10 @@ import os
 import sys
 import time
 import warnings
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 from nala_diffusion.metrics.feature_constants import METRICS, MODES, TORCHSCRIPT_WEIGHTS
 from nala_diffusion.metrics.samples import (
@@ -40,14 +45,8 @@ from nala_diffusion.pipelines.schedulers import (
 from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, positive_int
 from nala_diffusion.utils.distributed import use_cpu_processes
 from nala_diffusion.utils.files import write_json_atomically
-from nala_diffusion.utils.lazy import lazy
 from nala_diffusion.utils.locks import output_lock
 from nala_diffusion.utils.run_guard import pipeline_fingerprint
-
-PartialState = lazy("accelerate", "PartialState")
-features = lazy("nala_diffusion.metrics.features")
-metrics_lib = lazy("nala_diffusion.metrics.scores")
-NaLaDiTHighResPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit_highres", "NaLaDiTHighResPipeline")
 
 METRIC_HELP = ("metrics to compute: fid, kid (need reference features), is (Inception Score of the samples, 10 "
                "splits), pr (precision and recall, k = 3; need reference features), sfid (Frechet distance of "
@@ -140,6 +139,7 @@ def apply_dit_protocol(args, learned_variance: bool) -> None:
 
 
 def run_sampling(args, state: PartialState) -> dict:
+    from nala_diffusion.pipelines.pipeline_nala_dit_highres import NaLaDiTHighResPipeline
     try:
         pipe = NaLaDiTHighResPipeline.from_pretrained(args.model)
     except (OSError, ValueError) as error:
@@ -201,6 +201,7 @@ def run_sampling(args, state: PartialState) -> dict:
 def reference(source: str, args, extractor, device, spatial: bool):
     """The :class:`~nala_diffusion.metrics.features.Reference` of ``source``: an image folder, a ``.npz``
     (our stats file or the guided-diffusion evaluator's batch), or a clean-fid custom-stats name."""
+    from nala_diffusion.metrics import features
     if os.path.isdir(source):
         feats = features.folder_features(source, extractor, device, args.feature_batch_size, spatial=spatial)
         return features.Reference.from_features(*(feats if spatial else (feats,)))
@@ -220,6 +221,8 @@ def reference(source: str, args, extractor, device, spatial: bool):
 def metrics(feats, ref, extractor, chosen, spatial=None) -> dict:
     """The ``chosen`` metrics of sample features ``feats`` (and ``spatial`` for sFID) against ``ref``,
     each with the number of images behind it."""
+    from nala_diffusion.metrics import features
+    from nala_diffusion.metrics import scores as metrics_lib
     result = {"metrics": list(chosen), "num_samples": len(feats), "num_reference": ref.num_images,
               "reference_kind": ref.kind}
     if "fid" in chosen or "sfid" in chosen:
@@ -244,6 +247,7 @@ def metrics(feats, ref, extractor, chosen, spatial=None) -> dict:
 def check_reference(chosen, source: str, extractor, num_samples: int) -> None:
     """Refuse, before any sampling or feature extraction, a reference that cannot give the chosen metrics
     and counts too small for them."""
+    from nala_diffusion.metrics import features
     kind, allows, count = features.peek_reference(source, extractor)
     features.check_reference_metrics(chosen, allows, source, kind)
     check_counts(chosen, num_samples, count)
@@ -251,6 +255,7 @@ def check_reference(chosen, source: str, extractor, num_samples: int) -> None:
 
 def check_counts(chosen, num_samples: int, num_reference: Optional[int]) -> None:
     """Refuse counts too small for the chosen metrics."""
+    from nala_diffusion.metrics import scores as metrics_lib
     needs = {"fid": 2, "sfid": 2, "kid": 2, "is": metrics_lib.IS_SPLITS, "pr": metrics_lib.PR_NEIGHBOURS + 1}
     for metric in chosen:
         if num_samples < needs[metric]:
@@ -275,6 +280,7 @@ def summary(result: dict) -> str:
 
 
 def main(args) -> int:
+    from accelerate import PartialState
     state = PartialState(cpu=use_cpu_processes())
     if args.command not in ("sample", "calc"):
         return run(args, state)
@@ -284,6 +290,7 @@ def main(args) -> int:
 
 
 def run(args, state) -> int:
+    from nala_diffusion.metrics import features
     device = state.device
     if args.command == "sample":
         info = run_sampling(args, state)
@@ -344,6 +351,7 @@ def run(args, state) -> int:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
+    from nala_diffusion.metrics import features
     args = parse_args(argv)
     try:
         return main(args)

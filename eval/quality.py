@@ -10,11 +10,16 @@
    FID/KID of both against the real images, with their ratio. Writes ``quality.json``.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import os
 import sys
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:
+    from nala_diffusion.metrics.classifier import DomainClassifier
 
 import numpy as np
 import PIL.Image
@@ -29,15 +34,8 @@ from nala_diffusion.metrics.samples import (
     sample_path,
 )
 from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, positive_int
-from nala_diffusion.utils.lazy import lazy
 from nala_diffusion.utils.locks import output_lock
 from nala_diffusion.utils.run_guard import pipeline_fingerprint
-
-DomainClassifier = lazy("nala_diffusion", "DomainClassifier")
-NaLaDiTPipeline = lazy("nala_diffusion", "NaLaDiTPipeline")
-NaLaDiTTransformer2DModel = lazy("nala_diffusion", "NaLaDiTTransformer2DModel")
-features = lazy("nala_diffusion.metrics.features")
-metrics_lib = lazy("nala_diffusion.metrics.scores")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -80,6 +78,7 @@ def class_accuracy(classifier: DomainClassifier, folder: str, labels, num_classe
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from nala_diffusion import NaLaDiTPipeline
     args = parse_args(argv)
     if args.model is None:
         args.model = demo_pipeline_path()
@@ -96,6 +95,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def evaluate(args, pipe, settings) -> int:
+    from nala_diffusion import DomainClassifier, NaLaDiTPipeline, NaLaDiTTransformer2DModel
+    from nala_diffusion.metrics import features
+    from nala_diffusion.metrics import scores as metrics_lib
     real = export_reference(args.dataset, pipe.default_sample_size, os.path.join(args.out, "real"), args.overwrite)
     labels = balanced_labels(args.num_samples, pipe.num_classes)
     untrained_count = min(args.untrained_samples or args.num_samples, args.num_samples)

@@ -36,7 +36,6 @@ import torch
 from nala_diffusion.models.options import ATTENTION_TYPES
 from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, positive_int
 from nala_diffusion.utils.files import write_json_atomically
-from nala_diffusion.utils.lazy import lazy
 
 # signal fraction alpha_bar = 0.95, 0.90, 0.52 on the linear schedule: a 4 x 4 px token can be recognised
 TIMESTEPS = (50, 100, 250)
@@ -46,14 +45,6 @@ DATASETS = {"tiles": "builtin:pairs", "crops": "builtin:pairs_crops"}
 # per layer, averaged over the timesteps
 MASS_MEASURES = ("mass", "baseline", "rho", "entropy", "norm_effect")
 
-DDPMScheduler = lazy("diffusers", "DDPMScheduler")
-NaLaDiTPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit", "NaLaDiTPipeline")
-load_dataset = lazy("nala_diffusion.data.datasets", "load_dataset")
-attention_weights = lazy("nala_diffusion.ops.attention_weights")
-norm_awareness = lazy("nala_diffusion.models.norm_awareness")
-builtin_pairs = lazy("nala_diffusion.data.builtin_pairs")
-spearman = lazy("nala_diffusion.eval.attention_entropy", "spearman")
-swap = lazy("nala_diffusion.models.swap")
 
 
 def evenly(count: int, total: int) -> list:
@@ -85,6 +76,9 @@ def retrieval_gain(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 300
                    layout: str = "tiles") -> dict:
     """Held-out epsilon-MSE on ``builtin:pairs`` (or ``builtin:pairs_crops``) and its unpaired control
     (test split), and their difference per timestep (unpaired - paired; > 0 when the partner is used)."""
+    from diffusers import DDPMScheduler
+
+    from nala_diffusion.data.datasets import load_dataset
     paired = load_dataset(DATASETS[layout], 32, split="test")
     unpaired = load_dataset(f"{DATASETS[layout]}_unpaired", 32, split="test")
     index = evenly(images, len(paired))
@@ -125,6 +119,13 @@ def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, 
     """Per self-attention layer: the mean retrieval mass (partner ± WINDOWS[layout] columns), its
     baseline (the window at another image's offset), rho(entropy, |q|) and the mean entropy, on
     noised paired test images."""
+    from diffusers import DDPMScheduler
+
+    from nala_diffusion.data import builtin_pairs
+    from nala_diffusion.data.datasets import load_dataset
+    from nala_diffusion.eval.attention_entropy import spearman
+    from nala_diffusion.models import norm_awareness, swap
+    from nala_diffusion.ops import attention_weights
     model = pipe.transformer.eval()
     patch = model.config.patch_size
     side = 32 // patch
@@ -174,6 +175,7 @@ def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, 
 
 def measure(model_dir: str, timesteps: Sequence[int] = TIMESTEPS, gain_images: int = 300, mass_images: int = 8,
             seed: int = 0, layout: str = "tiles") -> dict:
+    from nala_diffusion.pipelines.pipeline_nala_dit import NaLaDiTPipeline
     if layout not in DATASETS:
         raise ValueError(f"layout must be one of {sorted(DATASETS)}, got {layout!r}")
     pipe = NaLaDiTPipeline.from_pretrained(model_dir)

@@ -21,6 +21,8 @@ On ``builtin:photos`` (32 px, pixel space), with the demo's architecture (4 laye
 Writes ``OUT/results.json`` and ``OUT/results.md`` (the tables).
 """
 
+from __future__ import annotations
+
 import argparse
 import csv
 import json
@@ -28,13 +30,17 @@ import os
 import shutil
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+
+if TYPE_CHECKING:
+    from nala_diffusion.pipelines.pipeline_nala_dit import NaLaDiTPipeline
 
 import numpy as np
 import PIL.Image
 import torch
 
 from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path
+from nala_diffusion.eval import retrieval
 from nala_diffusion.metrics.samples import (
     SAMPLE_DIR,
     balanced_labels,
@@ -44,23 +50,8 @@ from nala_diffusion.metrics.samples import (
 )
 from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error
 from nala_diffusion.utils.files import save_grid_atomically, write_json_atomically
-from nala_diffusion.utils.lazy import lazy
 from nala_diffusion.utils.locks import output_lock
 from nala_diffusion.utils.run_guard import check_fingerprint, code_version, pipeline_weights_hash
-
-DDPMScheduler = lazy("diffusers", "DDPMScheduler")
-DomainClassifier = lazy("nala_diffusion", "DomainClassifier")
-NaLaDiTHighResPipeline = lazy("nala_diffusion", "NaLaDiTHighResPipeline")
-NaLaDiTPipeline = lazy("nala_diffusion", "NaLaDiTPipeline")
-load_dataset = lazy("nala_diffusion.data.datasets", "load_dataset")
-attention_entropy = lazy("nala_diffusion.eval.attention_entropy")
-benchmark = lazy("nala_diffusion.eval.benchmark")
-features = lazy("nala_diffusion.metrics.features")
-metrics_lib = lazy("nala_diffusion.metrics.scores")
-class_accuracy = lazy("nala_diffusion.eval.quality", "class_accuracy")
-retrieval = lazy("nala_diffusion.eval.retrieval")
-
-train_nala_dit = lazy("nala_diffusion.train.train_nala_dit")
 
 ARCHITECTURE = {"num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 64, "patch_size": 4,
                 "norm_num_groups": 32, "use_lepe": True}
@@ -179,6 +170,7 @@ def train(out: str, name: str, extra: List[str], steps: int, seed: int, args, da
 
 
 def _train(folder: str, out: str, extra: List[str], steps: int, seed: int, args, dataset: str) -> dict:
+    from nala_diffusion.train import train_nala_dit
     config = os.path.join(out, "model_config.json")
     with open(config, "w", encoding="utf-8") as handle:
         json.dump(args.architecture, handle)
@@ -202,6 +194,8 @@ def _train(folder: str, out: str, extra: List[str], steps: int, seed: int, args,
 @torch.no_grad()
 def heldout_loss(pipe: NaLaDiTPipeline, test, seed: int = 0) -> float:
     """Epsilon MSE on the test crops, one fixed timestep and noise per crop (the same for every model)."""
+    from diffusers import DDPMScheduler
+
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(seed)
     images, labels = test.images, test.labels
@@ -225,6 +219,10 @@ def score(run: str, out: str, args, real_feats, real_stats, extractor, classifie
 
 
 def _score(run: str, folder: str, args, real_feats, real_stats, extractor, classifier, test) -> dict:
+    from nala_diffusion import NaLaDiTPipeline
+    from nala_diffusion.eval.quality import class_accuracy
+    from nala_diffusion.metrics import features
+    from nala_diffusion.metrics import scores as metrics_lib
     pipe = NaLaDiTPipeline.from_pretrained(run)
     pipe.set_progress_bar_config(disable=True)
     labels = balanced_labels(args.num_samples, pipe.num_classes)
@@ -260,6 +258,10 @@ def crop_accuracy(classifier, crops: torch.Tensor, labels: torch.Tensor) -> floa
 
 def _highres(run: str, crop_root: str, args, real_stats, extractor, classifier, sharpness, real_feats=None
              ) -> List[dict]:
+    from nala_diffusion import NaLaDiTHighResPipeline
+    from nala_diffusion.eval import benchmark
+    from nala_diffusion.metrics import features
+    from nala_diffusion.metrics import scores as metrics_lib
     pipe = NaLaDiTHighResPipeline.from_pretrained(run)
     pipe.set_progress_bar_config(disable=True)
     side = pipe.default_sample_size
@@ -331,6 +333,7 @@ def highres_tables(results: dict) -> str:
 def entropy(run: str, out: str, kind: str, timesteps: Sequence[int] = (500,), images: int = 4) -> Dict[str, dict]:
     """Per layer: the entropy statistics of the run's own kernel, with the NaLa saturation report
     (norm and power quantiles, responding fraction) where the layer runs NaLa."""
+    from nala_diffusion.eval import attention_entropy
     path = os.path.join(out, "scores", f"{os.path.basename(run)}_entropy.json")
     if not os.path.exists(path):
         attention_entropy.main(["--model", run, "--data", "builtin:photos", "--json", path, "--images", str(images),
@@ -475,6 +478,7 @@ def retrieval_tables(results: dict) -> str:
 def plot_retrieval(results: dict, path: str) -> None:
     import matplotlib
 
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -541,6 +545,9 @@ STUDY_OUTPUTS = ("runs", "scores", "samples", "highres", "real", "results.json",
 
 
 def run_study(args, argv) -> int:
+    from nala_diffusion import DomainClassifier
+    from nala_diffusion.data.datasets import load_dataset
+    from nala_diffusion.metrics import features
     if args.study == "retrieval":
         return write_results(args.out, retrieval_study(args, argv), retrieval_tables)
     classifier_path = args.classifier or demo_classifier_path()

@@ -12,6 +12,8 @@ Noise, timesteps, label drops and flips come from a generator seeded by (seed, b
 process), so a resumed run draws exactly what an uninterrupted one would.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import logging
@@ -21,7 +23,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,34 +36,12 @@ from nala_diffusion.train.run_log import CsvLog
 from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, positive_int
 from nala_diffusion.utils.distributed import use_cpu_processes
 from nala_diffusion.utils.files import save_grid_atomically
-from nala_diffusion.utils.lazy import lazy
 from nala_diffusion.utils.locks import output_lock
 
+if TYPE_CHECKING:
+    from nala_diffusion.pipelines.pipeline_nala_dit import NaLaDiTPipeline
+
 # imported on first use, so that --help answers at once
-Accelerator = lazy("accelerate", "Accelerator")
-DataLoaderConfiguration = lazy("accelerate.utils", "DataLoaderConfiguration")
-ProjectConfiguration = lazy("accelerate.utils", "ProjectConfiguration")
-set_seed = lazy("accelerate.utils", "set_seed")
-AutoencoderKL = lazy("diffusers", "AutoencoderKL")
-DDIMScheduler = lazy("diffusers", "DDIMScheduler")
-DDPMScheduler = lazy("diffusers", "DDPMScheduler")
-get_scheduler = lazy("diffusers.optimization", "get_scheduler")
-EMAModel = lazy("diffusers.training_utils", "EMAModel")
-NaLaDiTPipeline = lazy("nala_diffusion.pipelines.pipeline_nala_dit", "NaLaDiTPipeline")
-NaLaDiTTransformer2DModel = lazy("nala_diffusion.models.transformer", "NaLaDiTTransformer2DModel")
-preset_config = lazy("nala_diffusion.models.transformer", "preset_config")
-convert_dit_to_nala = lazy("nala_diffusion.models.conversion", "convert_dit_to_nala")
-load_transformer = lazy("nala_diffusion.models.conversion", "load_transformer")
-build_latent_cache = lazy("nala_diffusion.data.datasets", "build_latent_cache")
-dataset_fingerprint = lazy("nala_diffusion.data.datasets", "dataset_fingerprint")
-dataset_id2label = lazy("nala_diffusion.data.datasets", "dataset_id2label")
-load_dataset = lazy("nala_diffusion.data.datasets", "load_dataset")
-load_latent_cache = lazy("nala_diffusion.data.datasets", "load_latent_cache")
-calibrate_norm_scale = lazy("nala_diffusion.models.norm_awareness", "calibrate_norm_scale")
-mean_responding_fraction = lazy("nala_diffusion.models.norm_awareness", "mean_responding_fraction")
-nala_processors = lazy("nala_diffusion.models.norm_awareness", "nala_processors")
-saturation_report = lazy("nala_diffusion.models.norm_awareness", "saturation_report")
-checkpoints = lazy("nala_diffusion.train.checkpoints")
 
 
 class _Logger:
@@ -179,6 +159,8 @@ def layout_overrides(args) -> Dict[str, Any]:
 def build_model(args, in_channels: int, sample_size: int, num_classes: int):
     """The model to train and the model whose queries calibrate its sigma (the pretrained source
     for ``--init_from``, else the model itself)."""
+    from nala_diffusion.models.conversion import convert_dit_to_nala, load_transformer
+    from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel, preset_config
     expected = {"in_channels": in_channels, "sample_size": sample_size, "num_classes": num_classes}
     overrides = attention_overrides(args)
     layout = layout_overrides(args)
@@ -232,6 +214,7 @@ def timestep_bounds(args, noise_scheduler):
 
 
 def needs_calibration(model) -> bool:
+    from nala_diffusion.models.norm_awareness import nala_processors
     return any(p.norm_scale_mode != "fixed" for p in nala_processors(model).values())
 
 
@@ -319,6 +302,7 @@ RUN_OUTPUTS = ("args.json", "log.csv", "logs", "samples", "latent_cache", "model
 def clear_run(folder: str) -> List[str]:
     """Remove a training run's outputs (for --overwrite): checkpoints, the pipeline, logs, samples and
     caches; any other file in the folder (the user's own) stays. Returns what was removed."""
+    from nala_diffusion.train import checkpoints
     removed = []
     for name in sorted(os.listdir(folder)):
         if name in RUN_OUTPUTS or name.startswith((checkpoints.PREFIX, checkpoints.TEMPORARY_PREFIX)):
@@ -364,6 +348,24 @@ def check_output_dir(args) -> None:
 
 def train(args) -> int:
     # 0. Checks that need no accelerator: the output folder and the data
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from nala_diffusion.data.datasets import (
+        build_latent_cache,
+        dataset_fingerprint,
+        dataset_id2label,
+        load_dataset,
+        load_latent_cache,
+    )
+    from nala_diffusion.models.conversion import load_transformer
+    from nala_diffusion.models.norm_awareness import calibrate_norm_scale
+    from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel
+    from nala_diffusion.pipelines.pipeline_nala_dit import NaLaDiTPipeline
+    from nala_diffusion.train import checkpoints
     finished = os.path.exists(os.path.join(args.output_dir, "model_index.json"))
     has_run = bool(checkpoints.list_checkpoints(args.output_dir)) or finished
     if has_run and args.overwrite:
@@ -625,6 +627,10 @@ def validate(args, accelerator, model, ema, noise_scheduler, vae, id2label, step
     """Sample a grid with the (EMA) weights on the main process; others wait. For NaLa models, also
     returns the share of the probe batch's queries whose power still responds to their norm
     (averaged over layers; a warning names saturated layers)."""
+    from diffusers import DDIMScheduler
+
+    from nala_diffusion.models.norm_awareness import mean_responding_fraction, nala_processors, saturation_report
+    from nala_diffusion.pipelines.pipeline_nala_dit import NaLaDiTPipeline
     responding = None
     if accelerator.is_main_process:
         if ema is not None:
