@@ -64,7 +64,8 @@ def test_run_writes_a_loadable_pipeline_and_its_records(data, tmp_path):
     result = train(base_args(data, out, steps=6, use_ema=True, validation_steps=3, validation_inference_steps=2))
     assert "skipped 1 unreadable image" in result.stderr
     for name in ["model_index.json", "args.json", "log.csv", "samples/step-000003.png", "samples/step-000006.png",
-                 "checkpoint-4/model.safetensors", "checkpoint-4/ema.safetensors", "transformer/config.json"]:
+                 "checkpoint-4/model.safetensors", "checkpoint-4/ema/diffusion_pytorch_model.safetensors",
+                 "checkpoint-4/ema/config.json", "transformer/config.json"]:
         assert (out / name).exists(), name
     rows = log_rows(out)
     losses = [r for r in rows if r["loss"] is not None]
@@ -80,7 +81,7 @@ def test_run_writes_a_loadable_pipeline_and_its_records(data, tmp_path):
     images = pipe(["class2"], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
     # the saved transformer holds the EMA weights of the last checkpoint's EMA, advanced to the end
-    ema = load_file(out / "checkpoint-4" / "ema.safetensors")
+    ema = load_file(out / "checkpoint-4" / "ema" / "diffusion_pytorch_model.safetensors")
     final = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
     raw = load_file(out / "checkpoint-4" / "model.safetensors")
     assert set(ema) <= set(final) and set(ema) <= set(raw)
@@ -96,7 +97,7 @@ def test_ema_with_zero_decay_is_exactly_the_weights(data, tmp_path):
     # right parameters, in the right order, and saved as the output
     out = tmp_path / "ema0"
     train(base_args(data, out, steps=4, use_ema=True, ema_decay=0.0))
-    ema = load_file(out / "checkpoint-4" / "ema.safetensors")
+    ema = load_file(out / "checkpoint-4" / "ema" / "diffusion_pytorch_model.safetensors")
     raw = load_file(out / "checkpoint-4" / "model.safetensors")
     final = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
     assert ema and all(torch.equal(ema[k], raw[k]) for k in ema)
@@ -361,7 +362,7 @@ def test_weights_and_checkpoints_follow_the_umask(data, tmp_path):
     finally:
         os.umask(previous)
     weights = [p for folder in (out, tmp_path / "copy", tmp_path / "model") for p in folder.rglob("*.safetensors")]
-    assert any("checkpoint-4" in str(p) for p in weights) and any("ema" in p.name for p in weights)
+    assert any("checkpoint-4" in str(p) for p in weights) and any("ema" in p.parts for p in weights)
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in weights}
     assert set(modes.values()) == {"0o644"}, modes
 

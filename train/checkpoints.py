@@ -8,6 +8,7 @@ checkpoint as the latest one. The optimizer and RNG files are accelerate's own (
 resume only from checkpoints you wrote.
 """
 
+import copy
 import errno
 import json
 import os
@@ -16,15 +17,13 @@ import shutil
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from nala_diffusion.utils.files import follow_umask
 
 PREFIX = "checkpoint-"
 TEMPORARY_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "training_state.json"
-EMA_FILE = "ema.safetensors"
-EMA_STATE_FILE = "ema_state.json"
+EMA_DIR = "ema"  # EMAModel.save_pretrained's folder inside a checkpoint
 
 
 def list_checkpoints(folder: str) -> List[Tuple[int, str]]:
@@ -63,25 +62,46 @@ def resolve_resume(folder: str, resume: Optional[str]) -> Optional[str]:
     return path
 
 
-def save_ema(ema, model: torch.nn.Module, folder: str) -> None:
-    names = [name for name, p in model.named_parameters()]
-    state = ema.state_dict()
-    shadow = state.pop("shadow_params")
-    save_file({name: p.detach().cpu().contiguous() for name, p in zip(names, shadow)}, os.path.join(folder, EMA_FILE))
-    with open(os.path.join(folder, EMA_STATE_FILE), "w", encoding="utf-8") as handle:
-        json.dump(state, handle)
+def ema_model(model: torch.nn.Module, decay: float):
+    """diffusers' ``EMAModel`` of ``model``'s parameters, whose ``save_pretrained`` writes a copy of
+    the live model with the averaged parameters: its buffers (NaLa's calibrated sigma) are the
+    trained ones, where ``EMAModel``'s own would come fresh from the config."""
+    from diffusers.training_utils import EMAModel
+
+    class LiveBuffersEMAModel(EMAModel):
+        def save_pretrained(self, path):
+            saved = copy.deepcopy(model)
+            state = self.state_dict()
+            state.pop("shadow_params", None)
+            saved.register_to_config(**state)
+            self.copy_to(saved.parameters())
+            saved.save_pretrained(path)
+
+    return LiveBuffersEMAModel(model.parameters(), decay=decay, model_cls=type(model), model_config=model.config)
 
 
-def load_ema(ema, model: torch.nn.Module, folder: str) -> None:
-    tensors = load_file(os.path.join(folder, EMA_FILE))
-    with open(os.path.join(folder, EMA_STATE_FILE), encoding="utf-8") as handle:
-        state = json.load(handle)
-    names = [name for name, _ in model.named_parameters()]
-    missing = [n for n in names if n not in tensors]
-    if missing:
-        raise ValueError(f"checkpoint EMA weights do not fit the model: missing {missing[:5]}")
-    device = ema.shadow_params[0].device
-    ema.load_state_dict({**state, "shadow_params": [tensors[n].to(device) for n in names]})
+def register_ema_hooks(accelerator, ema) -> None:
+    """EMA weights travel with accelerate's checkpoints, as in diffusers' training examples: a save
+    hook writes them with ``EMAModel.save_pretrained`` into ``<checkpoint>/ema`` (safetensors, with
+    the decay and step count in its config), a load hook reads them back into ``ema``."""
+    from diffusers.training_utils import EMAModel
+
+    def save(models, weights, output_dir):
+        if accelerator.is_main_process:
+            ema.save_pretrained(os.path.join(output_dir, EMA_DIR))
+
+    def load(models, input_dir):
+        folder = os.path.join(input_dir, EMA_DIR)
+        if not os.path.isdir(folder):
+            raise ValueError(f"checkpoint {input_dir!r} holds no EMA weights ({EMA_DIR}/); it was written without "
+                             "--use_ema or by another version of nala-train. Resume it with the version that wrote it, "
+                             "or start again with --overwrite")
+        loaded = EMAModel.from_pretrained(folder, model_cls=ema.model_cls)
+        ema.load_state_dict(loaded.state_dict())
+        ema.to(accelerator.device)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
 
 
 #: below this many free bytes a failed write is reported as a full disk
@@ -99,7 +119,7 @@ def write_error(folder: str, what: str, error: Exception) -> Exception:
                       "space (or choose another output_dir) and resume with --resume_from_checkpoint latest")
 
 
-def save_checkpoint(accelerator, folder: str, step: int, state: Dict[str, Any], ema=None, model=None,
+def save_checkpoint(accelerator, folder: str, step: int, state: Dict[str, Any],
                     total_limit: Optional[int] = None) -> str:
     """Write ``checkpoint-<step>`` atomically on every process's behalf; returns its path."""
     final = os.path.join(folder, f"{PREFIX}{step}")
@@ -108,10 +128,8 @@ def save_checkpoint(accelerator, folder: str, step: int, state: Dict[str, Any], 
         shutil.rmtree(temporary, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(temporary)
+        accelerator.save_state(temporary)  # the EMA too, through register_ema_hooks
         if accelerator.is_main_process:
-            if ema is not None:
-                save_ema(ema, model, temporary)
             with open(os.path.join(temporary, STATE_FILE), "w", encoding="utf-8") as handle:
                 json.dump(state, handle, indent=2, sort_keys=True, default=str)
     except (OSError, RuntimeError) as error:  # torch reports a full disk as "basic_ios::clear: iostream error"

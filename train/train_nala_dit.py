@@ -352,7 +352,6 @@ def train(args) -> int:
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
 
     from nala_diffusion.data.datasets import (
         build_latent_cache,
@@ -363,7 +362,6 @@ def train(args) -> int:
     )
     from nala_diffusion.models.conversion import load_transformer
     from nala_diffusion.models.norm_awareness import calibrate_norm_scale
-    from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel
     from nala_diffusion.pipelines.pipeline_nala_dit import NaLaDiTPipeline
     from nala_diffusion.train import checkpoints
     finished = os.path.exists(os.path.join(args.output_dir, "model_index.json"))
@@ -466,8 +464,7 @@ def train(args) -> int:
         teacher = load_transformer(args.teacher).to(accelerator.device).eval().requires_grad_(False)
         if teacher.config.in_channels != in_channels or teacher.config.num_embeds_ada_norm != len(id2label):
             raise ValueError("the teacher's channels or classes do not match the student's data")
-    ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=NaLaDiTTransformer2DModel,
-                   model_config=model.config) if args.use_ema else None
+    ema = checkpoints.ema_model(model, args.ema_decay) if args.use_ema else None
     # 3. Optimisation
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -478,6 +475,7 @@ def train(args) -> int:
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
+        checkpoints.register_ema_hooks(accelerator, ema)
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
 
     # 4. Resume
@@ -501,9 +499,7 @@ def train(args) -> int:
                 f"with {saved_steps} and its --lr_scheduler {args.lr_scheduler} decays over that count, so the "
                 "learning rate would jump. Resume with the original --max_train_steps, or use a constant schedule "
                 "(constant, constant_with_warmup), whose run may be extended")
-        accelerator.load_state(resume_path)
-        if ema is not None:
-            checkpoints.load_ema(ema, unwrapped, resume_path)
+        accelerator.load_state(resume_path)  # with the EMA, through register_ema_hooks
         global_step, batch_index = saved["global_step"], saved["batch_index"]
         logger.info(f"resumed from {resume_path} at step {global_step}", main_process_only=True)
     elif args.resume_from_checkpoint:
@@ -517,7 +513,7 @@ def train(args) -> int:
 
     def checkpoint():
         state = {**run_state, "global_step": global_step, "batch_index": batch_index}
-        checkpoints.save_checkpoint(accelerator, args.output_dir, global_step, state, ema, unwrapped, args.checkpoints_total_limit)
+        checkpoints.save_checkpoint(accelerator, args.output_dir, global_step, state, args.checkpoints_total_limit)
 
     # 5. Train
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
