@@ -62,6 +62,7 @@ def noised_batch(pipe, data: str, timesteps: Sequence[int], images: int, seed: i
     from diffusers import DDPMScheduler
 
     from nala_diffusion.data.datasets import load_dataset
+    from nala_diffusion.diffusion.noising import noised_copies
 
     dataset = load_dataset(data, pipe.default_sample_size, split=split)  # in pixels (latent side x VAE factor)
     if len(dataset) == 0:
@@ -73,13 +74,8 @@ def noised_batch(pipe, data: str, timesteps: Sequence[int], images: int, seed: i
         x0 = batch if pipe.vae is None else pipe.vae.encode(batch).latent_dist.mean * pipe.vae.config.scaling_factor
     generator = torch.Generator().manual_seed(seed)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the pipeline's own noise schedule
-    noisy, steps = [], []
-    for t in timesteps:
-        noise = torch.randn(x0.shape, generator=generator)
-        step = torch.full((len(x0),), int(t))
-        noisy.append(scheduler.add_noise(x0, noise, step))
-        steps.append(step)
-    return torch.cat(noisy), torch.cat(steps), labels.repeat(len(timesteps))
+    noisy, _, steps = noised_copies(scheduler, x0, timesteps, generator)
+    return noisy, steps, labels.repeat(len(timesteps))
 
 
 def model_layers(model_dir: str, data: str, timesteps: Sequence[int], images: int, seed: int) -> List[tuple]:

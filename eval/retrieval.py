@@ -56,13 +56,12 @@ def heldout_mse(model, scheduler, images: torch.Tensor, labels: torch.Tensor, ti
                 batch_size: int = 64) -> Dict[int, float]:
     """Epsilon-MSE per timestep on the mean channels, noise fixed by ``seed`` (the same for any model
     and for the paired and unpaired sets)."""
+    from nala_diffusion.diffusion.noising import noised_copies
+
     out = {}
     channels = images.shape[1]
     for t in timesteps:
-        generator = torch.Generator().manual_seed(seed + int(t))
-        noise = torch.randn(images.shape, generator=generator)
-        steps = torch.full((len(images),), int(t))
-        noisy = scheduler.add_noise(images, noise, steps)
+        noisy, noise, steps = noised_copies(scheduler, images, [t], torch.Generator().manual_seed(seed + int(t)))
         errors = []
         for start in range(0, len(images), batch_size):
             part = slice(start, start + batch_size)
@@ -123,6 +122,7 @@ def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, 
 
     from nala_diffusion.data import builtin_pairs
     from nala_diffusion.data.datasets import load_dataset
+    from nala_diffusion.diffusion.noising import noised_copies
     from nala_diffusion.eval.attention_entropy import spearman
     from nala_diffusion.models import norm_awareness, swap
     from nala_diffusion.ops import attention_weights
@@ -143,10 +143,9 @@ def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, 
     wrong_partners = [builtin_pairs.partner_tokens(int(o), patch) for o in wrong]
     sums: Dict[str, dict] = {}
     for t in timesteps:
-        noise = torch.randn(x0.shape, generator=generator)
-        steps = torch.full((len(x0),), int(t))
+        noisy, _, steps = noised_copies(scheduler, x0, [t], generator)
         with norm_awareness.capture_queries(model, keys=True) as captured:
-            model(scheduler.add_noise(x0, noise, steps), timestep=steps, class_labels=labels)
+            model(noisy, timestep=steps, class_labels=labels)
         for name, tensors in captured.items():
             processor = processors[name]
             kind = layer_kind(processor)

@@ -28,6 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 # pipeline folders saved before the sub-packages name this module as the transformer's library, and
 # diffusers loads a component only from a module that is already imported
 import nala_diffusion.model  # noqa: F401
+from nala_diffusion.diffusion.noising import noised_copies
 from nala_diffusion.models.loading import check_loaded_weights
 from nala_diffusion.models.sharpness import (
     SHARPNESS_MODES,
@@ -472,13 +473,8 @@ class NaLaDiTPipeline(DiffusionPipeline):
         noising = DDPMScheduler.from_config(self.scheduler.config)
         inputs = []
         for x0 in (clean, large):
-            noisy, steps = [], []
-            for t in SHARPNESS_TIMESTEPS:
-                step = torch.full((len(ids),), t, device=device)
-                noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-                noisy.append(noising.add_noise(x0, noise, step))
-                steps.append(step)
-            inputs.append({"hidden_states": torch.cat(noisy), "timestep": torch.cat(steps),
+            noisy, _, steps = noised_copies(noising, x0, SHARPNESS_TIMESTEPS, generator)
+            inputs.append({"hidden_states": noisy, "timestep": steps,
                            "class_labels": ids.repeat(len(SHARPNESS_TIMESTEPS)), "position_embedding": position_embedding})
         return inputs
 
