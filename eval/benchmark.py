@@ -94,7 +94,9 @@ def synchronize(device):
 
 def median_seconds(fn, device, repeats: int, warmup: int = 1) -> float:
     """Median wall time of ``fn``: CUDA events on a GPU (the kernels run asynchronously), else
-    ``time.perf_counter``."""
+    ``time.perf_counter``. (``torch.utils.benchmark.Timer`` is not used: each ``timeit`` runs two
+    warm-up calls of its own, which would triple the cost of the seconds-long model calls, and it
+    times one callable at a time, where :func:`interleaved_medians` alternates them.)"""
     for _ in range(warmup):
         fn()
     synchronize(device)
