@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import shutil
 import sys
@@ -405,6 +406,47 @@ def norm_tables(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the token count at which each kind's forward time is measured (a 512 x 512 image at patch 4)
+COST_TOKENS = 16384
+
+
+def kind_model(out: str, extra: List[str]):
+    """The study's model (OUT/model_config.json) with one kind's attention flags, as nala-train builds
+    it, randomly initialised: for timing."""
+    from nala_diffusion.train import train_nala_dit
+
+    flags = train_nala_dit.parse_args(["--dataset", "builtin:pairs", "--output_dir", out, "--max_train_steps", "1",
+                                       "--model_config", os.path.join(out, "model_config.json"), *extra])
+    model, _ = train_nala_dit.build_model(flags, 3, 32, 10)
+    return model.eval()
+
+
+def forward_costs(out: str, kinds: Sequence[str], tokens: int = COST_TOKENS, repeats: int = 3) -> Dict[str, float]:
+    """Seconds of one forward pass (batch 1, ``tokens`` tokens) of every kind's model, timed in one
+    interleaved run (medians; :func:`nala_diffusion.eval.benchmark.interleaved_medians`), so their
+    ratios are fair. Cached in OUT/scores/forward_cost.json for this set of kinds."""
+    from nala_diffusion.eval import benchmark
+
+    def measure():
+        with open(os.path.join(out, "model_config.json"), encoding="utf-8") as handle:
+            side = math.isqrt(tokens) * json.load(handle)["patch_size"]
+        x, t, y = torch.randn(1, 3, side, side), torch.tensor([100]), torch.tensor([0])
+        calls = {}
+        for kind in kinds:
+            model = kind_model(out, RETRIEVAL_VARIANTS[kind])
+            calls[kind] = lambda model=model: model(x, timestep=t, class_labels=y)
+        with torch.no_grad():
+            seconds = benchmark.interleaved_medians(calls, torch.device("cpu"), repeats)
+        return {"tokens": tokens, "threads": torch.get_num_threads(), "seconds": seconds}
+
+    path = os.path.join(out, "scores", f"forward_cost_{tokens}.json")
+    cost = cached(path, measure)
+    if set(cost["seconds"]) != set(kinds):  # more kinds since: all again, in one run
+        os.remove(path)
+        cost = cached(path, measure)
+    return cost
+
+
 def retrieval_study(args, argv) -> dict:
     """Train every RETRIEVAL_VARIANTS kind per seed on builtin:pairs_mixed (half the images paired, so
     that the control is not out of distribution), then measure retrieval gain and mass
@@ -423,6 +465,7 @@ def retrieval_study(args, argv) -> dict:
                                                               gain_images=args.retrieval_images, mass_images=8,
                                                               layout=args.pairs_layout))
             results["runs"][kind].append({**info, **measures})
+    results["forward_cost"] = forward_costs(args.out, list(results["runs"]))
     plot_retrieval(results, os.path.join(args.out, "retrieval_gain.png"))
     return results
 
@@ -439,51 +482,71 @@ def gap_closed(results: dict, kind: str) -> List[float]:
     return out
 
 
+def last_layer(run: dict) -> dict:
+    return list(run["mass"].values())[-1]
+
+
 def retrieval_tables(results: dict) -> str:
-    """The retrieval study's tables: gain per timestep, held-out loss, time; mass and rho per layer."""
+    """The retrieval study's tables: quality and cost per kind; gain per timestep; mass, rho and the
+    norm effect per layer."""
     timesteps = [str(t) for t in results["timesteps"]]
+    runs_by_kind = results["runs"]
+    cost = results.get("forward_cost", {})
+    seconds = cost.get("seconds", {})
     lines = [f"Command: `{results['command']}`", "",
-             "| attention | seeds | " + " | ".join(f"gain t={t}" for t in timesteps)
-             + " | mean gain | relative gain (mean) | held-out loss | s/step |",
-             "| --- | --- | " + " | ".join("---" for _ in timesteps) + " | --- | --- | --- | --- |"]
-    for kind, runs in results["runs"].items():
-        gains = [mean_std([r["gain"]["gain"][t] for r in runs]) for t in timesteps]
-        relative = mean_std([sum(r["gain"]["relative_gain"].values()) / len(timesteps) for r in runs])
+             "Quality and cost per kind (mean ± sd over seeds; the gap share per seed in brackets; last layer = the "
+             f"last self-attention; forward = one {cost.get('tokens', COST_TOKENS):,}-token forward pass, batch 1, "
+             f"{cost.get('threads', '?')} threads, all kinds timed in one interleaved run):", "",
+             "| attention | seeds | mean gain | share of the ReLU → softmax gap | last-layer partner mass (baseline) "
+             "| last-layer dH/dlog‖q‖ | held-out loss | s/step | forward (s) | forward / softmax |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for kind, runs in runs_by_kind.items():
+        shares = gap_closed(results, kind)
+        share = "–" if kind in ("softmax", "relu_linear") or not shares else (
+            f"{mean_std(shares)} [{', '.join(f'{v:.3f}' for v in shares)}]")
         loss = mean_std([(sum(r["gain"]["paired"].values()) + sum(r["gain"]["unpaired"].values())) / (2 * len(timesteps))
                          for r in runs])
-        lines.append(f"| {kind} | {len(runs)} | " + " | ".join(gains)
-                     + f" | {mean_std([r['gain']['mean_gain'] for r in runs])} | {relative} | {loss} | "
-                     + f"{mean_std([r['seconds_per_step'] for r in runs])} |")
-    lines += ["", "Share of the ReLU-linear -> softmax gap in mean retrieval gain that each kind closes "
-              "(per seed, then mean ± sd):", ""]
-    for kind in results["runs"]:
-        if kind not in ("softmax", "relu_linear"):
-            lines.append(f"- {kind}: {mean_std(gap_closed(results, kind))}")
-    first = next(iter(results["runs"].values()))[0]
+        last = [last_layer(r) for r in runs]
+        effect = mean_std([m["norm_effect"] for m in last]) if all("norm_effect" in m for m in last) else "–"
+        forward = seconds.get(kind)
+        ratio = f"{forward / seconds['softmax']:.3f}" if forward and seconds.get("softmax") else "–"
+        lines.append(f"| {kind} | {len(runs)} | {mean_std([r['gain']['mean_gain'] for r in runs])} | {share} | "
+                     f"{mean_std([m['mass'] for m in last])} ({mean_std([m['baseline'] for m in last])}) | {effect} | "
+                     f"{loss} | {mean_std([r['seconds_per_step'] for r in runs])} | "
+                     f"{f'{forward:.3f}' if forward else '–'} | {ratio} |")
+    lines += ["", "Retrieval gain per timestep (unpaired − paired ε-MSE) and relative to the control's loss:", "",
+              "| attention | " + " | ".join(f"gain t={t}" for t in timesteps) + " | relative gain (mean) |",
+              "| --- | " + " | ".join("---" for _ in timesteps) + " | --- |"]
+    for kind, runs in runs_by_kind.items():
+        gains = [mean_std([r["gain"]["gain"][t] for r in runs]) for t in timesteps]
+        relative = mean_std([sum(r["gain"]["relative_gain"].values()) / len(timesteps) for r in runs])
+        lines.append(f"| {kind} | " + " | ".join(gains) + f" | {relative} |")
+    first = next(iter(runs_by_kind.values()))[0]
     uniform = next(iter(first["mass"].values()))["uniform"]
     window = retrieval.WINDOWS[results.get("layout", "crops")]
     target = "the partner token" if window == 0 else f"the partner ± {window} column"
     lines += ["", f"Retrieval mass per layer ({target}; baseline: the same at a wrong offset; "
-              f"uniform attention: {uniform:.3f}) and rho(entropy, |q|):", "",
-              "| attention | layer | mass | baseline | rho | mean entropy |", "| --- | --- | --- | --- | --- | --- |"]
-    for kind, runs in results["runs"].items():
+              f"uniform attention: {uniform:.3f}), rho(entropy, |q|), the norm effect dH/dlog|q| and the mean entropy:",
+              "", "| attention | layer | kernel | mass | baseline | rho | dH/dlog‖q‖ | mean entropy |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for kind, runs in runs_by_kind.items():
         for layer in runs[0]["mass"]:
             values = [r["mass"][layer] for r in runs]
-            lines.append(f"| {kind} | {layer.split('.')[1]} | {mean_std([v['mass'] for v in values])} | "
+            effect = mean_std([v["norm_effect"] for v in values]) if all("norm_effect" in v for v in values) else "–"
+            lines.append(f"| {kind} | {layer.split('.')[1]} | {values[0]['kind']} | {mean_std([v['mass'] for v in values])} | "
                          f"{mean_std([v['baseline'] for v in values])} | {mean_std([v['rho'] for v in values])} | "
-                         f"{mean_std([v['entropy'] for v in values])} |")
+                         f"{effect} | {mean_std([v['entropy'] for v in values])} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_retrieval(results: dict, path: str) -> None:
     import matplotlib
 
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     kinds = list(results["runs"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for i, kind in enumerate(kinds):
         gains = [r["gain"]["mean_gain"] for r in results["runs"][kind]]
         axes[0].bar(i, sum(gains) / len(gains), color="C0", alpha=0.6)
@@ -500,6 +563,17 @@ def plot_retrieval(results: dict, path: str) -> None:
     axes[1].set(xlabel="layer", ylabel="attention mass on the partner" + (f" ± {window}" if window else ""),
                 title="retrieval mass (mean over seeds)")
     axes[1].legend(fontsize=8)
+    seconds = results.get("forward_cost", {}).get("seconds", {})
+    for kind in kinds:
+        shares = gap_closed(results, kind)
+        if kind in seconds and shares:
+            axes[2].errorbar(seconds[kind], float(np.mean(shares)), yerr=float(np.std(shares)), fmt="o", capsize=3)
+            axes[2].annotate(kind, (seconds[kind], float(np.mean(shares))), fontsize=7, xytext=(4, 2),
+                             textcoords="offset points")
+    tokens = results.get("forward_cost", {}).get("tokens", COST_TOKENS)
+    axes[2].set_xscale("log")
+    axes[2].set(xlabel=f"forward seconds at {tokens:,} tokens (log)", ylabel="share of the ReLU -> softmax gap",
+                title="quality against cost (bars: sd over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

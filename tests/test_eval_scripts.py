@@ -218,7 +218,11 @@ def test_retrieval_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
         train_args = json.loads((tmp_path / "study" / "runs" / f"retrieval_{kind}_s0" / "args.json").read_text())
         assert train_args["timestep_range"] == [0, 500]  # the calibrated task's training noise levels
     table = (tmp_path / "study" / "results.md").read_text()
-    assert "| nala_calibrated | 1 |" in table and "gap in mean retrieval gain" in table
+    assert "| nala_calibrated | 1 |" in table and "share of the ReLU → softmax gap" in table
+    # every kind's forward time at 16k tokens, measured in one run, beside its quality
+    seconds = results["forward_cost"]["seconds"]
+    assert set(seconds) == set(study.RETRIEVAL_DEFAULT_KINDS) and all(v > 0 for v in seconds.values())
+    assert results["forward_cost"]["tokens"] == study.COST_TOKENS
     assert "(the partner token;" in table and results["layout"] == "tiles"
     # more seeds or fewer kinds extend the study: the finished run is reused, not retrained
     finished = tmp_path / "study" / "runs" / "retrieval_softmax_s0" / "study_run.json"
