@@ -221,7 +221,6 @@ def reference(source: str, args, extractor, device, spatial: bool):
 def metrics(feats, ref, extractor, chosen, spatial=None) -> dict:
     """The ``chosen`` metrics of sample features ``feats`` (and ``spatial`` for sFID) against ``ref``,
     each with the number of images behind it."""
-    from nala_diffusion.metrics import features
     from nala_diffusion.metrics import scores as metrics_lib
     result = {"metrics": list(chosen), "num_samples": len(feats), "num_reference": ref.num_images,
               "reference_kind": ref.kind}
@@ -230,9 +229,9 @@ def metrics(feats, ref, extractor, chosen, spatial=None) -> dict:
             warnings.warn(f"{len(feats)} samples is fewer than the feature dimension {extractor.feature_dim}: "
                           "the covariance is singular and FID is biased upwards", stacklevel=2)
     if "fid" in chosen:
-        result["fid"] = features.frechet_distance(*features.statistics(feats), ref.mu, ref.sigma)
+        result["fid"] = metrics_lib.frechet_distance(*metrics_lib.statistics(feats), ref.mu, ref.sigma)
     if "kid" in chosen:
-        result["kid"] = features.kernel_inception_distance(feats, ref.features)
+        result["kid"] = metrics_lib.kernel_inception_distance(feats, ref.features)
     if "is" in chosen:
         result["is_mean"], result["is_std"] = metrics_lib.inception_score(extractor.logits(feats))
         result["is_num_samples"], result["is_splits"] = len(feats), metrics_lib.IS_SPLITS
@@ -240,7 +239,7 @@ def metrics(feats, ref, extractor, chosen, spatial=None) -> dict:
         result["precision"], result["recall"] = metrics_lib.precision_recall(feats, ref.features)
         result["pr_neighbours"] = metrics_lib.PR_NEIGHBOURS
     if "sfid" in chosen:
-        result["sfid"] = features.frechet_distance(*features.statistics(spatial), ref.mu_s, ref.sigma_s)
+        result["sfid"] = metrics_lib.frechet_distance(*metrics_lib.statistics(spatial), ref.mu_s, ref.sigma_s)
     return result
 
 

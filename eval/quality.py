@@ -119,14 +119,14 @@ def evaluate(args, pipe, settings) -> int:
                                       files=trained_files)
     untrained_feats = features.folder_features(os.path.dirname(untrained_files[0]), extractor, "cpu", verbose=False,
                                         files=untrained_files)
-    real_stats = features.statistics(real_feats)
-    result["fid_trained"] = features.frechet_distance(*features.statistics(trained_feats), *real_stats)
-    result["kid_trained"] = features.kernel_inception_distance(trained_feats, real_feats)
+    real_stats = metrics_lib.statistics(real_feats)
+    result["fid_trained"] = metrics_lib.frechet_distance(*metrics_lib.statistics(trained_feats), *real_stats)
+    result["kid_trained"] = metrics_lib.kernel_inception_distance(trained_feats, real_feats)
     # the ratio compares equal numbers of samples (FID is biased by the sample count)
     result["untrained_samples"] = untrained_count
-    result["fid_trained_same_count"] = features.frechet_distance(*features.statistics(trained_feats[:untrained_count]), *real_stats)
-    result["fid_untrained"] = features.frechet_distance(*features.statistics(untrained_feats), *real_stats)
-    result["kid_untrained"] = features.kernel_inception_distance(untrained_feats, real_feats)
+    result["fid_trained_same_count"] = metrics_lib.frechet_distance(*metrics_lib.statistics(trained_feats[:untrained_count]), *real_stats)
+    result["fid_untrained"] = metrics_lib.frechet_distance(*metrics_lib.statistics(untrained_feats), *real_stats)
+    result["kid_untrained"] = metrics_lib.kernel_inception_distance(untrained_feats, real_feats)
     result["fid_ratio_trained_to_untrained"] = result["fid_trained_same_count"] / result["fid_untrained"]
     # Inception Score (the classifier's logits) and precision/recall (k = 3) against the real images
     for name, feats in (("trained", trained_feats), ("untrained", untrained_feats)):

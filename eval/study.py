@@ -231,8 +231,8 @@ def _score(run: str, folder: str, args, real_feats, real_stats, extractor, class
                      num_inference_steps=args.sample_steps, guidance_scale=args.guidance)
     feats = features.folder_features(os.path.join(folder, SAMPLE_DIR), extractor, "cpu", verbose=False)
     return {"class_accuracy": class_accuracy(classifier, folder, labels, pipe.num_classes)["accuracy"],
-            "fid": features.frechet_distance(*features.statistics(feats), *real_stats),
-            "kid": features.kernel_inception_distance(feats, real_feats),
+            "fid": metrics_lib.frechet_distance(*metrics_lib.statistics(feats), *real_stats),
+            "kid": metrics_lib.kernel_inception_distance(feats, real_feats),
             **metrics_lib.suite(feats, real_feats, extractor.logits),
             "heldout_loss": heldout_loss(pipe, test)}
 
@@ -298,7 +298,7 @@ def _highres(run: str, crop_root: str, args, real_stats, extractor, classifier, 
                 crop_labels.append(batch[i])
         feats = features.folder_features(crops_dir, extractor, "cpu", verbose=False)
         row = {"factor": factor, "mode": mode, "sharpness": setting, "side": factor * side, "seconds_per_image": seconds,
-               "peak_mib_one_image": probe.peak / 2**20, "crop_fid": features.frechet_distance(*features.statistics(feats), *real_stats),
+               "peak_mib_one_image": probe.peak / 2**20, "crop_fid": metrics_lib.frechet_distance(*metrics_lib.statistics(feats), *real_stats),
                "crops": len(crops)}
         if real_feats is not None:  # the rest of the suite on the crops, as the scores beside FID
             suite = metrics_lib.suite(feats, real_feats, extractor.logits)
@@ -622,6 +622,7 @@ def run_study(args, argv) -> int:
     from nala_diffusion import DomainClassifier
     from nala_diffusion.data.datasets import load_dataset
     from nala_diffusion.metrics import features
+    from nala_diffusion.metrics import scores as metrics_lib
     if args.study == "retrieval":
         return write_results(args.out, retrieval_study(args, argv), retrieval_tables)
     classifier_path = args.classifier or demo_classifier_path()
@@ -630,7 +631,7 @@ def run_study(args, argv) -> int:
     extractor = features.classifier_extractor(classifier_path, torch.device("cpu"))
     classifier = DomainClassifier.from_pretrained(classifier_path).eval()
     real_feats = features.folder_features(real, extractor, "cpu", verbose=False)
-    real_stats = features.statistics(real_feats)
+    real_stats = metrics_lib.statistics(real_feats)
     results = {"command": " ".join(["nala-study", *(argv if argv is not None else sys.argv[1:])]),
                "architecture": args.architecture, "scratch": {}, "conversion": {}, "highres": {}, "entropy": {}}
 

@@ -18,6 +18,7 @@ from cleanfid.utils import ResizeDataset
 from tqdm.auto import tqdm
 
 from nala_diffusion.metrics.feature_constants import MODES, TORCHSCRIPT_WEIGHTS  # noqa: F401  (re-exported)
+from nala_diffusion.metrics.scores import statistics
 from nala_diffusion.utils.files import written_atomically
 
 PYTORCH_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -295,23 +296,6 @@ def array_features(images: np.ndarray, extractor: Extractor, device, batch_size:
     batches = tqdm(loader, desc=description) if verbose else loader
     features = np.concatenate([cleanfid_fid.get_batch_features(batch, network, device) for batch in batches])
     return _split(features, extractor, spatial)
-
-
-def statistics(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    return float(cleanfid_fid.frechet_distance(mu1, sigma1, mu2, sigma2))
-
-
-def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, seed: int = 0) -> float:
-    state = np.random.get_state()
-    np.random.seed(seed)  # clean-fid draws its KID subsets from numpy's global generator
-    try:
-        return float(cleanfid_fid.kernel_distance(features1, features2))
-    finally:
-        np.random.set_state(state)
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""The evaluation suite beside FID and KID, as the DiT, LiT and DiG papers report it.
+"""The scores of the evaluation suite, as the DiT, LiT and DiG papers report them: one file for every
+metric computed from features.
+
+- **FID** (Heusel et al. 2017) and **KID** (Binkowski et al. 2018): clean-fid's formulas on the
+  features' statistics (:func:`statistics`) and on the features (KID's subsets drawn with a fixed
+  seed).
 
 - **Inception Score** (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))) over 10 splits, mean and
   standard deviation, from the network's class logits (Inception: its output layer without the bias,
@@ -15,14 +20,15 @@
   Inception's ``mixed_6/conv``, 17 x 17 positions) instead of the pooled ones.
 
 The formulas are torch-fidelity's (``isc_features_to_metric``, ``calculate_precision_recall_part``):
-this module chooses the settings of the standard definition (no shuffling before the IS splits;
-k = 3) and a row-block size.
+this module chooses the settings of the standard definition (torch-fidelity's shuffle before the IS
+splits; k = 3) and a row-block size.
 """
 
 from typing import Tuple
 
 import numpy as np
 import torch
+from cleanfid import fid as cleanfid_fid
 
 from nala_diffusion.metrics.feature_constants import METRICS  # noqa: F401  (re-exported)
 
@@ -34,6 +40,23 @@ PR_BLOCK_ROWS = 1000
 
 #: the order of the samples before the IS splits: torch-fidelity's default
 IS_SHUFFLE_SEED = 2020
+
+
+def statistics(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    return float(cleanfid_fid.frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, seed: int = 0) -> float:
+    state = np.random.get_state()
+    np.random.seed(seed)  # clean-fid draws its KID subsets from numpy's global generator
+    try:
+        return float(cleanfid_fid.kernel_distance(features1, features2))
+    finally:
+        np.random.set_state(state)
 
 
 def inception_score(logits: np.ndarray, splits: int = IS_SPLITS) -> Tuple[float, float]:
