@@ -78,7 +78,7 @@ NORM_TIMESTEPS = (250, 500, 750)
 RETRIEVAL_ARCHITECTURE = {**ARCHITECTURE, "patch_size": 4}
 TRAINING = {"steps": 500, "batch_size": 32, "learning_rate": 5e-4}
 # the calibrated budget and task (docs/results.md, "Calibration"): timesteps where a token can be recognised
-RETRIEVAL_TRAINING = {"steps": 8000, "batch_size": 32, "learning_rate": 1e-3, "timestep_range": [0, 500],
+RETRIEVAL_TRAINING = {"steps": 10000, "batch_size": 32, "learning_rate": 1e-3, "timestep_range": [0, 500],
                       "retrieval_timesteps": list(retrieval.TIMESTEPS)}
 NALA = ["--attention", "nala", "--norm_scale_mode", "calibrated"]  # relu_split inhibit, power scale 3
 RETRIEVAL_VARIANTS: Dict[str, List[str]] = {
@@ -113,9 +113,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "retrieval-denoising task builtin:pairs (patch 4, 64 tokens, unless --model_config), retrieval gain and mass of "
                         "softmax, ReLU and 1+ELU linear, NaLa sigma = 1 and NaLa calibrated")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps of every scratch run (default: 500; --study retrieval: 4000)")
+                   help="training steps of every scratch run (default: 500; --study retrieval: 10000)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help='training seeds per variant')
-    p.add_argument("--batch_size", type=int, default=None, help="training batch size (default: 32; --study retrieval: 16)")
+    p.add_argument("--batch_size", type=int, default=None, help="training batch size (default: 32, also for --study retrieval)")
     p.add_argument("--learning_rate", type=float, default=None,
                    help="training learning rate (default: 5e-4; --study retrieval: 1e-3)")
     p.add_argument("--conversion_fraction", type=float, default=0.2, help='share of the budget the converted variants train after conversion')
