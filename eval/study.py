@@ -413,11 +413,13 @@ COST_TOKENS = 16384
 def kind_model(out: str, extra: List[str]):
     """The study's model (OUT/model_config.json) with one kind's attention flags, as nala-train builds
     it, randomly initialised: for timing."""
+    from nala_diffusion.data.builtin_pairs import SIZE
+    from nala_diffusion.data.builtin_photos import PHOTOS
     from nala_diffusion.train import train_nala_dit
 
     flags = train_nala_dit.parse_args(["--dataset", "builtin:pairs", "--output_dir", out, "--max_train_steps", "1",
                                        "--model_config", os.path.join(out, "model_config.json"), *extra])
-    model, _ = train_nala_dit.build_model(flags, 3, 32, 10)
+    model, _ = train_nala_dit.build_model(flags, 3, SIZE, len(PHOTOS))  # RGB builtin:pairs images, one class a photo
     return model.eval()
 
 
