@@ -42,7 +42,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="nala-quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="pipeline folder (default: the shipped demo pipeline)")
     p.add_argument("--classifier", default=None, help="DomainClassifier folder (default: the shipped photos classifier)")
-    p.add_argument("--dataset", default="builtin:photos", help='dataset whose test split is the real reference')
+    p.add_argument("--dataset", default="builtin:photos",
+                   help="the real reference: a built-in dataset's test split, or a folder of held-out images "
+                        "(one subfolder per class), used whole")
     p.add_argument("--num_samples", type=positive_int, default=1000, help='samples of the trained model (class-balanced)')
     p.add_argument("--steps", type=positive_int, default=None, help="default: the pipeline's sampling_defaults, else 50")
     p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's sampling_defaults, else 4.0")

@@ -67,6 +67,24 @@ def test_reference_exports_are_atomic_and_recorded(tmp_path):
         export_reference("builtin:pairs", 32, str(real))
 
 
+
+def test_a_folder_exports_whole_as_a_reference_at_the_model_size(tmp_path):
+    from nala_diffusion.metrics.features import image_files
+    from nala_diffusion.metrics.samples import export_reference
+
+    for name, value in (("cats", 40), ("dogs", 200)):
+        (tmp_path / "held_out" / name).mkdir(parents=True)
+        for i in range(2):  # not square, larger than the model: resized on the shorter side and centre-cropped
+            PIL.Image.fromarray(np.full((24, 20, 3), value, np.uint8)).save(tmp_path / "held_out" / name / f"{i}.jpg")
+    real = export_reference(str(tmp_path / "held_out"), 8, str(tmp_path / "real"))
+    files = sorted(image_files(real))
+    assert [p.split("/")[-2] for p in files] == ["cats", "cats", "dogs", "dogs"]
+    for path, value in zip(files, (40, 40, 200, 200)):
+        pixels = np.asarray(PIL.Image.open(path))
+        assert pixels.shape == (8, 8, 3) and abs(int(pixels.mean()) - value) <= 2
+    assert export_reference(str(tmp_path / "held_out"), 8, real) == real  # recorded: reused
+
+
 RACE = """
 import os, sys, time
 from nala_diffusion.utils.locks import output_lock

@@ -118,9 +118,9 @@ class BuiltinPairs(Dataset):
         return self.images[index], int(self.labels[index])
 
     def export(self, folder: str) -> int:
-        from nala_diffusion.data.builtin_photos import BuiltinPhotos
+        from nala_diffusion.data.datasets import export_images
 
-        return BuiltinPhotos.export(self, folder)
+        return export_images(self, folder)
 
 
 def partner_tokens(offset_pixels: int, patch: int, grid: int = SIZE) -> torch.Tensor:

@@ -94,9 +94,6 @@ class BuiltinPhotos(Dataset):
 
     def export(self, folder: str) -> int:
         """Write the images as PNGs (``folder/<class>/<index>.png``), e.g. as an FID reference."""
-        for index, (image, label) in enumerate(zip(self.images, self.labels)):
-            target = os.path.join(folder, self.classes[int(label)])
-            os.makedirs(target, exist_ok=True)
-            pixels = ((image + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-            PIL.Image.fromarray(pixels).save(os.path.join(target, f"{index:05d}.png"))
-        return len(self)
+        from nala_diffusion.data.datasets import export_images
+
+        return export_images(self, folder)

@@ -84,6 +84,10 @@ class ImageFolderDataset(datasets.ImageFolder):
         if self.skipped:
             logger.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(self.skipped), root, self.skipped[:3])
 
+    def export(self, folder: str) -> int:
+        """Write the images, resized and cropped to the resolution, as PNGs (see :func:`export_images`)."""
+        return export_images(self, folder)
+
     def find_classes(self, directory: str):
         """ImageFolder's classes without hidden folders (``.ipynb_checkpoints``, ``.git``, ...), which
         would otherwise become classes and shift every label after them."""
@@ -118,8 +122,21 @@ def load_rgb(path: str) -> PIL.Image.Image:
         return image.convert("RGB")
 
 
+def export_images(dataset: Dataset, folder: str) -> int:
+    """Write every image of ``dataset`` (``(image in [-1, 1], label)`` items, ``classes``) as a PNG,
+    ``folder/<class>/<index>.png``, e.g. as an FID reference; returns how many."""
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        target = os.path.join(folder, str(dataset.classes[int(label)]))
+        os.makedirs(target, exist_ok=True)
+        pixels = ((image + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        PIL.Image.fromarray(pixels).save(os.path.join(target, f"{index:05d}.png"))
+    return len(dataset)
+
+
 def load_dataset(spec: str, resolution: int, split: str = "train") -> Dataset:
-    """A dataset from a folder path or ``builtin:<name>``; it has ``classes`` (index -> name)."""
+    """A dataset from a folder path or ``builtin:<name>``; it has ``classes`` (index -> name) and
+    ``export(folder)``. ``split`` selects a built-in dataset's split; a folder is used whole."""
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if name not in BUILTIN_DATASETS:
