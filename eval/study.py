@@ -126,6 +126,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--kinds", nargs="+", default=None, choices=list(RETRIEVAL_VARIANTS), metavar="KIND",
                    help="--study retrieval: train and score only these kinds, in this order (default: "
                         + ", ".join(RETRIEVAL_DEFAULT_KINDS) + "; also nala_sigma1)")
+    p.add_argument("--tiebreak_seed", action=argparse.BooleanOptionalAction, default=True,
+                   help="--study retrieval: where a kind's seeds disagree on its order against relu_linear, train it "
+                        "and both anchors (softmax, relu_linear) on one more seed (max(--seeds) + 1)")
     p.add_argument("--timestep_range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="training timesteps LOW <= t < HIGH (default: all; --study retrieval: 0 500, the half in "
                         "which a partner token can be recognised)")
@@ -457,31 +460,53 @@ def retrieval_study(args, argv) -> dict:
                "architecture": args.architecture, "layout": args.pairs_layout,
                "timesteps": list(args.retrieval_timesteps), "timestep_range": args.timestep_range, "runs": {}}
     dataset = f"{retrieval.DATASETS[args.pairs_layout]}_mixed"
+
+    def run(kind: str, seed: int) -> dict:
+        info = train(args.out, f"retrieval_{kind}_s{seed}", RETRIEVAL_VARIANTS[kind], args.steps, seed, args, dataset=dataset)
+        path = os.path.join(args.out, "scores", f"retrieval_{kind}_s{seed}.json")
+        return {**info, **cached(path, lambda: retrieval.measure(info["folder"], args.retrieval_timesteps,
+                                                                 gain_images=args.retrieval_images, mass_images=8,
+                                                                 layout=args.pairs_layout))}
+
     for kind in args.kinds or RETRIEVAL_DEFAULT_KINDS:
-        extra = RETRIEVAL_VARIANTS[kind]
-        results["runs"][kind] = []
-        for seed in args.seeds:
-            info = train(args.out, f"retrieval_{kind}_s{seed}", extra, args.steps, seed, args, dataset=dataset)
-            path = os.path.join(args.out, "scores", f"retrieval_{kind}_s{seed}.json")
-            measures = cached(path, lambda: retrieval.measure(info["folder"], args.retrieval_timesteps,
-                                                              gain_images=args.retrieval_images, mass_images=8,
-                                                              layout=args.pairs_layout))
-            results["runs"][kind].append({**info, **measures})
+        results["runs"][kind] = [run(kind, seed) for seed in args.seeds]
+    if args.tiebreak_seed:
+        # a kind above ReLU linear on one seed and not on another gets one more seed, with the anchors
+        # trained on it too so that its gap share has its own denominator
+        extra = max(args.seeds) + 1
+        for kind in [k for k in results["runs"] if order_disagrees(results, k)]:
+            print(f"nala-study: {kind}'s seeds disagree on its order against relu_linear; training seed {extra}",
+                  file=sys.stderr)
+            for name in (*ANCHORS, kind):
+                if all(r["seed"] != extra for r in results["runs"][name]):
+                    results["runs"][name].append(run(name, extra))
     results["forward_cost"] = forward_costs(args.out, list(results["runs"]))
     plot_retrieval(results, os.path.join(args.out, "retrieval_gain.png"))
     return results
 
 
+ANCHORS = ("softmax", "relu_linear")  # the two ends of the gap
+
+
 def gap_closed(results: dict, kind: str) -> List[float]:
-    """Per seed: (gain(kind) - gain(ReLU linear)) / (gain(softmax) - gain(ReLU linear)), mean over timesteps."""
+    """Per seed of ``kind`` that both anchors were trained on: (gain(kind) - gain(ReLU linear)) /
+    (gain(softmax) - gain(ReLU linear)), mean gains over timesteps, each anchor on the same seed."""
     runs = results["runs"]
-    if not {"softmax", "relu_linear"} <= set(runs):
+    if not set(ANCHORS) <= set(runs):
         return []
+    soft, relu = ({r["seed"]: r["gain"]["mean_gain"] for r in runs[anchor]} for anchor in ANCHORS)
     out = []
-    for nala, relu, soft in zip(runs[kind], runs["relu_linear"], runs["softmax"]):
-        gap = soft["gain"]["mean_gain"] - relu["gain"]["mean_gain"]
-        out.append((nala["gain"]["mean_gain"] - relu["gain"]["mean_gain"]) / gap if gap else float("nan"))
+    for run in runs[kind]:
+        seed = run["seed"]
+        if seed in soft and seed in relu:
+            gap = soft[seed] - relu[seed]
+            out.append((run["gain"]["mean_gain"] - relu[seed]) / gap if gap else float("nan"))
     return out
+
+
+def order_disagrees(results: dict, kind: str) -> bool:
+    """Whether ``kind`` (not an anchor) retrieves better than ReLU linear on some seeds and not on others."""
+    return kind not in ANCHORS and len({share > 0 for share in gap_closed(results, kind)}) > 1
 
 
 def last_layer(run: dict) -> dict:
@@ -504,7 +529,7 @@ def retrieval_tables(results: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for kind, runs in runs_by_kind.items():
         shares = gap_closed(results, kind)
-        share = "–" if kind in ("softmax", "relu_linear") or not shares else (
+        share = "–" if kind in ANCHORS or not shares else (
             f"{mean_std(shares)} [{', '.join(f'{v:.3f}' for v in shares)}]")
         loss = mean_std([(sum(r["gain"]["paired"].values()) + sum(r["gain"]["unpaired"].values())) / (2 * len(timesteps))
                          for r in runs])
@@ -601,7 +626,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.architecture = json.load(handle)
     # which kinds (and, in the retrieval study, which seeds) run is not part of the fingerprint: every
     # run has its own folder named by kind and seed, so a study can be extended by more of them
-    selection = ("kinds", "seeds") if args.study == "retrieval" else ("kinds",)
+    selection = ("kinds", "seeds", "tiebreak_seed") if args.study == "retrieval" else ("kinds",)
     fingerprint = {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite", *selection)},
                    "code_version": code_version()}
     try:

@@ -1,0 +1,59 @@
+"""The retrieval study's bookkeeping: gap shares pair each run with the anchors of its own seed, and a
+kind whose seeds disagree on its order against ReLU linear gets a third seed (anchors included)."""
+
+import pytest
+
+from nala_diffusion.eval import study
+
+# mean retrieval gain per (kind, seed) of a fake study: nala_b is above ReLU linear on seed 0 only
+GAINS = {("softmax", 0): 0.013, ("softmax", 1): 0.012, ("softmax", 2): 0.014,
+         ("relu_linear", 0): 0.001, ("relu_linear", 1): 0.002, ("relu_linear", 2): 0.002,
+         ("nala_a", 0): 0.007, ("nala_a", 1): 0.007, ("nala_a", 2): 0.0,
+         ("nala_b", 0): 0.0015, ("nala_b", 1): 0.0015, ("nala_b", 2): 0.004}
+
+
+def fake_run(kind, seed):
+    return {"seed": seed, "gain": {"mean_gain": GAINS[kind, seed]}}
+
+
+def test_gap_share_uses_the_anchors_of_the_same_seed():
+    results = {"runs": {"softmax": [fake_run("softmax", 1), fake_run("softmax", 0)],
+                        "relu_linear": [fake_run("relu_linear", 0), fake_run("relu_linear", 1)],
+                        "nala_a": [fake_run("nala_a", 0), fake_run("nala_a", 1), fake_run("nala_a", 2)]}}
+    # seed 2 has no anchors: no share; the anchors' lists in another order change nothing
+    assert study.gap_closed(results, "nala_a") == pytest.approx([0.5, 0.5])
+    assert not study.order_disagrees(results, "nala_a")
+    results["runs"]["nala_b"] = [fake_run("nala_b", 0), fake_run("nala_b", 1)]
+    assert study.gap_closed(results, "nala_b") == pytest.approx([0.5 / 12, -0.05])
+    assert study.order_disagrees(results, "nala_b") and not study.order_disagrees(results, "relu_linear")
+    del results["runs"]["softmax"]
+    assert study.gap_closed(results, "nala_b") == [] and not study.order_disagrees(results, "nala_b")
+
+
+def test_a_kind_whose_seeds_disagree_gets_a_third_seed_with_the_anchors(tmp_path, monkeypatch):
+    trained = []
+
+    def train(out, name, extra, steps, seed, args, dataset):
+        kind = name[len("retrieval_"):name.rindex("_s")]
+        trained.append((kind, seed))
+        return {"folder": str(tmp_path / name), "seed": seed, "seconds_per_step": 0.1, "kind": kind}
+
+    measured = {}
+    monkeypatch.setattr(study, "train", train)
+    monkeypatch.setattr(study, "cached", lambda path, compute: measured.setdefault(path, compute()))
+    monkeypatch.setattr(study.retrieval, "measure", lambda folder, *a, **k: {
+        "gain": {"mean_gain": GAINS[trained[-1]]}})
+    monkeypatch.setattr(study, "forward_costs", lambda out, kinds: {})
+    monkeypatch.setattr(study, "plot_retrieval", lambda results, path: None)
+    monkeypatch.setitem(study.RETRIEVAL_VARIANTS, "nala_a", [])
+    monkeypatch.setitem(study.RETRIEVAL_VARIANTS, "nala_b", [])
+    args = study.parse_args(["--study", "retrieval", "--out", str(tmp_path), "--seeds", "0", "1"])
+    args.kinds, args.architecture = ["softmax", "relu_linear", "nala_a", "nala_b"], dict(study.RETRIEVAL_ARCHITECTURE)
+    results = study.retrieval_study(args, [])
+    assert trained[8:] == [("softmax", 2), ("relu_linear", 2), ("nala_b", 2)]  # nala_a agreed: no seed 2
+    assert [r["seed"] for r in results["runs"]["nala_b"]] == [0, 1, 2]
+    assert study.gap_closed(results, "nala_b") == pytest.approx([0.5 / 12, -0.05, 2 / 12])
+    args.tiebreak_seed = False
+    trained.clear()
+    assert [r["seed"] for r in study.retrieval_study(args, [])["runs"]["nala_b"]] == [0, 1]
+    assert ("nala_b", 2) not in trained
