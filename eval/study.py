@@ -90,6 +90,8 @@ RETRIEVAL_VARIANTS: Dict[str, List[str]] = {
     "nala_rope": [*NALA, "--use_rope"],
     "nala_gate": [*NALA, "--use_gate"],
     "nala_learnable_power": [*NALA, "--learnable_power"],
+    # the larger power scale on the relu_split kernel: cosine inhibit retrieved no better (docs/results.md)
+    "nala_power6": [*NALA, "--power_scale", "6"],
     "hybrid_nala": [*NALA, "--softmax_layers", "-1"],
     # the control that separates the hybrid layout's effect from NaLa's
     "hybrid_relu_linear": ["--attention", "relu_linear", "--softmax_layers", "-1"],
