@@ -596,13 +596,14 @@ def plot_retrieval(results: dict, path: str) -> None:
     for kind in kinds:
         shares = gap_closed(results, kind)
         if kind in seconds and shares:
-            axes[2].errorbar(seconds[kind], float(np.mean(shares)), yerr=float(np.std(shares)), fmt="o", capsize=3)
-            axes[2].annotate(kind, (seconds[kind], float(np.mean(shares))), fontsize=7, xytext=(4, 2),
-                             textcoords="offset points")
+            axes[2].errorbar(seconds[kind], float(np.mean(shares)), yerr=float(np.std(shares)), fmt="o", capsize=3,
+                             label=kind)  # a legend, not labels: kinds of one cost overlap
     tokens = results.get("forward_cost", {}).get("tokens", COST_TOKENS)
     axes[2].set_xscale("log")
     axes[2].set(xlabel=f"forward seconds at {tokens:,} tokens (log)", ylabel="share of the ReLU -> softmax gap",
                 title="quality against cost (bars: sd over seeds)")
+    if axes[2].get_legend_handles_labels()[1]:
+        axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
