@@ -97,6 +97,7 @@ RETRIEVAL_VARIANTS: Dict[str, List[str]] = {
     "hybrid_relu_linear": ["--attention", "relu_linear", "--softmax_layers", "-1"],
     "nala_sigma1": ["--attention", "nala", "--norm_scale_mode", "fixed", "--norm_scale", "1"],
 }
+ANCHORS = ("softmax", "relu_linear")  # the two ends of the gap every other kind is placed in
 # what --study retrieval trains without --kinds (nala_sigma1 belongs to the first version of the study)
 RETRIEVAL_DEFAULT_KINDS = [kind for kind in RETRIEVAL_VARIANTS if kind != "nala_sigma1"]
 ENTROPY_KIND = {"softmax": "softmax", "relu_linear": "relu_linear", "elu_linear": "elu_linear",
@@ -485,9 +486,6 @@ def retrieval_study(args, argv) -> dict:
     results["forward_cost"] = forward_costs(args.out, list(results["runs"]))
     plot_retrieval(results, os.path.join(args.out, "retrieval_gain.png"))
     return results
-
-
-ANCHORS = ("softmax", "relu_linear")  # the two ends of the gap
 
 
 def gap_closed(results: dict, kind: str) -> List[float]:
