@@ -447,3 +447,32 @@ def test_sharded_training_is_refused_ddp_is_not():
             check_distributed(Fake(kind))
     for kind in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.NO):
         check_distributed(Fake(kind))
+
+
+class _RunsCodeWhenUnpickled:
+    """An object whose unpickling writes a file: what a malicious optimizer.bin could carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+def test_checkpoint_states_are_read_without_running_pickled_code(tmp_path):
+    """Checkpoints hold accelerate's torch.save files; loading them must refuse arbitrary objects."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 2)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    accelerator.save_state(str(tmp_path / "checkpoint"))
+    draw = torch.rand(3)
+    accelerator.load_state(str(tmp_path / "checkpoint"))
+    assert torch.equal(torch.rand(3), draw), "the RNG state was not restored on resume"
+
+    marker = tmp_path / "marker.txt"
+    torch.save({"state": _RunsCodeWhenUnpickled(str(marker))}, tmp_path / "checkpoint" / "optimizer.bin")
+    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+        accelerator.load_state(str(tmp_path / "checkpoint"))
+    assert not marker.exists()

@@ -4,8 +4,9 @@ A checkpoint folder ``checkpoint-<step>`` holds accelerate's ``save_state`` outp
 safetensors, optimizer, LR schedule, RNG states), the EMA weights as safetensors and
 ``training_state.json`` (step, model config, data settings). It only ever appears complete: it is
 written as ``.tmp-checkpoint-<step>`` and renamed, so a run killed mid-save leaves the previous
-checkpoint as the latest one. The optimizer and RNG files are accelerate's own (pickled) format:
-resume only from checkpoints you wrote.
+checkpoint as the latest one. The optimizer and RNG files are accelerate's own ``torch.save``
+format; accelerate reads them with ``torch.load(weights_only=True)`` (it does in 1.16), which
+refuses arbitrary objects. Still, resume only from checkpoints you trust.
 """
 
 import copy
