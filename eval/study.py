@@ -132,6 +132,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tiebreak_seed", action=argparse.BooleanOptionalAction, default=True,
                    help="--study retrieval: where a kind's seeds disagree on its order against relu_linear, train it "
                         "and both anchors (softmax, relu_linear) on one more seed (max(--seeds) + 1)")
+    p.add_argument("--report_only", action="store_true",
+                   help="--study retrieval: train nothing; build the tables and plot from the runs already finished in "
+                        "OUT and name the ones still to train")
     p.add_argument("--timestep_range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="training timesteps LOW <= t < HIGH (default: all; --study retrieval: 0 500, the half in "
                         "which a partner token can be recognised)")
@@ -463,26 +466,38 @@ def retrieval_study(args, argv) -> dict:
                "architecture": args.architecture, "layout": args.pairs_layout,
                "timesteps": list(args.retrieval_timesteps), "timestep_range": args.timestep_range, "runs": {}}
     dataset = f"{retrieval.DATASETS[args.pairs_layout]}_mixed"
+    missing = []
 
-    def run(kind: str, seed: int) -> dict:
-        info = train(args.out, f"retrieval_{kind}_s{seed}", RETRIEVAL_VARIANTS[kind], args.steps, seed, args, dataset=dataset)
+    def run(kind: str, seed: int) -> Optional[dict]:
+        name = f"retrieval_{kind}_s{seed}"
+        if args.report_only and not os.path.exists(os.path.join(args.out, "runs", name, "study_run.json")):
+            if name not in missing:
+                missing.append(name)
+            return None
+        info = train(args.out, name, RETRIEVAL_VARIANTS[kind], args.steps, seed, args, dataset=dataset)
         path = os.path.join(args.out, "scores", f"retrieval_{kind}_s{seed}.json")
         return {**info, **cached(path, lambda: retrieval.measure(info["folder"], args.retrieval_timesteps,
                                                                  gain_images=args.retrieval_images, mass_images=8,
                                                                  layout=args.pairs_layout))}
 
     for kind in args.kinds or RETRIEVAL_DEFAULT_KINDS:
-        results["runs"][kind] = [run(kind, seed) for seed in args.seeds]
+        finished = [r for r in (run(kind, seed) for seed in args.seeds) if r is not None]
+        if finished:
+            results["runs"][kind] = finished
     if args.tiebreak_seed:
         # a kind above ReLU linear on one seed and not on another gets one more seed, with the anchors
         # trained on it too so that its gap share has its own denominator
         extra = max(args.seeds) + 1
         for kind in [k for k in results["runs"] if order_disagrees(results, k)]:
-            print(f"nala-study: {kind}'s seeds disagree on its order against relu_linear; training seed {extra}",
+            print(f"nala-study: {kind}'s seeds disagree on its order against relu_linear; "
+                  f"{'it needs' if args.report_only else 'training'} seed {extra}",
                   file=sys.stderr)
             for name in (*ANCHORS, kind):
-                if all(r["seed"] != extra for r in results["runs"][name]):
-                    results["runs"][name].append(run(name, extra))
+                if all(r["seed"] != extra for r in results["runs"][name]) and (finished := run(name, extra)):
+                    results["runs"][name].append(finished)
+    results["missing"] = missing
+    if not results["runs"]:
+        raise ValueError(f"no finished retrieval runs in {args.out}: run without --report_only to train them")
     results["forward_cost"] = forward_costs(args.out, list(results["runs"]))
     plot_retrieval(results, os.path.join(args.out, "retrieval_gain.png"))
     return results
@@ -527,6 +542,8 @@ def retrieval_tables(results: dict) -> str:
              "| attention | seeds | mean gain | share of the ReLU → softmax gap | last-layer partner mass (baseline) "
              "| last-layer dH/dlog‖q‖ | held-out loss | s/step | forward (s) | forward / softmax |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    if results.get("missing"):
+        lines[1:1] = ["", "Not yet trained (tables from the finished runs only): " + ", ".join(results["missing"])]
     for kind, runs in runs_by_kind.items():
         shares = gap_closed(results, kind)
         share = "–" if kind in ANCHORS or not shares else (
@@ -627,7 +644,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.architecture = json.load(handle)
     # which kinds (and, in the retrieval study, which seeds) run is not part of the fingerprint: every
     # run has its own folder named by kind and seed, so a study can be extended by more of them
-    selection = ("kinds", "seeds", "tiebreak_seed") if args.study == "retrieval" else ("kinds",)
+    selection = ("kinds", "seeds", "tiebreak_seed", "report_only") if args.study == "retrieval" else ("kinds",)
     fingerprint = {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite", *selection)},
                    "code_version": code_version()}
     try:

@@ -57,3 +57,35 @@ def test_a_kind_whose_seeds_disagree_gets_a_third_seed_with_the_anchors(tmp_path
     trained.clear()
     assert [r["seed"] for r in study.retrieval_study(args, [])["runs"]["nala_b"]] == [0, 1]
     assert ("nala_b", 2) not in trained
+
+
+def test_report_only_trains_nothing_and_names_the_runs_still_to_train(tmp_path, monkeypatch):
+    asked = []
+
+    def train(out, name, extra, steps, seed, args, dataset):  # reads study_run.json back for a finished run
+        asked.append(name)
+        return {"folder": str(tmp_path / "runs" / name), "seed": seed, "seconds_per_step": 0.1}
+
+    monkeypatch.setattr(study, "train", train)
+    monkeypatch.setattr(study, "cached", lambda path, compute: compute())
+    monkeypatch.setattr(study.retrieval, "measure", lambda folder, *a, **k: {
+        "gain": {"mean_gain": GAINS[folder.split("retrieval_")[1].rsplit("_s", 1)[0], int(folder[-1])]}})
+    monkeypatch.setattr(study, "forward_costs", lambda out, kinds: {})
+    monkeypatch.setattr(study, "plot_retrieval", lambda results, path: None)
+    monkeypatch.setitem(study.RETRIEVAL_VARIANTS, "nala_b", [])
+    args = study.parse_args(["--study", "retrieval", "--out", str(tmp_path), "--seeds", "0", "1", "--report_only"])
+    args.kinds, args.architecture = ["softmax", "relu_linear", "nala_b"], dict(study.RETRIEVAL_ARCHITECTURE)
+    with pytest.raises(ValueError, match="no finished retrieval runs"):
+        study.retrieval_study(args, [])
+    assert asked == []
+    # finished: both anchors on seeds 0-2 and nala_b on seeds 0 and 1, whose order disagrees (seed 2 is not there)
+    finished = [*(f"retrieval_{k}_s{s}" for k in study.ANCHORS for s in (0, 1, 2)), "retrieval_nala_b_s0",
+                "retrieval_nala_b_s1"]
+    for name in finished:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "study_run.json").write_text("{}")
+    results = study.retrieval_study(args, [])
+    assert sorted(asked) == sorted(finished)  # only finished runs were asked for
+    assert results["missing"] == ["retrieval_nala_b_s2"]
+    assert [r["seed"] for r in results["runs"]["softmax"]] == [0, 1, 2]  # the anchors' seed 2 joins the table
+    assert [r["seed"] for r in results["runs"]["nala_b"]] == [0, 1]
