@@ -117,7 +117,12 @@ def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, 
                    layout: str = "tiles") -> Dict[str, dict]:
     """Per self-attention layer: the mean retrieval mass (partner ± WINDOWS[layout] columns), its
     baseline (the window at another image's offset), rho(entropy, |q|) and the mean entropy, on
-    noised paired test images."""
+    noised paired test images.
+
+    The masses come from the weights the layer applies to its values, RoPE included
+    (:func:`~nala_diffusion.models.norm_awareness.applied_attention_weights`); entropy, rho and the
+    norm effect from the kernel's distribution over the keys before any rotation (with RoPE on a
+    linear kernel the applied weights are not a distribution: the rotation acts in the numerator only)."""
     from diffusers import DDPMScheduler
 
     from nala_diffusion.data import builtin_pairs
@@ -156,8 +161,12 @@ def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, 
                 options = {k: v.detach() if torch.is_tensor(v) else v for k, v in options.items()}
             q, k = tensors["query"], tensors["key"]
             weights = attention_weights.attention_weights(kind, q, k, options)  # (B, H, N, N)
-            masses = [window_mass(weights[b], partners[b], side, window) for b in range(len(x0))]
-            baselines = [window_mass(weights[b], wrong_partners[b], side, window) for b in range(len(x0))]
+            # the mass is read from the weights the layer applies: with RoPE (captured q and k are
+            # unrotated) those are the kernel's own on identity values
+            applied = (norm_awareness.applied_attention_weights(processor, q, k, (side, side))
+                       if getattr(processor, "use_rope", False) else weights)
+            masses = [window_mass(applied[b], partners[b], side, window) for b in range(len(x0))]
+            baselines = [window_mass(applied[b], wrong_partners[b], side, window) for b in range(len(x0))]
             entropy = attention_weights.entropy(weights)
             norms = q.double().norm(dim=-1)
             entry = sums.setdefault(name, {"kind": kind, "mass": [], "baseline": [], "rho": [], "entropy": [],

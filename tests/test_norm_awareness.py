@@ -203,3 +203,30 @@ def test_norm_effect_is_zero_for_a_saturated_layer_and_negative_once_calibrated(
     saturated = E.norm_effect("nala", q, k, {"norm_scale": 1.0})
     calibrated = E.norm_effect("nala", q, k, {"norm_scale": 8.0})
     assert abs(saturated) < 1e-3 < -calibrated
+
+
+@pytest.mark.parametrize("kind", ["nala", "softmax", "relu_linear"])
+def test_applied_weights_are_the_kernels_own_with_and_without_rope(kind):
+    from nala_diffusion.models.norm_awareness import applied_attention_weights
+    from nala_diffusion.models.processors import ATTENTION_PROCESSORS as PROCESSORS
+    from nala_diffusion.ops import apply_rope
+    from nala_diffusion.ops.attention_weights import attention_weights
+    from nala_diffusion.ops.rope import rope_2d_tables
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 16, 8) * 2 for _ in range(3))
+    plain = PROCESSORS[kind](num_heads=2)
+    weights = applied_attention_weights(plain, q, k)
+    options = plain.kernel_options() if kind == "nala" else None
+    assert torch.allclose(weights, attention_weights(kind, q, k, options), atol=1e-5)
+
+    rotated = PROCESSORS[kind](num_heads=2, use_rope=True)
+    with pytest.raises(ValueError, match="token grid"):
+        applied_attention_weights(rotated, q, k)
+    weights = applied_attention_weights(rotated, q, k, (4, 4))
+    rope = rope_2d_tables((4, 4), 8)
+    # the weights the kernel applies: the layer's output is these weights times the values
+    assert torch.allclose(weights.float() @ v, rotated.attend(q, k, v, rope=rope), atol=1e-4)
+    assert not torch.allclose(weights, attention_weights(kind, q, k, options), atol=1e-2)  # RoPE changes them
+    if kind == "softmax":
+        assert torch.allclose(weights, attention_weights(kind, apply_rope(q, rope), apply_rope(k, rope)), atol=1e-5)

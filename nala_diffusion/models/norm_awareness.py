@@ -69,6 +69,28 @@ def capture_queries(model: nn.Module, keys: bool = False) -> Iterator[Dict[str, 
             handle.remove()
 
 
+def applied_attention_weights(processor, query: torch.Tensor, key: torch.Tensor, grid=None) -> torch.Tensor:
+    """The (B, H, N, M) weights a layer's kernel applies to its values, RoPE included: the processor's
+    own ``attend`` on identity values (every kernel's output is linear in the values), in float64.
+
+    For layers with ``use_rope`` (``grid`` = (rows, cols) of the tokens) these differ from
+    :func:`~nala_diffusion.ops.attention_weights.attention_weights` of the captured queries and keys,
+    which are taken before the rotation. For linear kernels RoPE turns the numerator's features only,
+    so these rows need not sum to 1 and may hold negative weights."""
+    from nala_diffusion.ops.common import compute_dtype
+    from nala_diffusion.ops.rope import rope_2d_tables
+
+    rope = None
+    if getattr(processor, "use_rope", False):
+        if grid is None:
+            raise ValueError("a layer with RoPE needs the token grid (rows, cols) to rebuild its rotation")
+        rope = rope_2d_tables(grid, query.shape[-1], base=processor.rope_base, device=query.device,
+                              dtype=compute_dtype(query.dtype))
+    tokens = key.shape[-2]
+    identity = torch.eye(tokens, dtype=query.dtype, device=query.device).expand(*key.shape[:-2], tokens, tokens)
+    return processor.attend(query, key, identity, rope=rope).double()
+
+
 def layer_queries(model: nn.Module, *args, **kwargs) -> Dict[str, torch.Tensor]:
     """{layer: queries (B, H, N, d)} of one ``model(*args, **kwargs)`` call, without gradients."""
     with capture_queries(model) as captured, torch.no_grad():
