@@ -89,3 +89,24 @@ def test_report_only_trains_nothing_and_names_the_runs_still_to_train(tmp_path, 
     assert results["missing"] == ["retrieval_nala_b_s2"]
     assert [r["seed"] for r in results["runs"]["softmax"]] == [0, 1, 2]  # the anchors' seed 2 joins the table
     assert [r["seed"] for r in results["runs"]["nala_b"]] == [0, 1]
+
+
+def test_forward_costs_are_timed_once_for_a_set_of_kinds_and_serve_its_subsets(tmp_path, monkeypatch):
+    from nala_diffusion.eval import benchmark
+
+    timed = []
+
+    def interleaved_medians(calls, device, repeats):
+        timed.append(sorted(calls))
+        return {kind: float(len(kind)) for kind in calls}
+
+    monkeypatch.setattr(benchmark, "interleaved_medians", interleaved_medians)
+    monkeypatch.setattr(study, "kind_model", lambda out, extra: None)
+    (tmp_path / "model_config.json").write_text('{"patch_size": 4}')
+    assert study.forward_costs(str(tmp_path), ["softmax", "relu_linear"], tokens=16)["seconds"] == {
+        "softmax": 7.0, "relu_linear": 11.0}
+    assert study.forward_costs(str(tmp_path), ["softmax"], tokens=16)["seconds"] == {"softmax": 7.0}
+    assert timed == [["relu_linear", "softmax"]]  # the subset was read back, not timed
+    assert set(study.forward_costs(str(tmp_path), ["softmax", "elu_linear"], tokens=16)["seconds"]) == {
+        "softmax", "elu_linear"}
+    assert timed[-1] == ["elu_linear", "softmax"]  # a kind not timed before: all of them again, in one run
