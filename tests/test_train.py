@@ -462,17 +462,21 @@ class _RunsCodeWhenUnpickled:
 def test_checkpoint_states_are_read_without_running_pickled_code(tmp_path):
     """Checkpoints hold accelerate's torch.save files; loading them must refuse arbitrary objects."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    accelerator = Accelerator(cpu=True)
-    model = torch.nn.Linear(2, 2)
-    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
-    accelerator.save_state(str(tmp_path / "checkpoint"))
-    draw = torch.rand(3)
-    accelerator.load_state(str(tmp_path / "checkpoint"))
-    assert torch.equal(torch.rand(3), draw), "the RNG state was not restored on resume"
-
-    marker = tmp_path / "marker.txt"
-    torch.save({"state": _RunsCodeWhenUnpickled(str(marker))}, tmp_path / "checkpoint" / "optimizer.bin")
-    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+    try:
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(2, 2)
+        model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+        accelerator.save_state(str(tmp_path / "checkpoint"))
+        draw = torch.rand(3)
         accelerator.load_state(str(tmp_path / "checkpoint"))
-    assert not marker.exists()
+        assert torch.equal(torch.rand(3), draw), "the RNG state was not restored on resume"
+
+        marker = tmp_path / "marker.txt"
+        torch.save({"state": _RunsCodeWhenUnpickled(str(marker))}, tmp_path / "checkpoint" / "optimizer.bin")
+        with pytest.raises(Exception, match="weights_only|Unsupported global"):
+            accelerator.load_state(str(tmp_path / "checkpoint"))
+        assert not marker.exists()
+    finally:
+        AcceleratorState._reset_state(True)  # later in-process runs set up their own accelerator
