@@ -600,7 +600,7 @@ def plot_retrieval(results: dict, path: str) -> None:
         masses = [[layer["mass"] for layer in r["mass"].values()] for r in results["runs"][kind]]
         layers = range(len(masses[0]))
         axes[1].plot(layers, [sum(m[j] for m in masses) / len(masses) for j in layers], "o-", label=kind)
-    axes[0].set_xticks(range(len(kinds)), kinds, rotation=20)
+    axes[0].set_xticks(range(len(kinds)), kinds, rotation=40, ha="right", rotation_mode="anchor")
     axes[0].set(ylabel="unpaired - paired eps-MSE", title="retrieval gain (mean over t; dots: seeds)")
     uniform = next(iter(results["runs"][kinds[0]][0]["mass"].values()))["uniform"]
     axes[1].axhline(uniform, color="grey", ls="--", label="uniform")
