@@ -592,6 +592,9 @@ def plot_retrieval(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     kinds = list(results["runs"])
+    # one colour and marker per kind, the same in both panels (the default cycle repeats after ten)
+    colour = {kind: plt.get_cmap("tab20")(i % 20) for i, kind in enumerate(kinds)}
+    marker = {kind: "osD^v<>"[i % 7] for i, kind in enumerate(kinds)}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for i, kind in enumerate(kinds):
         gains = [r["gain"]["mean_gain"] for r in results["runs"][kind]]
@@ -599,7 +602,8 @@ def plot_retrieval(results: dict, path: str) -> None:
         axes[0].plot([i] * len(gains), gains, "ko", ms=4)
         masses = [[layer["mass"] for layer in r["mass"].values()] for r in results["runs"][kind]]
         layers = range(len(masses[0]))
-        axes[1].plot(layers, [sum(m[j] for m in masses) / len(masses) for j in layers], "o-", label=kind)
+        axes[1].plot(layers, [sum(m[j] for m in masses) / len(masses) for j in layers], "-",
+                     marker=marker[kind], color=colour[kind], label=kind)
     axes[0].set_xticks(range(len(kinds)), kinds, rotation=40, ha="right", rotation_mode="anchor")
     axes[0].set(ylabel="unpaired - paired eps-MSE", title="retrieval gain (mean over t; dots: seeds)")
     uniform = next(iter(results["runs"][kinds[0]][0]["mass"].values()))["uniform"]
@@ -613,8 +617,8 @@ def plot_retrieval(results: dict, path: str) -> None:
     for kind in kinds:
         shares = gap_closed(results, kind)
         if kind in seconds and shares:
-            axes[2].errorbar(seconds[kind], float(np.mean(shares)), yerr=float(np.std(shares)), fmt="o", capsize=3,
-                             label=kind)  # a legend, not labels: kinds of one cost overlap
+            axes[2].errorbar(seconds[kind], float(np.mean(shares)), yerr=float(np.std(shares)), fmt=marker[kind], capsize=3,
+                             color=colour[kind], label=kind)  # a legend, not labels: kinds of one cost overlap
     tokens = results.get("forward_cost", {}).get("tokens", COST_TOKENS)
     axes[2].set_xscale("log")
     axes[2].set(xlabel=f"forward seconds at {tokens:,} tokens (log)", ylabel="share of the ReLU -> softmax gap",
