@@ -80,16 +80,24 @@ def noised_batch(pipe, data: str, timesteps: Sequence[int], images: int, seed: i
 
 def model_layers(model_dir: str, data: str, timesteps: Sequence[int], images: int, seed: int) -> List[tuple]:
     """(layer name, q, k, NaLa options or None, saturation report or None, the layer's own kernel) for
-    every self-attention layer of a trained model on noised real images; q, k are (batch, heads, N, d).
+    every self-attention layer of a trained model on noised real images; q, k are (batch, heads, N, d),
+    those the layer's kernel distribution is built from (a softmax layer with RoPE: rotated).
     In a hybrid model each layer names its own kernel (``"nala"``, ``"softmax"``, ...)."""
     from nala_diffusion import NaLaDiTPipeline
-    from nala_diffusion.models.norm_awareness import capture_queries, nala_processors, saturation_from_queries
+    from nala_diffusion.models.norm_awareness import (
+        capture_queries,
+        distribution_inputs,
+        nala_processors,
+        saturation_from_queries,
+    )
 
     pipe = NaLaDiTPipeline.from_pretrained(model_dir)
     model = pipe.transformer.eval()
     noisy, steps, labels = noised_batch(pipe, data, timesteps, images, seed)
     with capture_queries(model, keys=True) as captured, torch.no_grad():
         model(noisy, timestep=steps, class_labels=labels)
+    patch = model.config.patch_size
+    grid = (noisy.shape[-2] // patch, noisy.shape[-1] // patch)
     processors = nala_processors(model)
     report = saturation_from_queries(processors, {name: t["query"] for name, t in captured.items()})
     layers = []
@@ -97,8 +105,10 @@ def model_layers(model_dir: str, data: str, timesteps: Sequence[int], images: in
         options = processors[name].kernel_options() if name in processors else None
         if options is not None:
             options = {k: v.detach() if torch.is_tensor(v) else v for k, v in options.items()}
-        kernel = getattr(model.get_submodule(name).processor, "kernel_name", None)
-        layers.append((name, tensors["query"], tensors["key"], options, report.get(name), kernel))
+        processor = model.get_submodule(name).processor
+        kernel = getattr(processor, "kernel_name", None)
+        query, key = distribution_inputs(processor, tensors["query"], tensors["key"], grid)  # softmax + RoPE: rotated
+        layers.append((name, query, key, options, report.get(name), kernel))
     return layers
 
 

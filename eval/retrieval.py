@@ -121,8 +121,10 @@ def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, 
 
     The masses come from the weights the layer applies to its values, RoPE included
     (:func:`~nala_diffusion.models.norm_awareness.applied_attention_weights`); entropy, rho and the
-    norm effect from the kernel's distribution over the keys before any rotation (with RoPE on a
-    linear kernel the applied weights are not a distribution: the rotation acts in the numerator only)."""
+    norm effect from the distribution the kernel attends with
+    (:func:`~nala_diffusion.models.norm_awareness.distribution_inputs`: for softmax with RoPE, that of
+    the rotated queries and keys; for a linear kernel with RoPE, whose applied weights are not a
+    distribution since the rotation acts in the numerator only, that of the unrotated pair)."""
     from diffusers import DDPMScheduler
 
     from nala_diffusion.data import builtin_pairs
@@ -159,12 +161,15 @@ def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, 
             options = processor.kernel_options() if kind == "nala" else None
             if options is not None:
                 options = {k: v.detach() if torch.is_tensor(v) else v for k, v in options.items()}
-            q, k = tensors["query"], tensors["key"]
+            q, k = norm_awareness.distribution_inputs(processor, tensors["query"], tensors["key"], (side, side))
             weights = attention_weights.attention_weights(kind, q, k, options)  # (B, H, N, N)
             # the mass is read from the weights the layer applies: with RoPE (captured q and k are
             # unrotated) those are the kernel's own on identity values
-            applied = (norm_awareness.applied_attention_weights(processor, q, k, (side, side))
-                       if getattr(processor, "use_rope", False) else weights)
+            if getattr(processor, "use_rope", False):
+                applied = norm_awareness.applied_attention_weights(processor, tensors["query"], tensors["key"],
+                                                                   (side, side))
+            else:
+                applied = weights
             masses = [window_mass(applied[b], partners[b], side, window) for b in range(len(x0))]
             baselines = [window_mass(applied[b], wrong_partners[b], side, window) for b in range(len(x0))]
             entropy = attention_weights.entropy(weights)

@@ -11,6 +11,7 @@ from helpers import tiny_nala
 
 from nala_diffusion import NaLaDiTPipeline
 from nala_diffusion.eval import attention_entropy, benchmark
+from nala_diffusion.models.norm_awareness import capture_queries
 
 
 @pytest.mark.slow
@@ -119,6 +120,35 @@ def test_entropy_of_a_model_per_layer(tmp_path):
     result = json.loads(path.read_text())
     assert result["kernels"] == {"transformer_blocks.0.attn1": "nala", "transformer_blocks.1.attn1": "softmax"}
     assert sorted(result["saturation"]) == ["transformer_blocks.0.attn1"]
+
+
+def test_entropy_of_a_softmax_layer_with_rope_is_that_of_the_weights_it_applies(tmp_path):
+    from nala_diffusion.models.norm_awareness import applied_attention_weights
+    from nala_diffusion.ops.attention_weights import attention_weights, entropy
+
+    model = tiny_nala(sample_size=16, num_classes=2, attention_types=["nala", "softmax"], use_rope=True)
+    NaLaDiTPipeline(model, DDIMScheduler()).save_pretrained(tmp_path / "pipe")
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
+        PIL.Image.fromarray((rng.random((16, 16, 3)) * 255).astype("uint8")).save(tmp_path / "data" / f"c{c}" / "a.png")
+    layers = {name: (q, k) for name, q, k, *_ in
+              attention_entropy.model_layers(str(tmp_path / "pipe"), str(tmp_path / "data"), [500], 2, 0)}
+    noisy, steps, labels = attention_entropy.noised_batch(NaLaDiTPipeline.from_pretrained(tmp_path / "pipe"),
+                                                          str(tmp_path / "data"), [500], images=2, seed=0)
+    with capture_queries(model, keys=True) as captured, torch.no_grad():
+        model(noisy, timestep=steps, class_labels=labels)
+    grid = (noisy.shape[-2] // model.config.patch_size,) * 2
+    softmax, nala = "transformer_blocks.1.attn1", "transformer_blocks.0.attn1"
+    q, k = layers[softmax]
+    applied = applied_attention_weights(model.get_submodule(softmax).processor, captured[softmax]["query"],
+                                        captured[softmax]["key"], grid)
+    # the entropy reported for the softmax layer is that of the weights it applies, RoPE included
+    torch.testing.assert_close(entropy(attention_weights("softmax", q, k)), entropy(applied), atol=1e-5, rtol=1e-5)
+    unrotated = entropy(attention_weights("softmax", captured[softmax]["query"], captured[softmax]["key"]))
+    assert not torch.allclose(unrotated, entropy(applied), atol=1e-3)  # reading the captured pair would be wrong
+    # NaLa rotates its numerator only: its distribution is built from the unrotated pair
+    torch.testing.assert_close(layers[nala][0], captured[nala]["query"])
 
 
 @pytest.mark.slow

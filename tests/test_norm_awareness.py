@@ -230,3 +230,30 @@ def test_applied_weights_are_the_kernels_own_with_and_without_rope(kind):
     assert not torch.allclose(weights, attention_weights(kind, q, k, options), atol=1e-2)  # RoPE changes them
     if kind == "softmax":
         assert torch.allclose(weights, attention_weights(kind, apply_rope(q, rope), apply_rope(k, rope)), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["nala", "softmax", "relu_linear"])
+def test_distribution_inputs_give_the_distribution_each_kernel_attends_with(kind):
+    from nala_diffusion.models.norm_awareness import applied_attention_weights, distribution_inputs
+    from nala_diffusion.models.processors import ATTENTION_PROCESSORS as PROCESSORS
+    from nala_diffusion.ops.attention_weights import attention_weights
+
+    torch.manual_seed(1)
+    q, k = (torch.randn(2, 2, 16, 8) * 2 for _ in range(2))
+    plain = PROCESSORS[kind](num_heads=2)
+    assert distribution_inputs(plain, q, k) == (q, k)  # without RoPE the captured pair is the kernel's own
+    rotated = PROCESSORS[kind](num_heads=2, use_rope=True)
+    options = rotated.kernel_options() if kind == "nala" else None
+    rq, rk = distribution_inputs(rotated, q, k, (4, 4))
+    if kind == "softmax":
+        with pytest.raises(ValueError, match="token grid"):
+            distribution_inputs(rotated, q, k)
+        # rotated in the logits: the distribution is exactly the weights the layer applies
+        assert torch.allclose(attention_weights(kind, rq, rk), applied_attention_weights(rotated, q, k, (4, 4)),
+                              atol=1e-5)
+        assert not torch.allclose(rq, q)
+        torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))  # a rotation keeps the norms
+    else:  # RoPE turns the numerator only; the normaliser's distribution is the unrotated pair's
+        assert rq is q and rk is k
+        sums = attention_weights(kind, rq, rk, options).sum(-1)  # a distribution per row (ReLU: or all zero)
+        assert (((sums - 1).abs() < 1e-9) | (sums == 0)).all() and (sums > 0).any()

@@ -91,6 +91,26 @@ def applied_attention_weights(processor, query: torch.Tensor, key: torch.Tensor,
     return processor.attend(query, key, identity, rope=rope).double()
 
 
+def distribution_inputs(processor, query: torch.Tensor, key: torch.Tensor, grid=None):
+    """The queries and keys whose kernel distribution
+    (:func:`~nala_diffusion.ops.attention_weights.attention_weights`) is the one a layer attends with.
+
+    Captured queries and keys are taken before RoPE. A softmax layer with ``use_rope`` rotates both
+    inside its logits, so its distribution is that of the rotated pair (``grid`` = (rows, cols) of
+    the tokens); a linear kernel (NaLa included) rotates the numerator's features only, and its
+    normaliser's distribution stays that of the unrotated pair, which is returned unchanged."""
+    if not (getattr(processor, "use_rope", False) and getattr(processor, "kernel_name", None) == "softmax"):
+        return query, key
+    from nala_diffusion.ops.common import compute_dtype
+    from nala_diffusion.ops.rope import apply_rope, rope_2d_tables
+
+    if grid is None:
+        raise ValueError("a softmax layer with RoPE needs the token grid (rows, cols) to rebuild its rotation")
+    rope = rope_2d_tables(grid, query.shape[-1], base=processor.rope_base, device=query.device,
+                          dtype=compute_dtype(query.dtype))
+    return apply_rope(query, rope), apply_rope(key, rope)
+
+
 def layer_queries(model: nn.Module, *args, **kwargs) -> Dict[str, torch.Tensor]:
     """{layer: queries (B, H, N, d)} of one ``model(*args, **kwargs)`` call, without gradients."""
     with capture_queries(model) as captured, torch.no_grad():
