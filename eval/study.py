@@ -477,7 +477,7 @@ def retrieval_study(args, argv) -> dict:
                 missing.append(name)
             return None
         info = train(args.out, name, RETRIEVAL_VARIANTS[kind], args.steps, seed, args, dataset=dataset)
-        path = os.path.join(args.out, "scores", f"retrieval_{kind}_s{seed}.json")
+        path = os.path.join(args.out, "scores", f"{name}.json")
         return {**info, **cached(path, lambda: retrieval.measure(info["folder"], args.retrieval_timesteps,
                                                                  gain_images=args.retrieval_images, mass_images=8,
                                                                  layout=args.pairs_layout))}

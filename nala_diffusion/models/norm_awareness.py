@@ -77,15 +77,7 @@ def applied_attention_weights(processor, query: torch.Tensor, key: torch.Tensor,
     :func:`~nala_diffusion.ops.attention_weights.attention_weights` of the captured queries and keys,
     which are taken before the rotation. For linear kernels RoPE turns the numerator's features only,
     so these rows need not sum to 1 and may hold negative weights."""
-    from nala_diffusion.ops.common import compute_dtype
-    from nala_diffusion.ops.rope import rope_2d_tables
-
-    rope = None
-    if getattr(processor, "use_rope", False):
-        if grid is None:
-            raise ValueError("a layer with RoPE needs the token grid (rows, cols) to rebuild its rotation")
-        rope = rope_2d_tables(grid, query.shape[-1], base=processor.rope_base, device=query.device,
-                              dtype=compute_dtype(query.dtype))
+    rope = processor.rope_tables(grid, query)
     tokens = key.shape[-2]
     identity = torch.eye(tokens, dtype=query.dtype, device=query.device).expand(*key.shape[:-2], tokens, tokens)
     return processor.attend(query, key, identity, rope=rope).double()
@@ -101,13 +93,9 @@ def distribution_inputs(processor, query: torch.Tensor, key: torch.Tensor, grid=
     normaliser's distribution stays that of the unrotated pair, which is returned unchanged."""
     if not (getattr(processor, "use_rope", False) and getattr(processor, "kernel_name", None) == "softmax"):
         return query, key
-    from nala_diffusion.ops.common import compute_dtype
-    from nala_diffusion.ops.rope import apply_rope, rope_2d_tables
+    from nala_diffusion.ops.rope import apply_rope
 
-    if grid is None:
-        raise ValueError("a softmax layer with RoPE needs the token grid (rows, cols) to rebuild its rotation")
-    rope = rope_2d_tables(grid, query.shape[-1], base=processor.rope_base, device=query.device,
-                          dtype=compute_dtype(query.dtype))
+    rope = processor.rope_tables(grid, query)
     return apply_rope(query, rope), apply_rope(key, rope)
 
 

@@ -95,6 +95,16 @@ class KernelAttnProcessor(nn.Module):
     def attend(self, query, key, value, rope=None, attention_mask=None) -> torch.Tensor:
         raise NotImplementedError
 
+    def rope_tables(self, grid: Optional[Tuple[int, int]], query: torch.Tensor):
+        """The ``(cos, sin)`` tables this layer rotates queries like ``query`` (..., N, head_dim) with on a
+        (rows, cols) token ``grid``; None without RoPE."""
+        if not self.use_rope:
+            return None
+        if grid is None:
+            raise ValueError("a layer with RoPE needs the token grid (rows, cols) to rebuild its rotation")
+        return rope_2d_tables(grid, query.shape[-1], base=self.rope_base, device=query.device,
+                              dtype=compute_dtype(query.dtype))
+
     def options(self) -> Dict[str, object]:
         """Settings that rebuild this processor (with ``hidden_size``/``num_heads``)."""
         return {name: getattr(self, name) for name in option_names(self.attention_type)}
@@ -163,10 +173,7 @@ class KernelAttnProcessor(nn.Module):
             key = attn.norm_k(key)
 
         grid = _resolve_grid(grid_size, sequence_length) if (self.use_lepe or self.use_rope) else None
-        rope = None
-        if self.use_rope:
-            rope = rope_2d_tables(grid, head_dim, base=self.rope_base, device=query.device,
-                                  dtype=compute_dtype(query.dtype))
+        rope = self.rope_tables(grid, query)
 
         out = self.attend(query, key, value_heads, rope=rope, attention_mask=attention_mask)  # (B, H, N, d)
         out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)  # (B, N, inner)
