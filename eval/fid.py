@@ -96,7 +96,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add_sampling_args(sub.add_parser("sample", formatter_class=HelpFormatter, help="write samples only"))
     ref = sub.add_parser("ref", formatter_class=HelpFormatter, help="reference statistics of an image folder")
     ref.add_argument("--images", required=True,
-                     help="folder of reference images, or a guided-diffusion evaluator batch (.npz, images under arr_0)")
+                     help="folder of reference images, a guided-diffusion evaluator batch (.npz, images under arr_0), "
+                          "or builtin:<name>[:<split>] (a built-in dataset, e.g. builtin:photos:test)")
     target = ref.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="stats file (.npz) to write")
     target.add_argument("--name", help="register as a clean-fid custom-stats name (Inception only)")
@@ -113,7 +114,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add_sampling_args(calc)
     calc.add_argument("--ref", required=True,
                       help="image folder, stats .npz of nala-fid ref, guided-diffusion evaluator batch .npz (images "
-                           "under arr_0, or its statistics: FID only), or clean-fid custom-stats name")
+                           "under arr_0, or its statistics: FID only), builtin:<name>[:<split>] (a built-in dataset "
+                           "at the samples' size; split train by default), or clean-fid custom-stats name")
     calc.add_argument("--json", default=None, help="result file (default OUT/fid.json)")
     add_feature_args(calc)
     return parser.parse_args(argv)
@@ -139,9 +141,11 @@ def apply_dit_protocol(args, learned_variance: bool) -> None:
 
 
 def run_sampling(args, state: PartialState) -> dict:
+    from nala_diffusion.pipelines.conversion import load_pipeline
     from nala_diffusion.pipelines.pipeline_nala_dit_highres import NaLaDiTHighResPipeline
     try:
-        pipe = NaLaDiTHighResPipeline.from_pretrained(args.model)
+        pipe = load_pipeline(args.model, NaLaDiTHighResPipeline,
+                             announce=lambda text: print(text) if state.is_main_process else None)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot load a pipeline from {args.model!r}: {error}") from None
     pipe.to(state.device)
@@ -184,7 +188,7 @@ def run_sampling(args, state: PartialState) -> dict:
     if args.npz and state.is_main_process:
         pack_npz(args.out, args.num_samples, os.path.join(args.out, "samples.npz"))
     return {
-        "model": os.path.abspath(args.model), "model_config_hash": config_hash(pipe),
+        "model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model, "model_config_hash": config_hash(pipe),
         "attention_type": pipe.transformer.config.attention_type,
         "attention_types": pipe.transformer.config.get("attention_types"), "scheduler": type(pipe.scheduler).__name__,
         "steps": args.steps, "guidance": args.guidance, "num_samples": args.num_samples,
@@ -202,6 +206,11 @@ def reference(source: str, args, extractor, device, spatial: bool):
     """The :class:`~nala_diffusion.metrics.features.Reference` of ``source``: an image folder, a ``.npz``
     (our stats file or the guided-diffusion evaluator's batch), or a clean-fid custom-stats name."""
     from nala_diffusion.metrics import features
+    if source.startswith(features.BUILTIN_PREFIX):  # the dataset's images at the samples' size, in memory
+        images = features.builtin_reference_images(source, getattr(args, "ref_resolution", None))
+        feats = features.array_features(images, extractor, device, args.feature_batch_size, spatial=spatial,
+                                        description=f"features {source}")
+        return features.Reference.from_features(*(feats if spatial else (feats,)), kind="built-in dataset")
     if os.path.isdir(source):
         feats = features.folder_features(source, extractor, device, args.feature_batch_size, spatial=spatial)
         return features.Reference.from_features(*(feats if spatial else (feats,)))
@@ -337,6 +346,7 @@ def run(args, state) -> int:
         feats = features.folder_features(os.path.join(args.out, SAMPLE_DIR), extractor, device, args.feature_batch_size,
                                   files=list(iter_sample_paths(args.out, args.num_samples)), spatial=spatial)
         feats, spatial_feats = feats if spatial else (feats, None)
+        args.ref_resolution = info["height"] if info["height"] == info["width"] else None
         ref = reference(args.ref, args, extractor, device, spatial)
         result = {**metrics(feats, ref, extractor, chosen, spatial_feats), **info, "reference": args.ref}
     result["feature_extractor"] = extractor.describe()

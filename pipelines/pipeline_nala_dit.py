@@ -1,18 +1,15 @@
 """NaLaDiTPipeline: class-conditional sampling with a NaLa DiT, in latent or pixel space.
 
-Also usable as a diffusers community pipeline::
-
-    DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipelines/pipeline_nala_dit.py", trust_remote_code=True)
-
-so this file holds exactly one ``DiffusionPipeline`` subclass and imports the rest by absolute path.
+Every saved folder opens with diffusers' generic loader, ``DiffusionPipeline.from_pretrained(folder,
+trust_remote_code=True)`` (see :mod:`~nala_diffusion.pipelines.loader_file`). The file also works as a
+diffusers community pipeline (``custom_pipeline="pipelines/pipeline_nala_dit.py"``), so it holds
+exactly one ``DiffusionPipeline`` subclass and imports the rest by absolute path.
 """
 
 import inspect
-import json
 import math
 import numbers
 import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -37,7 +34,8 @@ from nala_diffusion.models.sharpness import (
     set_attention_sharpness,
 )
 from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel
-from nala_diffusion.utils.files import follow_umask, write_json_atomically
+from nala_diffusion.pipelines.loader_file import carries_own_loader, write_loader_file
+from nala_diffusion.utils.files import follow_umask
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 GUIDANCE_INTERVAL_UNITS = ("timestep", "sigma")
@@ -175,8 +173,14 @@ class NaLaDiTPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """``DiffusionPipeline.from_pretrained``, then a check of every loaded model: a missing tensor
         (left uninitialised by diffusers, with only a warning) or a NaN/inf value raises a
-        ``ValueError`` naming it."""
+        ``ValueError`` naming it. A folder's loader file (:mod:`~nala_diffusion.pipelines.loader_file`)
+        is trusted without ``trust_remote_code`` only when it is exactly the one this package writes."""
+        if not kwargs.get("trust_remote_code") and carries_own_loader(pretrained_model_name_or_path, kwargs):
+            kwargs["trust_remote_code"] = True  # the folder's loader file imports this installed package, nothing else
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if not isinstance(pipe, cls):  # the loader file names the base class; a subclass takes its components
+            pipe = cls(**pipe.components, id2label=pipe.id2label, sampling_defaults=pipe.config.get("sampling_defaults"))
+            pipe.register_to_config(_name_or_path=pretrained_model_name_or_path)
         for name, component in pipe.components.items():
             if isinstance(component, torch.nn.Module):
                 check_loaded_weights(component, os.path.join(str(pretrained_model_name_or_path), name))
@@ -635,20 +639,16 @@ class NaLaDiTPipeline(DiffusionPipeline):
             return (images,)
         return NaLaPipelineOutput(images=images, attention_report=report)
 
-    # -- saving with the pipeline code ----------------------------------------------------------
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], include_code: bool = False, **kwargs):
-        """``DiffusionPipeline.save_pretrained``; ``include_code=True`` also writes this pipeline's source
-        file into the folder and names it in ``model_index.json``, so that
-        ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it (the Hub's
-        custom-pipeline convention; ``nala_diffusion`` must be installed where it is loaded)."""
-        super().save_pretrained(save_directory, **kwargs)
+    # -- saving, with the file diffusers' generic loader needs ---------------------------------------
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], safe_serialization: bool = True,
+                        variant: Optional[str] = None, max_shard_size=None, push_to_hub: bool = False, **kwargs):
+        """``DiffusionPipeline.save_pretrained`` (same parameters, ``variant`` included), then the loader file
+        (:mod:`~nala_diffusion.pipelines.loader_file`): ``DiffusionPipeline.from_pretrained(folder,
+        trust_remote_code=True)`` opens the folder wherever ``nala_diffusion`` is installed."""
+        if push_to_hub:
+            raise ValueError("save the pipeline to a folder, then upload the folder (huggingface_hub's upload_folder), "
+                             "so that the upload holds the loader file")
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant,
+                                max_shard_size=max_shard_size, **kwargs)
         follow_umask(os.fspath(save_directory))
-        if include_code:
-            source = inspect.getsourcefile(type(self))
-            module_name = os.path.splitext(os.path.basename(source))[0]
-            shutil.copyfile(source, os.path.join(save_directory, module_name + ".py"))
-            index_path = os.path.join(save_directory, "model_index.json")
-            with open(index_path, encoding="utf-8") as handle:
-                index = json.load(handle)
-            index["_class_name"] = [module_name, type(self).__name__]
-            write_json_atomically(index_path, index)
+        write_loader_file(os.fspath(save_directory))

@@ -46,7 +46,8 @@ def parse_sharpness(text: str) -> Union[str, float]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="nala-sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None,
-                        help="pipeline folder (save_pretrained output) or Hub id (default: the shipped demo pipeline)")
+                        help="pipeline folder (save_pretrained output, a nala-train run) or Hub id; a diffusers DiT pipeline "
+                             "(facebook/DiT-XL-2-256) runs unchanged (default: the shipped demo pipeline)")
     parser.add_argument("--labels", nargs="+", type=parse_label, default=None,
                         help="class ids or names (default: every class, in order)")
     parser.add_argument("--images_per_label", "--images-per-label", type=int, default=1, help='images drawn for each label')
@@ -104,6 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"nala-sample: error: {problem}", file=sys.stderr)
         return 2
     from nala_diffusion.models.swap import set_fused_attention
+    from nala_diffusion.pipelines.conversion import load_pipeline
     from nala_diffusion.pipelines.pipeline_nala_dit_highres import NaLaDiTHighResPipeline
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -112,7 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         args.model = demo_pipeline_path()
     try:
-        pipe = NaLaDiTHighResPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+        pipe = load_pipeline(args.model, NaLaDiTHighResPipeline, dtype=DTYPES[args.dtype])
     except (OSError, ValueError) as error:
         print(f"nala-sample: cannot load a pipeline from {args.model!r}: {error}", file=sys.stderr)
         return 2

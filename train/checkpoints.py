@@ -189,6 +189,8 @@ def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], path: str) 
             problems.append(f"{key}: checkpoint {saved.get(key)!r}, this run {current.get(key)!r}")
     if "class_names" in saved and saved["class_names"] != current.get("class_names"):
         problems.append(f"class names: checkpoint {saved['class_names']!r}, this run {current.get('class_names')!r}")
+    if "class_ids" in saved and saved["class_ids"] != current.get("class_ids"):
+        problems.append(f"model ids of the classes: checkpoint {saved['class_ids']!r}, this run {current.get('class_ids')!r}")
     saved_args, current_args = saved.get("result_args", {}), current.get("result_args", {})
     for key in sorted(set(saved_args) & set(current_args)):
         if saved_args[key] != current_args[key]:

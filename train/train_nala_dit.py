@@ -66,12 +66,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     data.add_argument("--dataset", default=None, help="builtin:<name>, a built-in offline dataset")
     data.add_argument("--resolution", type=positive_int, default=32, help="images are resized and center-cropped to this")
     data.add_argument("--no_random_flip", dest="random_flip", action="store_false", help="disable horizontal flips")
-    data.add_argument("--vae", default=None, help="local AutoencoderKL folder: train in its latent space")
+    data.add_argument("--vae", default=None,
+                      help="AutoencoderKL folder or Hub id, or a pipeline (its vae/): train in its latent space "
+                           "(default: the VAE of the --init_from pipeline, if it has one)")
     data.add_argument("--cache_latents", action="store_true", help="encode the data once (both flips) and reuse it")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help='worker processes of the data loader')
     model = p.add_argument_group("model")
     model.add_argument("--model_config", default="S/2", help="preset (S/2, B/2, L/2, XL/2, ...) or a JSON config file")
-    model.add_argument("--init_from", default=None, help="DiT or NaLa DiT folder (or Hub id) to inherit weights from")
+    model.add_argument("--init_from", default=None,
+                       help="DiT or NaLa DiT to inherit weights from: a pipeline or transformer folder, or a Hub id "
+                            "(facebook/DiT-XL-2-256); a pipeline also gives its VAE and class names")
+    model.add_argument("--class_embedding", choices=["source", "new"], default="source",
+                       help="with --init_from: 'source' maps the data's class folders onto the model's classes (ImageNet "
+                            "synsets such as n01440764, or the pipeline's label names); 'new' trains a new class "
+                            "embedding sized to the data, keeping every other weight")
     model.add_argument("--attention", choices=ATTENTION_TYPES, default=None, help="override the attention type")
     layout = model.add_mutually_exclusive_group()
     layout.add_argument("--softmax_layers", type=int, nargs="+", default=None, metavar="INDEX",
@@ -91,7 +99,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                            help="train on timesteps LOW <= t < HIGH only (default: all of the scheduler's); "
                                 "e.g. 0 500 for a denoiser of the less noisy half")
     objective.add_argument("--class_dropout_prob", type=float, default=0.1, help="labels dropped to the null class")
-    objective.add_argument("--teacher", default=None, help="frozen softmax DiT folder to distill from")
+    objective.add_argument("--teacher", default=None, help="frozen softmax DiT to distill from: folder or Hub id")
     objective.add_argument("--distill_weight", type=float, default=1.0, help='weight of the distillation term (with --teacher)')
     objective.add_argument("--variance_loss", choices=VARIANCE_LOSSES, default=None,
                            help="for a model with learned variance (out_channels = 2 x in_channels): 'vlb' trains the "
@@ -126,13 +134,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     out.add_argument("--logging_steps", type=positive_int, default=10, help='log.csv row every N steps')
     out.add_argument("--validation_steps", type=positive_int, default=None, help="write a sample grid every N steps")
     out.add_argument("--validation_labels", type=int, nargs="+", default=None, help='labels of the validation grid (default: the first 8 classes)')
-    out.add_argument("--validation_inference_steps", type=positive_int, default=25, help='sampling steps of the validation grid')
+    out.add_argument("--validation_inference_steps", type=positive_int, default=25,
+                     help="sampling steps of the validation grid; saved as the pipeline's default steps")
+    out.add_argument("--validation_guidance_scale", type=float, default=4.0,
+                     help="guidance of the validation grid; saved as the pipeline's default guidance")
     out.add_argument("--report_to", default="auto", help="'auto' (tensorboard when installed), 'tensorboard' or 'none'")
     args = p.parse_args(argv)
     if (args.train_data_dir is None) == (args.dataset is None):
         p.error("give exactly one of --train_data_dir and --dataset")
-    if args.cache_latents and not args.vae:
-        p.error("--cache_latents needs --vae")
+    if args.cache_latents and not (args.vae or args.init_from):
+        p.error("--cache_latents needs a VAE: --vae, or an --init_from pipeline that has one")
+    if args.class_embedding == "new" and not args.init_from:
+        p.error("--class_embedding new needs --init_from (a model built from scratch has the data's classes already)")
+    if not (args.validation_guidance_scale >= 0 and math.isfinite(args.validation_guidance_scale)):
+        p.error(f"--validation_guidance_scale must be a finite number >= 0, got {args.validation_guidance_scale}")
     if not 0 <= args.class_dropout_prob < 1:
         p.error("--class_dropout_prob must be in [0, 1)")
     if args.timestep_range and not 0 <= args.timestep_range[0] < args.timestep_range[1] <= NUM_TRAIN_TIMESTEPS:
@@ -159,9 +174,12 @@ def layout_overrides(args) -> Dict[str, Any]:
 def build_model(args, in_channels: int, sample_size: int, num_classes: int):
     """The model to train and the model whose queries calibrate its sigma (the pretrained source
     for ``--init_from``, else the model itself)."""
-    from nala_diffusion.models.conversion import convert_dit_to_nala, load_transformer
+    from nala_diffusion.models.conversion import convert_dit_to_nala
+    from nala_diffusion.models.sources import load_transformer
     from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel, preset_config
-    expected = {"in_channels": in_channels, "sample_size": sample_size, "num_classes": num_classes}
+    expected = {"in_channels": in_channels, "sample_size": sample_size}
+    if not args.init_from:  # a pretrained model's classes are mapped onto the data's (resolve_classes)
+        expected["num_classes"] = num_classes
     overrides = attention_overrides(args)
     layout = layout_overrides(args)
     if args.init_from:
@@ -190,6 +208,46 @@ def build_model(args, in_channels: int, sample_size: int, num_classes: int):
                                                           **layout)
     model = NaLaDiTTransformer2DModel(**config)
     return model, model
+
+
+def inherited_vae(init_from: Optional[str]) -> Optional[str]:
+    """``init_from`` when it is a pipeline with a VAE (its ``vae/`` serves the run), else None."""
+    if not init_from:
+        return None
+    from nala_diffusion.models.sources import pipeline_index
+
+    index = pipeline_index(init_from)
+    return init_from if index is not None and (index.get("vae") or [None])[0] else None
+
+
+def resolve_classes(args, model, classes: List[str]):
+    """(model, id2label, class_ids): the model (with a new class embedding for ``--class_embedding new``),
+    the class names its pipeline will take, and the model id of each data class (data index -> id)."""
+    from nala_diffusion.data.classes import map_classes, mapped_id2label
+    from nala_diffusion.models.conversion import with_new_class_embedding
+    from nala_diffusion.models.sources import pipeline_id2label, pipeline_index
+
+    own = {i: name for i, name in enumerate(classes)}
+    if not args.init_from:
+        return model, own, list(range(len(classes)))
+    if args.class_embedding == "new":
+        logger.info(f"a new class embedding for the data's {len(classes)} classes", main_process_only=True)
+        return with_new_class_embedding(model, len(classes)), own, list(range(len(classes)))
+    source_labels = pipeline_id2label(pipeline_index(args.init_from))
+    mapping = map_classes(classes, model.config.num_classes, source_labels, source=repr(args.init_from))
+    class_ids = [mapping[i] for i in range(len(classes))]
+    if class_ids != list(range(len(classes))) or len(classes) != model.config.num_classes:
+        shown = ", ".join(f"{classes[i]} -> {class_ids[i]}" for i in range(min(len(classes), 5)))
+        logger.info(f"the data's {len(classes)} classes map onto the model's {model.config.num_classes}: {shown}"
+                    + (", ..." if len(classes) > 5 else ""), main_process_only=True)
+    id2label = mapped_id2label(source_labels, classes, mapping) if source_labels else \
+        {class_ids[i]: name for i, name in own.items()}
+    return model, id2label, class_ids
+
+
+def sampling_defaults(args) -> Dict[str, Any]:
+    """The sampler settings of the validation grid, saved with the pipeline as its defaults."""
+    return {"num_inference_steps": args.validation_inference_steps, "guidance_scale": args.validation_guidance_scale}
 
 
 def probe_batch(args, dataset, vae, noise_scheduler, device):
@@ -276,7 +334,7 @@ STEP_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 # arguments that do not change what a resumed run computes; every other one must match the checkpoint's
 RESUME_FREE_ARGS = {"max_train_steps", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
                     "resume_from_checkpoint", "logging_steps", "validation_steps", "validation_labels",
-                    "validation_inference_steps", "report_to", "dataloader_num_workers", "overwrite",
+                    "validation_inference_steps", "validation_guidance_scale", "report_to", "dataloader_num_workers", "overwrite",
                     "train_data_dir", "dataset", "init_from", "teacher", "vae", "model_config"}
 
 
@@ -350,18 +408,18 @@ def train(args) -> int:
     # 0. Checks that need no accelerator: the output folder and the data
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler
     from diffusers.optimization import get_scheduler
 
+    from nala_diffusion.data.classes import MappedLabels
     from nala_diffusion.data.datasets import (
         build_latent_cache,
         dataset_fingerprint,
-        dataset_id2label,
         load_dataset,
         load_latent_cache,
     )
-    from nala_diffusion.models.conversion import load_transformer
     from nala_diffusion.models.norm_awareness import calibrate_norm_scale
+    from nala_diffusion.models.sources import load_transformer, load_vae
     from nala_diffusion.pipelines.pipeline_nala_dit import NaLaDiTPipeline
     from nala_diffusion.train import checkpoints
     finished = os.path.exists(os.path.join(args.output_dir, "model_index.json"))
@@ -389,10 +447,13 @@ def train(args) -> int:
     data_fingerprint = dataset_fingerprint(dataset, args.resolution, name=args.dataset)
     if len(dataset) == 0:
         raise ValueError("the dataset holds no images")
-    id2label = dataset_id2label(dataset)
-    bad_labels = [label for label in args.validation_labels or [] if not 0 <= label < len(id2label)]
+    classes = [str(c) for c in dataset.classes]
+    bad_labels = [label for label in args.validation_labels or [] if not 0 <= label < len(classes)]
     if bad_labels:
-        raise ValueError(f"--validation_labels {bad_labels} are not classes of the data (0..{len(id2label) - 1})")
+        raise ValueError(f"--validation_labels {bad_labels} are not classes of the data (0..{len(classes) - 1})")
+    vae_source = args.vae or inherited_vae(args.init_from)
+    if args.cache_latents and not vae_source:
+        raise ValueError(f"--cache_latents needs a VAE, and --init_from {args.init_from!r} has none; pass --vae")
 
     report_to = args.report_to
     if report_to == "auto":
@@ -415,17 +476,19 @@ def train(args) -> int:
             logger.warning(f"removed partially written checkpoints {removed}", main_process_only=True)
 
     # 1. Data and VAE; the weights that go into the run, by hash, for resume checks
-    input_weights = {key: weights_id(getattr(args, key)) for key in ("vae", "teacher", "init_from")}
+    input_weights = {key: weights_id(getattr(args, key)) for key in ("teacher", "init_from")}
+    input_weights["vae"] = weights_id(vae_source)
     saved = checkpoints.read_state(resume_path) if resume_path else None
     if saved is not None:
         checkpoints.check_inputs(saved, {"data_fingerprint": data_fingerprint, "input_weights": input_weights},
                                  resume_path)
-    vae = AutoencoderKL.from_pretrained(args.vae, use_safetensors=True).to(accelerator.device).eval() if args.vae else None
+    vae = load_vae(vae_source).to(accelerator.device).eval() if vae_source else None
     if vae is not None:
         vae.requires_grad_(False)
+        logger.info(f"latent space: the VAE of {vae_source}", main_process_only=True)
     if args.cache_latents:
         # named by the data and the VAE's weights: a VAE replaced at the same path gets its own latents
-        vae_id = f"{args.vae}|{input_weights['vae']}"
+        vae_id = f"{vae_source}|{input_weights['vae']}"
         cache = os.path.join(args.output_dir, "latent_cache",
                              f"{dataset_fingerprint(dataset, args.resolution, vae_id, name=args.dataset)}.safetensors")
         if accelerator.is_main_process and not os.path.exists(cache):
@@ -438,7 +501,11 @@ def train(args) -> int:
     in_channels = vae.config.latent_channels if vae is not None else 3
 
     # 2. Models
-    model, calibration_source = build_model(args, in_channels, args.resolution // vae_factor, len(id2label))
+    model, calibration_source = build_model(args, in_channels, args.resolution // vae_factor, len(classes))
+    model, id2label, class_ids = resolve_classes(args, model, classes)
+    if args.class_embedding == "new":
+        calibration_source = model  # the source's labels mean other classes
+    dataset = MappedLabels(dataset, class_ids)
     null_label = model.null_class_label
     learned = model.config.out_channels == 2 * in_channels
     if args.variance_loss is None:
@@ -462,8 +529,10 @@ def train(args) -> int:
     teacher = None
     if args.teacher:
         teacher = load_transformer(args.teacher).to(accelerator.device).eval().requires_grad_(False)
-        if teacher.config.in_channels != in_channels or teacher.config.num_embeds_ada_norm != len(id2label):
-            raise ValueError("the teacher's channels or classes do not match the student's data")
+        if teacher.config.in_channels != in_channels or teacher.config.num_embeds_ada_norm != model.config.num_classes:
+            raise ValueError(f"the teacher {args.teacher!r} has {teacher.config.in_channels} channels and "
+                             f"{teacher.config.num_embeds_ada_norm} classes; the student has {in_channels} and "
+                             f"{model.config.num_classes}")
     ema = checkpoints.ema_model(model, args.ema_decay) if args.use_ema else None
     # 3. Optimisation
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -485,7 +554,7 @@ def train(args) -> int:
         "dataset_size": len(dataset), "train_batch_size": args.train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "num_processes": accelerator.num_processes, "latent_space": vae is not None, "args": vars(args),
-        "class_names": [id2label[i] for i in sorted(id2label)],
+        "class_names": classes, "class_ids": class_ids,
         "data_fingerprint": data_fingerprint, "input_weights": input_weights,
         "result_args": {k: v for k, v in vars(args).items() if k not in RESUME_FREE_ARGS},
     }
@@ -558,7 +627,8 @@ def train(args) -> int:
             if global_step % args.checkpointing_steps == 0:
                 checkpoint()
             if args.validation_steps and global_step % args.validation_steps == 0:
-                responding = validate(args, accelerator, unwrapped, ema, noise_scheduler, vae, id2label, global_step, probe)
+                responding = validate(args, accelerator, unwrapped, ema, noise_scheduler, vae, id2label, class_ids,
+                                      global_step, probe)
                 if responding is not None:
                     if log is not None:
                         log.write({"step": global_step, "responding_fraction": responding})
@@ -580,7 +650,8 @@ def train(args) -> int:
         if ema is not None:
             ema.copy_to(unwrapped.parameters())
         pipeline = NaLaDiTPipeline(transformer=unwrapped.float().eval(), vae=vae, id2label=id2label,
-                                   scheduler=DDIMScheduler.from_config(noise_scheduler.config))
+                                   scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+                                   sampling_defaults=sampling_defaults(args))
         save_pipeline_atomically(pipeline, args.output_dir)
         logger.info(f"saved the pipeline to {args.output_dir}")
     accelerator.end_training()
@@ -619,7 +690,7 @@ def training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, n
 
 
 @torch.no_grad()
-def validate(args, accelerator, model, ema, noise_scheduler, vae, id2label, step, probe) -> Optional[float]:
+def validate(args, accelerator, model, ema, noise_scheduler, vae, id2label, class_ids, step, probe) -> Optional[float]:
     """Sample a grid with the (EMA) weights on the main process; others wait. For NaLa models, also
     returns the share of the probe batch's queries whose power still responds to their norm
     (averaged over layers; a warning names saturated layers)."""
@@ -635,9 +706,9 @@ def validate(args, accelerator, model, ema, noise_scheduler, vae, id2label, step
         model.eval()
         pipeline = NaLaDiTPipeline(model, DDIMScheduler.from_config(noise_scheduler.config), vae=vae, id2label=id2label)
         pipeline.set_progress_bar_config(disable=True)
-        labels = args.validation_labels or list(range(min(len(id2label), 8)))
+        labels = [class_ids[i] for i in args.validation_labels or range(min(len(class_ids), 8))]  # data -> model ids
         generators = [torch.Generator(accelerator.device).manual_seed(args.seed + i) for i in range(len(labels))]
-        images = pipeline(labels, num_inference_steps=args.validation_inference_steps, generator=generators, output_type="pt").images
+        images = pipeline(labels, generator=generators, output_type="pt", **sampling_defaults(args)).images
         save_grid_atomically(images.float().cpu(), os.path.join(args.output_dir, "samples", f"step-{step:06d}.png"), nrow=len(labels))
         if nala_processors(model):
             report = saturation_report(model, probe[0], timestep=probe[1], class_labels=probe[2])

@@ -350,9 +350,37 @@ def _npz_shape(path: str, key: str) -> Tuple[int, ...]:
     return tuple(shape)
 
 
+#: ``--ref builtin:<name>[:<split>]``: a built-in dataset's images (default split: train)
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_REFERENCE_SIZE = 32  # the built-in datasets' own size, where the samples' size is not known
+
+
+def builtin_reference(source: str, resolution: Optional[int] = None):
+    """The dataset behind ``builtin:<name>[:<split>]`` at ``resolution`` (default: the dataset's own size)."""
+    from nala_diffusion.data.datasets import BUILTIN_DATASETS, load_dataset
+
+    name, _, split = source[len(BUILTIN_PREFIX):].partition(":")
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(f"--ref {source!r}: unknown built-in dataset; available: "
+                         + ", ".join(BUILTIN_PREFIX + n for n in sorted(BUILTIN_DATASETS)))
+    try:
+        return load_dataset(BUILTIN_PREFIX + name, resolution or BUILTIN_REFERENCE_SIZE, split=split or "train")
+    except ValueError as error:
+        raise ValueError(f"--ref {source!r}: {error}") from None
+
+
+def builtin_reference_images(source: str, resolution: Optional[int] = None) -> np.ndarray:
+    """``(N, H, W, 3)`` uint8 images of a built-in dataset, the pixels its PNG export would hold."""
+    dataset = builtin_reference(source, resolution)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])  # (N, 3, H, W) in [-1, 1]
+    return ((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
 def peek_reference(source: str, extractor: Extractor) -> Tuple[str, List[str], Optional[int]]:
     """(kind, metrics it allows, image count or None) of a ``--ref``, read cheaply (no features), so that
     a run can refuse an unusable reference before it samples; every refusal of a reference is here."""
+    if source.startswith(BUILTIN_PREFIX):
+        return "built-in dataset", reference_allows(True, True), len(builtin_reference(source))
     if os.path.isdir(source):
         count = len(image_files(source))
         if count == 0:

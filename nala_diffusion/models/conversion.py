@@ -8,7 +8,6 @@ original did.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, Optional, Sequence, Union
 
@@ -17,13 +16,13 @@ from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DMod
 
 from nala_diffusion.models.norm_awareness import calibrate_norm_scale
 from nala_diffusion.models.options import CONFIG_KEYS, layer_attention_types
+from nala_diffusion.models.sources import check_dit_config, load_transformer
 from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel
 
 # sigma of NaLa's power in a converted DiT: from the DiT's own queries (the official sigma = 1
 # saturates at a DiT's query norms).
 DEFAULT_CONVERSION_NORM_SCALE_MODE = "calibrated"
 
-CONVERTIBLE_CLASSES = ("Transformer2DModel", "DiTTransformer2DModel", "NaLaDiTTransformer2DModel")
 # Config keys that NaLaDiTTransformer2DModel shares with diffusers' DiT.
 DIT_CONFIG_KEYS = (
     "num_attention_heads",
@@ -45,84 +44,18 @@ DIT_CONFIG_KEYS = (
 )
 
 
-def _resolve_folder(path: str, subfolder: Optional[str]) -> str:
-    folder = os.path.join(path, subfolder) if subfolder else path
-    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
-        os.path.join(path, "transformer", "config.json")
-    ):
-        folder = os.path.join(path, "transformer")  # a pipeline folder such as facebook/DiT-XL-2-256
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise ValueError(f"{folder!r} has no config.json; expected a DiT transformer folder or a DiT pipeline folder")
-    return folder
-
-
-def _check_dit_config(config: dict, where: str) -> None:
-    name = config.get("_class_name")
-    if name not in CONVERTIBLE_CLASSES:
-        raise ValueError(f"{where} holds a {name!r}, not a DiT; convertible classes: {CONVERTIBLE_CLASSES}")
-    if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or config.get("patch_size") is None:
-        raise ValueError(
-            f"{where} is a {name} without DiT's ada_norm_zero + patch_size layout "
-            f"(norm_type={config.get('norm_type')!r}, patch_size={config.get('patch_size')!r})"
-        )
-
-
 def load_dit(
     path: Union[str, os.PathLike],
     *,
     subfolder: Optional[str] = None,
     variant: Optional[str] = None,
     dtype: Optional[torch.dtype] = None,
+    revision: Optional[str] = None,
 ) -> DiTTransformer2DModel:
-    """Load a diffusers DiT from a local folder or Hub id, from safetensors only.
-
-    Accepts a transformer folder or a pipeline folder with a ``transformer/`` subfolder (the layout of
-    ``facebook/DiT-XL-2-256``), whose config may name the legacy ``Transformer2DModel``.
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        folder = _resolve_folder(path, subfolder)
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
-            _check_dit_config(json.load(handle), folder)
-        if not any(name.endswith((".safetensors", ".safetensors.index.json")) for name in os.listdir(folder)):
-            others = sorted(n for n in os.listdir(folder) if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
-            raise ValueError(
-                f"{folder!r} holds no safetensors weights (found {others or 'none'}); only safetensors are loaded, "
-                "since pickled checkpoints can run code. Re-save the model with save_pretrained(safe_serialization=True)."
-            )
-        return DiTTransformer2DModel.from_pretrained(
-            folder, use_safetensors=True, variant=variant, dtype=dtype
-        )
-    # A Hub id: the pretrained DiTs keep the transformer in a subfolder.
-    kwargs = dict(subfolder=subfolder or "transformer", use_safetensors=True, variant=variant, dtype=dtype)
-    if not hub_reachable():
-        try:  # a copy in the local Hub cache still works offline
-            return DiTTransformer2DModel.from_pretrained(path, local_files_only=True, **kwargs)
-        except (OSError, ValueError, EnvironmentError):
-            raise ValueError(
-                f"{path!r} is not a local folder, the Hugging Face Hub cannot be reached from this machine, and it "
-                "is not in the local Hub cache. Download it where there is internet access (for example "
-                f"`huggingface-cli download {path} --local-dir DiT`) and pass that local folder instead."
-            ) from None
-    return DiTTransformer2DModel.from_pretrained(path, **kwargs)
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers within ``timeout`` seconds (False at once when
-    ``HF_HUB_OFFLINE`` is set), so that an offline machine fails fast instead of retrying."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    """A DiT-family transformer from a local folder or Hub id, from safetensors only: a transformer
+    folder, or a pipeline with a ``transformer/`` folder (the layout of ``facebook/DiT-XL-2-256``,
+    whose config names the legacy ``Transformer2DModel``). See :mod:`nala_diffusion.models.sources`."""
+    return load_transformer(path, dtype=dtype, revision=revision, variant=variant, subfolder=subfolder)
 
 
 def convert_dit_to_nala(
@@ -133,6 +66,7 @@ def convert_dit_to_nala(
     attention_types: Optional[Sequence[str]] = None,
     subfolder: Optional[str] = None,
     variant: Optional[str] = None,
+    revision: Optional[str] = None,
     num_classes: Optional[int] = None,
     calibrate: bool = True,
     calibration_inputs: Optional[Dict[str, Any]] = None,
@@ -163,10 +97,10 @@ def convert_dit_to_nala(
             norms depend little on the content; real inputs are still better).
     """
     if not isinstance(dit, torch.nn.Module):
-        dit = load_dit(dit, subfolder=subfolder, variant=variant)
+        dit = load_dit(dit, subfolder=subfolder, variant=variant, revision=revision)
     if not isinstance(dit, DiTTransformer2DModel):
         raise ValueError(f"expected a DiTTransformer2DModel, got {type(dit).__name__}")
-    _check_dit_config({**dit.config, "_class_name": "DiTTransformer2DModel"}, type(dit).__name__)
+    check_dit_config({**dit.config, "_class_name": "DiTTransformer2DModel"}, type(dit).__name__)
 
     config = {k: dit.config[k] for k in DIT_CONFIG_KEYS if k in dit.config}
     if isinstance(dit, NaLaDiTTransformer2DModel):
@@ -218,12 +152,24 @@ def noise_calibration_inputs(dit: DiTTransformer2DModel, batch: int = 8, seed: i
             "class_labels": labels.to(parameter.device)}
 
 
-def load_transformer(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None) -> DiTTransformer2DModel:
-    """A DiT-family transformer from a transformer or pipeline folder: ours as saved, diffusers' DiT as DiT."""
-    folder = _resolve_folder(os.fspath(path), None)
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
-        config = json.load(handle)
-    _check_dit_config(config, folder)
-    if config["_class_name"] == "NaLaDiTTransformer2DModel":
-        return NaLaDiTTransformer2DModel.from_pretrained(folder, use_safetensors=True, dtype=dtype)
-    return load_dit(folder, dtype=dtype)
+def with_new_class_embedding(model: NaLaDiTTransformer2DModel, num_classes: int,
+                             init_std: float = 0.02) -> NaLaDiTTransformer2DModel:
+    """A copy of ``model`` with a new class embedding of ``num_classes`` classes (plus the null class),
+    initialised as DiT initialises it (normal, std 0.02); every other weight, sigma included, is kept.
+    For fine-tuning a pretrained DiT on classes it does not have."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    config.update(num_classes=num_classes, num_embeds_ada_norm=num_classes)
+    parameter = next(model.parameters())
+    new = NaLaDiTTransformer2DModel(**config).to(device=parameter.device, dtype=parameter.dtype)
+    kept = {k: v for k, v in model.state_dict().items() if ".class_embedder." not in k}
+    missing, unexpected = new.load_state_dict(kept, strict=False)
+    if unexpected or any(".class_embedder." not in k for k in missing):
+        raise ValueError(f"the model's weights do not fit its copy: unexpected {unexpected[:5]}, missing {missing[:5]}")
+    tables = [t for name, t in new.named_parameters() if ".class_embedder." in name]
+    with torch.no_grad():  # one table, copied to every block, as diffusers' DiT holds DiT's one y_embedder
+        tables[0].normal_(0.0, init_std)
+        for table in tables[1:]:
+            table.copy_(tables[0])
+    return new.train(model.training)

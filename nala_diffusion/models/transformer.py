@@ -200,10 +200,13 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
                              unexpected=info.get("unexpected_keys"), mismatched=info.get("mismatched_keys"))
         return (model, info) if want_info else model
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, is_main_process: bool = True, save_function=None,
+                        safe_serialization: bool = True, variant: Optional[str] = None, **kwargs):
         """``ModelMixin.save_pretrained``, with the weights readable as the umask allows (safetensors
-        would leave them 0o600)."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+        would leave them 0o600). The parameters diffusers' pipeline passes by name (``variant``, ...)
+        are named here too, since it passes only those a component's signature shows."""
+        super().save_pretrained(save_directory, is_main_process=is_main_process, save_function=save_function,
+                                safe_serialization=safe_serialization, variant=variant, **kwargs)
         follow_umask(os.fspath(save_directory))
 
     @property

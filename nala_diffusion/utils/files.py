@@ -53,6 +53,12 @@ def write_json_atomically(path: str, data: Any, sort_keys: bool = True) -> None:
         handle.write("\n")
 
 
+def write_text_atomically(path: str, text: str) -> None:
+    """``text`` (UTF-8) at ``path``, written aside and renamed."""
+    with written_atomically(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
 def save_grid_atomically(images, path: str, nrow: int) -> None:
     """Write a grid of ``images`` (B, 3, H, W in [0, 1]) as a PNG at ``path``, aside and renamed."""
     from torchvision.utils import make_grid, save_image

@@ -1,0 +1,75 @@
+"""The file that lets diffusers' generic loader open a NaLa pipeline folder.
+
+``DiffusionPipeline.from_pretrained(folder)`` looks a pipeline class up by name in the ``diffusers``
+package unless ``model_index.json`` names a file of the folder (``"_class_name": [file, class]``),
+diffusers' custom-pipeline convention, which asks for ``trust_remote_code=True``. Every folder a NaLa
+pipeline saves carries such a file, :data:`LOADER_SOURCE`: two lines that import the pipeline from the
+installed ``nala_diffusion`` package. So::
+
+    DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+
+loads it (``nala_diffusion`` must be installed), and without ``trust_remote_code`` diffusers' error says
+to pass it. ``NaLaDiTPipeline.from_pretrained`` needs no such flag: it runs the file only when it is,
+byte for byte, :data:`LOADER_SOURCE`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional
+
+LOADER_MODULE = "pipeline_nala_dit"
+LOADER_CLASS = "NaLaDiTPipeline"
+LOADER_SOURCE = '''"""Opens this folder with diffusers' generic loader:
+
+    DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+
+The code is the installed nala_diffusion package's (pip install nala-diffusion); this file only names it.
+"""
+
+from nala_diffusion.pipelines.pipeline_nala_dit import NaLaDiTPipeline  # noqa: F401
+'''
+HUB_KEYS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+
+
+def write_loader_file(folder: str) -> None:
+    """Write :data:`LOADER_SOURCE` into a saved pipeline folder and name it in its ``model_index.json``."""
+    from nala_diffusion.utils.files import write_json_atomically, write_text_atomically
+
+    write_text_atomically(os.path.join(folder, LOADER_MODULE + ".py"), LOADER_SOURCE)
+    index_path = os.path.join(folder, "model_index.json")
+    with open(index_path, encoding="utf-8") as handle:
+        index = json.load(handle)
+    index["_class_name"] = [LOADER_MODULE, LOADER_CLASS]
+    write_json_atomically(index_path, index)
+
+
+def _fetch(name: str, filename: str, options: Dict[str, Any]) -> Optional[str]:
+    """The local path of ``filename`` in a folder or Hub repository, or None where it is absent."""
+    if os.path.isdir(name):
+        path = os.path.join(name, filename)
+        return path if os.path.isfile(path) else None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(name, filename, **{k: v for k, v in options.items() if k in HUB_KEYS})
+    except Exception:  # not there, or not reachable: diffusers' own loader reports it
+        return None
+
+
+def carries_own_loader(name: str, options: Dict[str, Any]) -> bool:
+    """Whether a folder or Hub repository names :data:`LOADER_MODULE` in its ``model_index.json`` and
+    that file is exactly :data:`LOADER_SOURCE` (so running it runs nothing but the installed package)."""
+    index_path = _fetch(os.fspath(name), "model_index.json", options)
+    if index_path is None:
+        return False
+    with open(index_path, encoding="utf-8") as handle:
+        class_name = json.load(handle).get("_class_name")
+    if class_name != [LOADER_MODULE, LOADER_CLASS]:
+        return False
+    path = _fetch(os.fspath(name), LOADER_MODULE + ".py", options)
+    if path is None:
+        return False
+    with open(path, encoding="utf-8") as handle:
+        return handle.read() == LOADER_SOURCE
