@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
+from nala_diffusion.eval import benchmark_compile
 from nala_diffusion.ops import linear_attention, nala_attention, nala_attention_explicit
 from nala_diffusion.ops.gather import readout_table_width
 from nala_diffusion.utils.cli_args import HelpFormatter
@@ -456,7 +457,8 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-SECTIONS = ("op", "floor", "model", "diffusers", "memory", "hybrid")
+SECTIONS = ("op", "floor", "model", "diffusers", "memory", "hybrid", "compile")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -483,6 +485,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="softmax blocks of that hybrid (negative counts from the end)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                    help="which comparisons to run (--skip_model drops all but op and floor)")
+    p.add_argument("--compile_tokens", type=int, nargs="+", default=[1024, 4096],
+                   help="tokens of the whole-model torch.compile comparison (compiled vs eager)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the compile comparison")
     p.add_argument("--device", default=None, help='device (default: cuda when available, else cpu)')
     p.add_argument("--out", default="benchmark_results", help='folder for results.json and benchmark.png')
     return p.parse_args(argv)
@@ -496,7 +501,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "torch": torch.__version__, "heads": args.heads, "head_dim": args.head_dim, "repeats": args.repeats,
         "command": " ".join(["nala-bench", *(argv if argv is not None else sys.argv[1:])]),
     }
-    sections = set(args.sections) - ({"model", "diffusers", "memory", "hybrid"} if args.skip_model else set())
+    sections = set(args.sections) - ({"model", "diffusers", "memory", "hybrid", "compile"} if args.skip_model else set())
     if "op" in sections:
         results["op_level"] = op_level(args.tokens, args.heads, args.head_dim, device, args.repeats, args.max_seconds,
                                        args.max_gib * 2**30)
@@ -515,6 +520,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "hybrid" in sections:
         results["hybrid_level"] = hybrid_level(device, args.repeats, args.hybrid_tokens, args.preset,
                                                args.hybrid_softmax_layers, args.max_seconds)
+    if "compile" in sections:
+        results["compile_level"] = benchmark_compile.compile_level(device, args.repeats, args.compile_tokens,
+                                                                   args.preset, DTYPES[args.dtype])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
@@ -540,6 +548,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cells = [f"{kind} {row[kind]['seconds']:.2f} s, peak {row[kind]['peak_bytes'] / 2**20:.0f} MiB"
                  if "seconds" in row[kind] else f"{kind} skipped" for kind in HYBRID_KINDS]
         print(f"DiT forward at {n} tokens: " + "; ".join(cells))
+    if "compile_level" in results:
+        print(benchmark_compile.describe(results["compile_level"]))
     print(f"wrote {args.out}/results.json" + (f" and {args.out}/benchmark.png" if "op_level" in results else ""))
     return 0
 

@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 _EXPORTS: Dict[str, List[str]] = {
     "assets": ["demo_classifier_path", "demo_pipeline_path"],
     "metrics.classifier": ["DomainClassifier"],
-    "models.conversion": ["convert_dit_to_nala", "load_dit", "load_transformer"],
+    "models.conversion": ["convert_dit_to_nala", "load_dit", "with_new_class_embedding"],
+    "models.sources": ["load_transformer", "load_vae"],
     "ops": [
         "apply_rope",
         "linear_attention",
@@ -47,7 +48,8 @@ _EXPORTS: Dict[str, List[str]] = {
         "set_fused_attention",
         "set_nala_attention",
     ],
-    "pipelines": ["HighResPipelineOutput", "NaLaDiTHighResPipeline", "NaLaDiTPipeline", "NaLaPipelineOutput"],
+    "pipelines": ["HighResPipelineOutput", "NaLaDiTHighResPipeline", "NaLaDiTPipeline", "NaLaPipelineOutput",
+                  "convert_dit_pipeline_to_nala"],
 }
 # diffusers' pipeline loader looks up base classes such as ModelMixin in the namespace of the
 # library named in model_index.json; these names make "nala_diffusion" such a library.
@@ -74,7 +76,8 @@ def __dir__() -> List[str]:
 
 if TYPE_CHECKING:  # names for type checkers and IDEs
     from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path  # noqa: F401
-    from nala_diffusion.models.conversion import convert_dit_to_nala, load_dit, load_transformer  # noqa: F401
+    from nala_diffusion.models.conversion import convert_dit_to_nala, load_dit  # noqa: F401
+    from nala_diffusion.models.sources import load_transformer, load_vae  # noqa: F401
     from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel  # noqa: F401
     from nala_diffusion.ops import linear_attention, nala_attention, softmax_attention  # noqa: F401
-    from nala_diffusion.pipelines import NaLaDiTHighResPipeline, NaLaDiTPipeline  # noqa: F401
+    from nala_diffusion.pipelines import NaLaDiTHighResPipeline, NaLaDiTPipeline, convert_dit_pipeline_to_nala  # noqa: F401

@@ -7,6 +7,7 @@ _WHERE = {
     "NaLaPipelineOutput": "pipeline_nala_dit",
     "NaLaDiTHighResPipeline": "pipeline_nala_dit_highres",
     "HighResPipelineOutput": "pipeline_nala_dit_highres",
+    "convert_dit_pipeline_to_nala": "conversion",
 }
 __all__ = sorted(_WHERE)
 

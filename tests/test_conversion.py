@@ -68,7 +68,7 @@ def test_converted_model_round_trips(tmp_path):
 def test_conversion_errors(tmp_path):
     with pytest.raises(ValueError, match="use_gate"):
         convert_dit_to_nala(tiny_dit(), use_gate=True)
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match="neither model_index.json .* nor config.json"):
         convert_dit_to_nala(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
     with pytest.raises(ValueError, match="not a DiT"):
@@ -106,14 +106,15 @@ def test_converting_one_of_our_models_keeps_its_extras_and_their_weights():
 def test_a_hub_id_on_an_offline_machine_fails_fast_naming_the_way_out(monkeypatch):
     import time
 
-    from nala_diffusion.models import conversion
+    from nala_diffusion.models import conversion, sources
 
-    monkeypatch.setattr(conversion, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(sources, "hub_reachable", lambda timeout=3.0: False)
     start = time.perf_counter()
-    with pytest.raises(ValueError, match="pass that local folder"):
+    with pytest.raises(ValueError, match="cannot be reached .* local Hub cache .* has no copy"):
         conversion.load_dit("facebook/DiT-XL-2-256")
     assert time.perf_counter() - start < 10
     from huggingface_hub import constants
 
+    monkeypatch.undo()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    assert conversion.hub_reachable() is False
+    assert sources.hub_reachable() is False

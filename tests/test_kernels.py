@@ -60,6 +60,23 @@ def test_rope_tables_turn_adjacent_pairs_and_are_cached():
     assert rope_2d_tables((2, 3), 8, dtype=torch.float64)[0].dtype == torch.float64
 
 
+@pytest.mark.parametrize("grid, dim", [((3, 5), 64), ((4, 4), 8), ((2, 7), 72)])
+def test_rope_tables_are_nalaformers_released_rope(grid, dim):
+    # NaLaFormer's RoPE (NaLaformer/NALA.py, class RoPE), written from its formula in float64: per pair of
+    # adjacent coordinates the angle 1 / 10000 ** linspace(0, 1, d/4); the first d/2 coordinates turn with
+    # the row index, the last d/2 with the column index; tokens in row-major order.
+    rows, cols = grid
+    angle = 1.0 / (10000 ** torch.linspace(0, 1, dim // 4, dtype=torch.float64))
+    angle = angle.unsqueeze(-1).repeat(1, 2).flatten()  # (d/2,): both members of a pair
+    h = torch.arange(rows, dtype=torch.float64)[:, None] * angle  # (rows, d/2)
+    w = torch.arange(cols, dtype=torch.float64)[:, None] * angle  # (cols, d/2)
+    phase = torch.cat([h[:, None, :].expand(rows, cols, -1), w[None, :, :].expand(rows, cols, -1)], -1).flatten(0, 1)
+    cos, sin = rope_2d_tables(grid, dim, dtype=torch.float64)
+    assert cos.shape == (rows * cols, dim)
+    torch.testing.assert_close(cos, phase.cos(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(sin, phase.sin(), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("inhibit", INHIBITS)
 def test_gradients_match_float64_reference_with_and_without_rope(inhibit):
     q, k, v = (torch.randn(1, 2, 12, 6, dtype=torch.float64, requires_grad=True) for _ in range(3))

@@ -106,6 +106,9 @@ def transformer_location(name: str, revision: Optional[str] = None, subfolder: O
     if subfolder is None:
         index = pipeline_index(name, revision)
         subfolder = "transformer" if index is not None and "transformer" in index else None
+        if index is None and looks_local(name) and not os.path.isfile(os.path.join(name, "config.json")) \
+                and os.path.isfile(os.path.join(name, "transformer", "config.json")):
+            subfolder = "transformer"  # a pipeline folder without its model_index.json
     config = read_config(name, "config.json", subfolder, revision)
     if config is None:
         if index is not None:

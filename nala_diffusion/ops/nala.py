@@ -90,8 +90,8 @@ def nala_attention(
     k, key_eps = scaled_keys(k, key_power, eps)  # (B, H, M, d), (B, H, 1, 1)
     if needs_grad(q, k, v, *params.tensors()):
         return dense.memory_lean(dense.dense_nala, q, k, v, params, key_eps, rope).to(query.dtype)
-    if gather is None:
-        gather = q.device.type == "cpu"
+    if gather is None:  # traced by torch.compile, the dense path fuses; the gather's out= buffers do not trace
+        gather = q.device.type == "cpu" and not torch.compiler.is_compiling()
     if compile:
         from nala_diffusion.ops.fused import nala_attention_fused
 

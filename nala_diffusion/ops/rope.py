@@ -33,7 +33,8 @@ def _rope_tables(rows: int, cols: int, dim: int, base: float, device: torch.devi
     row_pairs, col_pairs = (pairs + 1) // 2, pairs // 2
 
     def axis_angles(positions: torch.Tensor, count: int) -> torch.Tensor:
-        inv_freq = base ** (-torch.arange(count, device=device, dtype=torch.float64) / max(count, 1))
+        # NaLaFormer's RoPE: 1 / base ** linspace(0, 1, d/4) per axis, both ends included
+        inv_freq = base ** (-torch.linspace(0.0, 1.0, count, device=device, dtype=torch.float64))
         return positions[:, None].double() * inv_freq[None, :]  # (positions, count)
 
     row_index = torch.arange(rows, device=device).repeat_interleave(cols)  # (N,)
@@ -53,8 +54,10 @@ def rope_2d_tables(
 ) -> RotaryTables:
     """Axial 2D rotary tables ``(cos, sin)``, each (rows * cols, dim), tokens in row-major order.
 
-    Rotation pairs are adjacent coordinates (2i, 2i + 1), as in NaLaFormer's code; the first half of
-    the pairs turns with the row index, the second half with the column index. For NaLa ``dim`` is
+    As NaLaFormer's released ``RoPE``: rotation pairs are adjacent coordinates (2i, 2i + 1); the first
+    half of the pairs turns with the row index, the second half with the column index, each axis at the
+    angles 1 / base ** linspace(0, 1, pairs per axis) (d/4 of them for head_dim d). An odd number of
+    pairs gives the rows one more. For NaLa ``dim`` is
     the head_dim: each d-wide feature half is rotated on its own. Tables are cached per (grid, dim,
     base, device, dtype); treat them as read-only.
     """
@@ -62,4 +65,5 @@ def rope_2d_tables(
         raise ValueError(f"rotary embedding needs an even feature dimension, got {dim}")
     rows, cols = (int(s) for s in grid_size)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    return _rope_tables(rows, cols, int(dim), float(base), device, dtype)
+    tables = _rope_tables.__wrapped__ if torch.compiler.is_compiling() else _rope_tables  # traced, not cached
+    return tables(rows, cols, int(dim), float(base), device, dtype)
