@@ -9,8 +9,10 @@ installed ``nala_diffusion`` package. So::
     DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
 
 loads it (``nala_diffusion`` must be installed), and without ``trust_remote_code`` diffusers' error says
-to pass it. ``NaLaDiTPipeline.from_pretrained`` needs no such flag: it runs the file only when it is,
-byte for byte, :data:`LOADER_SOURCE`.
+to pass it; ``custom_pipeline="pipeline_nala_dit_highres"`` gives the high-resolution pipeline. (diffusers
+runs a folder's own file even when ``custom_pipeline=`` names a path elsewhere.)
+``NaLaDiTPipeline.from_pretrained`` and its subclasses need no flag: they run the file only when it
+is, byte for byte, :data:`LOADER_SOURCE`.
 """
 
 from __future__ import annotations
@@ -21,23 +23,34 @@ from typing import Any, Dict, Optional
 
 LOADER_MODULE = "pipeline_nala_dit"
 LOADER_CLASS = "NaLaDiTPipeline"
-LOADER_SOURCE = '''"""Opens this folder with diffusers' generic loader:
+_TEMPLATE = '''"""Opens this folder with diffusers' loader{how}:
 
-    DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    DiffusionPipeline.from_pretrained(folder, {argument}trust_remote_code=True)
 
 The code is the installed nala_diffusion package's (pip install nala-diffusion); this file only names it.
 """
 
-from nala_diffusion.pipelines.pipeline_nala_dit import NaLaDiTPipeline  # noqa: F401
+from nala_diffusion.pipelines.{module} import {name}  # noqa: F401
 '''
+#: file name (module) -> its text: the generic loader's file, and one per other pipeline class, which
+#: ``custom_pipeline="<module>"`` picks (diffusers prefers a folder's own file to a ``custom_pipeline`` path)
+LOADER_FILES = {
+    LOADER_MODULE: _TEMPLATE.format(how="", argument="", module=LOADER_MODULE, name=LOADER_CLASS),
+    "pipeline_nala_dit_highres": _TEMPLATE.format(
+        how=" as the high-resolution pipeline", argument='custom_pipeline="pipeline_nala_dit_highres", ',
+        module="pipeline_nala_dit_highres", name="NaLaDiTHighResPipeline"),
+}
+LOADER_SOURCE = LOADER_FILES[LOADER_MODULE]
 HUB_KEYS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
 
 
 def write_loader_file(folder: str) -> None:
-    """Write :data:`LOADER_SOURCE` into a saved pipeline folder and name it in its ``model_index.json``."""
+    """Write :data:`LOADER_FILES` into a saved pipeline folder and name the generic loader's file in its
+    ``model_index.json``."""
     from nala_diffusion.utils.files import write_json_atomically, write_text_atomically
 
-    write_text_atomically(os.path.join(folder, LOADER_MODULE + ".py"), LOADER_SOURCE)
+    for module, text in LOADER_FILES.items():
+        write_text_atomically(os.path.join(folder, module + ".py"), text)
     index_path = os.path.join(folder, "model_index.json")
     with open(index_path, encoding="utf-8") as handle:
         index = json.load(handle)

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import tiny_nala
+
 from nala_diffusion import NaLaDiTPipeline, demo_pipeline_path
 
 CONFIGS = {
@@ -51,6 +51,7 @@ def check_compiled_matches_eager(model, x, t, y, train: bool):
         torch.testing.assert_close(grad, eager_grads[name], rtol=0, atol=allowed, msg=name)
 
 
+@pytest.mark.slow
 def test_compiled_demo_transformer_matches_eager():
     model = NaLaDiTPipeline.from_pretrained(demo_pipeline_path()).transformer
     check_compiled_matches_eager(model, *inputs(size=32), train=False)

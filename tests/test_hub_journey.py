@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hub_cache import DIT_REPO, TENCH, hub_env, run_offline, snapshot_folder, write_dit_hub_cache
 from PIL import Image
 
-from hub_cache import DIT_REPO, TENCH, hub_env, run_offline, snapshot_folder, write_dit_hub_cache
 from nala_diffusion.data.classes import imagenet_synsets, map_classes, mapped_id2label
 
 SYNSETS = ["n01440764", "n01443537"]  # ImageNet classes 0 (tench) and 1 (goldfish)
@@ -67,11 +67,8 @@ def test_the_journey_convert_fine_tune_sample_and_score_offline(hub, tmp_path):
          "--steps", "2", "--out", str(grid))
     assert Image.open(grid).size == (2 * 16 + 3 * 2, 16 + 2 * 2)  # two 16 x 16 samples with the grid's padding
 
-    # the unconverted DiT itself, by its Hub id, and the trained pipeline, scored against the data folder
+    # the trained pipeline, scored against the data folder
     classifier = __import__("nala_diffusion").demo_classifier_path()
-    direct = tool(hub, "nala_diffusion.pipelines.sample", "--model", DIT_REPO, "--labels", "0", "--steps", "2",
-                  "--out", str(tmp_path / "dit.png"))
-    assert "running it unchanged" in direct.stdout
     tool(hub, "nala_diffusion.eval.fid", "calc", "--model", str(run), "--num_samples", "4", "--steps", "2",
          "--out", str(tmp_path / "fid"), "--ref", str(data), "--feature_extractor", classifier, "--metrics", "fid")
     result = json.loads((tmp_path / "fid" / "fid.json").read_text())
@@ -97,6 +94,14 @@ def test_convert_dit_pipeline_to_nala_from_a_hub_id_keeps_vae_scheduler_labels_a
         assert same.id2label[0] == "{TENCH}"
         x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([0, 999])
         assert torch.equal(same.transformer(x, timestep=t, class_labels=y).sample,
+                           dit.transformer(x, timestep=t, class_labels=y).sample)
+        # what nala-sample / nala-fid --model facebook/DiT-XL-2-256 load: the DiT unchanged
+        from nala_diffusion import NaLaDiTHighResPipeline
+        from nala_diffusion.pipelines.conversion import load_pipeline
+        said = []
+        tool_pipe = load_pipeline("{DIT_REPO}", NaLaDiTHighResPipeline, announce=said.append)
+        assert "running it unchanged" in said[0] and isinstance(tool_pipe, NaLaDiTHighResPipeline)
+        assert torch.equal(tool_pipe.transformer(x, timestep=t, class_labels=y).sample,
                            dit.transformer(x, timestep=t, class_labels=y).sample)
         print("ok")
     """)
@@ -128,6 +133,7 @@ def test_a_model_that_is_nowhere_is_one_clear_line(hub, tmp_path):
 
 def test_a_transformer_folder_is_not_a_pipeline_and_the_tools_say_how_to_make_one(tmp_path):
     from helpers import tiny_nala
+
     from nala_diffusion.pipelines.conversion import load_pipeline
     from nala_diffusion.pipelines.pipeline_nala_dit import NaLaDiTPipeline
 

@@ -1,8 +1,10 @@
 import ast
 import doctest
 import inspect
+import json
 import os
 import re
+import shutil
 
 import numpy as np
 import PIL.Image
@@ -35,35 +37,50 @@ def sample(pipe, labels=(0, 1), seed=0, **kwargs):
 def saved(tmp_path):
     pipe = tiny_pipeline()
     pipe.save_pretrained(tmp_path / "plain")
-    pipe.save_pretrained(tmp_path / "with_code", include_code=True)
     return pipe, tmp_path
 
 
-def test_three_loading_paths_give_identical_images(saved):
+def without_loader_files(folder, copy):
+    """A copy of a saved folder as folders were saved before they carried loader files."""
+    shutil.copytree(folder, copy)
+    for name in ("pipeline_nala_dit.py", "pipeline_nala_dit_highres.py"):
+        (copy / name).unlink()
+    index = json.loads((copy / "model_index.json").read_text())
+    (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "NaLaDiTPipeline"}))
+    return copy
+
+
+def test_three_loading_paths_give_identical_images(saved, tmp_path):
     pipe, root = saved
     expected = sample(pipe, labels=["cat", 1])
     assert expected.shape == (2, 48, 32, 3)
+    # a folder saved without the loader files (as before they existed) still opens with the repository's file
+    bare = without_loader_files(root / "plain", tmp_path / "bare")
     loaded = [
         NaLaDiTPipeline.from_pretrained(root / "plain"),
+        DiffusionPipeline.from_pretrained(root / "plain", trust_remote_code=True),  # the folder's own loader file
         DiffusionPipeline.from_pretrained(
-            root / "plain", custom_pipeline=str(REPO / "pipelines" / "pipeline_nala_dit.py"), trust_remote_code=True
+            bare, custom_pipeline=str(REPO / "pipelines" / "pipeline_nala_dit.py"), trust_remote_code=True
         ),
-        DiffusionPipeline.from_pretrained(root / "with_code", trust_remote_code=True),
     ]
     for other in loaded:
         assert type(other).__name__ == "NaLaDiTPipeline"
         assert other.labels == pipe.labels  # names survive save/load
         np.testing.assert_array_equal(sample(other, labels=["cat", 1]), expected)
-    assert (root / "with_code" / "pipeline_nala_dit.py").exists()
 
 
-def test_highres_file_works_as_custom_pipeline(saved):
+def test_highres_file_works_as_custom_pipeline(saved, tmp_path):
     _, root = saved
+    by_name = DiffusionPipeline.from_pretrained(root / "plain", custom_pipeline="pipeline_nala_dit_highres",
+                                                trust_remote_code=True)
+    assert type(by_name).__name__ == "NaLaDiTHighResPipeline"
+    assert sample(by_name, highres_mode="progressive", height=64, width=64).shape == (2, 64, 64, 3)
+    # a folder without the loader files takes the repository's file by path
+    bare = without_loader_files(root / "plain", tmp_path / "bare")
     pipe = DiffusionPipeline.from_pretrained(
-        root / "plain", custom_pipeline=str(REPO / "pipelines" / "pipeline_nala_dit_highres.py"), trust_remote_code=True
+        bare, custom_pipeline=str(REPO / "pipelines" / "pipeline_nala_dit_highres.py"), trust_remote_code=True
     )
     assert type(pipe).__name__ == "NaLaDiTHighResPipeline"
-    assert sample(pipe, highres_mode="progressive", height=64, width=64).shape == (2, 64, 64, 3)
 
 
 def test_seed_determinism_and_per_image_generators():

@@ -1,4 +1,4 @@
-"""Opens this folder with diffusers' generic loader:
+"""Opens this folder with diffusers' loader:
 
     DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
 
