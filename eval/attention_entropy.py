@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from nala_diffusion.ops.attention_weights import KINDS, attention_weights, entropy, norm_effect
-from nala_diffusion.utils.cli_args import HelpFormatter
+from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -158,7 +158,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.model:
-        layers = model_layers(args.model, args.data, args.timestep, args.images, args.seed)
+        try:
+            layers = model_layers(args.model, args.data, args.timestep, args.images, args.seed)
+        except ValueError as error:
+            return exit_on_input_error("nala-entropy", error)
         per_layer = {name: summarise(q, k, options) for name, q, k, options, _, _ in layers}
         kernels = {name: kernel for name, _, _, _, _, kernel in layers}
         result = {"timesteps": args.timestep, "layers": {name: public(s) for name, s in per_layer.items()},

@@ -27,7 +27,9 @@ def compile_level(device, repeats: int, tokens: Sequence[int], preset: str, dtyp
         for kind in COMPILE_KINDS:
             torch.manual_seed(0)
             layout = {"softmax_layers": [-1], "attention_type": "nala"} if kind == "hybrid" else {"attention_type": kind}
-            model = NaLaDiTTransformer2DModel.from_preset(preset, sample_size=32, **layout).to(device, dtype).eval()
+            model = NaLaDiTTransformer2DModel.from_preset(preset, sample_size=32, **layout).to(device).eval()
+            if dtype != torch.float32:
+                model.to(dtype=dtype)
             side = int(round(count ** 0.5)) * model.config.patch_size
             x = torch.randn(1, model.config.in_channels, side, side, device=device, dtype=dtype)
             t, y = torch.tensor([500], device=device), torch.tensor([1], device=device)

@@ -26,12 +26,14 @@ if TYPE_CHECKING:
 
 from nala_diffusion.metrics.feature_constants import METRICS, MODES, TORCHSCRIPT_WEIGHTS
 from nala_diffusion.metrics.samples import (
+    LABEL_DRAWS,
     SAMPLE_DIR,
     balanced_labels,
     generate_samples,
     guard_samples,
     iter_sample_paths,
     pack_npz,
+    uniform_labels,
 )
 from nala_diffusion.pipelines.sample import parse_sharpness
 from nala_diffusion.pipelines.schedulers import (
@@ -73,6 +75,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=positive_int, default=None, help="image height (default: the model's training size)")
     p.add_argument("--width", type=positive_int, default=None, help="image width (default: the model's training size)")
     p.add_argument("--labels", type=int, nargs="+", default=None, help="cycled; default: every class in turn")
+    p.add_argument("--label_draw", choices=LABEL_DRAWS, default=None,
+                   help="without --labels: 'balanced' (image i has class i mod num_classes; the default) or 'uniform' "
+                        "(drawn at random per image, as DiT's sample_ddp.py; the default of --protocol dit)")
     p.add_argument("--highres_mode", choices=HIGHRES_MODES, default="direct", help="above the training size: 'direct' or 'progressive'")
     p.add_argument("--position_embedding", choices=["interpolate", "extend"], default=None,
                    help="positions above the training size (default: the model's config, normally interpolate)")
@@ -134,9 +139,12 @@ def apply_dit_protocol(args, learned_variance: bool) -> None:
     """Set what ``--protocol dit`` fixes; a flag given with another value is a ``ValueError``."""
     for name, value in DIT_PROTOCOL.items():
         given = getattr(args, name)
-        if given is not None and given != value and not (name == "guidance_channels" and given == "all"):
+        if given is not None and given != value:
             raise ValueError(f"--protocol dit fixes --{name} {value}; drop --{name} {given} or the protocol")
         setattr(args, name, value)
+    if args.learned_variance and not learned_variance:
+        raise ValueError("--learned_variance: this model has no variance channels (out_channels = in_channels); "
+                         "--protocol dit samples it with fixed variance, so drop --learned_variance")
     args.learned_variance = learned_variance  # DiT's models have it; one without samples with fixed variance
 
 
@@ -151,24 +159,32 @@ def run_sampling(args, state: PartialState) -> dict:
     pipe.to(state.device)
     if args.protocol == "dit":
         config = pipe.transformer.config
-        apply_dit_protocol(args, learned_variance=config.out_channels == 2 * config.in_channels)
+        apply_dit_protocol(args, learned_variance=pipe.transformer.out_channels == 2 * config.in_channels)
     set_sampler(pipe, args.scheduler, args.learned_variance)
     guidance = guidance_kwargs(args)
     pipe.check_guidance(**guidance)
-    labels = balanced_labels(args.num_samples, pipe.num_classes, args.labels)
+    if args.labels and args.label_draw:
+        raise ValueError("--labels and --label_draw exclude each other: --labels fixes every label")
+    args.label_draw = args.label_draw or ("uniform" if args.protocol == "dit" and not args.labels else "balanced")
+    labels = uniform_labels(args.num_samples, pipe.num_classes, args.seed) if args.label_draw == "uniform" \
+        else balanced_labels(args.num_samples, pipe.num_classes, args.labels)
     settings = pipe.sampling_settings(args.steps, args.guidance)
     args.steps, args.guidance = settings["num_inference_steps"], settings["guidance_scale"]
     fingerprint = {
         **pipeline_fingerprint(args.model, pipe), "steps": args.steps, "guidance": args.guidance,
         "batch_size": args.batch_size,  # batched numerics move pixels by a level: another batch size, other images
         "height": args.height or pipe.default_sample_size, "width": args.width or pipe.default_sample_size,
-        "labels": args.labels or f"balanced over {pipe.num_classes} classes", "seed": args.seed,
+        "labels": args.labels or f"{args.label_draw} over {pipe.num_classes} classes", "seed": args.seed,
         "highres_mode": args.highres_mode,
         "position_embedding": args.position_embedding or pipe.transformer.config.position_embedding,
         "attention_sharpness": args.attention_sharpness or "off",
         # recorded where they differ from the defaults, so that folders sampled with the defaults stay valid
         **{k: v for k, v in {**guidance, "protocol": args.protocol}.items() if v != SAMPLING_DEFAULTS[k]},
     }
+    # everything the pipeline would refuse is refused before the fingerprint is written
+    pipe.check_inputs(fingerprint["height"], fingerprint["width"], args.steps, args.guidance, "pt", 1)
+    if args.attention_sharpness == "auto":
+        fingerprint["attention_sharpness"] = args.attention_sharpness = calibrate_sharpness_once(args, pipe, labels)
     start = time.perf_counter()
     if args.memory_check:  # before anything is written: a size that cannot fit is refused here
         pipe.check_memory(fingerprint["height"], fingerprint["width"], min(args.batch_size, args.num_samples),
@@ -192,7 +208,7 @@ def run_sampling(args, state: PartialState) -> dict:
         "attention_type": pipe.transformer.config.attention_type,
         "attention_types": pipe.transformer.config.get("attention_types"), "scheduler": type(pipe.scheduler).__name__,
         "steps": args.steps, "guidance": args.guidance, "num_samples": args.num_samples,
-        "seeds": [args.seed, args.seed + args.num_samples - 1], "labels": args.labels or "balanced",
+        "seeds": [args.seed, args.seed + args.num_samples - 1], "labels": args.labels or args.label_draw,
         "height": args.height or pipe.default_sample_size, "width": args.width or pipe.default_sample_size,
         "highres_mode": args.highres_mode, "position_embedding": args.position_embedding or
         pipe.transformer.config.position_embedding, "attention_sharpness": args.attention_sharpness or "off",
@@ -200,6 +216,26 @@ def run_sampling(args, state: PartialState) -> dict:
         "written_by_process_0": written,
         "sampling_seconds": time.perf_counter() - start, "num_processes": state.num_processes,
     }
+
+
+def calibrate_sharpness_once(args, pipe, labels) -> dict:
+    """``--attention_sharpness auto`` for a whole sample set: the pipeline would calibrate on each batch's
+    own labels, and one FID set would mix factors; the factors are calibrated once, on the run's first
+    two labels, then every batch uses (and the fingerprint and fid.json record) them."""
+    import torch
+
+    if args.highres_mode != "direct":
+        raise ValueError("--attention_sharpness auto with --highres_mode progressive would calibrate every batch's "
+                         "stages on its own labels; use --highres_mode direct, or a fixed factor")
+    height, width = args.height or pipe.default_sample_size, args.width or pipe.default_sample_size
+    ids = torch.tensor(labels[:2], device=pipe._execution_device)
+    from nala_diffusion.models.sharpness import set_attention_sharpness
+
+    try:
+        report = pipe.set_resolution_sharpness("auto", height, width, ids, args.steps, args.position_embedding)
+    finally:
+        set_attention_sharpness(pipe.transformer, 1.0)  # each batch sets the factors itself
+    return {name: float(layer["sharpness"]) for name, layer in report["layers"].items()}
 
 
 def reference(source: str, args, extractor, device, spatial: bool):
@@ -252,19 +288,29 @@ def metrics(feats, ref, extractor, chosen, spatial=None) -> dict:
     return result
 
 
-def check_reference(chosen, source: str, extractor, num_samples: int) -> None:
+def check_out_outside_ref(out: str, ref: str) -> None:
+    """Refuse an ``--out`` inside the ``--ref`` folder: its samples would join the reference images."""
+    if os.path.isdir(ref):
+        out_path, ref_path = os.path.realpath(out), os.path.realpath(ref)
+        if os.path.commonpath([out_path, ref_path]) == ref_path:
+            raise ValueError(f"--out {out!r} lies inside the --ref folder {ref!r}, so the samples would be counted as "
+                             "reference images; choose an --out outside it (nothing was sampled)")
+
+
+def check_reference(chosen, source: str, extractor, num_samples: int):
     """Refuse, before any sampling or feature extraction, a reference that cannot give the chosen metrics
-    and counts too small for them."""
+    and counts too small for them; returns the file's signature, which the load compares."""
     from nala_diffusion.metrics import features
     kind, allows, count = features.peek_reference(source, extractor)
     features.check_reference_metrics(chosen, allows, source, kind)
     check_counts(chosen, num_samples, count)
+    return features.reference_signature(source)
 
 
 def check_counts(chosen, num_samples: int, num_reference: Optional[int]) -> None:
     """Refuse counts too small for the chosen metrics."""
     from nala_diffusion.metrics import scores as metrics_lib
-    needs = {"fid": 2, "sfid": 2, "kid": 2, "is": metrics_lib.IS_SPLITS, "pr": metrics_lib.PR_NEIGHBOURS + 1}
+    needs = {"fid": 2, "sfid": 2, "kid": 2, "is": metrics_lib.IS_MIN_SAMPLES, "pr": metrics_lib.PR_NEIGHBOURS + 1}
     for metric in chosen:
         if num_samples < needs[metric]:
             raise ValueError(f"--metrics {metric} needs at least {needs[metric]} samples, got {num_samples}")
@@ -283,8 +329,11 @@ def summary(result: dict) -> str:
     if "is_mean" in result:
         cells.append(f"IS {result['is_mean']:.4f} ± {result['is_std']:.4f}")
     reference = f", {result['num_reference']} reference" if result.get("num_reference") else ""
-    return (f"{'  '.join(cells)}  ({result.get('num_samples', '?')} samples{reference}, "
+    line = (f"{'  '.join(cells)}  ({result.get('num_samples', '?')} samples{reference}, "
             f"{result['feature_extractor']['name']})")
+    if result.get("kid", 0) < 0:  # the unbiased estimate's noise around 0
+        line += "\n(KID is an unbiased estimate, negative when the two sets cannot be told apart at this size: read it as 0)"
+    return line
 
 
 def main(args) -> int:
@@ -338,7 +387,8 @@ def run(args, state) -> int:
         feats, spatial_feats = feats if spatial else (feats, None)
         result = {**metrics(feats, ref, extractor, chosen, spatial_feats), "folders": args.folders}
     else:  # calc: the reference and the counts are checked before sampling (extractor built above)
-        check_reference(chosen, args.ref, extractor, args.num_samples)
+        check_out_outside_ref(args.out, args.ref)
+        signature = check_reference(chosen, args.ref, extractor, args.num_samples)
         info = run_sampling(args, state)
         if not state.is_main_process:
             return 0
@@ -347,6 +397,10 @@ def run(args, state) -> int:
                                   files=list(iter_sample_paths(args.out, args.num_samples)), spatial=spatial)
         feats, spatial_feats = feats if spatial else (feats, None)
         args.ref_resolution = info["height"] if info["height"] == info["width"] else None
+        if features.reference_signature(args.ref) != signature:  # rewritten (nala-fid ref) while sampling
+            raise ValueError(f"--ref {args.ref!r} changed while the samples were made; run calc again (the samples "
+                             "are kept and reused), so that the reference is checked and read as one file")
+        check_reference(chosen, args.ref, extractor, args.num_samples)
         ref = reference(args.ref, args, extractor, device, spatial)
         result = {**metrics(feats, ref, extractor, chosen, spatial_feats), **info, "reference": args.ref}
     result["feature_extractor"] = extractor.describe()

@@ -12,7 +12,7 @@ import numbers
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 # what ``__call__`` uses when neither the call nor the pipeline's ``sampling_defaults`` say otherwise (DiT's)
 SAMPLING_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 4.0}
 LabelArg = Union[int, str, Sequence[Union[int, str]]]
-SharpnessArg = Optional[Union[str, float]]
+SharpnessArg = Optional[Union[str, float, Mapping[str, float]]]
 # noise levels of the calibration inputs of attention_sharpness="auto"
 SHARPNESS_TIMESTEPS = (250, 500, 750)
 
@@ -265,6 +265,10 @@ class NaLaDiTPipeline(DiffusionPipeline):
                 raise ValueError(f"{name}={value} must be a positive multiple of {unit} (patch size x VAE factor)")
         if not _is_integer(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
+        schedule = getattr(self.scheduler.config, "num_train_timesteps", None)
+        if schedule is not None and num_inference_steps > schedule:
+            raise ValueError(f"num_inference_steps={num_inference_steps} exceeds the scheduler's {schedule} training "
+                             "timesteps; sample with at most that many steps")
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0 (1 disables guidance), got {guidance_scale}")
         bad_inputs = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
@@ -326,6 +330,14 @@ class NaLaDiTPipeline(DiffusionPipeline):
         if guidance_interval_unit == "sigma" and getattr(self.scheduler, "alphas_cumprod", None) is None:
             raise ValueError(f"guidance_interval_unit='sigma' needs a scheduler with alphas_cumprod; "
                              f"{type(self.scheduler).__name__} has none")
+        if guidance_interval is not None:
+            low, high = (float(v) for v in guidance_interval)
+            first, last = self.interval_range(guidance_interval_unit)
+            if low > high or low < 0 or low > last or high < first:
+                raise ValueError(
+                    f"guidance_interval ({low:g}, {high:g}) in {guidance_interval_unit} units must be (low, high) with "
+                    f"0 <= low <= high, overlapping the schedule's {first:.4g} .. {last:.4g}; this one would turn "
+                    "guidance off")
         channels = self.transformer.config.in_channels
         if guidance_channels != "all" and (not _is_integer(guidance_channels) or not 1 <= guidance_channels <= channels):
             raise ValueError(f"guidance_channels must be 'all' or a channel count in 1..{channels} (DiT guides 3), "
@@ -333,9 +345,9 @@ class NaLaDiTPipeline(DiffusionPipeline):
         variance_type = getattr(self.scheduler.config, "variance_type", None)
         learns = variance_type in LEARNED_VARIANCE_TYPES
         if use_learned_variance:
-            if self.transformer.config.out_channels != 2 * channels:
+            if self.transformer.out_channels != 2 * channels:
                 raise ValueError("use_learned_variance needs a model with learned variance (out_channels = 2 x "
-                                 f"in_channels); this one has out_channels {self.transformer.config.out_channels}")
+                                 f"in_channels); this one has out_channels {self.transformer.out_channels}")
             if not learns:
                 raise ValueError(
                     f"use_learned_variance needs a scheduler that samples with it, DDPMScheduler(variance_type="
@@ -344,6 +356,14 @@ class NaLaDiTPipeline(DiffusionPipeline):
         elif learns:
             raise ValueError(f"the scheduler's variance_type is {variance_type!r}, which needs the model's variance: "
                              "pass use_learned_variance=True, or use a scheduler with a fixed variance")
+
+    def interval_range(self, unit: str) -> Tuple[float, float]:
+        """The smallest and largest value a step can have in ``unit`` (timesteps 0 .. T - 1, or their sigma)."""
+        last_step = self.scheduler.config.num_train_timesteps - 1
+        if unit == "timestep":
+            return 0.0, float(last_step)
+        alphas = self.scheduler.alphas_cumprod
+        return tuple(math.sqrt((1 - float(alphas[t])) / float(alphas[t])) for t in (0, last_step))
 
     def guided_at(self, t, guidance_interval, guidance_interval_unit: str = "timestep") -> bool:
         """Whether step ``t`` lies inside ``guidance_interval`` (closed; timesteps, or sigma =
@@ -381,6 +401,11 @@ class NaLaDiTPipeline(DiffusionPipeline):
         null = torch.full_like(class_ids, self.transformer.null_class_label)
         both_ids = torch.cat([class_ids, null])  # (2B,): conditional, then unconditional
         step_kwargs = self._step_kwargs(generator)
+        if do_guidance and guidance_interval is not None and not any(
+                self.guided_at(t, guidance_interval, guidance_interval_unit) for t in timesteps):
+            raise ValueError(f"guidance_interval {tuple(guidance_interval)} ({guidance_interval_unit}) holds none of the "
+                             f"{len(timesteps)} sampled steps ({[int(t) for t in timesteps][:6]} ...), so guidance "
+                             f"{guidance_scale} would never apply; widen it or sample with more steps")
         progress = self.progress_bar(total=len(timesteps))
         if description:
             progress.set_description(description)
@@ -400,7 +425,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
                     if guidance_channels == "all":
                         prediction = uncond + guidance_scale * (cond - uncond)
                     else:  # DiT's own code guides its first 3 channels and keeps the conditional rest
-                        k = guidance_channels
+                        k = int(guidance_channels)  # 3.0 is 3
                         prediction = torch.cat([uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k]),
                                                 cond[:, k:]], dim=1)
                     variance = variance.chunk(2)[0]  # the conditional branch's, as DiT samples
@@ -450,7 +475,9 @@ class NaLaDiTPipeline(DiffusionPipeline):
                                                                      position_embedding, content)
             report["layers"] = resolution_sharpness(model, train_rows * train_cols, rows * cols, train_inputs, target_inputs)
             return report
-        set_attention_sharpness(model, float(attention_sharpness))
+        # a factor for every layer, or {layer: factor} (e.g. the factors of an earlier "auto" report)
+        set_attention_sharpness(model, attention_sharpness if isinstance(attention_sharpness, Mapping)
+                                else float(attention_sharpness))
         report["layers"] = {name: {"sharpness": value} for name, value in attention_sharpness_of(model).items()}
         return report
 

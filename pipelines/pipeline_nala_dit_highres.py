@@ -13,7 +13,6 @@ Also usable with ``custom_pipeline=``; the base pipeline is imported as a module
 holds exactly one ``DiffusionPipeline`` subclass.
 """
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -74,11 +73,19 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
             self.vae.disable_tiling()
 
     def stage_sizes(self, height: int, width: int, num_stages: Optional[int] = None) -> List[tuple]:
-        """Sizes of the progressive stages, smallest first, ending at (height, width); each stage doubles."""
+        """Sizes of the progressive stages, smallest first, ending at (height, width). By default the first
+        stage has its longer side at the training size and each next stage doubles it, the last one
+        clamped to (height, width); ``num_stages`` instead halves (height, width) that many times less one."""
         unit = self.size_unit
         if num_stages is None:
-            ratio = max(height, width) / self.default_sample_size
-            num_stages = max(1, round(math.log2(ratio)) + 1) if ratio > 1 else 1
+            scale = self.default_sample_size / max(height, width)
+            if scale >= 1:
+                return [(height, width)]
+            sizes = []
+            while scale < 1:
+                sizes.append((max(unit, round(height * scale / unit) * unit), max(unit, round(width * scale / unit) * unit)))
+                scale *= 2
+            return sizes + [(height, width)]
         if num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {num_stages}")
         sizes = []

@@ -21,7 +21,7 @@ from nala_diffusion.pipelines.schedulers import (
     guidance_kwargs,
     set_sampler,
 )
-from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error
+from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, positive_int
 from nala_diffusion.utils.files import save_grid_atomically
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,10 +50,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "(facebook/DiT-XL-2-256) runs unchanged (default: the shipped demo pipeline)")
     parser.add_argument("--labels", nargs="+", type=parse_label, default=None,
                         help="class ids or names (default: every class, in order)")
-    parser.add_argument("--images_per_label", "--images-per-label", type=int, default=1, help='images drawn for each label')
-    parser.add_argument("--height", type=int, default=None, help="pixels (default: the training size)")
-    parser.add_argument("--width", type=int, default=None, help="pixels (default: the training size)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--images_per_label", "--images-per-label", type=positive_int, default=1, help='images drawn for each label')
+    parser.add_argument("--height", type=positive_int, default=None, help="pixels (default: the training size)")
+    parser.add_argument("--width", type=positive_int, default=None, help="pixels (default: the training size)")
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="denoising steps (default: the pipeline's sampling_defaults, else 50)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale, 1 = off (default: the pipeline's sampling_defaults, else 4.0)")
@@ -72,7 +72,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add_guidance_args(parser)
     parser.add_argument("--no_memory_check", "--no-memory-check", dest="memory_check", action="store_false",
                         help="sample even where the activations are estimated not to fit in free memory")
-    parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: per label)")
+    parser.add_argument("--nrow", type=positive_int, default=None, help="images per grid row (default: per label)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help='weights and compute dtype of the pipeline')
     parser.add_argument("--fused_attention", "--fused-attention", action="store_true",

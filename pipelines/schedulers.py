@@ -22,6 +22,8 @@ def scheduler_from_name(name: str, config: Dict[str, Any]):
         raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
     import diffusers
 
+    if SCHEDULERS[name] != "DDPMScheduler":  # a learned variance (DDPM's variance_type) does not carry over
+        config = {k: v for k, v in dict(config).items() if k != "variance_type"}
     return getattr(diffusers, SCHEDULERS[name]).from_config(config)
 
 GUIDANCE_CHANNEL_CHOICES = ("all", "3")
@@ -44,7 +46,8 @@ def add_guidance_args(parser) -> None:
     parser.add_argument(*names("guidance_interval_unit"), dest="guidance_interval_unit", choices=("timestep", "sigma"),
                         default="timestep", help="unit of --guidance_interval")
     parser.add_argument(*names("guidance_channels"), dest="guidance_channels", choices=GUIDANCE_CHANNEL_CHOICES,
-                        default="all", help="'all' mean channels (diffusers' DiTPipeline) or '3' (DiT's own sampler)")
+                        default=None, help="'all' mean channels (diffusers' DiTPipeline; the default) or '3' (DiT's own "
+                                           "sampler)")
     parser.add_argument(*names("learned_variance"), dest="learned_variance", action="store_true",
                         help="sample with the model's learned variance (DDPM, variance_type learned_range; models with "
                              "out_channels = 2 x in_channels)")
@@ -54,7 +57,7 @@ def guidance_kwargs(args) -> Dict[str, Any]:
     """The pipeline keyword arguments of the flags of :func:`add_guidance_args`."""
     return {"guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
             "guidance_interval_unit": args.guidance_interval_unit,
-            "guidance_channels": "all" if args.guidance_channels == "all" else int(args.guidance_channels),
+            "guidance_channels": "all" if args.guidance_channels in (None, "all") else int(args.guidance_channels),
             "use_learned_variance": args.learned_variance}
 
 

@@ -93,7 +93,12 @@ def test_quality_tool_reports_accuracy_and_fid_ratio(tmp_path, capsys):
     from nala_diffusion.metrics import scores
 
     assert (rerun["precision_trained"], rerun["recall_trained"]) == pytest.approx(scores.precision_recall(fake, real))
-    assert rerun["is_mean_trained"] == pytest.approx(scores.inception_score(extractor.logits(fake))[0])
+    assert rerun["is_mean_trained"] is None  # 10 samples over 10 splits: one image a split always scores 1
+    with pytest.raises(ValueError, match="needs at least 20 samples"):
+        scores.inception_score(extractor.logits(fake))
+    twenty = features.folder_features(str(tmp_path / "q" / "trained" / "samples"), extractor, "cpu", verbose=False)
+    assert result["is_mean_trained"] == pytest.approx(scores.inception_score(extractor.logits(twenty))[0])
+    assert result["is_mean_trained"] > 1.05
     assert rerun["num_real"] == len(real) == 1000 and 0 <= rerun["precision_untrained"] <= 1
     # and other settings in the same folder are refused
     assert quality.main(["--model", str(tmp_path / "pipe"), "--classifier", nala_diffusion.demo_classifier_path(),

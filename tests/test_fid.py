@@ -298,3 +298,37 @@ def test_a_refused_lock_ends_every_process_of_a_launch(assets, tmp_path):
     # rank 0 refuses, naming the holder; the launcher then ends rank 1 instead of leaving it at a barrier
     assert result.returncode != 0 and f"being written by process {pid}" in result.stderr
     assert not (out / "samples").exists()
+
+
+def test_builtin_reference_equals_its_exported_folder_and_the_demo_scores_offline(tmp_path, capsys):
+    from nala_diffusion import demo_classifier_path, demo_pipeline_path
+    from nala_diffusion.data.datasets import load_dataset
+
+    classifier = demo_classifier_path()
+    out = tmp_path / "demo"
+    assert cli(["calc", "--model", demo_pipeline_path(), "--ref", "builtin:photos:test", "--num_samples", "10",
+                "--steps", "2", "--out", str(out), "--feature_extractor", classifier, "--metrics", "fid", "kid"]) == 0
+    result = json.loads((out / "fid.json").read_text())
+    assert result["reference"] == "builtin:photos:test" and result["num_reference"] == 1000
+    assert result["reference_kind"] == "built-in dataset" and np.isfinite(result["fid"])
+    # the same images as the folder an export writes: the same FID
+    load_dataset("builtin:photos", 32, split="test").export(str(tmp_path / "exported"))
+    assert cli(["compare", str(out / "samples"), str(tmp_path / "exported"), "--feature_extractor", classifier,
+                "--json", str(tmp_path / "folder.json")]) == 0
+    assert json.loads((tmp_path / "folder.json").read_text())["fid"] == pytest.approx(result["fid"], rel=1e-6)
+    assert cli(["calc", "--model", demo_pipeline_path(), "--ref", "builtin:nope", "--num_samples", "10",
+                "--out", str(tmp_path / "x"), "--feature_extractor", classifier]) == 2
+    assert "unknown built-in dataset" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_uniform_label_draw_is_per_image_and_dit_protocol_takes_it(assets, tmp_path, capsys):
+    from nala_diffusion.metrics.samples import uniform_labels
+
+    labels = uniform_labels(3000, 1000, seed=0)
+    assert labels[:100] == uniform_labels(100, 1000, seed=0)  # image i's label does not depend on the count
+    assert labels != uniform_labels(3000, 1000, seed=1) and 900 < len(set(labels)) < 1000  # random, not a cycle
+    assert cli(["sample", *sample_args(assets, tmp_path / "u", n=8), "--label_draw", "uniform"]) == 0
+    fingerprint = json.loads((tmp_path / "u" / "fingerprint.json").read_text())
+    assert fingerprint["labels"] == "uniform over 3 classes"
+    assert cli(["sample", *sample_args(assets, tmp_path / "both", n=8), "--label_draw", "uniform", "--labels", "1"]) == 2
+    assert "exclude each other" in capsys.readouterr().err

@@ -129,9 +129,15 @@ def test_guidance_interval_all_none_and_part(cls):
     assert np.array_equal(sample(pipe, guidance_interval=(0, float(sigmas.max()) + 1), guidance_interval_unit="sigma"),
                           today)
     counter.unconditional = 0
-    empty = sample(pipe, guidance_interval=(2000, 3000))
-    assert counter.unconditional == 0  # no unconditional pass at all
-    assert np.array_equal(empty, sample(pipe, guidance_scale=1.0))
+    # an interval that would turn guidance off is refused, not sampled unguided under a guidance scale
+    for interval, unit in (((2000, 3000), "timestep"), ((800, 100), "timestep"), ((-5, -1), "timestep"),
+                           ((float(sigmas.max()) + 1, float(sigmas.max()) + 2), "sigma")):
+        with pytest.raises(ValueError, match="would turn guidance off"):
+            sample(pipe, guidance_interval=interval, guidance_interval_unit=unit)
+    with pytest.raises(ValueError, match="holds none of the 6 sampled steps"):
+        sample(pipe, guidance_interval=(510, 520))  # inside the schedule, between two of the 6 steps
+    assert counter.unconditional == 0  # refused before any pass
+    empty = sample(pipe, guidance_scale=1.0)
     pipe.scheduler.set_timesteps(6)
     inside = [int(t) for t in pipe.scheduler.timesteps if 300 <= int(t) <= 700]
     counter.unconditional = 0
@@ -185,13 +191,15 @@ def test_command_line_guidance_variance_and_the_dit_protocol(learned_sigma_model
     NaLaDiTHighResPipeline(transformer, DDIMScheduler()).save_pretrained(tmp_path / "pipe")
     common = ["--model", str(tmp_path / "pipe"), "--labels", "0", "1", "--steps", "3"]
     grids = {}
-    for name, extra in (("empty", ["--guidance-interval", "2000", "3000"]), ("unguided", ["--guidance", "1"]),
+    assert sample_main([*common, "--guidance-interval", "800", "100", "--out", str(tmp_path / "reversed.png")]) == 2
+    assert "would turn guidance off" in capsys.readouterr().err and not (tmp_path / "reversed.png").exists()
+    for name, extra in (("unguided", ["--guidance", "1"]),
                         ("all", ["--guidance_interval", "0", "999"]), ("default", []),
                         ("learned", ["--learned-variance", "--steps", "3"])):
         out = tmp_path / f"{name}.png"
         assert sample_main([*common, *extra, "--out", str(out)]) == 0, name
         grids[name] = out.read_bytes()
-    assert grids["empty"] == grids["unguided"] and grids["all"] == grids["default"]
+    assert grids["all"] == grids["default"] != grids["unguided"]
     assert grids["learned"] != grids["default"]
     assert sample_main([*common, "--learned-variance", "--scheduler", "ddim", "--out", str(tmp_path / "x.png")]) == 2
     assert "samples with DDPM" in capsys.readouterr().err

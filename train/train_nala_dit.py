@@ -91,6 +91,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add_option_flags(model, defaults={
         "norm_scale_mode": "the model's; new NaLa models: calibrated, the median query norm per head on one training batch",
     })
+    model.add_argument("--recalibrate_norm_scale", action="store_true",
+                       help="with --init_from: calibrate sigma again even in layers whose sigma the model brings "
+                            "(default: kept, as every other weight)")
     model.add_argument("--norm_scale_quantile", type=float, default=0.5,
                        help="calibration sets sigma to this quantile of each head's query norms")
     objective = p.add_argument_group("objective")
@@ -271,9 +274,17 @@ def timestep_bounds(args, noise_scheduler):
     return tuple(args.timestep_range or (0, noise_scheduler.config.num_train_timesteps))
 
 
-def needs_calibration(model) -> bool:
+def layers_to_calibrate(args, model, source) -> List[str]:
+    """The NaLa layers whose sigma is calibrated before the first step: every calibrated or learnable one,
+    except, with ``--init_from``, those whose sigma the source brings (kept, as every other weight,
+    unless ``--recalibrate_norm_scale``)."""
     from nala_diffusion.models.norm_awareness import nala_processors
-    return any(p.norm_scale_mode != "fixed" for p in nala_processors(model).values())
+
+    inherited = set()
+    if args.init_from and not args.recalibrate_norm_scale:
+        suffix = ".processor.log_norm_scale"
+        inherited = {name[: -len(suffix)] for name in source.state_dict() if name.endswith(suffix)}
+    return [name for name, p in nala_processors(model).items() if p.norm_scale_mode != "fixed" and name not in inherited]
 
 
 def step_generator(seed: int, batch_index: int, process_index: int, device) -> torch.Generator:
@@ -335,7 +346,9 @@ STEP_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 RESUME_FREE_ARGS = {"max_train_steps", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
                     "resume_from_checkpoint", "logging_steps", "validation_steps", "validation_labels",
                     "validation_inference_steps", "validation_guidance_scale", "report_to", "dataloader_num_workers", "overwrite",
-                    "train_data_dir", "dataset", "init_from", "teacher", "vae", "model_config"}
+                    "train_data_dir", "dataset", "init_from", "teacher", "vae", "model_config",
+                    # the layout flags: the model config compares the layout they give, whatever its spelling
+                    "softmax_layers", "attention_types"}
 
 
 def main(args) -> int:
@@ -467,6 +480,10 @@ def train(args) -> int:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     check_distributed(accelerator)
+    if accelerator.mixed_precision in ("fp16", "bf16") and not accelerator.native_amp:
+        raise ValueError(f"mixed precision {accelerator.mixed_precision} (--mixed_precision or accelerate's configuration) "
+                         f"does not run on {accelerator.device}: accelerate would train in float32 and the run would "
+                         "record fp16. On a CPU use bf16 or no; nothing was written")
     set_seed(args.seed)
     stop = StopRequest()
     os.makedirs(args.output_dir, exist_ok=True)
@@ -502,26 +519,28 @@ def train(args) -> int:
 
     # 2. Models
     model, calibration_source = build_model(args, in_channels, args.resolution // vae_factor, len(classes))
+    calibrate_layers = layers_to_calibrate(args, model, calibration_source)
     model, id2label, class_ids = resolve_classes(args, model, classes)
     if args.class_embedding == "new":
         calibration_source = model  # the source's labels mean other classes
     dataset = MappedLabels(dataset, class_ids)
     null_label = model.null_class_label
-    learned = model.config.out_channels == 2 * in_channels
+    learned = model.out_channels == 2 * in_channels
     if args.variance_loss is None:
         args.variance_loss = "vlb" if learned else "none"
     elif args.variance_loss == "vlb" and not learned:
         raise ValueError(f"--variance_loss vlb needs a model with learned variance (out_channels = 2 x {in_channels}); "
-                         f"this one has out_channels {model.config.out_channels}")
+                         f"this one has out_channels {model.out_channels}")
     noise_scheduler = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear", beta_start=1e-4,
                                     beta_end=0.02, prediction_type=args.prediction_type, clip_sample=vae is None)
     probe = probe_batch(args, dataset, vae, noise_scheduler, accelerator.device)
-    if needs_calibration(model) and not resume_path:
+    if calibrate_layers and not resume_path:
         # sigma from the queries the layers see on real noised data (a resumed run loads its own)
         model.to(accelerator.device)
         calibration_source.to(accelerator.device)
         sigmas = calibrate_norm_scale(model, probe[0], timestep=probe[1], class_labels=probe[2],
-                                      source=calibration_source, quantile=args.norm_scale_quantile)
+                                      source=calibration_source, quantile=args.norm_scale_quantile,
+                                      layers=calibrate_layers)
         logger.info(f"calibrated NaLa's norm_scale per layer and head: {sigmas}", main_process_only=True)
     del calibration_source
     if args.gradient_checkpointing:

@@ -22,7 +22,7 @@ VARIANCE_LOSSES = ("vlb", "none")
 
 def has_learned_variance(model) -> bool:
     """Whether a DiT-family model predicts a variance half (``out_channels == 2 * in_channels``)."""
-    return model.config.out_channels == 2 * model.config.in_channels
+    return model.out_channels == 2 * model.config.in_channels
 
 
 def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

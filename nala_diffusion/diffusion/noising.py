@@ -12,6 +12,11 @@ def noised_copies(scheduler, x0: torch.Tensor, timesteps: Sequence[int],
     """``x0`` noised at each of ``timesteps`` in turn by ``scheduler.add_noise``, fresh noise from
     ``generator`` drawn in timestep order: ``(noisy, noise, steps)``, each the copies of all timesteps
     concatenated along the batch (timestep-major)."""
+    count = scheduler.config.num_train_timesteps
+    bad = [t for t in timesteps if isinstance(t, bool) or int(t) != t or not 0 <= int(t) < count]
+    if bad:
+        raise ValueError(f"timesteps {bad} are outside the noise schedule: integers 0 .. {count - 1} (0 is the least "
+                         "noisy)")
     noisy, noises, steps = [], [], []
     for t in timesteps:
         noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)

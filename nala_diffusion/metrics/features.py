@@ -202,12 +202,14 @@ def build_extractor(mode: str, device, inception_weights: Optional[str] = None, 
 
 @torch.no_grad()
 def image_files(folder: str) -> List[str]:
-    """The image files clean-fid reads in ``folder`` (recursively), sorted."""
+    """The image files in ``folder`` (recursively), sorted: clean-fid's image extensions, without its
+    ``.npy`` (a stray ``labels.npy`` is not an image)."""
     from glob import glob
 
     from cleanfid.fid import EXTENSIONS
 
-    return sorted(f for ext in EXTENSIONS for f in glob(os.path.join(glob_escape(folder), f"**/*.{ext}"), recursive=True))
+    return sorted(f for ext in EXTENSIONS if ext.lower() != "npy"
+                  for f in glob(os.path.join(glob_escape(folder), f"**/*.{ext}"), recursive=True))
 
 
 def glob_escape(path: str) -> str:
@@ -253,11 +255,11 @@ def folder_features(folder: str, extractor: Extractor, device, batch_size: int =
     if not files:
         raise ValueError(f"image folder {folder!r} holds no images")
     try:
-        features = cleanfid_fid.get_files_features(
-            files, model=_network(extractor, spatial), num_workers=0, batch_size=batch_size, device=device,
-            mode=extractor.mode, custom_fn_resize=extractor.resize,
-            description=f"features {os.path.basename(folder.rstrip('/'))}", verbose=verbose,
-        )
+        loader = torch.utils.data.DataLoader(FileImages(files, extractor.mode, extractor.resize), batch_size=batch_size,
+                                             shuffle=False, num_workers=0)
+        network = _network(extractor, spatial)
+        batches = tqdm(loader, desc=f"features {os.path.basename(folder.rstrip('/'))}") if verbose else loader
+        features = np.concatenate([cleanfid_fid.get_batch_features(batch, network, device) for batch in batches])
     except (OSError, ValueError) as error:
         bad = _first_unreadable(files)
         if bad is None:
@@ -266,22 +268,39 @@ def folder_features(folder: str, extractor: Extractor, device, batch_size: int =
     return _split(features, extractor, spatial)
 
 
-class ArrayImages(ResizeDataset):
+class FileImages(ResizeDataset):
+    """clean-fid's ``ResizeDataset`` over image files, each read as training reads it
+    (:func:`~nala_diffusion.data.datasets.load_rgb`: 16-bit greyscale scaled to 8 bits, where clean-fid's
+    ``convert("RGB")`` would clip it to white); 8-bit images give clean-fid's own pixels."""
+
+    def __init__(self, files: Sequence[str], mode: str, fn_resize: Optional[Callable] = None):
+        super().__init__(files=list(files), mode=mode)
+        if fn_resize is not None:
+            self.fn_resize = fn_resize
+
+    def pixels(self, i) -> np.ndarray:
+        from nala_diffusion.data.datasets import load_rgb
+
+        return np.array(load_rgb(str(self.files[i])))
+
+    def __getitem__(self, i):
+        resized = self.fn_resize(self.pixels(i))
+        if resized.dtype == "uint8":
+            return self.transforms(np.array(resized)) * 255
+        return self.transforms(resized)
+
+
+class ArrayImages(FileImages):
     """clean-fid's ``ResizeDataset`` over an in-memory ``(N, H, W, 3)`` uint8 array (the guided-diffusion
     evaluator's ``arr_0``): the same resize and scaling as for image files, so an array and a folder of
     the same images (PNG, lossless) give the same features."""
 
     def __init__(self, images: np.ndarray, mode: str, fn_resize: Optional[Callable] = None):
-        super().__init__(files=list(range(len(images))), mode=mode)
+        super().__init__(range(len(images)), mode, fn_resize)
         self.images = images
-        if fn_resize is not None:
-            self.fn_resize = fn_resize
 
-    def __getitem__(self, i):
-        resized = self.fn_resize(np.asarray(self.images[i]))
-        if resized.dtype == "uint8":
-            return self.transforms(np.array(resized)) * 255
-        return self.transforms(resized)
+    def pixels(self, i) -> np.ndarray:
+        return np.asarray(self.images[i])
 
 
 def array_features(images: np.ndarray, extractor: Extractor, device, batch_size: int = 32, verbose: bool = True,
@@ -339,15 +358,48 @@ def check_reference_metrics(metrics, allows: Sequence[str], source: str, kind: s
             "`nala-fid ref --images DIR --out ref.npz --metrics " + " ".join(metrics) + "`")
 
 
-def _npz_shape(path: str, key: str) -> Tuple[int, ...]:
-    """The shape of array ``key`` in an .npz, read from its header without loading it."""
+def _npz_header(path: str, key: str) -> Tuple[Tuple[int, ...], np.dtype]:
+    """(shape, dtype) of array ``key`` in an .npz, read from its header without loading it."""
     import zipfile
 
     with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as handle:
         version = np.lib.format.read_magic(handle)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, _ = read_header(handle)
-    return tuple(shape)
+        shape, _, dtype = read_header(handle)
+    return tuple(shape), np.dtype(dtype)
+
+
+def _npz_shape(path: str, key: str) -> Tuple[int, ...]:
+    return _npz_header(path, key)[0]
+
+
+def check_npz_arrays(source: str, keys, extractor: "Extractor") -> None:
+    """Refuse, from the headers alone, an .npz whose arrays cannot serve: evaluator images that are not
+    (N, H, W, 3) uint8, or statistics without both mu and sigma of the extractor's feature size."""
+    if EVALUATOR_IMAGES in keys:
+        shape, dtype = _npz_header(source, EVALUATOR_IMAGES)
+        if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8 or shape[0] == 0:
+            raise ValueError(f"{source!r}: its images ({EVALUATOR_IMAGES}) are {dtype} {shape}; a reference batch holds "
+                             "(N, height, width, 3) uint8 RGB images (not float, channels-first, greyscale or RGBA)")
+        return
+    if ("mu" in keys) != ("sigma" in keys):
+        raise ValueError(f"{source!r} holds {'mu' if 'mu' in keys else 'sigma'} without "
+                         f"{'sigma' if 'mu' in keys else 'mu'}; FID needs both")
+    if "mu" in keys:
+        (mu_shape, _), (sigma_shape, _) = _npz_header(source, "mu"), _npz_header(source, "sigma")
+        size = extractor.feature_dim
+        if len(mu_shape) != 1 or sigma_shape != (mu_shape[0], mu_shape[0]) or (size and mu_shape[0] != size):
+            raise ValueError(f"{source!r}: mu {mu_shape} and sigma {sigma_shape} do not fit {extractor.name}'s "
+                             f"{size}-dimensional features (mu ({size},), sigma ({size}, {size}))")
+
+
+def reference_signature(source: str) -> Optional[Tuple[int, int]]:
+    """(size, modification time) of a reference file, to see at load time that it is the file that was
+    checked before sampling; None for folders, built-in data and names."""
+    if not os.path.isfile(source):
+        return None
+    stat = os.stat(source)
+    return stat.st_size, stat.st_mtime_ns
 
 
 #: ``--ref builtin:<name>[:<split>]``: a built-in dataset's images (default split: train)
@@ -387,6 +439,16 @@ def peek_reference(source: str, extractor: Extractor) -> Tuple[str, List[str], O
             raise ValueError(f"reference folder {source!r} holds no images")
         return "folder", reference_allows(True, True), count
     if not os.path.isfile(source):
+        if source.endswith(".npz") or os.sep in source or not source:
+            raise ValueError(f"--ref {source!r}: no such file or folder")
+        if extractor.name != "inception":
+            raise ValueError(f"--ref {source!r} is neither a folder nor a stats file (custom-stats names are Inception only)")
+        import cleanfid
+
+        stats = os.path.join(os.path.dirname(cleanfid.__file__), "stats", f"{source}_{extractor.mode}_custom_na.npz".lower())
+        if not os.path.isfile(stats):
+            raise ValueError(f"--ref {source!r} is not a folder, a file, a built-in dataset (builtin:<name>) or a clean-fid "
+                             f"custom-stats name registered for mode {extractor.mode} (no {stats})")
         return "clean-fid custom statistics", reference_allows(False, False), None
     try:
         with np.load(source, allow_pickle=False) as data:
@@ -396,6 +458,13 @@ def peek_reference(source: str, extractor: Extractor) -> Tuple[str, List[str], O
             count = int(data["num_images"]) if "num_images" in keys else None
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read reference statistics {source!r}: {error}") from None
+    if saved is not None and saved != (extractor.name, extractor.mode):
+        raise ValueError(f"{source!r} was made with extractor {saved[0]} mode {saved[1]}, not {extractor.name} "
+                         f"mode {extractor.mode}")
+    try:
+        check_npz_arrays(source, keys, extractor)
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(str(error) if isinstance(error, ValueError) else f"cannot read {source!r}: {error}") from None
     if is_evaluator_batch(keys):
         if EVALUATOR_IMAGES in keys:
             return "evaluator images", reference_allows(True, True), _npz_shape(source, EVALUATOR_IMAGES)[0]

@@ -44,6 +44,19 @@ def balanced_labels(num_samples: int, num_classes: int, labels: Optional[Sequenc
     return [cycle[i % len(cycle)] for i in range(num_samples)]
 
 
+LABEL_DRAWS = ("balanced", "uniform")
+_LABEL_STREAM = 0x1ABE1  # keeps the label draws apart from the image noise, which is seeded seed + i too
+
+
+def uniform_labels(num_samples: int, num_classes: int, seed: int) -> List[int]:
+    """Label of every image index drawn uniformly at random, as DiT's ``sample_ddp.py`` draws them, but
+    from a stream per image (numpy's SeedSequence of (stream, seed, i)), so that image i has the same
+    label on any number of processes."""
+    import numpy as np
+
+    return [int(np.random.default_rng([_LABEL_STREAM, seed, i]).integers(num_classes)) for i in range(num_samples)]
+
+
 def rank_batches(num_samples: int, batch_size: int, rank: int, world_size: int) -> List[List[int]]:
     batches = [list(range(start, min(start + batch_size, num_samples))) for start in range(0, num_samples, batch_size)]
     return batches[rank::world_size]
@@ -97,7 +110,8 @@ DERIVED_FILES = ("fid.json", "samples.npz")
 def guard_samples(out_dir: str, fingerprint: dict, overwrite: bool = False, write: bool = True) -> str:
     """Refuse to add to ``out_dir/samples`` images made with another fingerprint (model weights and
     config, scheduler, steps, guidance, size, labels, seed, code version), naming what differs;
-    with ``overwrite`` the old images are removed first. See :func:`~nala_diffusion.utils.run_guard.check_fingerprint`."""
+    with ``overwrite`` the old images are removed first. See :func:`~nala_diffusion.utils.run_guard.check_fingerprint`.
+    Temporary files of a run killed while writing an image (``.tmp-*``) are removed."""
     samples = os.path.join(out_dir, SAMPLE_DIR)
 
     def has_outputs() -> bool:
@@ -109,8 +123,13 @@ def guard_samples(out_dir: str, fingerprint: dict, overwrite: bool = False, writ
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
 
-    return check_fingerprint(out_dir, fingerprint, overwrite=overwrite, has_outputs=has_outputs, clear=clear,
-                             what="samples", write=write)
+    status = check_fingerprint(out_dir, fingerprint, overwrite=overwrite, has_outputs=has_outputs, clear=clear,
+                               what="samples", write=write)
+    if write and os.path.isdir(samples):  # before any process writes: images of a killed run never renamed into place
+        for name in os.listdir(samples):
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(samples, name))
+    return status
 
 
 def generate_samples(

@@ -33,6 +33,9 @@ from cleanfid import fid as cleanfid_fid
 from nala_diffusion.metrics.feature_constants import METRICS  # noqa: F401  (re-exported)
 
 IS_SPLITS = 10
+#: images per split an Inception Score needs: with one, every split's p(y) is its own p(y|x) and the score is 1
+IS_MIN_PER_SPLIT = 2
+IS_MIN_SAMPLES = IS_SPLITS * IS_MIN_PER_SPLIT
 PR_NEIGHBOURS = 3
 #: rows of a distance block (block x all the other set's features, float32): 1000 x 50,000 is 200 MB
 PR_BLOCK_ROWS = 1000
@@ -47,7 +50,9 @@ def statistics(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    return float(cleanfid_fid.frechet_distance(mu1, sigma1, mu2, sigma2))
+    """clean-fid's Frechet distance, at least 0: a squared distance, whose round-off can fall a hair below
+    0 for two identical sets (printed as -0.0000)."""
+    return max(0.0, float(cleanfid_fid.frechet_distance(mu1, sigma1, mu2, sigma2)))
 
 
 def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, seed: int = 0) -> float:
@@ -64,9 +69,10 @@ def inception_score(logits: np.ndarray, splits: int = IS_SPLITS) -> Tuple[float,
     p(y|x)), over ``splits`` splits [i N / splits, (i + 1) N / splits) of the samples permuted by
     ``numpy.random.RandomState(IS_SHUFFLE_SEED).permutation(N)``."""
     logits = np.asarray(logits)
-    if logits.ndim != 2 or len(logits) < splits:
-        raise ValueError(f"the Inception Score needs at least {splits} samples of (N, classes) logits, "
-                         f"got shape {logits.shape}")
+    if logits.ndim != 2 or len(logits) < splits * IS_MIN_PER_SPLIT:
+        raise ValueError(f"the Inception Score over {splits} splits needs at least {splits * IS_MIN_PER_SPLIT} samples "
+                         f"({IS_MIN_PER_SPLIT} per split: one image per split always scores 1) of (N, classes) "
+                         f"logits, got shape {logits.shape}")
     from torch_fidelity.metric_isc import isc_features_to_metric
 
     result = isc_features_to_metric(torch.from_numpy(logits).double(), splits=splits, shuffle=True,
@@ -98,7 +104,7 @@ def suite(features: np.ndarray, reference: np.ndarray, logits=None) -> dict:
     sample ``features`` against ``reference`` features, as the quality tool and the studies report them
     beside FID; a metric is None where there are too few samples for it."""
     result = {"is_mean": None, "is_std": None, "precision": None, "recall": None}
-    if logits is not None and len(features) >= IS_SPLITS:
+    if logits is not None and len(features) >= IS_MIN_SAMPLES:
         result["is_mean"], result["is_std"] = inception_score(logits(features))
     if min(len(features), len(reference)) > PR_NEIGHBOURS:
         result["precision"], result["recall"] = precision_recall(features, reference)

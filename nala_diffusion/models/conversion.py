@@ -9,6 +9,7 @@ original did.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
@@ -127,6 +128,13 @@ def convert_dit_to_nala(
     source = dit.state_dict()
     missing, unexpected = model.load_state_dict(source, strict=False)
     not_new = [k for k in missing if ".processor." not in k]
+    dropped = [k for k in unexpected if ".processor." in k]  # extras of blocks whose attention changed
+    unexpected = [k for k in unexpected if ".processor." not in k]
+    if dropped:
+        blocks = sorted({k.split(".processor.")[0] for k in dropped})
+        warnings.warn(f"{len(blocks)} block(s) change attention and leave their processor weights behind "
+                      f"({', '.join(sorted({k.rsplit('.', 1)[-1] for k in dropped}))} of {', '.join(blocks[:4])}"
+                      f"{' ...' if len(blocks) > 4 else ''}): the new kind does not use them", stacklevel=2)
     if unexpected or not_new:
         raise ValueError(
             "the DiT's weights do not fit the NaLa model: "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -120,17 +120,19 @@ def _head_norms(queries: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate_norm_scale(model: nn.Module, *args, quantile: float = 0.5, source: Optional[nn.Module] = None,
-                         **kwargs) -> Dict[str, list]:
+                         layers: Optional[Sequence[str]] = None, **kwargs) -> Dict[str, list]:
     """Set sigma of every calibrated or learnable NaLa layer of ``model`` to a quantile (the median by
     default) of the query norms each head sees on ``source(*args, **kwargs)``.
 
     ``source`` defaults to ``model``; pass the pretrained teacher when converting (its layers must
     have the same names). With sigma at the median norm, half the queries have r / sigma < 1 and the
-    power spreads over the bend of tanh. Returns ``{layer: [sigma per head]}``.
+    power spreads over the bend of tanh. ``layers`` (attention module names) restricts it to those
+    layers, e.g. the ones whose sigma was not inherited. Returns ``{layer: [sigma per head]}``.
     """
     if not 0 < quantile < 1:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
-    targets = {name: p for name, p in nala_processors(model).items() if p.norm_scale_mode != "fixed"}
+    targets = {name: p for name, p in nala_processors(model).items() if p.norm_scale_mode != "fixed"
+               and (layers is None or name in layers)}
     if not targets:
         raise ValueError(
             f"{type(model).__name__} has no NaLa layer with norm_scale_mode 'calibrated' or 'learnable' to calibrate"

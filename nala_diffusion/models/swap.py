@@ -106,9 +106,15 @@ def set_attention(model: nn.Module, attention_type: str = "nala", layers: Option
             "self-attention takes only image tokens work: DiT, PixArt-alpha/sigma, Sana. Nothing was swapped."
         )
     processors = [(attn, make_processor(attention_type, attn, **options)) for _, attn in modules]  # all or none
+    # a model whose config records its attention (NaLaDiTTransformer2DModel) checks that the config can say
+    # what is swapped in, and says it; save_pretrained would otherwise restore the old processors
+    config_update = getattr(model, "attention_config_after_swap", None)
+    updates = config_update({name: p for (name, _), (_, p) in zip(modules, processors)}) if config_update else {}
     for (name, attn), (_, processor) in zip(modules, processors):
         previous[f"{name}.processor"] = attn.processor
         attn.set_processor(processor)
+    if updates:
+        model.register_to_config(**updates)
     return previous
 
 
@@ -130,12 +136,19 @@ def set_nala_attention(model: nn.Module, layers: Optional[Sequence[Union[int, st
 
 def restore_attention(model: nn.Module, processors: Dict[str, object]) -> None:
     """Put back processors returned by :func:`set_attention` / :func:`set_nala_attention`."""
+    named = {}
     for key, processor in processors.items():
         name = key[: -len(".processor")] if key.endswith(".processor") else key
         module = model.get_submodule(name)
         if not isinstance(module, Attention):
             raise ValueError(f"{name!r} is not an Attention module of {type(model).__name__}")
-        module.set_processor(processor)
+        named[name] = processor
+    config_update = getattr(model, "attention_config_after_swap", None)
+    updates = config_update(named) if config_update else {}
+    for name, processor in named.items():
+        model.get_submodule(name).set_processor(processor)
+    if updates:
+        model.register_to_config(**updates)
 
 
 def set_fused_attention(model: nn.Module, enabled: bool = True) -> int:

@@ -97,6 +97,8 @@ def check_fingerprint(
         differences = fingerprint_differences(old, fingerprint)
         if not differences:
             return "same"
+        if has_outputs is not None and not existing:
+            overwrite = True  # a fingerprint with nothing made under it (a run that failed early) is adopted
         if not overwrite:
             raise ValueError(
                 f"{folder!r} holds {what} made with other settings; they differ in\n  " + "\n  ".join(differences)
