@@ -159,7 +159,7 @@ def test_study_runs_every_stage_on_a_tiny_budget_and_resumes(tmp_path, capsys):
     config.write_text(json.dumps({"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 8,
                                   "norm_num_groups": 1, "use_lepe": True}))
     argv = ["--out", str(tmp_path / "study"), "--steps", "5", "--seeds", "0", "--batch_size", "4",
-            "--num_samples", "10", "--sample_steps", "2", "--highres_samples", "1", "--crops_per_image", "3",
+            "--num_samples", "20", "--sample_steps", "2", "--highres_samples", "1", "--crops_per_image", "3",
             "--model_config", str(config)]
     assert study.main(argv) == 0
     results = json.loads((tmp_path / "study" / "results.json").read_text())

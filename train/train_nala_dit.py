@@ -15,6 +15,7 @@ process), so a resumed run draws exactly what an uninterrupted one would.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -104,6 +105,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     objective.add_argument("--class_dropout_prob", type=float, default=0.1, help="labels dropped to the null class")
     objective.add_argument("--teacher", default=None, help="frozen softmax DiT to distill from: folder or Hub id")
     objective.add_argument("--distill_weight", type=float, default=1.0, help='weight of the distillation term (with --teacher)')
+    objective.add_argument("--attention_distillation_weight", type=float, default=0.0,
+                           help="weight of attention-output distillation: the MSE between each block's attention output "
+                                "and the --teacher's (or, with --init_from alone, its own projections under softmax) "
+                                "on the same hidden states, averaged over blocks; softmax blocks are skipped "
+                                "(LinFusion and CLEAR weigh it 0.5; default 0: off)")
     objective.add_argument("--variance_loss", choices=VARIANCE_LOSSES, default=None,
                            help="for a model with learned variance (out_channels = 2 x in_channels): 'vlb' trains the "
                                 "variance channels with improved DDPM's L_vlb (the mean's gradient stopped), 'none' "
@@ -147,6 +153,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("give exactly one of --train_data_dir and --dataset")
     if args.cache_latents and not (args.vae or args.init_from):
         p.error("--cache_latents needs a VAE: --vae, or an --init_from pipeline that has one")
+    if args.attention_distillation_weight < 0 or not math.isfinite(args.attention_distillation_weight):
+        p.error(f"--attention_distillation_weight must be a finite number >= 0, got {args.attention_distillation_weight}")
+    if args.attention_distillation_weight and not (args.teacher or args.init_from):
+        p.error("--attention_distillation_weight needs a teacher: --teacher, or --init_from (its own softmax attention)")
     if args.class_embedding == "new" and not args.init_from:
         p.error("--class_embedding new needs --init_from (a model built from scratch has the data's classes already)")
     if not (args.validation_guidance_scale >= 0 and math.isfinite(args.validation_guidance_scale)):
@@ -561,6 +571,12 @@ def train(args) -> int:
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    distiller = None
+    if args.attention_distillation_weight:
+        from nala_diffusion.train.attention_distillation import AttentionDistillation
+
+        distiller = AttentionDistillation(accelerator.unwrap_model(model), teacher)
+        logger.info(f"attention distillation on blocks {distiller.layer_indices}", main_process_only=True)
     if ema is not None:
         ema.to(accelerator.device)
         checkpoints.register_ema_hooks(accelerator, ema)
@@ -595,7 +611,9 @@ def train(args) -> int:
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "args.json"), "w", encoding="utf-8") as handle:
             json.dump(vars(args), handle, indent=2)
-    log = CsvLog(os.path.join(args.output_dir, "log.csv"), keep_until_step=global_step) if accelerator.is_main_process else None
+    extra_columns = ["loss_attention", *(f"loss_attention_{i}" for i in distiller.layer_indices)] if distiller else []
+    log = CsvLog(os.path.join(args.output_dir, "log.csv"), keep_until_step=global_step,
+                 extra_columns=extra_columns) if accelerator.is_main_process else None
     if report_to not in (None, "none"):
         accelerator.init_trackers("nala_dit", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
@@ -617,7 +635,7 @@ def train(args) -> int:
             batch_index += 1
             with accelerator.accumulate(model):
                 losses = training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, null_label,
-                                         in_channels, generator)
+                                         in_channels, generator, distiller)
                 accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -677,9 +695,11 @@ def train(args) -> int:
     return 0
 
 
-def training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, null_label, channels, generator):
+def training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, null_label, channels, generator,
+                    distiller=None):
     """MSE to the target (+ distill_weight x MSE to the teacher's mean and, for learned variance, its
-    variance channels; + vlb_weight x L_vlb for learned variance); draws in a fixed order from ``generator``."""
+    variance channels; + vlb_weight x L_vlb for learned variance; + attention_distillation_weight x the
+    attention-output MSE); draws in a fixed order from ``generator``."""
     device = batch.device
     count = len(labels)
     flip = torch.rand(count, generator=generator, device=device) < 0.5 if args.random_flip else torch.zeros(count, dtype=torch.bool, device=device)
@@ -690,7 +710,10 @@ def training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, n
     labels = torch.where(drop, torch.full_like(labels, null_label), labels)
     noisy = noise_scheduler.add_noise(x0, noise, timesteps)
     target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, timesteps)
-    output = model(noisy, timestep=timesteps, class_labels=labels).sample  # (B, C or 2C, h, w)
+    with distiller.capture() if distiller is not None else contextlib.nullcontext():
+        output = model(noisy, timestep=timesteps, class_labels=labels).sample  # (B, C or 2C, h, w)
+    if distiller is not None:
+        losses_attention = distiller.losses()
     prediction, variance = output[:, :channels], output[:, channels:]  # the mean; v of a learned variance
     losses = {"loss_target": F.mse_loss(prediction.float(), target.float())}
     if args.variance_loss == "vlb" and variance.shape[1]:
@@ -704,7 +727,10 @@ def training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, n
         if variance.shape[1] and teacher_output.shape[1] == output.shape[1]:  # LiT: the teacher's variance too
             losses["loss_distill_variance"] = F.mse_loss(variance.float(), teacher_output[:, channels:].float())
     distill = losses.get("loss_distill", 0.0) + losses.get("loss_distill_variance", 0.0)
-    losses["loss"] = losses["loss_target"] + args.distill_weight * distill + args.vlb_weight * losses.get("loss_vlb", 0.0)
+    if distiller is not None:
+        losses.update(losses_attention)
+    losses["loss"] = (losses["loss_target"] + args.distill_weight * distill + args.vlb_weight * losses.get("loss_vlb", 0.0)
+                      + args.attention_distillation_weight * losses.get("loss_attention", 0.0))
     return losses
 
 
