@@ -300,6 +300,7 @@ def test_a_refused_lock_ends_every_process_of_a_launch(assets, tmp_path):
     assert not (out / "samples").exists()
 
 
+@pytest.mark.slow
 def test_builtin_reference_equals_its_exported_folder_and_the_demo_scores_offline(tmp_path, capsys):
     from nala_diffusion import demo_classifier_path, demo_pipeline_path
     from nala_diffusion.data.datasets import load_dataset

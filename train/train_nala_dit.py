@@ -34,6 +34,13 @@ import nala_diffusion.diffusion.learned_variance as learned_variance
 from nala_diffusion.diffusion.learned_variance import VARIANCE_LOSSES
 from nala_diffusion.models.options import ATTENTION_TYPES, FIELDS, add_option_flags, config_key, layer_attention_types
 from nala_diffusion.train.run_log import CsvLog
+from nala_diffusion.train.run_setup import (
+    LazyLogger,
+    inherited_vae,
+    layers_to_calibrate,
+    resolve_classes,
+    sampling_defaults,
+)
 from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, positive_int
 from nala_diffusion.utils.distributed import use_cpu_processes
 from nala_diffusion.utils.files import save_grid_atomically
@@ -45,16 +52,7 @@ if TYPE_CHECKING:
 # imported on first use, so that --help answers at once
 
 
-class _Logger:
-    """accelerate's logger, made on first use."""
-
-    def __getattr__(self, name):
-        from accelerate.logging import get_logger
-
-        return getattr(get_logger(__name__), name)
-
-
-logger = _Logger()
+logger = LazyLogger(__name__)
 # sigma of NaLa's power for new models: calibrated on one batch of the training data (see
 # docs/method.md); the official sigma = 1 saturates in a DiT.
 DEFAULT_NORM_SCALE_MODE = "calibrated"
@@ -223,46 +221,6 @@ def build_model(args, in_channels: int, sample_size: int, num_classes: int):
     return model, model
 
 
-def inherited_vae(init_from: Optional[str]) -> Optional[str]:
-    """``init_from`` when it is a pipeline with a VAE (its ``vae/`` serves the run), else None."""
-    if not init_from:
-        return None
-    from nala_diffusion.models.sources import pipeline_index
-
-    index = pipeline_index(init_from)
-    return init_from if index is not None and (index.get("vae") or [None])[0] else None
-
-
-def resolve_classes(args, model, classes: List[str]):
-    """(model, id2label, class_ids): the model (with a new class embedding for ``--class_embedding new``),
-    the class names its pipeline will take, and the model id of each data class (data index -> id)."""
-    from nala_diffusion.data.classes import map_classes, mapped_id2label
-    from nala_diffusion.models.conversion import with_new_class_embedding
-    from nala_diffusion.models.sources import pipeline_id2label, pipeline_index
-
-    own = {i: name for i, name in enumerate(classes)}
-    if not args.init_from:
-        return model, own, list(range(len(classes)))
-    if args.class_embedding == "new":
-        logger.info(f"a new class embedding for the data's {len(classes)} classes", main_process_only=True)
-        return with_new_class_embedding(model, len(classes)), own, list(range(len(classes)))
-    source_labels = pipeline_id2label(pipeline_index(args.init_from))
-    mapping = map_classes(classes, model.config.num_classes, source_labels, source=repr(args.init_from))
-    class_ids = [mapping[i] for i in range(len(classes))]
-    if class_ids != list(range(len(classes))) or len(classes) != model.config.num_classes:
-        shown = ", ".join(f"{classes[i]} -> {class_ids[i]}" for i in range(min(len(classes), 5)))
-        logger.info(f"the data's {len(classes)} classes map onto the model's {model.config.num_classes}: {shown}"
-                    + (", ..." if len(classes) > 5 else ""), main_process_only=True)
-    id2label = mapped_id2label(source_labels, classes, mapping) if source_labels else \
-        {class_ids[i]: name for i, name in own.items()}
-    return model, id2label, class_ids
-
-
-def sampling_defaults(args) -> Dict[str, Any]:
-    """The sampler settings of the validation grid, saved with the pipeline as its defaults."""
-    return {"num_inference_steps": args.validation_inference_steps, "guidance_scale": args.validation_guidance_scale}
-
-
 def probe_batch(args, dataset, vae, noise_scheduler, device):
     """A fixed batch of noised training data (seeded by --seed), for sigma's calibration and the
     saturation check at validation: (noisy x, timesteps, labels)."""
@@ -282,19 +240,6 @@ def probe_batch(args, dataset, vae, noise_scheduler, device):
 def timestep_bounds(args, noise_scheduler):
     """(low, high): training timesteps are drawn uniformly from low <= t < high (--timestep_range)."""
     return tuple(args.timestep_range or (0, noise_scheduler.config.num_train_timesteps))
-
-
-def layers_to_calibrate(args, model, source) -> List[str]:
-    """The NaLa layers whose sigma is calibrated before the first step: every calibrated or learnable one,
-    except, with ``--init_from``, those whose sigma the source brings (kept, as every other weight,
-    unless ``--recalibrate_norm_scale``)."""
-    from nala_diffusion.models.norm_awareness import nala_processors
-
-    inherited = set()
-    if args.init_from and not args.recalibrate_norm_scale:
-        suffix = ".processor.log_norm_scale"
-        inherited = {name[: -len(suffix)] for name in source.state_dict() if name.endswith(suffix)}
-    return [name for name, p in nala_processors(model).items() if p.norm_scale_mode != "fixed" and name not in inherited]
 
 
 def step_generator(seed: int, batch_index: int, process_index: int, device) -> torch.Generator:

@@ -10,6 +10,7 @@ be found is one ``ValueError`` naming what was looked for and where.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Dict, Optional, Union
@@ -29,14 +30,21 @@ def looks_local(name: str) -> bool:
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face Hub answers within ``timeout`` seconds (False at once when
     ``HF_HUB_OFFLINE`` is set), so that an offline machine reads its Hub cache instead of retrying."""
-    import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    return _answers(urlparse(constants.ENDPOINT).hostname or "huggingface.co", timeout)
+
+
+@functools.lru_cache(maxsize=8)
+def _answers(host: str, timeout: float) -> bool:
+    """Whether ``host`` accepts a connection on port 443; asked once per process (a blackholed network
+    would otherwise cost ``timeout`` at every file a loader reads)."""
+    import socket
+
     try:
         with socket.create_connection((host, 443), timeout=timeout):
             return True

@@ -74,3 +74,14 @@ def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape[0] == 1:
         return (torch.mv(a[0], b[0, :, 0]).unsqueeze(-1) if b.shape[-1] == 1 else torch.mm(a[0], b[0])).unsqueeze(0)
     return torch.bmm(a, b)
+
+
+def compiling() -> bool:
+    """Whether this code is being traced by ``torch.compile`` (``torch.compiler.is_compiling`` from torch 2.3,
+    ``torch._dynamo.is_compiling`` before)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if is_compiling is None:
+        from torch import _dynamo
+
+        is_compiling = _dynamo.is_compiling
+    return bool(is_compiling())

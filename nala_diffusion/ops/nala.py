@@ -27,7 +27,7 @@ import torch
 
 from nala_diffusion.models.options import DEFAULTS
 from nala_diffusion.ops import dense
-from nala_diffusion.ops.common import check_qkv, compute_dtype, needs_grad
+from nala_diffusion.ops.common import check_qkv, compiling, compute_dtype, needs_grad
 from nala_diffusion.ops.feature_maps import scaled_keys
 from nala_diffusion.ops.gather import relu_split_gather
 from nala_diffusion.ops.params import NaLaParams
@@ -91,7 +91,7 @@ def nala_attention(
     if needs_grad(q, k, v, *params.tensors()):
         return dense.memory_lean(dense.dense_nala, q, k, v, params, key_eps, rope).to(query.dtype)
     if gather is None:  # traced by torch.compile, the dense path fuses; the gather's out= buffers do not trace
-        gather = q.device.type == "cpu" and not torch.compiler.is_compiling()
+        gather = q.device.type == "cpu" and not compiling()
     if compile:
         from nala_diffusion.ops.fused import nala_attention_fused
 

@@ -7,6 +7,8 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
+from nala_diffusion.ops.common import compiling
+
 RotaryTables = Tuple[torch.Tensor, torch.Tensor]
 RopeArg = Optional[Union[RotaryTables, Callable[[torch.Tensor], torch.Tensor]]]
 
@@ -65,5 +67,5 @@ def rope_2d_tables(
         raise ValueError(f"rotary embedding needs an even feature dimension, got {dim}")
     rows, cols = (int(s) for s in grid_size)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    tables = _rope_tables.__wrapped__ if torch.compiler.is_compiling() else _rope_tables  # traced, not cached
+    tables = _rope_tables.__wrapped__ if compiling() else _rope_tables  # traced by torch.compile: not cached
     return tables(rows, cols, int(dim), float(base), device, dtype)
