@@ -11,8 +11,8 @@ installed ``nala_diffusion`` package. So::
 loads it (``nala_diffusion`` must be installed), and without ``trust_remote_code`` diffusers' error says
 to pass it; ``custom_pipeline="pipeline_nala_dit_highres"`` gives the high-resolution pipeline. (diffusers
 runs a folder's own file even when ``custom_pipeline=`` names a path elsewhere.)
-``NaLaDiTPipeline.from_pretrained`` and its subclasses need no flag: they run the file only when it
-is, byte for byte, :data:`LOADER_SOURCE`.
+``NaLaDiTPipeline.from_pretrained`` and its subclasses need no flag: they run the file only when its
+code is a docstring and one import of this package's pipeline class (:func:`only_imports_this_package`).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _fetch(name: str, filename: str, options: Dict[str, Any]) -> Optional[str]:
 
 def carries_own_loader(name: str, options: Dict[str, Any]) -> bool:
     """Whether a folder or Hub repository names :data:`LOADER_MODULE` in its ``model_index.json`` and
-    that file is exactly :data:`LOADER_SOURCE` (so running it runs nothing but the installed package)."""
+    that file only imports the installed package (:func:`only_imports_this_package`)."""
     index_path = _fetch(os.fspath(name), "model_index.json", options)
     if index_path is None:
         return False
@@ -85,4 +85,28 @@ def carries_own_loader(name: str, options: Dict[str, Any]) -> bool:
     if path is None:
         return False
     with open(path, encoding="utf-8") as handle:
-        return handle.read() == LOADER_SOURCE
+        return only_imports_this_package(handle.read())
+
+
+#: what a loader file may import: the pipeline classes of the installed package
+TRUSTED_IMPORTS = {"nala_diffusion.pipelines.pipeline_nala_dit": {"NaLaDiTPipeline"},
+                   "nala_diffusion.pipelines.pipeline_nala_dit_highres": {"NaLaDiTHighResPipeline"}}
+
+
+def only_imports_this_package(text: str) -> bool:
+    """Whether a loader file's code is a docstring and one ``from nala_diffusion.pipelines... import``
+    of a pipeline class, nothing else (the text of :data:`LOADER_FILES`, in this or an earlier wording),
+    so that running it runs only the installed package."""
+    import ast
+
+    try:
+        body = ast.parse(text).body
+    except SyntaxError:
+        return False
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]
+    if len(body) != 1 or not isinstance(body[0], ast.ImportFrom) or body[0].level:
+        return False
+    allowed = TRUSTED_IMPORTS.get(body[0].module, set())
+    return bool(body[0].names) and all(alias.name in allowed and alias.asname is None for alias in body[0].names)

@@ -174,7 +174,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
         """``DiffusionPipeline.from_pretrained``, then a check of every loaded model: a missing tensor
         (left uninitialised by diffusers, with only a warning) or a NaN/inf value raises a
         ``ValueError`` naming it. A folder's loader file (:mod:`~nala_diffusion.pipelines.loader_file`)
-        is trusted without ``trust_remote_code`` only when it is exactly the one this package writes."""
+        is trusted without ``trust_remote_code`` only when all it does is import this package's pipeline."""
         if not kwargs.get("trust_remote_code") and carries_own_loader(pretrained_model_name_or_path, kwargs):
             kwargs["trust_remote_code"] = True  # the folder's loader file imports this installed package, nothing else
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)

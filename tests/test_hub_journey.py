@@ -3,13 +3,14 @@ convert, fine-tune on ImageNet-synset folders, sample, score; and the pieces it 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from hub_cache import DIT_REPO, TENCH, hub_env, run_offline, snapshot_folder, write_dit_hub_cache
+from hub_cache import DIT_REPO, TENCH, hub_env, publish, run_offline, snapshot_folder, write_dit_hub_cache
 from PIL import Image
 
 from nala_diffusion.data.classes import imagenet_synsets, map_classes, mapped_id2label
@@ -67,6 +68,13 @@ def test_the_journey_convert_fine_tune_sample_and_score_offline(hub, tmp_path):
          "--steps", "2", "--out", str(grid))
     assert Image.open(grid).size == (2 * 16 + 3 * 2, 16 + 2 * 2)  # two 16 x 16 samples with the grid's padding
 
+    # the trained pipeline, published on the Hub and sampled by its id (offline, from the cache)
+    publish(hub, lambda snapshot: shutil.copytree(run, snapshot, dirs_exist_ok=True,
+                                                  ignore=shutil.ignore_patterns("checkpoint-*", "latent_cache")),
+            "someone/nala-run")
+    tool(hub, "nala_diffusion.pipelines.sample", "--model", "someone/nala-run", "--labels", "tench", "--steps", "2",
+         "--out", str(tmp_path / "by_id.png"))
+    assert Image.open(tmp_path / "by_id.png").size == (16, 16)  # one image: no grid padding
     # the trained pipeline, scored against the data folder
     classifier = __import__("nala_diffusion").demo_classifier_path()
     tool(hub, "nala_diffusion.eval.fid", "calc", "--model", str(run), "--num_samples", "4", "--steps", "2",
@@ -173,10 +181,19 @@ def test_the_generic_diffusers_loader_opens_the_demo_and_saved_folders(tmp_path)
     for loaded in (again, high):
         for name, tensor in pipe.transformer.state_dict().items():
             assert torch.equal(loaded.transformer.state_dict()[name], tensor), name
-    # a loader file that is not exactly ours is never run without the user's trust_remote_code
-    (tmp_path / "saved" / "pipeline_nala_dit.py").write_text("raise SystemExit('ran')\n")
-    with pytest.raises(ValueError, match="trust_remote_code=True"):
-        NaLaDiTPipeline.from_pretrained(tmp_path / "saved", variant="fp16")
+    # a loader file that does anything but import this package's pipeline never runs without trust_remote_code
+    from nala_diffusion.pipelines.loader_file import LOADER_FILES, only_imports_this_package
+
+    assert all(only_imports_this_package(text) for text in LOADER_FILES.values())
+    assert only_imports_this_package('"""an earlier wording"""\nfrom nala_diffusion.pipelines.pipeline_nala_dit '
+                                     'import NaLaDiTPipeline\n')
+    for text in ("raise SystemExit('ran')\n", "from nala_diffusion.pipelines.pipeline_nala_dit import NaLaDiTPipeline\n"
+                 "import os\n", "from os import system\n", "from nala_diffusion.pipelines.pipeline_nala_dit import "
+                 "NaLaDiTPipeline as os\n", "from .pipeline_nala_dit import NaLaDiTPipeline\n"):
+        assert not only_imports_this_package(text), text
+        (tmp_path / "saved" / "pipeline_nala_dit.py").write_text(text)
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            NaLaDiTPipeline.from_pretrained(tmp_path / "saved", variant="fp16")
 
 
 def test_hub_snapshot_layout_is_the_real_repositorys(hub):
