@@ -50,6 +50,7 @@ def train_args(data, out, *extra):
             "--report_to", "none", *extra]
 
 
+@pytest.mark.slow
 def test_the_journey_convert_fine_tune_sample_and_score_offline(hub, tmp_path):
     data = image_folders(tmp_path / "data", SYNSETS)
     run = tmp_path / "run"
