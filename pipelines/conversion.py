@@ -18,7 +18,6 @@ from nala_diffusion.models.conversion import convert_dit_to_nala
 from nala_diffusion.models.sources import (
     hub_options,
     load_transformer,
-    looks_local,
     not_found,
     pipeline_id2label,
     pipeline_index,
@@ -132,5 +131,4 @@ def load_pipeline(name: Union[str, os.PathLike], pipeline_class: Type, *, dtype:
         announce(f"{name}: a diffusers {index['_class_name']}; running it unchanged (its attention as softmax, exact)")
         return convert_dit_pipeline_to_nala(name, revision=revision, dtype=dtype, pipeline_class=pipeline_class,
                                             attention_type="softmax")
-    options = hub_options(name, revision) if not looks_local(name) else ({"revision": revision} if revision else {})
-    return pipeline_class.from_pretrained(name, dtype=dtype, **options)
+    return pipeline_class.from_pretrained(name, dtype=dtype, **hub_options(name, revision))

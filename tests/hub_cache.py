@@ -60,8 +60,7 @@ def tiny_dit_pipeline(seed: int = 0):
                         norm_num_groups=4, sample_size=16)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                               clip_sample=False)
-    id2label = {i: (TENCH if i == 0 else f"class {i}") for i in range(1000)}
-    return DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
+    return DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label=pipe_labels())
 
 
 def write_dit_repo(snapshot: str) -> None:

@@ -369,10 +369,6 @@ def _npz_header(path: str, key: str) -> Tuple[Tuple[int, ...], np.dtype]:
     return tuple(shape), np.dtype(dtype)
 
 
-def _npz_shape(path: str, key: str) -> Tuple[int, ...]:
-    return _npz_header(path, key)[0]
-
-
 def check_npz_arrays(source: str, keys, extractor: "Extractor") -> None:
     """Refuse, from the headers alone, an .npz whose arrays cannot serve: evaluator images that are not
     (N, H, W, 3) uint8, or statistics without both mu and sigma of the extractor's feature size."""
@@ -467,7 +463,7 @@ def peek_reference(source: str, extractor: Extractor) -> Tuple[str, List[str], O
         raise ValueError(str(error) if isinstance(error, ValueError) else f"cannot read {source!r}: {error}") from None
     if is_evaluator_batch(keys):
         if EVALUATOR_IMAGES in keys:
-            return "evaluator images", reference_allows(True, True), _npz_shape(source, EVALUATOR_IMAGES)[0]
+            return "evaluator images", reference_allows(True, True), _npz_header(source, EVALUATOR_IMAGES)[0][0]
         if extractor.name != "inception":
             raise ValueError(f"{source!r} holds the evaluator's Inception statistics, which cannot serve the "
                              f"domain classifier {extractor.name}; give a reference with images")
