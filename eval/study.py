@@ -96,6 +96,12 @@ RETRIEVAL_VARIANTS: Dict[str, List[str]] = {
     # the control that separates the hybrid layout's effect from NaLa's
     "hybrid_relu_linear": ["--attention", "relu_linear", "--softmax_layers", "-1"],
     "nala_sigma1": ["--attention", "nala", "--norm_scale_mode", "fixed", "--norm_scale", "1"],
+    # round two: the cosine inhibit where its angle is not saturated (at 20 it is relu_split's ±pi/4)
+    "nala_cosine_sharp2": [*NALA, "--inhibit", "cosine", "--angle_sharpness", "2"],
+    "nala_cosine_sharp5": [*NALA, "--inhibit", "cosine", "--angle_sharpness", "5"],
+    # NaLaFormer's released layout ratio: the last two of four blocks softmax
+    "hybrid_nala_last2": [*NALA, "--softmax_layers", "-2", "-1"],
+    "hybrid_relu_linear_last2": ["--attention", "relu_linear", "--softmax_layers", "-2", "-1"],
 }
 ANCHORS = ("softmax", "relu_linear")  # the two ends of the gap every other kind is placed in
 # what --study retrieval trains without --kinds (nala_sigma1 belongs to the first version of the study)
