@@ -32,19 +32,20 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp_min(1e-300))
 
 
-def summarise(q: torch.Tensor, k: torch.Tensor, options: Optional[dict] = None,
+def summarise(q: torch.Tensor, k: torch.Tensor, nala_params=None,
               kinds: Sequence[str] = KINDS) -> Dict[str, dict]:
     """q, k: (heads, N, d) or (batch, heads, N, d). Per kind: Spearman(entropy, |q|), mean entropy,
-    the norm effect dH/dlog|q| (:func:`norm_effect`) and the points for a plot; ``options`` are the
-    NaLa kind's (see :func:`attention_weights`)."""
+    the norm effect dH/dlog|q| (:func:`norm_effect`) and the points for a plot; ``nala_params`` are the
+    NaLa kind's parameters (a ``NaLaParams``, see :func:`attention_weights`); the other kinds take their defaults."""
     norms = q.double().norm(dim=-1)
     out = {}
     for kind in kinds:
-        weights = attention_weights(kind, q, k, options)
+        params = nala_params if kind == "nala" else None
+        weights = attention_weights(kind, q, k, params)
         h = entropy(weights)
         valid = torch.isfinite(h) & (weights.sum(-1) > 0)
         out[kind] = {"spearman": spearman(h[valid], norms[valid]), "mean_entropy": float(h[valid].mean()),
-                     "norm_effect": norm_effect(kind, q, k, options), "_norms": norms[valid], "_entropy": h[valid]}
+                     "norm_effect": norm_effect(kind, q, k, params), "_norms": norms[valid], "_entropy": h[valid]}
     return out
 
 
@@ -79,7 +80,7 @@ def noised_batch(pipe, data: str, timesteps: Sequence[int], images: int, seed: i
 
 
 def model_layers(model_dir: str, data: str, timesteps: Sequence[int], images: int, seed: int) -> List[tuple]:
-    """(layer name, q, k, NaLa options or None, saturation report or None, the layer's own kernel) for
+    """(layer name, q, k, NaLa parameters or None, saturation report or None, the layer's own kernel) for
     every self-attention layer of a trained model on noised real images; q, k are (batch, heads, N, d),
     those the layer's kernel distribution is built from (a softmax layer with RoPE: rotated).
     In a hybrid model each layer names its own kernel (``"nala"``, ``"softmax"``, ...)."""
@@ -102,13 +103,11 @@ def model_layers(model_dir: str, data: str, timesteps: Sequence[int], images: in
     report = saturation_from_queries(processors, {name: t["query"] for name, t in captured.items()})
     layers = []
     for name, tensors in captured.items():
-        options = processors[name].kernel_options() if name in processors else None
-        if options is not None:
-            options = {k: v.detach() if torch.is_tensor(v) else v for k, v in options.items()}
         processor = model.get_submodule(name).processor
+        params = processor.kernel_params().detached() if name in processors else None
         kernel = getattr(processor, "kernel_name", None)
         query, key = distribution_inputs(processor, tensors["query"], tensors["key"], grid)  # softmax + RoPE: rotated
-        layers.append((name, query, key, options, report.get(name), kernel))
+        layers.append((name, query, key, params, report.get(name), kernel))
     return layers
 
 
@@ -162,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             layers = model_layers(args.model, args.data, args.timestep, args.images, args.seed)
         except ValueError as error:
             return exit_on_input_error("nala-entropy", error)
-        per_layer = {name: summarise(q, k, options) for name, q, k, options, _, _ in layers}
+        per_layer = {name: summarise(q, k, params) for name, q, k, params, _, _ in layers}
         kernels = {name: kernel for name, _, _, _, _, kernel in layers}
         result = {"timesteps": args.timestep, "layers": {name: public(s) for name, s in per_layer.items()},
                   "kernels": kernels,

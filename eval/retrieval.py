@@ -158,9 +158,7 @@ def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, 
             kind = layer_kind(processor)
             if kind is None:
                 continue
-            options = processor.kernel_options() if kind == "nala" else None
-            if options is not None:
-                options = {k: v.detach() if torch.is_tensor(v) else v for k, v in options.items()}
+            options = processor.kernel_params().detached()
             q, k = norm_awareness.distribution_inputs(processor, tensors["query"], tensors["key"], (side, side))
             weights = attention_weights.attention_weights(kind, q, k, options)  # (B, H, N, N)
             # the mass is read from the weights the layer applies: with RoPE (captured q and k are

@@ -63,7 +63,7 @@ def test_sharpness_rule_and_setting():
     model = tiny_nala()
     assert set_attention_sharpness(model, 2.0) == 2 and set(attention_sharpness_of(model).values()) == {2.0}
     processor = model.transformer_blocks[0].attn1.processor
-    assert processor.kernel_options()["power_scale"] == 6.0  # NaLa: lambda times the sharpness
+    assert processor.kernel_params().power_scale == 6.0  # NaLa: lambda times the sharpness
     with pytest.raises(ValueError, match="positive"):
         set_attention_sharpness(model, 0.0)
     with pytest.raises(ValueError, match="no kernel attention layers"):
@@ -121,7 +121,7 @@ def test_auto_sharpness_brings_the_demo_entropy_back_towards_the_training_size(d
         noisy = demo.scheduler.add_noise(x, torch.randn(x.shape, generator=generator), t)
         with capture_queries(model, keys=True) as captured, torch.no_grad():
             model(noisy, timestep=t, class_labels=labels)
-        return {name: mean_entropy("nala", captured[name]["query"], captured[name]["key"], p.kernel_options())
+        return {name: mean_entropy("nala", captured[name]["query"], captured[name]["key"], p.kernel_params().detached())
                 for name, p in nala_processors(model).items()}
 
     train = entropies(small, 1.0)

@@ -21,6 +21,7 @@ from nala_diffusion import (
 )
 from nala_diffusion.eval import attention_entropy as E
 from nala_diffusion.models.norm_awareness import nala_processors
+from nala_diffusion.ops import NaLaParams
 
 INHIBITS = ["relu_split", "cosine"]
 
@@ -172,16 +173,16 @@ def test_diagnostics_on_a_diffusers_dit_after_set_nala_attention():
 
 def test_entropy_uses_each_layers_own_options():
     q, k = torch.randn(1, 2, 30, 8) * 3, torch.randn(1, 2, 30, 8)
-    first = {"power_scale": 3.0, "norm_scale": torch.tensor([1.0, 1.0]), "inhibit": "relu_split"}
-    second = {"power_scale": torch.tensor([1.0, 6.0]), "norm_scale": torch.tensor([4.0, 8.0]), "inhibit": "cosine",
-              "angle_sharpness": 5.0}
+    first = NaLaParams(power_scale=3.0, norm_scale=torch.tensor([1.0, 1.0]), inhibit="relu_split")
+    second = NaLaParams(power_scale=torch.tensor([1.0, 6.0]), norm_scale=torch.tensor([4.0, 8.0]), inhibit="cosine",
+                        angle_sharpness=5.0)
     a, b = E.attention_weights("nala", q, k, first), E.attention_weights("nala", q, k, second)
-    assert torch.allclose(a.sum(-1), torch.ones(1, 2, 30, dtype=torch.float64))
+    assert torch.allclose(a.sum(-1), torch.ones(1, 2, 30, dtype=torch.float64), atol=1e-4)
     assert (a - b).abs().max() > 1e-2
     # the layer of a model: its options reach the weights
     model = tiny_nala(norm_scale=4.0)
-    options = model.transformer_blocks[0].attn1.processor.kernel_options()
-    assert options["norm_scale"] == 4.0
+    options = model.transformer_blocks[0].attn1.processor.kernel_params()
+    assert bool((torch.as_tensor(options.norm_scale) == 4.0).all())  # the start value of every head
     assert not torch.allclose(E.attention_weights("nala", q, k, options), E.attention_weights("nala", q, k))
 
 
@@ -191,17 +192,17 @@ def test_entropy_kinds_norm_cancelling_and_elu():
     assert set(stats) == {"softmax", "relu_linear", "elu_linear", "nala", "norm_cancelling"}
     assert abs(stats["norm_cancelling"]["spearman"]) <= 0.1  # the norm factor cancels
     assert stats["norm_cancelling"]["norm_effect"] == pytest.approx(0, abs=1e-9)
-    assert stats["relu_linear"]["norm_effect"] == pytest.approx(0, abs=1e-9)
+    assert stats["relu_linear"]["norm_effect"] == pytest.approx(0, abs=1e-4)  # 0 but for the readout's eps
     assert stats["nala"]["norm_effect"] < -0.01 and stats["softmax"]["norm_effect"] < -0.01
     elu = E.attention_weights("elu_linear", q, k)
     expected = torch.where(q > 0, q + 1, q.exp()).double() @ torch.where(k > 0, k + 1, k.exp()).double().mT
-    torch.testing.assert_close(elu, expected / expected.sum(-1, keepdim=True))
+    torch.testing.assert_close(elu, expected / (expected.sum(-1, keepdim=True) + k.shape[-2] * 1e-6))  # the readout's eps
 
 
 def test_norm_effect_is_zero_for_a_saturated_layer_and_negative_once_calibrated():
     q, k = torch.randn(1, 2, 50, 64), torch.randn(1, 2, 50, 64)  # norms ~ 8, as in a DiT
-    saturated = E.norm_effect("nala", q, k, {"norm_scale": 1.0})
-    calibrated = E.norm_effect("nala", q, k, {"norm_scale": 8.0})
+    saturated = E.norm_effect("nala", q, k, NaLaParams(norm_scale=1.0))
+    calibrated = E.norm_effect("nala", q, k, NaLaParams(norm_scale=8.0))
     assert abs(saturated) < 1e-3 < -calibrated
 
 
@@ -217,7 +218,7 @@ def test_applied_weights_are_the_kernels_own_with_and_without_rope(kind):
     q, k, v = (torch.randn(2, 2, 16, 8) * 2 for _ in range(3))
     plain = PROCESSORS[kind](num_heads=2)
     weights = applied_attention_weights(plain, q, k)
-    options = plain.kernel_options() if kind == "nala" else None
+    options = plain.kernel_params()
     assert torch.allclose(weights, attention_weights(kind, q, k, options), atol=1e-5)
 
     rotated = PROCESSORS[kind](num_heads=2, use_rope=True)
@@ -243,7 +244,7 @@ def test_distribution_inputs_give_the_distribution_each_kernel_attends_with(kind
     plain = PROCESSORS[kind](num_heads=2)
     assert distribution_inputs(plain, q, k) == (q, k)  # without RoPE the captured pair is the kernel's own
     rotated = PROCESSORS[kind](num_heads=2, use_rope=True)
-    options = rotated.kernel_options() if kind == "nala" else None
+    options = rotated.kernel_params()
     rq, rk = distribution_inputs(rotated, q, k, (4, 4))
     if kind == "softmax":
         with pytest.raises(ValueError, match="token grid"):
@@ -256,4 +257,4 @@ def test_distribution_inputs_give_the_distribution_each_kernel_attends_with(kind
     else:  # RoPE turns the numerator only; the normaliser's distribution is the unrotated pair's
         assert rq is q and rk is k
         sums = attention_weights(kind, rq, rk, options).sum(-1)  # a distribution per row (ReLU: or all zero)
-        assert (((sums - 1).abs() < 1e-9) | (sums == 0)).all() and (sums > 0).any()
+        assert (((sums - 1).abs() < 1e-4) | (sums == 0)).all() and (sums > 0).any()  # under 1 by the readout's eps

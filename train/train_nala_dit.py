@@ -53,9 +53,6 @@ if TYPE_CHECKING:
 
 
 logger = LazyLogger(__name__)
-# sigma of NaLa's power for new models: calibrated on one batch of the training data (see
-# docs/method.md); the official sigma = 1 saturates in a DiT.
-DEFAULT_NORM_SCALE_MODE = "calibrated"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -197,8 +194,6 @@ def build_model(args, in_channels: int, sample_size: int, num_classes: int):
         source = load_transformer(args.init_from)
         model = source
         if not isinstance(source, NaLaDiTTransformer2DModel) or overrides or layout:
-            if "norm_scale_mode" not in overrides and "norm_scale_mode" not in source.config:
-                overrides["norm_scale_mode"] = DEFAULT_NORM_SCALE_MODE
             # calibrated below on real data from the source's own queries
             model = convert_dit_to_nala(source, **{"attention_type": "nala", **overrides}, **layout, calibrate=False)
         config = dict(model.config)
@@ -212,7 +207,6 @@ def build_model(args, in_channels: int, sample_size: int, num_classes: int):
             raise ValueError(f"the model has {key}={config[key]} but the data needs {key}={value}")
     if args.init_from:
         return model, source
-    config.setdefault("norm_scale_mode", DEFAULT_NORM_SCALE_MODE)
     config = {**config, **expected, **overrides}
     if layout:
         config["attention_types"] = layer_attention_types(config["num_layers"], config.get("attention_type", "nala"),

@@ -20,10 +20,6 @@ from nala_diffusion.models.options import CONFIG_KEYS, layer_attention_types
 from nala_diffusion.models.sources import check_dit_config, load_transformer
 from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel
 
-# sigma of NaLa's power in a converted DiT: from the DiT's own queries (the official sigma = 1
-# saturates at a DiT's query norms).
-DEFAULT_CONVERSION_NORM_SCALE_MODE = "calibrated"
-
 # Config keys that NaLaDiTTransformer2DModel shares with diffusers' DiT.
 DIT_CONFIG_KEYS = (
     "num_attention_heads",
@@ -88,7 +84,7 @@ def convert_dit_to_nala(
             ``use_lepe``, ``position_embedding``, ...). From one of our models (any attention type)
             its options and extras (LePE, gate, RoPE) and their weights come along unless overridden.
             Adding ``use_gate=True`` to a model without a gate is refused: a gate cannot start as
-            identity. NaLa's ``norm_scale_mode`` defaults to ``"calibrated"`` for a diffusers DiT.
+            identity. NaLa's ``norm_scale_mode`` is the models' default, ``"calibrated"``.
         calibrate: set sigma of new calibrated/learnable NaLa layers from the DiT's own queries
             (:func:`~nala_diffusion.calibrate_norm_scale` with the DiT as the source).
         calibration_inputs: keyword arguments of one forward call of the DiT for that calibration,
@@ -117,8 +113,6 @@ def convert_dit_to_nala(
         raise ValueError(
             f"num_classes={num_classes} does not match the DiT's {config['num_embeds_ada_norm']} classes"
         )
-    if "nala" in kinds and not isinstance(dit, NaLaDiTTransformer2DModel):
-        attention_options.setdefault("norm_scale_mode", DEFAULT_CONVERSION_NORM_SCALE_MODE)
     config.update(attention_options, attention_type=attention_type, attention_types=kinds if hybrid else None)
     parameter = next(dit.parameters())
     model = NaLaDiTTransformer2DModel(**config).to(parameter.device)

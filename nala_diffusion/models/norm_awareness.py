@@ -144,6 +144,8 @@ def calibrate_norm_scale(model: nn.Module, *args, quantile: float = 0.5, source:
     result = {}
     for name, processor in targets.items():
         norms = _head_norms(queries[name])  # (H, B * N)
+        if processor.log_norm_scale.shape[0] == 1:  # one sigma shared by all heads
+            norms = norms.reshape(1, -1)
         if norms.shape[0] != processor.log_norm_scale.shape[0]:
             raise ValueError(f"layer {name}: the source has {norms.shape[0]} heads, the model {processor.log_norm_scale.shape[0]}")
         sigma = torch.quantile(norms, quantile, dim=1).clamp_min(processor.eps)  # (H,)

@@ -1,9 +1,11 @@
 """Every option of the attention processors, declared once.
 
-:class:`AttentionOptions` is the single list: the kernel's keyword defaults, the processors'
-constructors, the model config (:class:`~nala_diffusion.NaLaDiTTransformer2DModel`), conversion,
-swapping and ``nala-train``'s flags all read it. Each field says which attention types take it
-(``kinds``), its help text, and the model-config key where that differs from the field name.
+The kernels' own parameters and their defaults live below, in :mod:`nala_diffusion.ops.params`.
+:class:`AttentionOptions` builds the processor-level list on top of them (adding sigma's mode, the
+learnable power and the extras LePE, gate and RoPE): the processors' constructors, the model config
+(:class:`~nala_diffusion.NaLaDiTTransformer2DModel`), conversion, swapping and ``nala-train``'s flags
+all read it. Each field says which attention types take it (``kinds``), its help text, and the
+model-config key where that differs from the field name.
 
 This module imports nothing heavy (no diffusers), so command-line tools can build their flags from it.
 """
@@ -16,8 +18,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-INHIBIT_MODES = ("relu_split", "cosine")
+from nala_diffusion.ops.params import INHIBIT_MODES, KERNEL_DEFAULTS, check_positive
+
 NORM_SCALE_MODES = ("fixed", "learnable", "calibrated")
+#: sigma's one default. A NaLa model is built with per-head sigma buffers at norm_scale (1): training,
+#: conversion and calibrate_norm_scale set them from real query norms; a model sampled before that says
+#: so (a warning at sampling, ``uncalibrated`` in the saturation report). Configs written before the
+#: option existed had sigma = 1 everywhere and load as "fixed" (see LEGACY_CONFIG_DEFAULTS).
+DEFAULT_NORM_SCALE_MODE = "calibrated"
+#: what a model config that lacks a key was built with (the key did not exist yet)
+LEGACY_CONFIG_DEFAULTS = {"norm_scale_mode": "fixed"}
 ATTENTION_TYPES = ("nala", "softmax", "relu_linear", "elu_linear")
 
 _ALL = ATTENTION_TYPES
@@ -34,20 +44,20 @@ class AttentionOptions:
     """The options of an attention processor; :meth:`for_type` keeps those a type takes."""
 
     # -- NaLa's kernel: p(r) = lambda (tau + tanh(r / sigma)), phi_q = |u|^p split by sign or angle
-    power_scale: float = _option(3.0, "lambda, the scale of the norm-aware power p(r) = lambda (tau + tanh(r / sigma))")
-    power_offset: float = _option(0.5, "tau, the offset of the power")
-    key_power: float = _option(3.0, "gamma, the power of the keys (odd keeps the sign)")
-    inhibit: str = _option("relu_split", "how features keep the sign: 'relu_split' (released code) or 'cosine' "
+    power_scale: float = _option(KERNEL_DEFAULTS.power_scale, "lambda, the scale of the norm-aware power p(r) = lambda (tau + tanh(r / sigma))")
+    power_offset: float = _option(KERNEL_DEFAULTS.power_offset, "tau, the offset of the power")
+    key_power: float = _option(KERNEL_DEFAULTS.key_power, "gamma, the power of the keys (odd keeps the sign)")
+    inhibit: str = _option(KERNEL_DEFAULTS.inhibit, "how features keep the sign: 'relu_split' (released code) or 'cosine' "
                            "(the paper's angular form)", choices=INHIBIT_MODES)
-    angle_sharpness: float = _option(20.0, "s in the cosine form's angle (pi/4) tanh(s x / |x|)")
-    eps: float = _option(1e-6, "guards the query normalisation and the readout's denominator", kinds=_LINEAR,
+    angle_sharpness: float = _option(KERNEL_DEFAULTS.angle_sharpness, "s in the cosine form's angle (pi/4) tanh(s x / |x|)")
+    eps: float = _option(KERNEL_DEFAULTS.eps, "guards the query normalisation and the readout's denominator", kinds=_LINEAR,
                          config_key="attention_eps")
     learnable_power: bool = _option(False, "make lambda a per-head parameter, trained with the model")
-    norm_scale: float = _option(1.0, "sigma, the query-norm scale of the power (1 is NaLaFormer's formula); the start "
+    norm_scale: float = _option(KERNEL_DEFAULTS.norm_scale, "sigma, the query-norm scale of the power (1 is NaLaFormer's formula); the start "
                                 "value when norm_scale_mode is not fixed")
-    norm_scale_mode: str = _option("fixed", "sigma per head: 'fixed' (norm_scale everywhere), 'calibrated' (set from "
-                                   "the query norms on real inputs, kept fixed) or 'learnable' (calibrated, then "
-                                   "trained)", choices=NORM_SCALE_MODES)
+    norm_scale_mode: str = _option(DEFAULT_NORM_SCALE_MODE, "sigma per head: 'calibrated' (set from the query norms on "
+                                   "real inputs, kept fixed; norm_scale until then), 'learnable' (calibrated, then "
+                                   "trained) or 'fixed' (norm_scale everywhere)", choices=NORM_SCALE_MODES)
     # -- extras of every kernel (NaLaFormer's model)
     use_lepe: bool = _option(False, "add LePE, a zero-initialised depthwise convolution of V over the token grid",
                              kinds=_ALL)
@@ -58,10 +68,8 @@ class AttentionOptions:
     rope_base: float = _option(10000.0, "rotary frequency base", kinds=_ALL)
 
     def __post_init__(self):
-        for name in ("power_scale", "key_power", "eps", "norm_scale", "rope_base", "angle_sharpness"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        check_positive(**{name: getattr(self, name) for name in ("power_scale", "key_power", "eps", "norm_scale",
+                                                                   "rope_base", "angle_sharpness")})
         if isinstance(self.power_offset, bool) or not isinstance(self.power_offset, (int, float)) \
                 or not math.isfinite(self.power_offset):
             raise ValueError(f"power_offset must be a finite number, got {self.power_offset!r}")
@@ -162,12 +170,13 @@ CONFIG_KEYS = tuple(config_key(name) for name in FIELDS)
 def options_from_config(config: Mapping[str, Any], attention_type: Optional[str] = None) -> Dict[str, Any]:
     """The processor options recorded in a model config, for ``attention_type`` (default: the config's
     ``attention_type``; a hybrid model asks once per kind); keys the config lacks (older configs) take
-    the defaults."""
+    what those configs were built with (:data:`LEGACY_CONFIG_DEFAULTS`), else the defaults."""
     attention_type = attention_type or config.get("attention_type", "nala")
-    return AttentionOptions.for_type(
-        attention_type, **{name: config[config_key(name)] for name in option_names(attention_type)
-                           if config.get(config_key(name)) is not None}
-    )
+    names = option_names(attention_type)
+    values = {name: config[config_key(name)] for name in names if config.get(config_key(name)) is not None}
+    values.update({name: value for name, value in LEGACY_CONFIG_DEFAULTS.items()
+                   if name in names and config_key(name) not in config})
+    return AttentionOptions.for_type(attention_type, **values)
 
 
 def _flag_type(f):

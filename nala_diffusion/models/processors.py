@@ -21,6 +21,9 @@ from torch import nn
 
 from nala_diffusion.models.options import NORM_SCALE_MODES, AttentionOptions, option_names  # noqa: F401  (NORM_SCALE_MODES re-exported)
 from nala_diffusion.ops import (
+    LinearParams,
+    NaLaParams,
+    SoftmaxParams,
     compute_dtype,
     linear_attention,
     nala_attention,
@@ -108,6 +111,12 @@ class KernelAttnProcessor(nn.Module):
     def options(self) -> Dict[str, object]:
         """Settings that rebuild this processor (with ``hidden_size``/``num_heads``)."""
         return {name: getattr(self, name) for name in option_names(self.attention_type)}
+
+    def kernel_params(self):
+        """The parameters object this layer hands its kernel (:mod:`nala_diffusion.ops.params`), as it runs
+        now; the analysis functions (:func:`~nala_diffusion.ops.attention_weights.attention_weights`) take
+        the same object, so they measure the kernel the layer applies."""
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -200,9 +209,12 @@ class SoftmaxAttnProcessor(KernelAttnProcessor):
 
     kernel_name = attention_type = "softmax"
 
+    def kernel_params(self) -> SoftmaxParams:
+        """The logit scale is the run-time ``attention_sharpness``."""
+        return SoftmaxParams(logit_scale=self.attention_sharpness)
+
     def attend(self, query, key, value, rope=None, attention_mask=None):
-        scale = None if self.attention_sharpness == 1.0 else self.attention_sharpness / math.sqrt(query.shape[-1])
-        return softmax_attention(query, key, value, attn_mask=attention_mask, rope=rope, scale=scale)
+        return softmax_attention(query, key, value, self.kernel_params(), attn_mask=attention_mask, rope=rope)
 
 
 class _NoMaskMixin:
@@ -218,9 +230,12 @@ class LinearAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
     attention_type = "relu_linear"
     feature_map = "relu"
 
+    def kernel_params(self) -> LinearParams:
+        return LinearParams(**{name: getattr(self, name) for name in LinearParams.names()})
+
     def attend(self, query, key, value, rope=None, attention_mask=None):
         self._reject_mask(attention_mask)
-        return linear_attention(query, key, value, feature_map=self.feature_map, eps=self.eps, rope=rope)
+        return linear_attention(query, key, value, self.kernel_params(), feature_map=self.feature_map, rope=rope)
 
 
 class ReLULinearAttnProcessor(LinearAttnProcessor):
@@ -249,7 +264,8 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
       sees on real inputs (:func:`~nala_diffusion.calibrate_norm_scale`) and kept fixed.
 
     In the last two ``norm_scale`` is the starting value and the per-head values are saved with the
-    model's weights; :func:`~nala_diffusion.calibrate_norm_scale` sets both kinds.
+    model's weights; :func:`~nala_diffusion.calibrate_norm_scale` sets both kinds. A processor built
+    without ``num_heads`` holds one sigma shared by all heads.
 
     Example::
 
@@ -265,12 +281,10 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
         super().__init__(hidden_size, num_heads, query_dim, **options)
         if self.learnable_power and num_heads is None:
             raise ValueError("learnable_power needs num_heads (one power scale per head)")
-        if self.norm_scale_mode != "fixed" and num_heads is None:
-            raise ValueError(f"norm_scale_mode={self.norm_scale_mode!r} needs num_heads (one norm scale per head)")
         self.compile = False  # a run-time choice, not saved: see set_fused_attention
         if self.learnable_power:
             self.log_power_scale = nn.Parameter(torch.full((num_heads,), math.log(self.power_scale)))
-        log_sigma = torch.full((num_heads or 1,), math.log(self.norm_scale))
+        log_sigma = torch.full((num_heads or 1,), math.log(self.norm_scale))  # without num_heads: one for all heads
         if self.norm_scale_mode == "learnable":
             self.log_norm_scale = nn.Parameter(log_sigma)
         elif self.norm_scale_mode == "calibrated":
@@ -297,22 +311,23 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
             raise ValueError(f"norm scales must be {tuple(self.log_norm_scale.shape)} positive finite values, got {sigma}")
         self.log_norm_scale.copy_(sigma.log().to(self.log_norm_scale))
 
-    def kernel_options(self) -> Dict[str, object]:
-        """The keyword arguments of :func:`~nala_diffusion.nala_attention` this layer runs with
-        (per-head tensors resolved), also taken by the feature maps of the kernels module."""
-        return {
-            "power_scale": self.resolved_power_scale(),
-            "power_offset": self.power_offset,
-            "key_power": self.key_power,
-            "inhibit": self.inhibit,
-            "angle_sharpness": self.angle_sharpness,
-            "eps": self.eps,
-            "norm_scale": self.resolved_norm_scale(),
-        }
+    @property
+    def norm_scale_uncalibrated(self) -> bool:
+        """True for a calibrated or learnable sigma that still holds its start value ``norm_scale`` in every
+        head: nothing (training, conversion, :func:`~nala_diffusion.calibrate_norm_scale`) has set it yet."""
+        if self.norm_scale_mode == "fixed":
+            return False
+        return bool((self.log_norm_scale.detach() == math.log(self.norm_scale)).all())
+
+    def kernel_params(self) -> NaLaParams:
+        """The :class:`~nala_diffusion.ops.params.NaLaParams` this layer runs with: its options, with lambda
+        and sigma resolved (per-head tensors where learnable or calibrated, lambda times the sharpness)."""
+        values = {name: getattr(self, name) for name in NaLaParams.names()}
+        return NaLaParams(**{**values, "power_scale": self.resolved_power_scale(), "norm_scale": self.resolved_norm_scale()})
 
     def attend(self, query, key, value, rope=None, attention_mask=None):
         self._reject_mask(attention_mask)
-        return nala_attention(query, key, value, rope=rope, compile=self.compile, **self.kernel_options())
+        return nala_attention(query, key, value, self.kernel_params(), rope=rope, compile=self.compile)
 
 
 ATTENTION_PROCESSORS: Dict[str, Type[KernelAttnProcessor]] = {

@@ -77,8 +77,8 @@ def _layer_entropy(processor: NaLaAttnProcessor, tensors: dict, sharpness: float
     previous = processor.attention_sharpness
     processor.attention_sharpness = sharpness
     try:
-        options = {k: v.detach() if torch.is_tensor(v) else v for k, v in processor.kernel_options().items()}
-        entropy = mean_entropy("nala", tensors["query"], tensors["key"], options, max_entries=CALIBRATION_ENTRIES)
+        params = processor.kernel_params().detached()
+        entropy = mean_entropy("nala", tensors["query"], tensors["key"], params, max_entries=CALIBRATION_ENTRIES)
         return entropy / math.log(tensors["key"].shape[-2])
     finally:
         processor.attention_sharpness = previous

@@ -28,7 +28,15 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
 from nala_diffusion.models.loading import check_loaded_weights
-from nala_diffusion.models.options import DEFAULTS, layer_attention_types, options_from_config
+from nala_diffusion.models.options import (
+    CONFIG_KEYS,
+    DEFAULTS,
+    FIELDS,
+    LEGACY_CONFIG_DEFAULTS,
+    config_key,
+    layer_attention_types,
+    options_from_config,
+)
 from nala_diffusion.models.swap import set_attention
 from nala_diffusion.utils.files import follow_umask
 
@@ -61,6 +69,19 @@ def preset_config(name: str, softmax_layers: Optional[Sequence[int]] = None, **o
     return config
 
 
+def with_option_parameters(init):
+    """``init`` (which takes the attention options as ``**attention_options``) with a signature that lists
+    each option of :class:`~nala_diffusion.models.options.AttentionOptions` as a keyword with its default,
+    under its config key. diffusers' config machinery reads the signature: every option is recorded in
+    the config, restored by ``from_pretrained``, and declared in one place only."""
+    signature = inspect.signature(init)
+    fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    options = [inspect.Parameter(config_key(name), inspect.Parameter.KEYWORD_ONLY, default=getattr(DEFAULTS, name),
+                                 annotation=f.type) for name, f in FIELDS.items()]
+    init.__signature__ = signature.replace(parameters=fixed + options)
+    return init
+
+
 class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
     r"""DiT (arXiv 2212.09748) whose self-attention kernel is chosen by ``attention_type``.
 
@@ -77,10 +98,11 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         learnable_power: NaLa kernel options (see :func:`~nala_diffusion.nala_attention`);
             ``attention_eps`` is the kernels' ``eps``.
         norm_scale, norm_scale_mode: the query-norm scale sigma of NaLa's power
-            p(r) = lambda (tau + tanh(r / sigma)): ``"fixed"`` (``norm_scale`` everywhere; 1 is the
-            official formula and the default, so configs saved without these keys load unchanged),
-            ``"learnable"`` or ``"calibrated"`` (per-head values in the weights, set by
-            :func:`~nala_diffusion.calibrate_norm_scale`; ``nala-train`` and conversion calibrate).
+            p(r) = lambda (tau + tanh(r / sigma)): ``"calibrated"`` (the default) or ``"learnable"``
+            (per-head values in the weights, starting at ``norm_scale``, set by
+            :func:`~nala_diffusion.calibrate_norm_scale`; ``nala-train`` and conversion calibrate, and
+            sampling warns about a model whose sigma was never set), or ``"fixed"`` (``norm_scale``
+            everywhere; 1 is the official formula, and what configs saved without the key were built with).
         use_lepe, lepe_kernel_size, use_gate, use_rope, rope_base: processor extras.
         Every attention option, its default and its meaning is declared once, in
         :class:`~nala_diffusion.models.options.AttentionOptions`; its config key is the option's name
@@ -93,6 +115,7 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
     """
 
     @register_to_config
+    @with_option_parameters
     def __init__(
         self,
         num_attention_heads: int = 16,
@@ -114,22 +137,12 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         num_classes: Optional[int] = None,
         attention_type: str = "nala",
         attention_types: Optional[List[str]] = None,
-        power_scale: float = DEFAULTS.power_scale,
-        power_offset: float = DEFAULTS.power_offset,
-        key_power: float = DEFAULTS.key_power,
-        inhibit: str = DEFAULTS.inhibit,
-        angle_sharpness: float = DEFAULTS.angle_sharpness,
-        attention_eps: float = DEFAULTS.eps,
-        learnable_power: bool = DEFAULTS.learnable_power,
-        norm_scale: float = DEFAULTS.norm_scale,
-        norm_scale_mode: str = DEFAULTS.norm_scale_mode,
-        use_lepe: bool = DEFAULTS.use_lepe,
-        lepe_kernel_size: int = DEFAULTS.lepe_kernel_size,
-        use_gate: bool = DEFAULTS.use_gate,
-        use_rope: bool = DEFAULTS.use_rope,
-        rope_base: float = DEFAULTS.rope_base,
         position_embedding: str = "interpolate",
+        **attention_options,
     ):
+        unknown = sorted(set(attention_options) - set(CONFIG_KEYS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected option(s) {unknown}; attention options: {sorted(CONFIG_KEYS)}")
         for name, value in (("num_attention_heads", num_attention_heads), ("attention_head_dim", attention_head_dim),
                             ("in_channels", in_channels), ("num_layers", num_layers), ("sample_size", sample_size),
                             ("patch_size", patch_size), ("out_channels", out_channels), ("num_classes", num_classes),
@@ -175,6 +188,13 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         for kind in dict.fromkeys(kinds):
             blocks = [index for index, each in enumerate(kinds) if each == kind]
             set_attention(self, kind, layers=blocks, **self.attention_options(kind))
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' config reading, with the options a config lacks taken as that config was built
+        (:data:`~nala_diffusion.models.options.LEGACY_CONFIG_DEFAULTS`), not as new models default them."""
+        legacy = {key: value for key, value in LEGACY_CONFIG_DEFAULTS.items() if key not in config_dict and key not in kwargs}
+        return super().extract_init_dict({**config_dict, **legacy}, **kwargs)
 
     # -- configuration helpers ------------------------------------------------------------------
     def attention_options(self, attention_type: Optional[str] = None) -> Dict[str, Any]:

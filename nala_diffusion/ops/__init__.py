@@ -5,13 +5,16 @@ One file per job:
 - ``nala``: :func:`nala_attention`, which picks one of NaLa's paths;
 - ``feature_maps``: NaLa's norm-aware power and feature maps (the one definition every path uses)
   and the baselines' kernel features;
-- ``params``: NaLa's parameters as one frozen object, passed down the paths;
+- ``params``: the kernels' parameters and defaults (frozen objects, declared once), handed whole to
+  every path and to the analysis functions;
 - ``dense`` (autograd, CUDA), ``gather`` (relu_split inference on CPU), ``fused`` (``torch.compile``):
   the fast paths; ``reference``: the formulas written literally, beside them;
 - ``readout``: the linear-attention readout; ``rope``: 2D rotary tables;
 - ``baselines``: ReLU / 1+ELU linear attention and softmax attention;
 - ``attention_weights``: explicit attention matrices, entropy and the norm effect, for analysis;
 - ``common``: input checks and small helpers.
+
+Nothing here imports diffusers or the rest of the package: ``nala_diffusion.models`` builds on it.
 """
 
 from nala_diffusion.ops.baselines import linear_attention, softmax_attention
@@ -25,10 +28,10 @@ from nala_diffusion.ops.feature_maps import (
     query_power,
 )
 from nala_diffusion.ops.nala import nala_attention
-from nala_diffusion.ops.params import NaLaParams
+from nala_diffusion.ops.params import LinearParams, NaLaParams, SoftmaxParams
 from nala_diffusion.ops.reference import nala_attention_explicit
 from nala_diffusion.ops.rope import apply_rope, rope_2d_tables
 
-__all__ = ["NaLaParams", "apply_rope", "compute_dtype", "linear_attention", "nala_attention", "nala_attention_explicit",
+__all__ = ["LinearParams", "NaLaParams", "SoftmaxParams", "apply_rope", "compute_dtype", "linear_attention", "nala_attention", "nala_attention_explicit",
            "nala_key_features", "nala_key_halves", "nala_query_features", "nala_query_halves", "power_sensitivity",
            "query_power", "rope_2d_tables", "softmax_attention"]

@@ -1,9 +1,7 @@
-"""Checks and helpers every attention kernel shares: input validation, the accumulation dtype, the
-per-head form of an option, and the batched product on skinny shapes."""
+"""Checks and helpers every attention kernel shares: input validation, the accumulation dtype and the
+batched product on skinny shapes."""
 
 from __future__ import annotations
-
-from typing import Union
 
 import torch
 
@@ -35,34 +33,6 @@ def check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> No
         raise ValueError(f"key and value token counts differ: {key.shape[-2]} vs {value.shape[-2]}")
     if key.shape[-2] == 0:
         raise ValueError("attention needs at least one key token")
-
-
-def check_positive(**values) -> None:
-    """Float options that must be positive (tensors are left to their owners, to avoid a device sync)."""
-    for name, value in values.items():
-        if not torch.is_tensor(value) and not float(value) > 0:
-            raise ValueError(f"{name} must be positive, got {value}")
-
-
-def per_head(value: Union[float, torch.Tensor], like: torch.Tensor) -> Union[float, torch.Tensor]:
-    """A float stays a float; a per-head tensor of shape (heads,) becomes (1, heads, 1, 1)."""
-    if not torch.is_tensor(value):
-        return float(value)
-    value = value.to(device=like.device, dtype=like.dtype)
-    if value.ndim == 1:
-        if value.shape[0] != like.shape[1]:
-            raise ValueError(f"a per-head tensor needs {like.shape[1]} entries (one per head), got {value.shape[0]}")
-        value = value.view(1, -1, 1, 1)
-    return value
-
-
-def head_scales(value: Union[float, torch.Tensor], q: torch.Tensor) -> torch.Tensor:
-    """A per-head option (lambda, sigma) as a (batch, heads, 1, 1) tensor like ``q``, from a float or
-    a per-head tensor."""
-    scales = per_head(value, q)
-    if not torch.is_tensor(scales):
-        return q.new_full((q.shape[0], q.shape[1], 1, 1), scales)
-    return scales.expand(q.shape[0], q.shape[1], 1, 1)
 
 
 def needs_grad(*tensors) -> bool:

@@ -8,9 +8,8 @@ import dataclasses
 import torch
 import torch.utils.checkpoint
 
-from nala_diffusion.ops.common import head_scales
-from nala_diffusion.ops.feature_maps import key_halves, query_halves
-from nala_diffusion.ops.params import NaLaParams
+from nala_diffusion.ops.feature_maps import nala_key_halves, nala_query_halves
+from nala_diffusion.ops.params import NaLaParams, per_head
 from nala_diffusion.ops.readout import split_readout
 from nala_diffusion.ops.rope import RopeArg
 
@@ -22,7 +21,7 @@ def dense_nala(q, k, v, params: NaLaParams, denominator_eps, rope: RopeArg = Non
     """NaLa as batched products of the feature halves (no Python loop over heads); differentiable.
     ``denominator_eps``: a float or a (B, H, 1, 1) tensor (see
     :func:`~nala_diffusion.ops.feature_maps.scaled_keys`)."""
-    return split_readout(query_halves(q, params), key_halves(k, params), v, denominator_eps, rope)
+    return split_readout(nala_query_halves(q, params), nala_key_halves(k, params), v, denominator_eps, rope)
 
 
 @torch.no_grad()
@@ -31,15 +30,15 @@ def dense_inference(q, k, v, params: NaLaParams, denominator_eps, rope: RopeArg 
     features would exceed ``DENSE_CHUNK_BYTES``."""
     kernel = kernel or dense_nala
     batch, heads, tokens, dim = q.shape
-    per_head = (tokens + k.shape[-2]) * 2 * dim * q.element_size() * 2
-    rows = max(1, DENSE_CHUNK_BYTES // per_head)
+    bytes_per_head = (tokens + k.shape[-2]) * 2 * dim * q.element_size() * 2
+    rows = max(1, DENSE_CHUNK_BYTES // bytes_per_head)
     if batch * heads <= rows:
         return kernel(q, k, v, params, denominator_eps, rope)
     flat = lambda x: x.reshape(batch * heads, 1, *x.shape[2:])  # noqa: E731  (one head per "batch" row)
     heads_params = params.per_head(q)
     heads_params = dataclasses.replace(heads_params, power_scale=flat(heads_params.power_scale),
                                        norm_scale=flat(heads_params.norm_scale))
-    q_, k_, v_, den = (flat(x) for x in (q, k, v, head_scales(denominator_eps, q)))
+    q_, k_, v_, den = (flat(x) for x in (q, k, v, per_head(denominator_eps, q, expand=True)))
     out = q.new_empty(batch * heads, 1, tokens, v.shape[-1])
     for start in range(0, batch * heads, rows):
         part = slice(start, start + rows)

@@ -19,18 +19,17 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-from nala_diffusion.models.options import DEFAULTS, INHIBIT_MODES
-from nala_diffusion.ops.common import needs_grad, per_head
-from nala_diffusion.ops.params import NaLaParams
+from nala_diffusion.ops.common import needs_grad
+from nala_diffusion.ops.params import INHIBIT_MODES, KERNEL_DEFAULTS, NaLaParams, per_head
 
 FEATURE_MAPS = ("relu", "elu")
 
 
 def query_power(
     norm: torch.Tensor,
-    power_scale: Union[float, torch.Tensor] = DEFAULTS.power_scale,
-    power_offset: float = DEFAULTS.power_offset,
-    norm_scale: Union[float, torch.Tensor] = DEFAULTS.norm_scale,
+    power_scale: Union[float, torch.Tensor] = KERNEL_DEFAULTS.power_scale,
+    power_offset: float = KERNEL_DEFAULTS.power_offset,
+    norm_scale: Union[float, torch.Tensor] = KERNEL_DEFAULTS.norm_scale,
 ) -> torch.Tensor:
     """The norm-aware power p(r) = lambda * (tau + tanh(r / sigma)), for query norms ``r``.
 
@@ -43,8 +42,8 @@ def query_power(
 
 def power_sensitivity(
     norm: torch.Tensor,
-    power_scale: Union[float, torch.Tensor] = DEFAULTS.power_scale,
-    norm_scale: Union[float, torch.Tensor] = DEFAULTS.norm_scale,
+    power_scale: Union[float, torch.Tensor] = KERNEL_DEFAULTS.power_scale,
+    norm_scale: Union[float, torch.Tensor] = KERNEL_DEFAULTS.norm_scale,
 ) -> torch.Tensor:
     """dp / d(log r) = lambda * (r / sigma) * sech^2(r / sigma): how much the power changes for a
     relative change of the query norm (scale-free, unlike dp/dr). Near 0 where tanh has saturated."""
@@ -85,13 +84,14 @@ class MagnitudePower(torch.autograd.Function):
         return grad_magnitude, grad_power
 
 
-def direction_power(query, power_scale, power_offset: float, eps: float, norm_scale):
+def direction_power(query: torch.Tensor, params: NaLaParams):
     """(|u|^p(r), u) for queries (..., tokens, d): u = q / max(|q|, eps), p from :func:`query_power`.
-    ``power_scale`` and ``norm_scale`` are floats, per-head tensors ``(heads,)`` or tensors that
-    broadcast against (..., tokens, 1)."""
+    ``params.power_scale`` and ``params.norm_scale`` are floats, per-head tensors ``(heads,)`` or tensors
+    that broadcast against (..., tokens, 1)."""
     norm = torch.linalg.vector_norm(query, dim=-1, keepdim=True)  # (..., N, 1)
-    direction = query / norm.clamp_min(eps)  # (..., N, d), entries in [-1, 1]
-    power = query_power(norm, per_head(power_scale, query), power_offset, per_head(norm_scale, query))
+    direction = query / norm.clamp_min(params.eps)  # (..., N, d), entries in [-1, 1]
+    power = query_power(norm, per_head(params.power_scale, query), params.power_offset,
+                        per_head(params.norm_scale, query))
     if needs_grad(query, power):
         return MagnitudePower.apply(direction.abs(), power), direction
     return power_in_place(direction.abs(), power), direction
@@ -116,42 +116,37 @@ def angle_halves(magnitude: torch.Tensor, direction: torch.Tensor, sharpness: fl
     return magnitude * torch.cos(turn), magnitude * torch.sin(turn)
 
 
-def nala_query_halves(query, *, power_scale=DEFAULTS.power_scale, power_offset=DEFAULTS.power_offset,
-                      inhibit=DEFAULTS.inhibit, angle_sharpness=DEFAULTS.angle_sharpness, eps=DEFAULTS.eps,
-                      norm_scale=DEFAULTS.norm_scale):
+def nala_query_halves(query: torch.Tensor, params: NaLaParams = KERNEL_DEFAULTS):
     """The two d-wide halves of phi_q: [relu(u)^p, relu(-u)^p] or |u|^p [cos t(u), sin t(u)]."""
-    magnitude, direction = direction_power(query, power_scale, power_offset, eps, norm_scale)
-    if inhibit == "relu_split":
+    magnitude, direction = direction_power(query, params)
+    if params.inhibit == "relu_split":
         return sign_halves(torch.copysign(magnitude, direction))
-    if inhibit == "cosine":
-        return angle_halves(magnitude, direction, angle_sharpness)
-    raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {inhibit!r}")
+    if params.inhibit == "cosine":
+        return angle_halves(magnitude, direction, params.angle_sharpness)
+    raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {params.inhibit!r}")
 
 
-def nala_key_halves(key, *, key_power=DEFAULTS.key_power, inhibit=DEFAULTS.inhibit,
-                    angle_sharpness=DEFAULTS.angle_sharpness, eps=DEFAULTS.eps):
+def nala_key_halves(key: torch.Tensor, params: NaLaParams = KERNEL_DEFAULTS):
     """The two d-wide halves of phi_k: [relu(k'), relu(-k')] or |k|^gamma [cos t(k), sin t(k)]."""
-    if inhibit == "relu_split":
-        return sign_halves(key_power_signed(key, key_power))
-    if inhibit == "cosine":
-        direction = key / torch.linalg.vector_norm(key, dim=-1, keepdim=True).clamp_min(eps)
-        return angle_halves(key.abs().pow(key_power), direction, angle_sharpness)
-    raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {inhibit!r}")
+    if params.inhibit == "relu_split":
+        return sign_halves(key_power_signed(key, params.key_power))
+    if params.inhibit == "cosine":
+        direction = key / torch.linalg.vector_norm(key, dim=-1, keepdim=True).clamp_min(params.eps)
+        return angle_halves(key.abs().pow(params.key_power), direction, params.angle_sharpness)
+    raise ValueError(f"inhibit must be one of {INHIBIT_MODES}, got {params.inhibit!r}")
 
 
-def nala_query_features(query: torch.Tensor, **options) -> torch.Tensor:
-    """phi_q: (batch, heads, tokens, d) -> (batch, heads, tokens, 2d), non-negative for relu_split.
-    ``options``: those of :func:`nala_query_halves`."""
-    return torch.cat(nala_query_halves(query, **options), dim=-1)
+def nala_query_features(query: torch.Tensor, params: NaLaParams = KERNEL_DEFAULTS) -> torch.Tensor:
+    """phi_q: (batch, heads, tokens, d) -> (batch, heads, tokens, 2d), non-negative for relu_split."""
+    return torch.cat(nala_query_halves(query, params), dim=-1)
 
 
-def nala_key_features(key: torch.Tensor, **options) -> torch.Tensor:
-    """phi_k: (batch, heads, tokens, d) -> (batch, heads, tokens, 2d). ``options``: those of
-    :func:`nala_key_halves`."""
-    return torch.cat(nala_key_halves(key, **options), dim=-1)
+def nala_key_features(key: torch.Tensor, params: NaLaParams = KERNEL_DEFAULTS) -> torch.Tensor:
+    """phi_k: (batch, heads, tokens, d) -> (batch, heads, tokens, 2d)."""
+    return torch.cat(nala_key_halves(key, params), dim=-1)
 
 
-def scaled_keys(key: torch.Tensor, key_power, eps: float):
+def scaled_keys(key: torch.Tensor, params: NaLaParams):
     """Keys divided by their largest magnitude per (batch, head), and the denominator's eps in the
     same units: (k / m, eps / m^gamma).
 
@@ -162,8 +157,7 @@ def scaled_keys(key: torch.Tensor, key_power, eps: float):
     """
     largest = key.detach().abs().amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1)
     largest = torch.where(largest > 0, largest, torch.ones_like(largest))
-    return key / largest, eps / largest.pow(key_power)
-
+    return key / largest, params.eps / largest.pow(params.key_power)
 
 
 def kernel_feature_map(x: torch.Tensor, feature_map: str) -> torch.Tensor:
@@ -172,13 +166,3 @@ def kernel_feature_map(x: torch.Tensor, feature_map: str) -> torch.Tensor:
     if feature_map == "elu":
         return F.elu(x) + 1.0
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
-
-
-def query_halves(q: torch.Tensor, params: NaLaParams):
-    """:func:`nala_query_halves` with the parameters as one object."""
-    return nala_query_halves(q, **params.query_options)
-
-
-def key_halves(k: torch.Tensor, params: NaLaParams):
-    """:func:`nala_key_halves` with the parameters as one object."""
-    return nala_key_halves(k, **params.key_options)

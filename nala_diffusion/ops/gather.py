@@ -33,12 +33,12 @@ def feature_index(q: torch.Tensor) -> torch.Tensor:
     return torch.sub(first, sign_bit(q), alpha=dim, out=index)  # + d where the sign bit is set
 
 
-def relu_split_query_terms(q: torch.Tensor, power_scale, power_offset: float, eps: float, norm_scale):
+def relu_split_query_terms(q: torch.Tensor, params: NaLaParams):
     """The relu_split query features in gather form, for ``q`` of shape (heads, N, d): the magnitude
     ``|u|^p`` (heads, N, d) of the one non-zero feature of each coordinate, from the shared
     :func:`~nala_diffusion.ops.feature_maps.direction_power`, and its feature index
-    (:func:`feature_index`). ``power_scale`` and ``norm_scale`` are (heads, 1, 1)."""
-    magnitude, _ = direction_power(q, power_scale, power_offset, eps, norm_scale)
+    (:func:`feature_index`). ``params``' lambda and sigma are (heads, 1, 1)."""
+    magnitude, _ = direction_power(q, params)
     return magnitude, feature_index(q)
 
 
@@ -47,14 +47,14 @@ def readout_table_width(dim: int) -> int:
     return -(-(dim + 1) // 16) * 16
 
 
-def relu_split_table(k: torch.Tensor, v: torch.Tensor, key_power) -> torch.Tensor:
+def relu_split_table(k: torch.Tensor, v: torch.Tensor, params: NaLaParams) -> torch.Tensor:
     """The gather readout's table (h, 2d, width) for keys (h, M, d) and values (h, M, e): rows
     [S; z] per feature, S = mean_j phi_k v^T (columns :e), z = mean_j phi_k (column e), padded to
     :func:`readout_table_width`. phi_k from the shared ``nala_key_halves``."""
     heads, num_keys, dim = k.shape
     value_dim = v.shape[-1]
     table = k.new_zeros(heads, 2 * dim, readout_table_width(value_dim))
-    for rows, half in zip((slice(0, dim), slice(dim, 2 * dim)), nala_key_halves(k, key_power=key_power)):
+    for rows, half in zip((slice(0, dim), slice(dim, 2 * dim)), nala_key_halves(k, params)):
         table[:, rows, :value_dim] = torch.bmm(half.transpose(1, 2), v)  # (bmm's out= on a slice is slower)
         table[:, rows, value_dim] = half.sum(dim=1)
     return table.div_(num_keys)
@@ -75,9 +75,8 @@ def relu_split_gather(q, k, v, params: NaLaParams, denominator_eps: torch.Tensor
         for h in range(0, heads, step):
             part = slice(h, min(heads, h + step))
             chunk = heads_params.rows((b, part))
-            magnitude, index = query_terms(q[b, part], chunk.power_scale, params.power_offset, params.eps,
-                                           chunk.norm_scale)
-            readout = table(k[b, part], v[b, part], params.key_power)  # (h, 2d, width)
+            magnitude, index = query_terms(q[b, part], chunk)
+            readout = table(k[b, part], v[b, part], params)  # (h, 2d, width)
             read = F.embedding_bag(index.reshape(-1, dim), readout.view(-1, readout.shape[-1]), mode="sum",
                                    per_sample_weights=magnitude.reshape(-1, dim)).view(-1, tokens, readout.shape[-1])
             denominator = read[..., value_dim:value_dim + 1].add_(denominator_eps[b, part])

@@ -21,11 +21,10 @@ inference on CPU), ``fused`` (``torch.compile``), and ``reference`` (the formula
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
-from nala_diffusion.models.options import DEFAULTS
 from nala_diffusion.ops import dense
 from nala_diffusion.ops.common import check_qkv, compiling, compute_dtype, needs_grad
 from nala_diffusion.ops.feature_maps import scaled_keys
@@ -38,37 +37,29 @@ def nala_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    params: Optional[NaLaParams] = None,
     *,
-    power_scale: Union[float, torch.Tensor] = DEFAULTS.power_scale,
-    power_offset: float = DEFAULTS.power_offset,
-    key_power: float = DEFAULTS.key_power,
-    inhibit: str = DEFAULTS.inhibit,
-    angle_sharpness: float = DEFAULTS.angle_sharpness,
-    eps: float = DEFAULTS.eps,
     rope: RopeArg = None,
     compile: bool = False,
-    norm_scale: Union[float, torch.Tensor] = DEFAULTS.norm_scale,
     gather: Optional[bool] = None,
+    **overrides,
 ) -> torch.Tensor:
     """Norm-aware linear attention, O(tokens * head_dim^2) time and O(head_dim^2) state per head.
 
     Args:
         query, key, value: ``(batch, heads, tokens, head_dim)``; keys and values may have another
             token count than queries, and values another head_dim.
-        power_scale: lambda in p(r) = lambda * (tau + tanh(r / sigma)); a float or a per-head tensor
-            ``(heads,)``.
-        power_offset: tau.
-        key_power: gamma, the power of the keys (odd keeps the sign).
-        inhibit: ``"relu_split"`` (released code) or ``"cosine"`` (the paper's angular form).
-        angle_sharpness: s in the ``cosine`` angle (pi/4) tanh(s x / |x|).
-        eps: guards the query normalisation and the output's denominator.
+        params: the kernel's :class:`~nala_diffusion.ops.params.NaLaParams` (default: its defaults):
+            lambda (``power_scale``, a float or a per-head tensor ``(heads,)``), tau (``power_offset``),
+            gamma (``key_power``), ``inhibit`` (``"relu_split"`` as released, or ``"cosine"``, the paper's
+            angular form, with ``angle_sharpness``), ``eps`` (guards the query normalisation and the
+            denominator) and sigma (``norm_scale``, a float or a per-head tensor; 1 is the official formula).
+        **overrides: parameters replacing those of ``params``, e.g. ``inhibit="cosine"``.
         rope: rotary tables ``(cos, sin)`` broadcastable to ``(..., tokens, head_dim)`` (see
             :func:`~nala_diffusion.ops.rope.rope_2d_tables`), or a callable; each d-wide feature half
             is rotated on its own, in the numerator only, as in NaLaFormer's code.
         compile: without autograd, run the same feature functions fused by ``torch.compile``
             (:mod:`nala_diffusion.ops.fused`; the first call per shape compiles). Otherwise ignored.
-        norm_scale: sigma, the query-norm scale of the power: a positive float or a per-head tensor
-            ``(heads,)``; 1 is the official formula.
         gather: without autograd and RoPE, for ``relu_split``: read the state by a gather-sum of the
             d feature rows each query uses (the default on CPU) instead of batched dense products
             (the default elsewhere).
@@ -82,12 +73,12 @@ def nala_attention(
     stored when they are large.
     """
     check_qkv(query, key, value)
-    params = NaLaParams(power_scale, power_offset, key_power, inhibit, angle_sharpness, eps, norm_scale).validate()
+    params = NaLaParams.of(params, **overrides)
     if query.shape[-2] == 0:
         return query.new_empty(*query.shape[:3], value.shape[-1])
     dtype = compute_dtype(query.dtype)
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
-    k, key_eps = scaled_keys(k, key_power, eps)  # (B, H, M, d), (B, H, 1, 1)
+    k, key_eps = scaled_keys(k, params)  # (B, H, M, d), (B, H, 1, 1)
     if needs_grad(q, k, v, *params.tensors()):
         return dense.memory_lean(dense.dense_nala, q, k, v, params, key_eps, rope).to(query.dtype)
     if gather is None:  # traced by torch.compile, the dense path fuses; the gather's out= buffers do not trace
@@ -96,6 +87,6 @@ def nala_attention(
         from nala_diffusion.ops.fused import nala_attention_fused
 
         return nala_attention_fused(q, k, v, params, key_eps, rope=rope, gather=gather).to(query.dtype)
-    if inhibit == "relu_split" and rope is None and gather:
+    if params.inhibit == "relu_split" and rope is None and gather:
         return relu_split_gather(q, k, v, params, key_eps).to(query.dtype)
     return dense.dense_inference(q, k, v, params, key_eps, rope).to(query.dtype)

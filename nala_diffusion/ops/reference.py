@@ -3,13 +3,13 @@ benchmarks compare them with."""
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional
 
 import torch
 
-from nala_diffusion.models.options import DEFAULTS
 from nala_diffusion.ops.common import check_qkv, compute_dtype
 from nala_diffusion.ops.feature_maps import nala_key_features, nala_query_features
+from nala_diffusion.ops.params import NaLaParams
 from nala_diffusion.ops.readout import linear_readout
 from nala_diffusion.ops.rope import RopeArg, apply_rope
 
@@ -18,15 +18,10 @@ def nala_attention_explicit(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    params: Optional[NaLaParams] = None,
     *,
-    power_scale: Union[float, torch.Tensor] = DEFAULTS.power_scale,
-    power_offset: float = DEFAULTS.power_offset,
-    key_power: float = DEFAULTS.key_power,
-    inhibit: str = DEFAULTS.inhibit,
-    angle_sharpness: float = DEFAULTS.angle_sharpness,
-    eps: float = DEFAULTS.eps,
     rope: RopeArg = None,
-    norm_scale: Union[float, torch.Tensor] = DEFAULTS.norm_scale,
+    **overrides,
 ) -> torch.Tensor:
     """NaLa written literally from the formulas: the 2d-wide features are built, then read out.
 
@@ -34,12 +29,10 @@ def nala_attention_explicit(
     straightforward baseline of the benchmarks.
     """
     check_qkv(query, key, value)
+    params = NaLaParams.of(params, **overrides)
     dtype = compute_dtype(query.dtype)
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
-    phi_q = nala_query_features(
-        q, power_scale=power_scale, power_offset=power_offset, inhibit=inhibit, angle_sharpness=angle_sharpness,
-        eps=eps, norm_scale=norm_scale,
-    )  # (B, H, N, 2d)
-    phi_k = nala_key_features(k, key_power=key_power, inhibit=inhibit, angle_sharpness=angle_sharpness, eps=eps)
+    phi_q = nala_query_features(q, params)  # (B, H, N, 2d)
+    phi_k = nala_key_features(k, params)
     halves = None if rope is None else (lambda x: torch.cat([apply_rope(h, rope) for h in x.chunk(2, dim=-1)], -1))
-    return linear_readout(phi_q, phi_k, v, eps, halves).to(query.dtype)  # RoPE turns each half on its own
+    return linear_readout(phi_q, phi_k, v, params.eps, halves).to(query.dtype)  # RoPE turns each half on its own
