@@ -36,7 +36,7 @@ from nala_diffusion.metrics.samples import (
     uniform_labels,
 )
 from nala_diffusion.pipelines.sample import parse_sharpness
-from nala_diffusion.pipelines.schedulers import (
+from nala_diffusion.pipelines.sampler_flags import (
     DIT_PROTOCOL,
     HIGHRES_MODES,
     SCHEDULERS,

@@ -7,16 +7,13 @@ exactly one ``DiffusionPipeline`` subclass and imports the rest by absolute path
 """
 
 import inspect
-import math
-import numbers
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
@@ -25,28 +22,31 @@ from diffusers.utils.torch_utils import randn_tensor
 # pipeline folders saved before the sub-packages name this module as the transformer's library, and
 # diffusers loads a component only from a module that is already imported
 import nala_diffusion.model  # noqa: F401
-from nala_diffusion.diffusion.noising import noised_copies
 from nala_diffusion.models.loading import check_loaded_weights
-from nala_diffusion.models.sharpness import (
-    SHARPNESS_MODES,
-    attention_sharpness_of,
-    resolution_sharpness,
-    set_attention_sharpness,
-)
+from nala_diffusion.models.norm_awareness import warn_if_uncalibrated
+from nala_diffusion.models.sharpness import attention_sharpness_of, set_attention_sharpness
 from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel
+from nala_diffusion.pipelines import inputs
+from nala_diffusion.pipelines.attention_sharpness import SharpnessArg, set_sharpness_for_size
+from nala_diffusion.pipelines.guidance import GuidanceSchedule
+from nala_diffusion.pipelines.inputs import LabelArg
 from nala_diffusion.pipelines.loader_file import carries_own_loader, write_loader_file
 from nala_diffusion.utils.files import follow_umask
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-GUIDANCE_INTERVAL_UNITS = ("timestep", "sigma")
-#: DDPMScheduler variance types that sample with the model's learned variance
-LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 # what ``__call__`` uses when neither the call nor the pipeline's ``sampling_defaults`` say otherwise (DiT's)
 SAMPLING_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 4.0}
-LabelArg = Union[int, str, Sequence[Union[int, str]]]
-SharpnessArg = Optional[Union[str, float, Mapping[str, float]]]
-# noise levels of the calibration inputs of attention_sharpness="auto"
-SHARPNESS_TIMESTEPS = (250, 500, 750)
+
+
+@dataclass
+class SamplingCall:
+    """A call's inputs, resolved and checked (:meth:`NaLaDiTPipeline.prepare_call`)."""
+
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    class_ids: torch.Tensor  # (images,), each label repeated num_images_per_label times
+    guidance: GuidanceSchedule
 
 
 @dataclass
@@ -73,49 +73,6 @@ EXAMPLE_DOC_STRING = """
 
         ```
 """
-
-
-def available_memory(device: torch.device) -> Optional[int]:
-    """Free bytes on ``device``: CUDA's ``mem_get_info``, or the system's available memory for the CPU
-    (``/proc/meminfo``'s MemAvailable, else free pages); None where it cannot be read."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _is_integer(value) -> bool:
-    """An integral number of any type (int, numpy or 0-d torch integers, 3.0), not a bool."""
-    if isinstance(value, bool):
-        return False
-    if torch.is_tensor(value):
-        return value.ndim == 0 and (not value.is_floating_point() or float(value).is_integer())
-    if isinstance(value, numbers.Integral):
-        return True
-    return isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()
-
-
-def _flatten(labels) -> list:
-    if torch.is_tensor(labels):
-        return list(labels.flatten())
-    flat = []
-    for label in labels:
-        if isinstance(label, (list, tuple)) or torch.is_tensor(label) and label.ndim > 0:
-            flat.extend(_flatten(label))
-        else:
-            flat.append(label)
-    return flat
 
 
 class NaLaDiTPipeline(DiffusionPipeline):
@@ -153,19 +110,13 @@ class NaLaDiTPipeline(DiffusionPipeline):
                 "Convert a diffusers DiT with nala_diffusion.convert_dit_to_nala(dit) (attention_type='softmax' keeps "
                 "its outputs exactly) and save that, or load the folder with diffusers' DiTPipeline")
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
-        id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
-        num_classes = transformer.config.num_classes
-        bad = [k for k in id2label if not 0 <= k < num_classes]
-        if bad:
-            raise ValueError(f"id2label has ids {bad} outside the model's classes 0..{num_classes - 1}")
-        self.register_to_config(id2label={str(k): v for k, v in sorted(id2label.items())})
-        self.id2label = id2label
-        sampling_defaults = dict(sampling_defaults or {})
-        unknown = sorted(set(sampling_defaults) - set(SAMPLING_DEFAULTS))
+        self.id2label = inputs.checked_id2label(id2label, transformer.config.num_classes)
+        self.register_to_config(id2label={str(k): v for k, v in sorted(self.id2label.items())})
+        self.labels = inputs.names_to_ids(self.id2label)
+        unknown = sorted(set(sampling_defaults or {}) - set(SAMPLING_DEFAULTS))
         if unknown:
             raise ValueError(f"sampling_defaults: unknown keys {unknown}; allowed: {sorted(SAMPLING_DEFAULTS)}")
-        self.register_to_config(sampling_defaults=sampling_defaults)
-        self.labels = {name.strip(): k for k, v in id2label.items() for name in v.split(",") if name.strip()}
+        self.register_to_config(sampling_defaults=dict(sampling_defaults or {}))
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -205,48 +156,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
 
     def get_label_ids(self, labels: LabelArg) -> List[int]:
         """Class ids for labels given as ids, names from ``id2label``, or a list of either."""
-        if isinstance(labels, (int, str)) or torch.is_tensor(labels) and labels.ndim == 0:
-            labels = [labels]
-        labels = _flatten(labels)  # [[1], [2]], as DiTPipeline takes it, is [1, 2]
-        if len(labels) == 0:
-            raise ValueError("class_labels is empty; give at least one class id or name")
-        ids = []
-        for label in labels:
-            if isinstance(label, str):
-                if label not in self.labels:
-                    known = ", ".join(sorted(self.labels)[:20]) or "none: this pipeline has no id2label"
-                    raise ValueError(f"class_labels: unknown label name {label!r}; known names: {known}")
-                ids.append(self.labels[label])
-                continue
-            if not _is_integer(label):
-                raise ValueError(f"class_labels: {label!r} is not a class id (an integer) or a name")
-            label = int(label)
-            if not 0 <= label < self.num_classes:
-                raise ValueError(f"class_labels: id {label} is out of range; allowed ids are 0..{self.num_classes - 1}")
-            ids.append(label)
-        return ids
-
-    def estimated_bytes(self, height: int, width: int, images: int, guidance: bool = True) -> int:
-        """A lower estimate of the memory one denoising step needs at ``height`` x ``width`` for
-        ``images`` images: the transformer's widest activations (the MLP's 4x hidden plus the block
-        input, queries, keys and values) for every token, in the model's dtype, twice with guidance."""
-        config = self.transformer.config
-        tokens = (height // self.size_unit) * (width // self.size_unit)
-        hidden = config.num_attention_heads * config.attention_head_dim
-        element = torch.finfo(self.transformer.dtype).bits // 8
-        return (2 if guidance else 1) * images * tokens * hidden * (4 + 4) * element
-
-    def check_memory(self, height: int, width: int, images: int, guidance: bool = True) -> None:
-        """Refuse a size whose :meth:`estimated_bytes` exceeds the memory this device has free (CUDA:
-        ``mem_get_info``; CPU: the system's available memory), before anything is sampled or written."""
-        needed = self.estimated_bytes(height, width, images, guidance)
-        device = self._execution_device
-        free = available_memory(device)
-        if free is not None and needed > free:
-            raise ValueError(
-                f"{height}x{width} x {images} image(s) needs at least {needed / 2**30:.1f} GiB for its activations, "
-                f"more than the {free / 2**30:.1f} GiB free on {device}; sample fewer or smaller images (a smaller "
-                "--batch_size), or pass check_memory=False (--no_memory_check) to try anyway")
+        return inputs.label_ids(labels, self.labels, self.num_classes)
 
     @property
     def size_unit(self) -> int:
@@ -258,32 +168,37 @@ class NaLaDiTPipeline(DiffusionPipeline):
         return self.transformer.config.sample_size * self.vae_scale_factor
 
     def check_inputs(self, height, width, num_inference_steps, guidance_scale, output_type, num_images_per_label,
-                     callback_on_step_end_tensor_inputs=("latents",)):
-        unit = self.size_unit
-        for name, value in (("height", height), ("width", width)):
-            if not _is_integer(value) or value <= 0 or value % unit:
-                raise ValueError(f"{name}={value} must be a positive multiple of {unit} (patch size x VAE factor)")
-        if not _is_integer(num_inference_steps) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
-        schedule = getattr(self.scheduler.config, "num_train_timesteps", None)
-        if schedule is not None and num_inference_steps > schedule:
-            raise ValueError(f"num_inference_steps={num_inference_steps} exceeds the scheduler's {schedule} training "
-                             "timesteps; sample with at most that many steps")
-        if not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 disables guidance), got {guidance_scale}")
-        bad_inputs = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
-        if bad_inputs:
-            raise ValueError(f"callback_on_step_end_tensor_inputs: {sorted(bad_inputs)} not in {self._callback_tensor_inputs}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        channels = self.transformer.config.in_channels
-        if output_type == "pil" and self.vae is None and channels != 3:
-            raise ValueError(
-                f"this pipeline has no vae and its transformer works on {channels}-channel latents, which cannot be "
-                "shown as images: give it a vae, or ask for output_type='latent' (or 'np'/'pt', which return them)"
-            )
-        if not _is_integer(num_images_per_label) or num_images_per_label < 1:
-            raise ValueError(f"num_images_per_label must be an integer >= 1, got {num_images_per_label}")
+                     callback_on_step_end_tensor_inputs=("latents",)) -> None:
+        inputs.check_sampling_inputs(self, height, width, num_inference_steps, guidance_scale, output_type,
+                                     num_images_per_label, callback_on_step_end_tensor_inputs)
+
+    def check_memory(self, height: int, width: int, images: int, guidance: bool = True) -> None:
+        """Refuse a size whose activations alone would not fit in the device's free memory
+        (:func:`~nala_diffusion.pipelines.inputs.check_memory`), before anything is sampled or written."""
+        inputs.check_memory(self, height, width, images, guidance)
+
+    def check_guidance(self, guidance_interval=None, guidance_interval_unit: str = "timestep",
+                       guidance_channels: Union[str, int] = "all", use_learned_variance: bool = False) -> GuidanceSchedule:
+        """The guidance schedule of these settings, refused where the model or scheduler cannot honour it."""
+        guidance = GuidanceSchedule.from_call(guidance_interval, guidance_interval_unit, guidance_channels,
+                                              use_learned_variance)
+        guidance.check(self.scheduler, self.transformer.config.in_channels, self.transformer.out_channels)
+        return guidance
+
+    def prepare_call(self, class_labels, height, width, num_inference_steps, guidance_scale, num_images_per_label,
+                     output_type, callback_on_step_end_tensor_inputs, guidance: Dict[str, Any],
+                     check_memory: bool) -> "SamplingCall":
+        """A call's inputs resolved (sampling defaults filled in) and checked, before anything is sampled."""
+        steps, scale = self.sampling_settings(num_inference_steps, guidance_scale).values()
+        self.check_inputs(height, width, steps, scale, output_type, num_images_per_label,
+                          callback_on_step_end_tensor_inputs)
+        schedule = self.check_guidance(**guidance)
+        ids = self.get_label_ids(class_labels)
+        class_ids = torch.tensor(ids, device=self._execution_device).repeat_interleave(int(num_images_per_label))
+        if check_memory:
+            self.check_memory(int(height), int(width), len(class_ids), scale != 1.0)
+        warn_if_uncalibrated(self.transformer)
+        return SamplingCall(int(height), int(width), int(steps), scale, class_ids, schedule)
 
     def prepare_latents(self, batch_size, height, width, generator, latents=None):
         channels = self.transformer.config.in_channels
@@ -319,99 +234,34 @@ class NaLaDiTPipeline(DiffusionPipeline):
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         return {"generator": generator} if "generator" in accepted else {}
 
-    def check_guidance(self, guidance_interval=None, guidance_interval_unit: str = "timestep",
-                       guidance_channels: Union[str, int] = "all", use_learned_variance: bool = False) -> None:
-        """Refuse guidance and variance settings this pipeline's model or scheduler cannot honour."""
-        if guidance_interval is not None:
-            if len(guidance_interval) != 2 or not all(math.isfinite(float(v)) for v in guidance_interval):
-                raise ValueError(f"guidance_interval must be (low, high), two finite numbers, got {guidance_interval!r}")
-        if guidance_interval_unit not in GUIDANCE_INTERVAL_UNITS:
-            raise ValueError(f"guidance_interval_unit must be one of {GUIDANCE_INTERVAL_UNITS}, got {guidance_interval_unit!r}")
-        if guidance_interval_unit == "sigma" and getattr(self.scheduler, "alphas_cumprod", None) is None:
-            raise ValueError(f"guidance_interval_unit='sigma' needs a scheduler with alphas_cumprod; "
-                             f"{type(self.scheduler).__name__} has none")
-        if guidance_interval is not None:
-            low, high = (float(v) for v in guidance_interval)
-            first, last = self.interval_range(guidance_interval_unit)
-            if low > high or low < 0 or low > last or high < first:
-                raise ValueError(
-                    f"guidance_interval ({low:g}, {high:g}) in {guidance_interval_unit} units must be (low, high) with "
-                    f"0 <= low <= high, overlapping the schedule's {first:.4g} .. {last:.4g}; this one would turn "
-                    "guidance off")
-        channels = self.transformer.config.in_channels
-        if guidance_channels != "all" and (not _is_integer(guidance_channels) or not 1 <= guidance_channels <= channels):
-            raise ValueError(f"guidance_channels must be 'all' or a channel count in 1..{channels} (DiT guides 3), "
-                             f"got {guidance_channels!r}")
-        variance_type = getattr(self.scheduler.config, "variance_type", None)
-        learns = variance_type in LEARNED_VARIANCE_TYPES
-        if use_learned_variance:
-            if self.transformer.out_channels != 2 * channels:
-                raise ValueError("use_learned_variance needs a model with learned variance (out_channels = 2 x "
-                                 f"in_channels); this one has out_channels {self.transformer.out_channels}")
-            if not learns:
-                raise ValueError(
-                    f"use_learned_variance needs a scheduler that samples with it, DDPMScheduler(variance_type="
-                    f"'learned_range'); this one is {type(self.scheduler).__name__} (variance_type {variance_type!r}). "
-                    "Set pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, variance_type='learned_range')")
-        elif learns:
-            raise ValueError(f"the scheduler's variance_type is {variance_type!r}, which needs the model's variance: "
-                             "pass use_learned_variance=True, or use a scheduler with a fixed variance")
-
-    def interval_range(self, unit: str) -> Tuple[float, float]:
-        """The smallest and largest value a step can have in ``unit`` (timesteps 0 .. T - 1, or their sigma)."""
-        last_step = self.scheduler.config.num_train_timesteps - 1
-        if unit == "timestep":
-            return 0.0, float(last_step)
-        alphas = self.scheduler.alphas_cumprod
-        return tuple(math.sqrt((1 - float(alphas[t])) / float(alphas[t])) for t in (0, last_step))
-
-    def guided_at(self, t, guidance_interval, guidance_interval_unit: str = "timestep") -> bool:
-        """Whether step ``t`` lies inside ``guidance_interval`` (closed; timesteps, or sigma =
-        sqrt((1 - alpha_bar_t) / alpha_bar_t) with ``guidance_interval_unit="sigma"``)."""
-        if guidance_interval is None:
-            return True
-        value = float(t)
-        if guidance_interval_unit == "sigma":
-            alpha_bar = float(self.scheduler.alphas_cumprod[int(round(value))])
-            value = math.sqrt((1 - alpha_bar) / alpha_bar)
-        low, high = (float(v) for v in guidance_interval)
-        return low <= value <= high
-
     def denoise(
         self,
         latents: torch.Tensor,
         class_ids: torch.Tensor,
         timesteps: torch.Tensor,
         guidance_scale: float,
+        guidance: GuidanceSchedule = GuidanceSchedule(),
         generator=None,
         callback_on_step_end: Optional[Callable] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         position_embedding: Optional[str] = None,
         description: Optional[str] = None,
-        guidance_interval: Optional[Tuple[float, float]] = None,
-        guidance_interval_unit: str = "timestep",
-        guidance_channels: Union[str, int] = "all",
-        use_learned_variance: bool = False,
     ) -> torch.Tensor:
         """Run the scheduler over ``timesteps`` from ``latents``; returns the final latents. Steps outside
-        ``guidance_interval`` run the conditional branch alone (see :meth:`__call__`)."""
+        the ``guidance`` interval run the conditional branch alone (see :meth:`__call__`)."""
         do_guidance = guidance_scale != 1.0
         self._guidance_scale, self._num_timesteps = guidance_scale, len(timesteps)
         channels = self.transformer.config.in_channels
-        null = torch.full_like(class_ids, self.transformer.null_class_label)
-        both_ids = torch.cat([class_ids, null])  # (2B,): conditional, then unconditional
+        both_ids = torch.cat([class_ids, torch.full_like(class_ids, self.transformer.null_class_label)])  # cond, uncond
         step_kwargs = self._step_kwargs(generator)
-        if do_guidance and guidance_interval is not None and not any(
-                self.guided_at(t, guidance_interval, guidance_interval_unit) for t in timesteps):
-            raise ValueError(f"guidance_interval {tuple(guidance_interval)} ({guidance_interval_unit}) holds none of the "
-                             f"{len(timesteps)} sampled steps ({[int(t) for t in timesteps][:6]} ...), so guidance "
-                             f"{guidance_scale} would never apply; widen it or sample with more steps")
+        if do_guidance:
+            guidance.check_steps(timesteps, self.scheduler)
         progress = self.progress_bar(total=len(timesteps))
         if description:
             progress.set_description(description)
         with progress:
             for i, t in enumerate(timesteps):
-                guided = do_guidance and self.guided_at(t, guidance_interval, guidance_interval_unit)
+                guided = do_guidance and guidance.applies_at(t, self.scheduler)
                 model_input = torch.cat([latents, latents]) if guided else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 timestep = t.expand(model_input.shape[0]).to(model_input.device) if torch.is_tensor(t) else t
@@ -421,15 +271,9 @@ class NaLaDiTPipeline(DiffusionPipeline):
                 ).sample  # (B or 2B, C or 2C, h, w)
                 prediction, variance = output[:, :channels], output[:, channels:]  # the mean; v of a learned variance
                 if guided:
-                    cond, uncond = prediction.chunk(2)
-                    if guidance_channels == "all":
-                        prediction = uncond + guidance_scale * (cond - uncond)
-                    else:  # DiT's own code guides its first 3 channels and keeps the conditional rest
-                        k = int(guidance_channels)  # 3.0 is 3
-                        prediction = torch.cat([uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k]),
-                                                cond[:, k:]], dim=1)
+                    prediction = guidance.combine(*prediction.chunk(2), guidance_scale)
                     variance = variance.chunk(2)[0]  # the conditional branch's, as DiT samples
-                if use_learned_variance:  # DDPMScheduler(variance_type="learned_range") splits the two halves
+                if guidance.use_learned_variance:  # DDPMScheduler(variance_type="learned_range") splits the halves
                     prediction = torch.cat([prediction, variance], dim=1)
                 latents = self.scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
@@ -441,88 +285,19 @@ class NaLaDiTPipeline(DiffusionPipeline):
                 progress.update()
         return latents
 
-    # -- resolution-aware attention sharpness ---------------------------------------------------
-    @torch.no_grad()
     def set_resolution_sharpness(self, attention_sharpness: SharpnessArg, height: int, width: int, class_ids: torch.Tensor,
                                  num_inference_steps: int = 10, position_embedding: Optional[str] = None,
                                  content: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
-        """Set the attention sharpness for sampling at ``height`` x ``width``; returns the report
-        (``None`` when off).
-
-        ``attention_sharpness``: ``None``/``"off"`` (1, the attention as trained), a positive number
-        for every layer, or ``"auto"``: on a grid of N tokens instead of the training n, softmax
-        layers scale their logits by sqrt(log N / log n) and NaLa layers their power by a factor
-        calibrated on this model so that each layer's mean attention entropy per query at N equals
-        the one at n. The calibration content is a short sample (2 images of ``class_ids``, at most 10
-        steps, seed 0) at the training size, noised at :data:`SHARPNESS_TIMESTEPS` at both sizes;
-        pass the same ``content`` dict to calls for several sizes (progressive stages) to draw it once.
-        """
-        model = self.transformer
-        if attention_sharpness is None or attention_sharpness == "off":
-            set_attention_sharpness(model, 1.0)
-            return None
-        train_rows, train_cols = model.training_grid
-        rows, cols = height // self.size_unit, width // self.size_unit
-        report = {"training_grid": [train_rows, train_cols], "grid": [rows, cols], "setting": attention_sharpness}
-        if isinstance(attention_sharpness, str):
-            if attention_sharpness not in SHARPNESS_MODES:
-                raise ValueError(f"attention_sharpness must be one of {SHARPNESS_MODES} or a positive number, "
-                                 f"got {attention_sharpness!r}")
-            if rows * cols == train_rows * train_cols:  # nothing to calibrate: every factor is 1
-                train_inputs = target_inputs = {}
-            else:
-                train_inputs, target_inputs = self._sharpness_inputs(class_ids, height, width, num_inference_steps,
-                                                                     position_embedding, content)
-            report["layers"] = resolution_sharpness(model, train_rows * train_cols, rows * cols, train_inputs, target_inputs)
-            return report
-        # a factor for every layer, or {layer: factor} (e.g. the factors of an earlier "auto" report)
-        set_attention_sharpness(model, attention_sharpness if isinstance(attention_sharpness, Mapping)
-                                else float(attention_sharpness))
-        report["layers"] = {name: {"sharpness": value} for name, value in attention_sharpness_of(model).items()}
-        return report
-
-    def _sharpness_inputs(self, class_ids, height, width, num_inference_steps, position_embedding, content=None):
-        """Model inputs with the same content at the training size and at height x width; the content
-        (and the generator's state after drawing it) is kept in ``content`` when given."""
-        device = self._execution_device
-        ids = class_ids[:2]
-        generator = torch.Generator(device).manual_seed(0)
-        if content is not None and "clean" in content:
-            clean = content["clean"]
-            generator.set_state(content["generator_state"])
-        else:
-            size = self.default_sample_size
-            set_attention_sharpness(self.transformer, 1.0)
-            latents = self.prepare_latents(len(ids), size, size, generator)
-            self.scheduler.set_timesteps(min(num_inference_steps, 10), device=device)
-            clean = self.denoise(latents, ids, self.scheduler.timesteps, guidance_scale=1.0, generator=generator,
-                                 description="calibrating attention sharpness")  # (2, C, h, w)
-            if content is not None:
-                content.update(clean=clean, generator_state=generator.get_state())
-        shape = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        large = F.interpolate(clean.float(), size=shape, mode="bicubic", align_corners=False).to(clean.dtype)
-        noising = DDPMScheduler.from_config(self.scheduler.config)
-        inputs = []
-        for x0 in (clean, large):
-            noisy, _, steps = noised_copies(noising, x0, SHARPNESS_TIMESTEPS, generator)
-            inputs.append({"hidden_states": noisy, "timestep": steps,
-                           "class_labels": ids.repeat(len(SHARPNESS_TIMESTEPS)), "position_embedding": position_embedding})
-        return inputs
-
-    @staticmethod
-    def check_finite(values: torch.Tensor, what: str) -> None:
-        """Refuse NaN/inf samples (they would be written as black images), naming how many and the usual causes."""
-        bad = ~torch.isfinite(values.float()).flatten(1).all(dim=1)  # (B,)
-        if bool(bad.any()):
-            raise ValueError(
-                f"sampling produced NaN or inf {what} in {int(bad.sum())} of {len(bad)} images (indices "
-                f"{bad.nonzero().flatten().tolist()[:8]}); usual causes: a huge guidance_scale, NaN/inf in the given "
-                "latents, or float16 overflow (sample in float32 or bfloat16). Nothing was returned.")
+        """Set the attention sharpness for sampling at ``height`` x ``width``; returns the report (``None``
+        when off). ``"auto"`` calibrates it on a short sample of this model: see
+        :func:`~nala_diffusion.pipelines.attention_sharpness.set_sharpness_for_size`."""
+        return set_sharpness_for_size(self, attention_sharpness, height, width, class_ids, num_inference_steps,
+                                      position_embedding, content)
 
     def decode(self, latents: torch.Tensor, output_type: str):
         """Latents to images of ``output_type`` (``latent`` returns them unchanged); NaN or inf values,
         before or after the VAE, are a ``ValueError``."""
-        self.check_finite(latents, "latents")
+        inputs.check_finite(latents, "latents")
         if output_type == "latent":
             return latents
         if self.vae is None and latents.shape[1] != 3:  # latents with no VAE to decode them: returned as they are
@@ -533,7 +308,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
             latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
             images = self.vae.decode(latents).sample
-            self.check_finite(images, "decoded pixels")
+            inputs.check_finite(images, "decoded pixels")
         else:
             images = latents  # pixel space, in [-1, 1]
         return self.image_processor.postprocess(images.float(), output_type=output_type)
@@ -624,39 +399,29 @@ class NaLaDiTPipeline(DiffusionPipeline):
             ``NaLaPipelineOutput`` with ``images`` (and ``attention_report`` when ``attention_sharpness`` is
             set), or a tuple ``(images,)`` when ``return_dict`` is False.
         """
-        height = self.default_sample_size if height is None else height
-        width = self.default_sample_size if width is None else width
-        settings = self.sampling_settings(num_inference_steps, guidance_scale)
-        num_inference_steps, guidance_scale = settings["num_inference_steps"], settings["guidance_scale"]
-        self.check_inputs(height, width, num_inference_steps, guidance_scale, output_type, num_images_per_label,
-                          callback_on_step_end_tensor_inputs)
-        guidance = dict(guidance_interval=guidance_interval, guidance_interval_unit=guidance_interval_unit,
-                        guidance_channels=guidance_channels, use_learned_variance=use_learned_variance)
-        self.check_guidance(**guidance)
-        height, width, num_inference_steps = int(height), int(width), int(num_inference_steps)
-        num_images_per_label = int(num_images_per_label)
-        ids = self.get_label_ids(class_labels)
-        device = self._execution_device
-        class_ids = torch.tensor(ids, device=device).repeat_interleave(num_images_per_label)  # (B,)
-        if check_memory:
-            self.check_memory(height, width, len(class_ids), guidance_scale != 1.0)
+        call = self.prepare_call(
+            class_labels, self.default_sample_size if height is None else height,
+            self.default_sample_size if width is None else width, num_inference_steps, guidance_scale,
+            num_images_per_label, output_type, callback_on_step_end_tensor_inputs,
+            dict(guidance_interval=guidance_interval, guidance_interval_unit=guidance_interval_unit,
+                 guidance_channels=guidance_channels, use_learned_variance=use_learned_variance), check_memory)
 
         previous_sharpness = attention_sharpness_of(self.transformer)
         try:
-            report = self.set_resolution_sharpness(attention_sharpness, height, width, class_ids, num_inference_steps,
-                                                   position_embedding)
-            latents = self.prepare_latents(len(class_ids), height, width, generator, latents)
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            report = self.set_resolution_sharpness(attention_sharpness, call.height, call.width, call.class_ids,
+                                                   call.num_inference_steps, position_embedding)
+            latents = self.prepare_latents(len(call.class_ids), call.height, call.width, generator, latents)
+            self.scheduler.set_timesteps(call.num_inference_steps, device=self._execution_device)
             latents = self.denoise(
                 latents,
-                class_ids,
+                call.class_ids,
                 self.scheduler.timesteps,
-                guidance_scale,
+                call.guidance_scale,
+                call.guidance,
                 generator=generator,
                 callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                 position_embedding=position_embedding,
-                **guidance,
             )
         finally:
             set_attention_sharpness(self.transformer, previous_sharpness)

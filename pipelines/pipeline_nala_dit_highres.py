@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from nala_diffusion.models.sharpness import attention_sharpness_of, set_attention_sharpness
 from nala_diffusion.pipelines import pipeline_nala_dit as base
-from nala_diffusion.pipelines.schedulers import HIGHRES_MODES
+from nala_diffusion.pipelines.sampler_flags import HIGHRES_MODES
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -176,31 +176,24 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
             raise ValueError(f"highres_mode must be one of {HIGHRES_MODES}, got {highres_mode!r}")
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
-        settings = self.sampling_settings(num_inference_steps, guidance_scale)
-        num_inference_steps, guidance_scale = settings["num_inference_steps"], settings["guidance_scale"]
-        refine_steps = num_inference_steps if refine_steps is None else refine_steps
-        self.check_inputs(height, width, num_inference_steps, guidance_scale, output_type, num_images_per_label,
-                          callback_on_step_end_tensor_inputs)
-        guidance = dict(guidance_interval=guidance_interval, guidance_interval_unit=guidance_interval_unit,
-                        guidance_channels=guidance_channels, use_learned_variance=use_learned_variance)
-        self.check_guidance(**guidance)
-        height, width, num_inference_steps = int(height), int(width), int(num_inference_steps)
-        num_images_per_label = int(num_images_per_label)
+        call = self.prepare_call(
+            class_labels, height, width, num_inference_steps, guidance_scale, num_images_per_label, output_type,
+            callback_on_step_end_tensor_inputs,
+            dict(guidance_interval=guidance_interval, guidance_interval_unit=guidance_interval_unit,
+                 guidance_channels=guidance_channels, use_learned_variance=use_learned_variance), check_memory)
+        refine_steps = call.num_inference_steps if refine_steps is None else refine_steps
         if not isinstance(refine_steps, int) or refine_steps < 1:
             raise ValueError(f"refine_steps must be an integer >= 1, got {refine_steps}")
-        ids = self.get_label_ids(class_labels)
-        device = self._execution_device
-        class_ids = torch.tensor(ids, device=device).repeat_interleave(num_images_per_label)  # (B,)
-        if check_memory:
-            self.check_memory(height, width, len(class_ids), guidance_scale != 1.0)
-        sizes = [(height, width)] if highres_mode == "direct" else self.stage_sizes(height, width, num_stages)
+        device, class_ids = self._execution_device, call.class_ids
+        sizes = [(call.height, call.width)] if highres_mode == "direct" else self.stage_sizes(call.height, call.width,
+                                                                                               num_stages)
         common = dict(
-            guidance_scale=guidance_scale,
+            guidance_scale=call.guidance_scale,
+            guidance=call.guidance,
             generator=generator,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             position_embedding=position_embedding,
-            **guidance,
         )
 
         stages = []
@@ -210,11 +203,11 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
             for index, (h, w) in enumerate(sizes):
                 start = time.perf_counter()
                 description = f"stage {index + 1}/{len(sizes)} {h}x{w}"
-                report = self.set_resolution_sharpness(attention_sharpness, h, w, class_ids, num_inference_steps,
+                report = self.set_resolution_sharpness(attention_sharpness, h, w, class_ids, call.num_inference_steps,
                                                        position_embedding, calibration_content)
                 if index == 0:
                     latents = self.prepare_latents(len(class_ids), h, w, generator, latents)
-                    self.scheduler.set_timesteps(num_inference_steps, device=device)
+                    self.scheduler.set_timesteps(call.num_inference_steps, device=device)
                     timesteps = self.scheduler.timesteps
                 else:
                     shape = (h // self.vae_scale_factor, w // self.vae_scale_factor)

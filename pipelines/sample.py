@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from nala_diffusion.pipelines.schedulers import (
+from nala_diffusion.pipelines.sampler_flags import (
     HIGHRES_MODES,
     SCHEDULERS,
     add_guidance_args,

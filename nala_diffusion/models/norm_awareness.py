@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -179,7 +179,8 @@ def saturation_from_queries(processors: Dict[str, NaLaAttnProcessor], queries: D
                      "norm_scale": float(sigma[h])} for h in range(heads)]
         fraction = float(responding.float().mean())
         report[name] = {"heads": per_head, "norm": _quantiles(norms.flatten()), "power": _quantiles(power.flatten()),
-                        "responding_fraction": fraction, "saturated": fraction < SATURATED_BELOW}
+                        "responding_fraction": fraction, "saturated": fraction < SATURATED_BELOW,
+                        "uncalibrated": processor.norm_scale_uncalibrated}
     return report
 
 
@@ -191,7 +192,9 @@ def saturation_report(model: nn.Module, *args, threshold: float = RESPONSE_THRES
       all heads and per head (``heads``);
     - ``responding_fraction``: the share of queries whose power still responds to their norm,
       |dp / d log r| = lambda (r / sigma) sech^2(r / sigma) > ``threshold``;
-    - ``saturated``: fewer than half respond. A warning names every saturated layer (``warn``).
+    - ``saturated``: fewer than half respond. A warning names every saturated layer (``warn``);
+    - ``uncalibrated``: sigma is per head (calibrated or learnable) but still holds its start value,
+      never set from real query norms (:func:`calibrate_norm_scale`); warned about too.
 
     Works on any model whose self-attention runs :class:`~nala_diffusion.NaLaAttnProcessor` (ours,
     or a diffusers model after :func:`~nala_diffusion.set_nala_attention`); use real inputs (noised
@@ -202,6 +205,8 @@ def saturation_report(model: nn.Module, *args, threshold: float = RESPONSE_THRES
         raise ValueError(f"{type(model).__name__} has no NaLa self-attention layer to report on")
     report = saturation_from_queries(processors, layer_queries(model, *args, **kwargs), threshold)
     saturated = [name for name, layer in report.items() if layer["saturated"]]
+    if warn:
+        warn_if_uncalibrated(model)
     if warn and saturated:
         warnings.warn(
             f"NaLa's power is saturated in {len(saturated)} of {len(report)} layers ({', '.join(saturated)}): fewer "
@@ -211,6 +216,25 @@ def saturation_report(model: nn.Module, *args, threshold: float = RESPONSE_THRES
             stacklevel=2,
         )
     return report
+
+
+def uncalibrated_layers(model: nn.Module) -> List[str]:
+    """The NaLa layers whose per-head sigma was never set (see :attr:`NaLaAttnProcessor.norm_scale_uncalibrated`)."""
+    return [name for name, processor in nala_processors(model).items() if processor.norm_scale_uncalibrated]
+
+
+def warn_if_uncalibrated(model: nn.Module) -> None:
+    """Warn, naming them, about NaLa layers whose sigma was never calibrated: they run sigma = norm_scale
+    (1 by default, NaLaFormer's formula, whose power saturates at a DiT's query norms)."""
+    layers = uncalibrated_layers(model)
+    if layers:
+        warnings.warn(
+            f"{len(layers)} NaLa layer(s) of this {type(model).__name__} have norm_scale_mode "
+            f"'{nala_processors(model)[layers[0]].norm_scale_mode}' but their sigma was never calibrated "
+            f"({', '.join(layers[:4])}{', ...' if len(layers) > 4 else ''}): they attend with sigma = norm_scale, "
+            "where NaLa's power saturates. A model fresh from from_preset or the constructor is untrained; to use its "
+            "kernel as trained models do, run nala_diffusion.calibrate_norm_scale(model, <real inputs>) (nala-train "
+            "and conversion do it).", stacklevel=3)
 
 
 def mean_responding_fraction(report: Dict[str, dict]) -> float:

@@ -94,9 +94,8 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
             such as NaLaFormer's (NaLa in the early blocks, softmax in the last); ``None`` (the default)
             means every block runs ``attention_type``. Each block's processor takes the options below
             that its kind accepts. :meth:`from_preset` builds it from ``softmax_layers``.
-        power_scale, power_offset, key_power, inhibit, angle_sharpness, attention_eps,
-        learnable_power: NaLa kernel options (see :func:`~nala_diffusion.nala_attention`);
-            ``attention_eps`` is the kernels' ``eps``.
+        NaLa's kernel options (lambda, tau, gamma, the inhibit form, eps as ``attention_eps``) and
+            ``learnable_power``: see :class:`~nala_diffusion.ops.params.NaLaParams`.
         norm_scale, norm_scale_mode: the query-norm scale sigma of NaLa's power
             p(r) = lambda (tau + tanh(r / sigma)): ``"calibrated"`` (the default) or ``"learnable"``
             (per-head values in the weights, starting at ``norm_scale``, set by

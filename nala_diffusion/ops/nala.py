@@ -49,11 +49,9 @@ def nala_attention(
     Args:
         query, key, value: ``(batch, heads, tokens, head_dim)``; keys and values may have another
             token count than queries, and values another head_dim.
-        params: the kernel's :class:`~nala_diffusion.ops.params.NaLaParams` (default: its defaults):
-            lambda (``power_scale``, a float or a per-head tensor ``(heads,)``), tau (``power_offset``),
-            gamma (``key_power``), ``inhibit`` (``"relu_split"`` as released, or ``"cosine"``, the paper's
-            angular form, with ``angle_sharpness``), ``eps`` (guards the query normalisation and the
-            denominator) and sigma (``norm_scale``, a float or a per-head tensor; 1 is the official formula).
+        params: the kernel's :class:`~nala_diffusion.ops.params.NaLaParams` (default: its defaults): lambda,
+            tau, gamma, the inhibit form and its angle sharpness, eps, and sigma (1 is the official
+            formula); lambda and sigma may be per-head tensors ``(heads,)``.
         **overrides: parameters replacing those of ``params``, e.g. ``inhibit="cosine"``.
         rope: rotary tables ``(cos, sin)`` broadcastable to ``(..., tokens, head_dim)`` (see
             :func:`~nala_diffusion.ops.rope.rope_2d_tables`), or a callable; each d-wide feature half

@@ -1,4 +1,4 @@
-"""Sampler choices by name, for the command-line tools (light: diffusers loads on first use)."""
+"""Sampler and guidance choices of the command-line tools, by name (light: diffusers loads on first use)."""
 
 from typing import Any, Dict
 
