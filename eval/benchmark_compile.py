@@ -18,7 +18,7 @@ COMPILE_KINDS = ("nala", "hybrid", "softmax")
 @torch.no_grad()
 def compile_level(device, repeats: int, tokens: Sequence[int], preset: str, dtype: torch.dtype = torch.float32
                   ) -> Dict[int, dict]:
-    from nala_diffusion.eval.benchmark import interleaved_medians, synchronize
+    from nala_diffusion.eval.timing import interleaved_medians, synchronize
     from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel
 
     out: Dict[int, dict] = {}

@@ -263,7 +263,7 @@ def reference(source: str, args, extractor, device, spatial: bool):
     return features.Reference(mu, sigma, kind="clean-fid custom statistics")
 
 
-def metrics(feats, ref, extractor, chosen, spatial=None) -> dict:
+def chosen_metrics(feats, ref, extractor, chosen, spatial=None) -> dict:
     """The ``chosen`` metrics of sample features ``feats`` (and ``spatial`` for sFID) against ``ref``,
     each with the number of images behind it."""
     from nala_diffusion.metrics import scores as metrics_lib
@@ -385,7 +385,7 @@ def run(args, state) -> int:
         ref = reference(args.folders[1], args, extractor, device, spatial)
         feats = features.folder_features(args.folders[0], extractor, device, args.feature_batch_size, spatial=spatial)
         feats, spatial_feats = feats if spatial else (feats, None)
-        result = {**metrics(feats, ref, extractor, chosen, spatial_feats), "folders": args.folders}
+        result = {**chosen_metrics(feats, ref, extractor, chosen, spatial_feats), "folders": args.folders}
     else:  # calc: the reference and the counts are checked before sampling (extractor built above)
         check_out_outside_ref(args.out, args.ref)
         signature = check_reference(chosen, args.ref, extractor, args.num_samples)
@@ -402,7 +402,7 @@ def run(args, state) -> int:
                              "are kept and reused), so that the reference is checked and read as one file")
         check_reference(chosen, args.ref, extractor, args.num_samples)
         ref = reference(args.ref, args, extractor, device, spatial)
-        result = {**metrics(feats, ref, extractor, chosen, spatial_feats), **info, "reference": args.ref}
+        result = {**chosen_metrics(feats, ref, extractor, chosen, spatial_feats), **info, "reference": args.ref}
     result["feature_extractor"] = extractor.describe()
     result["feature_seconds"] = time.perf_counter() - start
     print(summary(result))

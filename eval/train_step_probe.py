@@ -14,7 +14,7 @@ import torch
 
 def main(argv=None) -> int:
     from nala_diffusion import NaLaDiTTransformer2DModel
-    from nala_diffusion.eval.benchmark import PeakBytes
+    from nala_diffusion.eval.timing import PeakBytes
     from nala_diffusion.models.transformer import preset_config
 
     kind, preset, layers, tokens, device = (argv or sys.argv[1:])[:5]

@@ -10,7 +10,10 @@ from diffusers import DDIMScheduler
 from helpers import tiny_nala
 
 from nala_diffusion import NaLaDiTPipeline
-from nala_diffusion.eval import attention_entropy, benchmark
+from nala_diffusion.eval import attention_entropy, benchmark, timing
+from nala_diffusion.eval.studies.norm import NORM_VARIANTS
+from nala_diffusion.eval.studies.quality import VARIANTS
+from nala_diffusion.eval.studies.retrieval import COST_TOKENS, RETRIEVAL_DEFAULT_KINDS
 from nala_diffusion.models.norm_awareness import capture_queries
 
 
@@ -63,7 +66,7 @@ def test_block_peaks_find_the_block_that_holds_the_scores():
     x, t, y = torch.randn(1, 3, 64, 64), torch.tensor([500]), torch.tensor([1])
     tokens = 32 * 32
     with torch.no_grad():
-        peaks = benchmark.BlockPeaks(model, torch.device("cpu"))(lambda: model(x, timestep=t, class_labels=y))
+        peaks = timing.BlockPeaks(model, torch.device("cpu"))(lambda: model(x, timestep=t, class_labels=y))
     assert peaks.blocks[1] >= 2 * tokens * tokens * 4  # 2 heads of float32 scores
     assert max(peaks.blocks[0], peaks.blocks[2]) < tokens * tokens * 4
     assert peaks.peak >= peaks.blocks[1]
@@ -78,8 +81,8 @@ def test_sana_linear_baseline_is_relu_linear_attention():
 def test_peak_bytes_sees_the_score_matrix():
     q = torch.randn(1, 1, 512, 8)
     with torch.no_grad():
-        plain = benchmark.peak_memory(lambda: benchmark.KERNELS["plain"](q, q, q), torch.device("cpu"))
-        nala = benchmark.peak_memory(lambda: benchmark.KERNELS["nala"](q, q, q), torch.device("cpu"))
+        plain = timing.peak_memory(lambda: benchmark.KERNELS["plain"](q, q, q), torch.device("cpu"))
+        nala = timing.peak_memory(lambda: benchmark.KERNELS["nala"](q, q, q), torch.device("cpu"))
     assert plain >= 512 * 512 * 4 > nala
 
 
@@ -163,7 +166,7 @@ def test_study_runs_every_stage_on_a_tiny_budget_and_resumes(tmp_path, capsys):
             "--model_config", str(config)]
     assert study.main(argv) == 0
     results = json.loads((tmp_path / "study" / "results.json").read_text())
-    assert set(results["scratch"]) == set(study.VARIANTS)
+    assert set(results["scratch"]) == set(VARIANTS)
     for runs in results["scratch"].values():
         run = runs[0]
         assert 0 <= run["class_accuracy"] <= 1 and run["fid"] > 0 and run["heldout_loss"] > 0 and run["seconds_per_step"] > 0
@@ -197,7 +200,7 @@ def test_norm_study_runs_on_a_tiny_budget(tmp_path):
             "--num_samples", "10", "--sample_steps", "2", "--model_config", str(config)]
     assert study.main(argv) == 0
     results = json.loads((tmp_path / "study" / "results.json").read_text())
-    assert set(results["scratch"]) == set(study.NORM_VARIANTS) == set(results["entropy"])
+    assert set(results["scratch"]) == set(NORM_VARIANTS) == set(results["entropy"])
     layer = "transformer_blocks.0.attn1"
     assert "saturation" not in results["entropy"]["softmax"][0][layer]
     official = results["entropy"]["nala_sigma1"][0][layer]["saturation"]
@@ -236,7 +239,7 @@ def test_retrieval_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
             "--batch_size", "4", "--retrieval_images", "6", "--model_config", str(config)]
     assert study.main(argv) == 0
     results = json.loads((tmp_path / "study" / "results.json").read_text())
-    assert list(results["runs"]) == study.RETRIEVAL_DEFAULT_KINDS
+    assert list(results["runs"]) == RETRIEVAL_DEFAULT_KINDS
     for kind, runs in results["runs"].items():
         run = runs[0]
         assert set(run["gain"]["gain"]) == {"50", "100", "250"} and len(run["mass"]) == 2
@@ -251,8 +254,8 @@ def test_retrieval_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
     assert "| nala_calibrated | 1 |" in table and "share of the ReLU → softmax gap" in table
     # every kind's forward time at 16k tokens, measured in one run, beside its quality
     seconds = results["forward_cost"]["seconds"]
-    assert set(seconds) == set(study.RETRIEVAL_DEFAULT_KINDS) and all(v > 0 for v in seconds.values())
-    assert results["forward_cost"]["tokens"] == study.COST_TOKENS
+    assert set(seconds) == set(RETRIEVAL_DEFAULT_KINDS) and all(v > 0 for v in seconds.values())
+    assert results["forward_cost"]["tokens"] == COST_TOKENS
     assert "(the partner token;" in table and results["layout"] == "tiles"
     # more seeds or fewer kinds extend the study: the finished run is reused, not retrained
     finished = tmp_path / "study" / "runs" / "retrieval_softmax_s0" / "study_run.json"
@@ -300,7 +303,7 @@ def test_entropy_inputs_of_a_latent_model_are_latents_of_its_size_noised_by_its_
 
 
 def test_highres_study_results_are_keyed_by_name_and_weights(tmp_path, monkeypatch):
-    from nala_diffusion.eval import study
+    from nala_diffusion.eval.studies import highres as study
 
     monkeypatch.setattr(study, "_highres", lambda run, *args: [{"folder": run}])
     folders = {}

@@ -312,7 +312,7 @@ def test_compiled_kernel_matches_float64_reference(inhibit):
 
 def test_large_training_inputs_keep_no_features_between_forward_and_backward(monkeypatch):
     # above RECOMPUTE_BYTES the backward recomputes the feature halves instead of storing them
-    from nala_diffusion.eval.benchmark import PeakBytes
+    from nala_diffusion.eval.timing import PeakBytes
     from nala_diffusion.ops import dense
 
     def live_after_forward(threshold):

@@ -3,7 +3,9 @@ kind whose seeds disagree on its order against ReLU linear gets a third seed (an
 
 import pytest
 
-from nala_diffusion.eval import study
+from nala_diffusion.eval.studies import retrieval as study
+from nala_diffusion.eval.studies.common import Kind
+from nala_diffusion.eval.study import parse_args
 
 # mean retrieval gain per (kind, seed) of a fake study: nala_b is above ReLU linear on seed 0 only
 GAINS = {("softmax", 0): 0.013, ("softmax", 1): 0.012, ("softmax", 2): 0.014,
@@ -45,9 +47,9 @@ def test_a_kind_whose_seeds_disagree_gets_a_third_seed_with_the_anchors(tmp_path
         "gain": {"mean_gain": GAINS[trained[-1]]}})
     monkeypatch.setattr(study, "forward_costs", lambda out, kinds: {})
     monkeypatch.setattr(study, "plot_retrieval", lambda results, path: None)
-    monkeypatch.setitem(study.RETRIEVAL_VARIANTS, "nala_a", [])
-    monkeypatch.setitem(study.RETRIEVAL_VARIANTS, "nala_b", [])
-    args = study.parse_args(["--study", "retrieval", "--out", str(tmp_path), "--seeds", "0", "1"])
+    monkeypatch.setitem(study.RETRIEVAL_VARIANTS, "nala_a", Kind("nala"))
+    monkeypatch.setitem(study.RETRIEVAL_VARIANTS, "nala_b", Kind("nala", {"inhibit": "cosine"}))
+    args = parse_args(["--study", "retrieval", "--out", str(tmp_path), "--seeds", "0", "1"])
     args.kinds, args.architecture = ["softmax", "relu_linear", "nala_a", "nala_b"], dict(study.RETRIEVAL_ARCHITECTURE)
     results = study.retrieval_study(args, [])
     assert trained[8:] == [("softmax", 2), ("relu_linear", 2), ("nala_b", 2)]  # nala_a agreed: no seed 2
@@ -72,8 +74,8 @@ def test_report_only_trains_nothing_and_names_the_runs_still_to_train(tmp_path, 
         "gain": {"mean_gain": GAINS[folder.split("retrieval_")[1].rsplit("_s", 1)[0], int(folder[-1])]}})
     monkeypatch.setattr(study, "forward_costs", lambda out, kinds: {})
     monkeypatch.setattr(study, "plot_retrieval", lambda results, path: None)
-    monkeypatch.setitem(study.RETRIEVAL_VARIANTS, "nala_b", [])
-    args = study.parse_args(["--study", "retrieval", "--out", str(tmp_path), "--seeds", "0", "1", "--report_only"])
+    monkeypatch.setitem(study.RETRIEVAL_VARIANTS, "nala_b", Kind("nala", {"inhibit": "cosine"}))
+    args = parse_args(["--study", "retrieval", "--out", str(tmp_path), "--seeds", "0", "1", "--report_only"])
     args.kinds, args.architecture = ["softmax", "relu_linear", "nala_b"], dict(study.RETRIEVAL_ARCHITECTURE)
     with pytest.raises(ValueError, match="no finished retrieval runs"):
         study.retrieval_study(args, [])
@@ -92,7 +94,7 @@ def test_report_only_trains_nothing_and_names_the_runs_still_to_train(tmp_path, 
 
 
 def test_forward_costs_are_timed_once_for_a_set_of_kinds_and_serve_its_subsets(tmp_path, monkeypatch):
-    from nala_diffusion.eval import benchmark
+    from nala_diffusion.eval import timing
 
     timed = []
 
@@ -100,7 +102,7 @@ def test_forward_costs_are_timed_once_for_a_set_of_kinds_and_serve_its_subsets(t
         timed.append(sorted(calls))
         return {kind: float(len(kind)) for kind in calls}
 
-    monkeypatch.setattr(benchmark, "interleaved_medians", interleaved_medians)
+    monkeypatch.setattr(timing, "interleaved_medians", interleaved_medians)
     monkeypatch.setattr(study, "kind_model", lambda out, extra: None)
     (tmp_path / "model_config.json").write_text('{"patch_size": 4}')
     assert study.forward_costs(str(tmp_path), ["softmax", "relu_linear"], tokens=16)["seconds"] == {
@@ -110,3 +112,32 @@ def test_forward_costs_are_timed_once_for_a_set_of_kinds_and_serve_its_subsets(t
     assert set(study.forward_costs(str(tmp_path), ["softmax", "elu_linear"], tokens=16)["seconds"]) == {
         "softmax", "elu_linear"}
     assert timed[-1] == ["elu_linear", "softmax"]  # a kind not timed before: all of them again, in one run
+
+
+def test_kinds_as_data_give_the_flags_the_recorded_runs_were_trained_with():
+    """Every study kind is an attention type plus options; the nala-train flags made from it are those
+    of the runs recorded under docs/results/ (whose records keep their meaning)."""
+    import glob
+    import json
+    import os
+
+    from nala_diffusion.eval.studies.norm import NORM_VARIANTS
+    from nala_diffusion.eval.studies.quality import VARIANTS
+
+    results = os.path.join(os.path.dirname(__file__), "..", "docs", "results")
+    checked = set()
+    for path in glob.glob(os.path.join(results, "retrieval_calibrated", "runs", "*", "study_run.json")):
+        kind = os.path.basename(os.path.dirname(path))[len("retrieval_"):].rsplit("_s", 1)[0]
+        with open(path, encoding="utf-8") as handle:
+            assert study.RETRIEVAL_VARIANTS[kind].train_flags() == json.load(handle)["arguments"], kind
+        checked.add(kind)
+    assert len(checked) >= 10
+    for variants, record in ((VARIANTS, "results.json"), (NORM_VARIANTS, os.path.join("norm", "results.json"))):
+        with open(os.path.join(results, record), encoding="utf-8") as handle:
+            scratch = json.load(handle)["scratch"]
+        assert set(scratch) == set(variants)
+        for kind, runs in scratch.items():
+            assert all(variants[kind].train_flags() == run["arguments"] for run in runs), kind
+    with pytest.raises(ValueError, match="does not take"):
+        Kind("softmax", {"inhibit": "cosine"})
+    assert Kind("nala", {"use_gate": False}).train_flags() == ["--attention", "nala", "--no-use_gate"]

@@ -1,0 +1,117 @@
+"""What every study of ``nala-study`` shares: attention kinds as data, training runs (resumed, cached),
+cached results, and the tables' cells and layout."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, List, Mapping, Sequence, Tuple
+
+import numpy as np
+
+from nala_diffusion.models.options import AttentionOptions, config_key, layer_attention_types
+from nala_diffusion.utils.files import write_json_atomically
+
+ARCHITECTURE = {"num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 64, "patch_size": 4,
+                "norm_num_groups": 32, "use_lepe": True}
+TRAINING = {"steps": 500, "batch_size": 32, "learning_rate": 5e-4}
+# what a study writes and a rerun reuses (under OUT)
+STUDY_OUTPUTS = ("runs", "scores", "samples", "highres", "real", "results.json", "results.md", "model_config.json",
+                 "retrieval_gain.png")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One attention setting of a study, as data: an attention type, its options (names of
+    :class:`~nala_diffusion.models.options.AttentionOptions`, in the order their flags are written) and
+    the blocks kept softmax (negative counting from the end). :meth:`train_flags` gives the
+    ``nala-train`` flags that build it."""
+
+    attention_type: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    softmax_layers: Tuple[int, ...] = ()
+
+    def __post_init__(self):
+        AttentionOptions.for_type(self.attention_type, **self.options)  # unknown options and bad values raise
+        if self.softmax_layers:
+            layer_attention_types(max(abs(i) for i in self.softmax_layers) + 1, self.attention_type,
+                                  softmax_layers=list(self.softmax_layers))
+
+    def but(self, softmax_layers: Sequence[int] = None, **options) -> "Kind":
+        """The same kind with more (or other) options, or another softmax layout."""
+        layers = self.softmax_layers if softmax_layers is None else tuple(softmax_layers)
+        return Kind(self.attention_type, {**self.options, **options}, layers)
+
+    def train_flags(self) -> List[str]:
+        flags = ["--attention", self.attention_type]
+        for name, value in self.options.items():
+            flag = config_key(name)
+            flags += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+        if self.softmax_layers:
+            flags += ["--softmax_layers", *map(str, self.softmax_layers)]
+        return flags
+
+
+def cached(path: str, compute):
+    """``compute()``'s JSON-able result, kept in ``path`` (written atomically): a rerun reads it back."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    result = compute()
+    write_json_atomically(path, result, sort_keys=False)
+    return result
+
+
+def train(out: str, name: str, extra: List[str], steps: int, seed: int, args, dataset: str = "builtin:photos") -> dict:
+    """One training run in OUT/runs/NAME (resumed if interrupted); returns its time per step."""
+    folder = os.path.join(out, "runs", name)
+    return cached(os.path.join(folder, "study_run.json"), lambda: _train(folder, out, extra, steps, seed, args, dataset))
+
+
+def _train(folder: str, out: str, extra: List[str], steps: int, seed: int, args, dataset: str) -> dict:
+    from nala_diffusion.train import train_nala_dit
+    config = os.path.join(out, "model_config.json")
+    with open(config, "w", encoding="utf-8") as handle:
+        json.dump(args.architecture, handle)
+    code = train_nala_dit.cli([
+        "--dataset", dataset, "--resolution", "32", "--model_config", config,
+        "--max_train_steps", str(steps), "--train_batch_size", str(args.batch_size),
+        "--learning_rate", str(args.learning_rate), "--lr_warmup_steps", str(min(100, steps // 10)),
+        "--use_ema", "--ema_decay", "0.995", "--checkpointing_steps", str(max(steps // 2, 1)),
+        "--checkpoints_total_limit", "1", "--seed", str(seed), "--report_to", "none",
+        "--output_dir", folder, "--resume_from_checkpoint", "latest", *extra,
+        *(["--timestep_range", *map(str, args.timestep_range)] if args.timestep_range else []),
+    ])
+    if code != 0:
+        raise RuntimeError(f"nala-study: training {os.path.basename(folder)} failed (exit code {code}); see the messages above")
+    with open(os.path.join(folder, "log.csv"), newline="", encoding="utf-8") as handle:
+        speeds = [float(r["images_per_second"]) for r in csv.DictReader(handle) if r.get("images_per_second")]
+    return {"folder": folder, "steps": steps, "seed": seed, "arguments": extra,
+            "seconds_per_step": args.batch_size / float(np.median(speeds)) if speeds else None}
+
+
+def mean_std(values: List[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{np.mean(values):.4g} ± {np.std(values, ddof=1):.2g}"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> List[str]:
+    """The lines of a Markdown table: the header, its rule, and one line per row of cells (as strings)."""
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |",
+            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
+
+
+def write_results(out: str, results: dict, make_tables) -> int:
+    """OUT/results.json and OUT/results.md (the tables, also printed)."""
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as handle:
+        handle.write(make_tables(results))
+    print(make_tables(results))
+    return 0
