@@ -105,7 +105,7 @@ def model_layers(model_dir: str, data: str, timesteps: Sequence[int], images: in
     for name, tensors in captured.items():
         processor = model.get_submodule(name).processor
         params = processor.kernel_params().detached() if name in processors else None
-        kernel = getattr(processor, "kernel_name", None)
+        kernel = getattr(processor, "attention_type", None)
         query, key = distribution_inputs(processor, tensors["query"], tensors["key"], grid)  # softmax + RoPE: rotated
         layers.append((name, query, key, params, report.get(name), kernel))
     return layers

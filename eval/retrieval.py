@@ -108,7 +108,7 @@ def window_mass(weights: torch.Tensor, partners: torch.Tensor, side: int, window
 
 def layer_kind(processor) -> Optional[str]:
     """The attention_weights kind of a processor: its kernel name, for the four attention types."""
-    name = getattr(processor, "kernel_name", None)
+    name = getattr(processor, "attention_type", None)
     return name if name in ATTENTION_TYPES else None
 
 

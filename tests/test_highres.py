@@ -96,7 +96,7 @@ def test_auto_sharpness_on_both_pipelines_is_reported_and_reset(cls):
     on = pipe([0], generator=torch.manual_seed(0), attention_sharpness="auto", **kwargs)
     report = on.attention_report if cls is NaLaDiTPipeline else on.stages[-1]["attention_report"]
     assert report["training_grid"] == [8, 8] and report["grid"] == [32, 32]
-    assert all(layer["kernel"] == "nala" and layer["sharpness"] > 0 for layer in report["layers"].values())
+    assert all(layer["attention_type"] == "nala" and layer["sharpness"] > 0 for layer in report["layers"].values())
     assert not np.allclose(off.images, on.images)
     assert set(attention_sharpness_of(pipe.transformer).values()) == {1.0}  # reset after the call
     with pytest.raises(ValueError, match="attention_sharpness"):

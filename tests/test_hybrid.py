@@ -181,7 +181,7 @@ def test_tools_measure_each_layer_with_its_own_kernel():
     small = torch.nn.functional.interpolate(big, size=(16, 16), mode="area")
     layers = resolution_sharpness(model, 64, 256, dict(hidden_states=small, timestep=t, class_labels=y),
                                   dict(hidden_states=big, timestep=t, class_labels=y))
-    assert [layers[f"transformer_blocks.{i}.attn1"]["kernel"] for i in range(4)] == ["nala", "nala", "relu_linear",
+    assert [layers[f"transformer_blocks.{i}.attn1"]["attention_type"] for i in range(4)] == ["nala", "nala", "relu_linear",
                                                                                        "softmax"]
     assert layers["transformer_blocks.3.attn1"]["sharpness"] == pytest.approx(softmax_sharpness_rule(64, 256))
     assert layers["transformer_blocks.2.attn1"]["sharpness"] == 1.0

@@ -76,7 +76,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="with --init_from: 'source' maps the data's class folders onto the model's classes (ImageNet "
                             "synsets such as n01440764, or the pipeline's label names); 'new' trains a new class "
                             "embedding sized to the data, keeping every other weight")
-    model.add_argument("--attention", choices=ATTENTION_TYPES, default=None, help="override the attention type")
+    model.add_argument("--attention_type", "--attention", dest="attention_type", choices=ATTENTION_TYPES, default=None,
+                       help="override the attention type (the model config's attention_type)")
     layout = model.add_mutually_exclusive_group()
     layout.add_argument("--softmax_layers", type=int, nargs="+", default=None, metavar="INDEX",
                         help="hybrid layout: these blocks (negative counts from the end: -1 is the last) run softmax "
@@ -165,8 +166,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def attention_overrides(args) -> Dict[str, Any]:
     overrides = {config_key(k): getattr(args, k) for k in FIELDS if getattr(args, k) is not None}
-    if args.attention:
-        overrides["attention_type"] = args.attention
+    if args.attention_type:
+        overrides["attention_type"] = args.attention_type
     return overrides
 
 

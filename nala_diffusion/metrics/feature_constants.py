@@ -2,5 +2,5 @@
 
 MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
 TORCHSCRIPT_WEIGHTS = "inception-2015-12-05.pt"
-#: what nala-fid measures (eval/metrics.py defines IS and precision/recall)
+#: what nala-fid measures (nala_diffusion/metrics/scores.py defines IS and precision/recall)
 METRICS = ("fid", "kid", "is", "pr", "sfid")

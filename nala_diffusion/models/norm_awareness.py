@@ -91,7 +91,7 @@ def distribution_inputs(processor, query: torch.Tensor, key: torch.Tensor, grid=
     inside its logits, so its distribution is that of the rotated pair (``grid`` = (rows, cols) of
     the tokens); a linear kernel (NaLa included) rotates the numerator's features only, and its
     normaliser's distribution stays that of the unrotated pair, which is returned unchanged."""
-    if not (getattr(processor, "use_rope", False) and getattr(processor, "kernel_name", None) == "softmax"):
+    if not (getattr(processor, "use_rope", False) and getattr(processor, "attention_type", None) == "softmax"):
         return query, key
     from nala_diffusion.ops.rope import apply_rope
 

@@ -63,8 +63,7 @@ class KernelAttnProcessor(nn.Module):
             rotary embedding; for linear kernels on the numerator's features) and ``rope_base``.
     """
 
-    kernel_name = "kernel"
-    attention_type = "softmax"  # whose options it takes (the extras only)
+    attention_type = "softmax"  # its kernel, and whose options it takes (the base: the extras only)
 
     def __init__(
         self,
@@ -207,7 +206,7 @@ class KernelAttnProcessor(nn.Module):
 class SoftmaxAttnProcessor(KernelAttnProcessor):
     """Softmax attention (SDPA); with no extras it computes exactly what ``AttnProcessor2_0`` does."""
 
-    kernel_name = attention_type = "softmax"
+    attention_type = "softmax"
 
     def kernel_params(self) -> SoftmaxParams:
         """The logit scale is the run-time ``attention_sharpness``."""
@@ -226,7 +225,6 @@ class _NoMaskMixin:
 class LinearAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
     """Kernel linear attention with ``feature_map`` ``"relu"`` (as SANA) or ``"elu"`` (1 + ELU)."""
 
-    kernel_name = "linear"
     attention_type = "relu_linear"
     feature_map = "relu"
 
@@ -239,12 +237,12 @@ class LinearAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
 
 
 class ReLULinearAttnProcessor(LinearAttnProcessor):
-    kernel_name = attention_type = "relu_linear"
+    attention_type = "relu_linear"
     feature_map = "relu"
 
 
 class ELULinearAttnProcessor(LinearAttnProcessor):
-    kernel_name = attention_type = "elu_linear"
+    attention_type = "elu_linear"
     feature_map = "elu"
 
 
@@ -274,7 +272,7 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
         out = attn(hidden_states, grid_size=(16, 24))
     """
 
-    kernel_name = attention_type = "nala"
+    attention_type = "nala"
 
     def __init__(self, hidden_size: Optional[int] = None, num_heads: Optional[int] = None,
                  query_dim: Optional[int] = None, **options):

@@ -134,9 +134,9 @@ def resolution_sharpness(model: nn.Module, train_tokens: int, tokens: int, train
     processors = _kernel_processors(model)
     set_attention_sharpness(model, 1.0)
     if tokens == train_tokens:
-        return {name: {"kernel": p.kernel_name, "sharpness": 1.0} for name, p in processors.items()}
+        return {name: {"attention_type": p.attention_type, "sharpness": 1.0} for name, p in processors.items()}
     rule = softmax_sharpness_rule(train_tokens, tokens)
     set_attention_sharpness(model, {name: rule for name, p in processors.items() if isinstance(p, SoftmaxAttnProcessor)})
     calibrated = calibrate_nala_sharpness(model, train_inputs, target_inputs)
-    return {name: {"kernel": p.kernel_name, **calibrated.get(name, {"sharpness": p.attention_sharpness})}
+    return {name: {"attention_type": p.attention_type, **calibrated.get(name, {"sharpness": p.attention_sharpness})}
             for name, p in processors.items()}
