@@ -3,8 +3,6 @@ chunked, memory-bounded inference."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.utils.checkpoint
 
@@ -36,8 +34,8 @@ def dense_inference(q, k, v, params: NaLaParams, denominator_eps, rope: RopeArg 
         return kernel(q, k, v, params, denominator_eps, rope)
     flat = lambda x: x.reshape(batch * heads, 1, *x.shape[2:])  # noqa: E731  (one head per "batch" row)
     heads_params = params.per_head(q)
-    heads_params = dataclasses.replace(heads_params, power_scale=flat(heads_params.power_scale),
-                                       norm_scale=flat(heads_params.norm_scale))
+    heads_params = heads_params.replace(power_scale=flat(heads_params.power_scale),
+                                        norm_scale=flat(heads_params.norm_scale))
     q_, k_, v_, den = (flat(x) for x in (q, k, v, per_head(denominator_eps, q, expand=True)))
     out = q.new_empty(batch * heads, 1, tokens, v.shape[-1])
     for start in range(0, batch * heads, rows):

@@ -31,29 +31,35 @@ def check_positive(**values) -> None:
 
 
 class _Params:
+    _names: tuple = ()  # the field names, set below each class (dataclasses.fields does not trace in torch.compile)
+
     @classmethod
     def of(cls, params=None, **overrides):
         """``params`` (default: the defaults) with ``overrides`` replaced, validated."""
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        unknown = sorted(set(overrides) - set(cls._names))
         if unknown:
-            raise TypeError(f"{cls.__name__} has no parameter(s) {unknown}; its parameters: {cls.names()}")
+            raise TypeError(f"{cls.__name__} has no parameter(s) {unknown}; its parameters: {cls._names}")
         if params is None:
             return cls(**overrides).validate()
         if not isinstance(params, cls):
             raise TypeError(f"params must be a {cls.__name__}, got {type(params).__name__}")
-        return (dataclasses.replace(params, **overrides) if overrides else params).validate()
+        return (params.replace(**overrides) if overrides else params).validate()
 
     @classmethod
-    def names(cls):
-        return tuple(f.name for f in dataclasses.fields(cls))
+    def names(cls) -> tuple:
+        return cls._names
+
+    def replace(self, **values):
+        """A copy with ``values`` replaced (``dataclasses.replace``, written out so that it traces)."""
+        return type(self)(**{**{name: getattr(self, name) for name in self._names}, **values})
 
     def validate(self):
         return self
 
     def detached(self):
         """The same parameters with every tensor detached (for analysis without autograd)."""
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).detach() for f in dataclasses.fields(self)
-                                            if torch.is_tensor(getattr(self, f.name))})
+        return self.replace(**{name: getattr(self, name).detach() for name in self._names
+                               if torch.is_tensor(getattr(self, name))})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +115,12 @@ class NaLaParams(LinearParams):
 
     def per_head(self, q: torch.Tensor) -> "NaLaParams":
         """The same parameters with lambda and sigma as (batch, heads, 1, 1) tensors like ``q``."""
-        return dataclasses.replace(self, power_scale=per_head(self.power_scale, q, expand=True),
-                                   norm_scale=per_head(self.norm_scale, q, expand=True))
+        return self.replace(power_scale=per_head(self.power_scale, q, expand=True),
+                            norm_scale=per_head(self.norm_scale, q, expand=True))
 
     def rows(self, index) -> "NaLaParams":
         """Per-head parameters (from :meth:`per_head`) of the rows ``index`` of their leading axes."""
-        return dataclasses.replace(self, power_scale=self.power_scale[index], norm_scale=self.norm_scale[index])
+        return self.replace(power_scale=self.power_scale[index], norm_scale=self.norm_scale[index])
 
     def tensors(self) -> tuple:
         """The parameters that are tensors (for autograd checks)."""
@@ -134,6 +140,10 @@ def per_head(value: Scale, like: torch.Tensor, expand: bool = False) -> Scale:
                              f"got {value.shape[0]}")
         value = value.view(1, -1, 1, 1)
     return value.expand(like.shape[0], like.shape[1], 1, 1) if expand else value
+
+
+for _cls in (SoftmaxParams, LinearParams, NaLaParams):
+    _cls._names = tuple(f.name for f in dataclasses.fields(_cls))
 
 
 def default_params(kind: str) -> Optional[_Params]:
