@@ -246,8 +246,8 @@ def test_retrieval_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
         assert run["seconds_per_step"] > 0
         kinds = [layer["kind"] for layer in run["mass"].values()]
         assert kinds[-1] == ("softmax" if kind.startswith("hybrid") or kind == "softmax" else kinds[0])
-        # the causal norm measure: exactly 0 for ReLU linear attention
-        assert all(abs(layer["norm_effect"]) < 1e-6 for layer in run["mass"].values() if layer["kind"] == "relu_linear")
+        # the causal norm measure: 0 for ReLU linear attention, but for the readout's eps (the weights are the applied ones)
+        assert all(abs(layer["norm_effect"]) < 1e-3 for layer in run["mass"].values() if layer["kind"] == "relu_linear")
         train_args = json.loads((tmp_path / "study" / "runs" / f"retrieval_{kind}_s0" / "args.json").read_text())
         assert train_args["timestep_range"] == [0, 500]  # the calibrated task's training noise levels
     table = (tmp_path / "study" / "results.md").read_text()
