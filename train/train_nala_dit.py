@@ -88,6 +88,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add_option_flags(model, defaults={
         "norm_scale_mode": "the model's; new NaLa models: calibrated, the median query norm per head on one training batch",
     })
+    model.add_argument("--use_cpe", action=argparse.BooleanOptionalAction, default=None,
+                       help="NaLaFormer's convolutional positional encodings: a depthwise 3x3 convolution of the tokens "
+                            "before each block's attention and FFN (trunc-normal init; zero with --init_from, so the "
+                            "converted model starts unchanged) (default: the model's, else off)")
     model.add_argument("--recalibrate_norm_scale", action="store_true",
                        help="with --init_from: calibrate sigma again even in layers whose sigma the model brings "
                             "(default: kept, as every other weight)")
@@ -168,6 +172,8 @@ def attention_overrides(args) -> Dict[str, Any]:
     overrides = {config_key(k): getattr(args, k) for k in FIELDS if getattr(args, k) is not None}
     if args.attention_type:
         overrides["attention_type"] = args.attention_type
+    if args.use_cpe is not None:
+        overrides["use_cpe"] = args.use_cpe
     return overrides
 
 

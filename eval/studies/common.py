@@ -17,6 +17,8 @@ from nala_diffusion.utils.files import write_json_atomically
 ARCHITECTURE = {"num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 64, "patch_size": 4,
                 "norm_num_groups": 32, "use_lepe": True}
 TRAINING = {"steps": 500, "batch_size": 32, "learning_rate": 5e-4}
+#: model options (beside the attention's) a kind may set: nala-train flags, on or off
+MODEL_OPTIONS = ("use_cpe",)
 # what a study writes and a rerun reuses (under OUT)
 STUDY_OUTPUTS = ("runs", "scores", "samples", "highres", "real", "results.json", "results.md", "model_config.json",
                  "retrieval_gain.png")
@@ -32,17 +34,21 @@ class Kind:
     attention_type: str
     options: Mapping[str, Any] = field(default_factory=dict)
     softmax_layers: Tuple[int, ...] = ()
+    model: Mapping[str, Any] = field(default_factory=dict)  # model options beside the attention's (use_cpe)
 
     def __post_init__(self):
         AttentionOptions.for_type(self.attention_type, **self.options)  # unknown options and bad values raise
         if self.softmax_layers:
             layer_attention_types(max(abs(i) for i in self.softmax_layers) + 1, self.attention_type,
                                   softmax_layers=list(self.softmax_layers))
+        unknown = sorted(set(self.model) - set(MODEL_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown model option(s) {unknown}; a kind may set {MODEL_OPTIONS}")
 
-    def but(self, softmax_layers: Sequence[int] = None, **options) -> "Kind":
-        """The same kind with more (or other) options, or another softmax layout."""
+    def but(self, softmax_layers: Sequence[int] = None, model: Mapping[str, Any] = None, **options) -> "Kind":
+        """The same kind with more (or other) options, another softmax layout or other model options."""
         layers = self.softmax_layers if softmax_layers is None else tuple(softmax_layers)
-        return Kind(self.attention_type, {**self.options, **options}, layers)
+        return Kind(self.attention_type, {**self.options, **options}, layers, {**self.model, **(model or {})})
 
     def train_flags(self) -> List[str]:
         flags = ["--attention", self.attention_type]
@@ -51,6 +57,8 @@ class Kind:
             flags += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
         if self.softmax_layers:
             flags += ["--softmax_layers", *map(str, self.softmax_layers)]
+        for name, value in self.model.items():
+            flags += [f"--{name}" if value else f"--no-{name}"]
         return flags
 
 

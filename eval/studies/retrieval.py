@@ -54,6 +54,12 @@ RETRIEVAL_VARIANTS: Dict[str, Kind] = {
     # NaLaFormer's released layout ratio: the last two of four blocks softmax
     "hybrid_nala_last2": NALA.but(softmax_layers=[-2, -1]),
     "hybrid_relu_linear_last2": Kind("relu_linear", softmax_layers=(-2, -1)),
+    # NaLaFormer's released block, every component on: RoPE, LePE 5x5 (trunc-normal), LayerNorm(o) * SiLU(gate),
+    # convolutional positions before attention and FFN, sigma = 1 as released; then the same with calibrated sigma
+    "nala_official": Kind("nala", {"norm_scale_mode": "fixed", "norm_scale": 1, "use_rope": True, "lepe_kernel_size": 5,
+                                   "lepe_init": "trunc_normal", "use_gate": True}, model={"use_cpe": True}),
+    "nala_official_calibrated": Kind("nala", {"norm_scale_mode": "calibrated", "use_rope": True, "lepe_kernel_size": 5,
+                                              "lepe_init": "trunc_normal", "use_gate": True}, model={"use_cpe": True}),
 }
 ANCHORS = ("softmax", "relu_linear")  # the two ends of the gap every other kind is placed in
 # what --study retrieval trains without --kinds (nala_sigma1 belongs to the first version of the study)

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-CONV_INITS = ("trunc_normal", "zero")
+from nala_diffusion.models.options import CONV_INITS
 
 
 def init_depthwise(conv: nn.Conv2d, init: str) -> None:

@@ -101,7 +101,7 @@ def convert_dit_to_nala(
 
     config = {k: dit.config[k] for k in DIT_CONFIG_KEYS if k in dit.config}
     if isinstance(dit, NaLaDiTTransformer2DModel):
-        accepted = set(CONFIG_KEYS) | {"position_embedding", "num_classes"}
+        accepted = set(CONFIG_KEYS) | {"position_embedding", "num_classes", "use_cpe", "cpe_init"}
         attention_options = {**{k: v for k, v in dit.config.items() if k in accepted}, **attention_options}
         if softmax_layers is None and attention_types is None and attention_type == dit.config.attention_type:
             attention_types = dit.config.get("attention_types")
@@ -121,7 +121,11 @@ def convert_dit_to_nala(
 
     source = dit.state_dict()
     missing, unexpected = model.load_state_dict(source, strict=False)
-    not_new = [k for k in missing if ".processor." not in k]
+    not_new = [k for k in missing if ".processor." not in k and not k.startswith("conv_positions.")]
+    with torch.no_grad():  # new convolutions (LePE, CPE) start as identity, whatever their init for new models
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if name in missing and (".lepe." in name or name.startswith("conv_positions.")):
+                tensor.zero_()
     dropped = [k for k in unexpected if ".processor." in k]  # extras of blocks whose attention changed
     unexpected = [k for k in unexpected if ".processor." not in k]
     if dropped:

@@ -29,6 +29,8 @@ DEFAULT_NORM_SCALE_MODE = "calibrated"
 #: what a model config that lacks a key was built with (the key did not exist yet)
 LEGACY_CONFIG_DEFAULTS = {"norm_scale_mode": "fixed"}
 ATTENTION_TYPES = ("nala", "softmax", "relu_linear", "elu_linear")
+#: initialisations of the depthwise convolutions (LePE, CPE): NaLaFormer's, or identity at the start
+CONV_INITS = ("zero", "trunc_normal")
 
 _ALL = ATTENTION_TYPES
 _LINEAR = ("nala", "relu_linear", "elu_linear")
@@ -59,9 +61,12 @@ class AttentionOptions:
                                    "real inputs, kept fixed; norm_scale until then), 'learnable' (calibrated, then "
                                    "trained) or 'fixed' (norm_scale everywhere)", choices=NORM_SCALE_MODES)
     # -- extras of every kernel (NaLaFormer's model)
-    use_lepe: bool = _option(False, "add LePE, a zero-initialised depthwise convolution of V over the token grid",
+    use_lepe: bool = _option(False, "add LePE, a depthwise convolution of V over the token grid added to the output",
                              kinds=_ALL)
-    lepe_kernel_size: int = _option(3, "odd kernel size of the LePE convolution", kinds=_ALL)
+    lepe_kernel_size: int = _option(3, "odd kernel size of the LePE convolution (NaLaFormer: 5)", kinds=_ALL)
+    lepe_init: str = _option("zero", "initialisation of the LePE convolution: 'zero' (the layer starts without it; "
+                             "conversions always) or 'trunc_normal' (std 0.02, bias 0, as NaLaFormer)", kinds=_ALL,
+                             choices=CONV_INITS)
     use_gate: bool = _option(False, "output gate LayerNorm(o) * SiLU(W_g x)", kinds=_ALL)
     use_rope: bool = _option(False, "axial 2D rotary embedding (linear kernels: on the numerator's features)",
                              kinds=_ALL)

@@ -19,6 +19,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from nala_diffusion.models.conv_positions import init_depthwise
 from nala_diffusion.models.options import NORM_SCALE_MODES, AttentionOptions, option_names  # noqa: F401  (NORM_SCALE_MODES re-exported)
 from nala_diffusion.ops import (
     LinearParams,
@@ -58,8 +59,8 @@ class KernelAttnProcessor(nn.Module):
         query_dim: channels of the attention's input, for the gate (defaults to ``hidden_size``).
         **options: the options of :class:`~nala_diffusion.models.options.AttentionOptions` that this
             processor's ``attention_type`` takes. Extras for every kernel: ``use_lepe`` (a
-            zero-initialised depthwise ``lepe_kernel_size`` convolution of V over the token grid,
-            added to the output), ``use_gate`` (``LayerNorm(o) * SiLU(W_g x)``), ``use_rope`` (2D
+            depthwise ``lepe_kernel_size`` convolution of V over the token grid, added to the output;
+            ``lepe_init`` zero or NaLaFormer's trunc-normal), ``use_gate`` (``LayerNorm(o) * SiLU(W_g x)``), ``use_rope`` (2D
             rotary embedding; for linear kernels on the numerator's features) and ``rope_base``.
     """
 
@@ -87,8 +88,7 @@ class KernelAttnProcessor(nn.Module):
             self.lepe = nn.Conv2d(
                 hidden_size, hidden_size, self.lepe_kernel_size, padding=self.lepe_kernel_size // 2, groups=hidden_size
             )
-            nn.init.zeros_(self.lepe.weight)
-            nn.init.zeros_(self.lepe.bias)
+            init_depthwise(self.lepe, self.lepe_init)
         if self.use_gate:
             self.gate_proj = nn.Linear(query_dim or hidden_size, hidden_size)
             self.gate_norm = nn.LayerNorm(hidden_size)

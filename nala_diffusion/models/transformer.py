@@ -26,7 +26,9 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' pipeline loader looks it up here)
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
+from torch import nn
 
+from nala_diffusion.models.conv_positions import BlockConvPositions
 from nala_diffusion.models.loading import check_loaded_weights
 from nala_diffusion.models.options import (
     CONFIG_KEYS,
@@ -106,6 +108,10 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         Every attention option, its default and its meaning is declared once, in
         :class:`~nala_diffusion.models.options.AttentionOptions`; its config key is the option's name
         (``eps`` is ``attention_eps``).
+        use_cpe (`bool`, defaults to `False`): NaLaFormer's convolutional positional encodings, a depthwise
+            3 x 3 convolution of the tokens on their grid added before each block's attention and again
+            before its feed-forward network (:mod:`~nala_diffusion.models.conv_positions`); ``cpe_init``
+            ``"trunc_normal"`` (NaLaFormer's) or ``"zero"`` (conversions use zero, so outputs do not change).
         position_embedding (`str`, defaults to ``"interpolate"``): for grids other than the training
             grid, ``"interpolate"`` squeezes each axis into the training range (as diffusers'
             ``PatchEmbed`` and PixArt: a model trained at one size has seen only those positions),
@@ -137,6 +143,8 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         attention_type: str = "nala",
         attention_types: Optional[List[str]] = None,
         position_embedding: str = "interpolate",
+        use_cpe: bool = False,
+        cpe_init: str = "trunc_normal",
         **attention_options,
     ):
         unknown = sorted(set(attention_options) - set(CONFIG_KEYS))
@@ -187,6 +195,13 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         for kind in dict.fromkeys(kinds):
             blocks = [index for index, each in enumerate(kinds) if each == kind]
             set_attention(self, kind, layers=blocks, **self.attention_options(kind))
+        if not isinstance(use_cpe, bool):
+            raise ValueError(f"use_cpe must be True or False, got {use_cpe!r}")
+        self.conv_positions = None
+        if use_cpe:  # NaLaFormer's block: a depthwise 3x3 convolution before the attention and before the FFN
+            self.conv_positions = nn.ModuleList(BlockConvPositions(self.inner_dim, cpe_init) for _ in self.transformer_blocks)
+            for cpe, block in zip(self.conv_positions, self.transformer_blocks):
+                cpe.attach(block)
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
@@ -346,8 +361,12 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         with_grid = {"grid_size": (rows, cols), **cross_attention_kwargs}
 
         # 2. Blocks (each block's processor gets the token grid if it takes one: LePE and RoPE need it)
-        for block in self.transformer_blocks:
+        for index, block in enumerate(self.transformer_blocks):
             block_kwargs = with_grid if _takes_grid(block.attn1.processor) else cross_attention_kwargs
+            if self.conv_positions is not None:
+                cpe = self.conv_positions[index]
+                cpe.grid = (rows, cols)
+                hidden_states = cpe.before_block(hidden_states)  # cpe2 runs inside the block (its hooks)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = self._gradient_checkpointing_func(
                     block, hidden_states, None, None, None, timestep, block_kwargs, class_labels
