@@ -141,3 +141,46 @@ def test_kinds_as_data_give_the_flags_the_recorded_runs_were_trained_with():
     with pytest.raises(ValueError, match="does not take"):
         Kind("softmax", {"inhibit": "cosine"})
     assert Kind("nala", {"use_gate": False}).train_flags() == ["--attention", "nala", "--no-use_gate"]
+
+
+def test_conversion_arms_start_from_the_anchor_with_their_distillation_flags():
+    arms = {k: v for k, v in study.RETRIEVAL_VARIANTS.items() if isinstance(v, study.ConversionArm)}
+    assert sorted(arms) == sorted(f"convert_{t}_{a}" for t in ("nala", "relu_linear")
+                                  for a in ("zero_shot", "noise", "output_distill", "attention_distill"))
+    nala = arms["convert_nala_attention_distill"]
+    assert nala.train_flags("A") == ["--init_from", "A", *study.NALA.train_flags(), "--teacher", "A",
+                                     "--attention_distillation_weight", "0.5"]
+    assert arms["convert_nala_noise"].train_flags("A") == ["--init_from", "A", *study.NALA.train_flags()]
+    assert arms["convert_relu_linear_zero_shot"].train_flags("A")[-2:] == ["--learning_rate", "0"]
+    assert [arms[k].steps(10000) for k in ("convert_nala_zero_shot", "convert_nala_noise")] == [1, 3000]
+
+
+@pytest.mark.slow
+def test_conversion_arms_run_through_the_study(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from nala_diffusion.eval.study import main
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 4,
+                                  "norm_num_groups": 1}))
+    out = tmp_path / "study"
+    argv = ["--study", "retrieval", "--out", str(out), "--steps", "4", "--seeds", "0", "--batch_size", "4",
+            "--retrieval_images", "4", "--model_config", str(config), "--no-tiebreak_seed",
+            "--kinds", "softmax", "relu_linear", "convert_nala_zero_shot", "convert_nala_attention_distill"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["runs"]) == {"softmax", "relu_linear", "convert_nala_zero_shot", "convert_nala_attention_distill"}
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    anchor = load_file(out / "runs" / "retrieval_conversion_anchor_s0" / weights)
+    zero_shot = load_file(out / "runs" / "retrieval_convert_nala_zero_shot_s0" / weights)
+    # zero-shot: the anchor's weights, converted (sigma calibrated, nothing trained)
+    assert set(zero_shot) - set(anchor) == {f"transformer_blocks.{i}.attn1.processor.log_norm_scale" for i in range(2)}
+    assert all(torch.allclose(zero_shot[k], anchor[k], atol=1e-6) for k in anchor)
+    kinds = [layer["kind"] for layer in results["runs"]["convert_nala_zero_shot"][0]["mass"].values()]
+    assert kinds == ["nala", "nala"]
+    log = (out / "runs" / "retrieval_convert_nala_attention_distill_s0" / "log.csv").read_text()
+    assert "loss_attention" in log.splitlines()[0]

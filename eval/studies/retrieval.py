@@ -9,7 +9,8 @@ import json
 import math
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,7 +34,48 @@ RETRIEVAL_ARCHITECTURE = {**ARCHITECTURE, "patch_size": 4}
 RETRIEVAL_TRAINING = {"steps": 10000, "batch_size": 32, "learning_rate": 1e-3, "timestep_range": [0, 500],
                       "retrieval_timesteps": list(retrieval.TIMESTEPS)}
 NALA = Kind("nala", {"norm_scale_mode": "calibrated"})  # relu_split inhibit, power scale 3
-RETRIEVAL_VARIANTS: Dict[str, Kind] = {
+#: share of the scratch budget a conversion arm fine-tunes for (3,000 steps at the default 10,000)
+CONVERSION_FRACTION = 0.3
+#: the weight of the attention-output distillation (LinFusion and CLEAR weigh theirs 0.5)
+ATTENTION_DISTILLATION_WEIGHT = 0.5
+
+
+@dataclass(frozen=True)
+class ConversionArm:
+    """A kind made from a softmax model of its seed (``runs/retrieval_conversion_anchor_s<seed>``, trained as the
+    softmax kind is): converted to ``target`` (``nala-train --init_from``,
+    sigma calibrated on one training batch from the anchor's own queries), then fine-tuned for
+    CONVERSION_FRACTION of the scratch budget with the noise loss and the ``distillation`` terms
+    (``"output"``: MSE to the anchor's prediction; ``"attention"``: MSE between each block's attention
+    output and the anchor's). ``zero_shot``: one step at learning rate 0, which goes through the same
+    conversion and calibration and changes no weight."""
+
+    target: Kind
+    distillation: Tuple[str, ...] = ()
+    zero_shot: bool = False
+
+    def steps(self, scratch_steps: int) -> int:
+        return 1 if self.zero_shot else max(1, round(CONVERSION_FRACTION * scratch_steps))
+
+    def train_flags(self, anchor: str) -> List[str]:
+        flags = ["--init_from", anchor, *self.target.train_flags()]
+        if "output" in self.distillation:
+            flags += ["--teacher", anchor]
+        if "attention" in self.distillation:
+            flags += ["--attention_distillation_weight", str(ATTENTION_DISTILLATION_WEIGHT)]
+        return flags + (["--learning_rate", "0"] if self.zero_shot else [])
+
+
+def conversion_arms(name: str, target: Kind) -> Dict[str, ConversionArm]:
+    """The conversion route to ``target``: zero-shot, then fine-tuned with the noise loss alone, plus output
+    distillation, plus attention-output distillation."""
+    return {f"convert_{name}_zero_shot": ConversionArm(target, zero_shot=True),
+            f"convert_{name}_noise": ConversionArm(target),
+            f"convert_{name}_output_distill": ConversionArm(target, ("output",)),
+            f"convert_{name}_attention_distill": ConversionArm(target, ("output", "attention"))}
+
+
+RETRIEVAL_VARIANTS: Dict[str, Union[Kind, "ConversionArm"]] = {
     "softmax": Kind("softmax"),
     "relu_linear": Kind("relu_linear"),
     "elu_linear": Kind("elu_linear"),
@@ -60,6 +102,9 @@ RETRIEVAL_VARIANTS: Dict[str, Kind] = {
                                    "lepe_init": "trunc_normal", "use_gate": True}, model={"use_cpe": True}),
     "nala_official_calibrated": Kind("nala", {"norm_scale_mode": "calibrated", "use_rope": True, "lepe_kernel_size": 5,
                                               "lepe_init": "trunc_normal", "use_gate": True}, model={"use_cpe": True}),
+    # the conversion route: every arm from the softmax anchor of its seed; ReLU linear is the control
+    **conversion_arms("nala", NALA),
+    **conversion_arms("relu_linear", Kind("relu_linear")),
 }
 ANCHORS = ("softmax", "relu_linear")  # the two ends of the gap every other kind is placed in
 # what --study retrieval trains without --kinds (nala_sigma1 belongs to the first version of the study)
@@ -96,7 +141,8 @@ def forward_costs(out: str, kinds: Sequence[str], tokens: int = COST_TOKENS, rep
         x, t, y = torch.randn(1, 3, side, side), torch.tensor([100]), torch.tensor([0])
         calls = {}
         for kind in kinds:
-            model = kind_model(out, RETRIEVAL_VARIANTS[kind].train_flags())
+            variant = RETRIEVAL_VARIANTS[kind]  # a conversion arm costs what its target kind costs
+            model = kind_model(out, (variant.target if isinstance(variant, ConversionArm) else variant).train_flags())
             calls[kind] = lambda model=model: model(x, timestep=t, class_labels=y)
         with torch.no_grad():
             seconds = timing.interleaved_medians(calls, torch.device("cpu"), repeats)
@@ -127,7 +173,16 @@ def retrieval_study(args, argv) -> dict:
             if name not in missing:
                 missing.append(name)
             return None
-        info = train(args.out, name, RETRIEVAL_VARIANTS[kind].train_flags(), args.steps, seed, args, dataset=dataset)
+        variant = RETRIEVAL_VARIANTS[kind]
+        if isinstance(variant, ConversionArm):
+            # from a softmax model of this seed trained as the softmax kind is, kept with its weights in its own
+            # folder (the softmax kind's records may have been copied without them)
+            anchor = train(args.out, f"retrieval_conversion_anchor_s{seed}", RETRIEVAL_VARIANTS["softmax"].train_flags(),
+                           args.steps, seed, args, dataset=dataset)
+            info = train(args.out, name, variant.train_flags(anchor["folder"]), variant.steps(args.steps), seed, args,
+                         dataset=dataset)
+        else:
+            info = train(args.out, name, variant.train_flags(), args.steps, seed, args, dataset=dataset)
         path = os.path.join(args.out, "scores", f"{name}.json")
         return {**info, **cached(path, lambda: retrieval.measure(info["folder"], args.retrieval_timesteps,
                                                                  gain_images=args.retrieval_images, mass_images=8,
