@@ -184,3 +184,34 @@ def test_conversion_arms_run_through_the_study(tmp_path):
     assert kinds == ["nala", "nala"]
     log = (out / "runs" / "retrieval_convert_nala_attention_distill_s0" / "log.csv").read_text()
     assert "loss_attention" in log.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_a_tracked_kind_trains_in_chunks_as_one_run_and_records_the_mass_after_each(tmp_path, monkeypatch):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from nala_diffusion.eval.study import main
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 4,
+                                  "norm_num_groups": 1}))
+    monkeypatch.setitem(study.RETRIEVAL_VARIANTS, "nala_tracked", study.NALA.but(learning_rate=3e-3, track_every=2))
+    monkeypatch.setitem(study.RETRIEVAL_VARIANTS, "nala_plain", study.NALA.but(learning_rate=3e-3))
+    out = tmp_path / "study"
+    argv = ["--study", "retrieval", "--out", str(out), "--steps", "5", "--seeds", "0", "--batch_size", "4",
+            "--retrieval_images", "4", "--model_config", str(config), "--no-tiebreak_seed",
+            "--kinds", "softmax", "relu_linear", "nala_tracked", "nala_plain"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    track = results["runs"]["nala_tracked"][0]["partner_mass_track"]
+    assert list(track) == ["2", "4", "5"] and all(len(layers) == 2 for layers in track.values())
+    assert "Last-layer partner mass during training" in (out / "results.md").read_text()
+    # chunks resumed from their checkpoints end where one uninterrupted run of the same flags ends
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    tracked = load_file(out / "runs" / "retrieval_nala_tracked_s0" / weights)
+    plain = load_file(out / "runs" / "retrieval_nala_plain_s0" / weights)
+    assert tracked.keys() == plain.keys()
+    assert all(torch.allclose(tracked[k], plain[k], rtol=1e-5, atol=1e-6) for k in plain)

@@ -7,7 +7,7 @@ import csv
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -35,6 +35,8 @@ class Kind:
     options: Mapping[str, Any] = field(default_factory=dict)
     softmax_layers: Tuple[int, ...] = ()
     model: Mapping[str, Any] = field(default_factory=dict)  # model options beside the attention's (use_cpe)
+    learning_rate: Optional[float] = None  # instead of the study's
+    track_every: int = 0  # > 0: train in chunks of this many steps, measuring after each (retrieval: partner mass)
 
     def __post_init__(self):
         AttentionOptions.for_type(self.attention_type, **self.options)  # unknown options and bad values raise
@@ -45,10 +47,14 @@ class Kind:
         if unknown:
             raise ValueError(f"unknown model option(s) {unknown}; a kind may set {MODEL_OPTIONS}")
 
-    def but(self, softmax_layers: Sequence[int] = None, model: Mapping[str, Any] = None, **options) -> "Kind":
-        """The same kind with more (or other) options, another softmax layout or other model options."""
+    def but(self, softmax_layers: Sequence[int] = None, model: Mapping[str, Any] = None,
+            learning_rate: Optional[float] = None, track_every: Optional[int] = None, **options) -> "Kind":
+        """The same kind with more (or other) options, another softmax layout, model options, learning rate
+        or tracking."""
         layers = self.softmax_layers if softmax_layers is None else tuple(softmax_layers)
-        return Kind(self.attention_type, {**self.options, **options}, layers, {**self.model, **(model or {})})
+        return Kind(self.attention_type, {**self.options, **options}, layers, {**self.model, **(model or {})},
+                    self.learning_rate if learning_rate is None else learning_rate,
+                    self.track_every if track_every is None else track_every)
 
     def train_flags(self) -> List[str]:
         flags = ["--attention", self.attention_type]
@@ -59,6 +65,8 @@ class Kind:
             flags += ["--softmax_layers", *map(str, self.softmax_layers)]
         for name, value in self.model.items():
             flags += [f"--{name}" if value else f"--no-{name}"]
+        if self.learning_rate is not None:
+            flags += ["--learning_rate", str(self.learning_rate)]
         return flags
 
 
@@ -79,6 +87,12 @@ def train(out: str, name: str, extra: List[str], steps: int, seed: int, args, da
 
 
 def _train(folder: str, out: str, extra: List[str], steps: int, seed: int, args, dataset: str) -> dict:
+    run_training(folder, out, extra, steps, seed, args, dataset)
+    return run_info(folder, extra, steps, seed, args)
+
+
+def run_training(folder: str, out: str, extra: List[str], steps: int, seed: int, args, dataset: str) -> None:
+    """``nala-train`` of OUT/runs/NAME up to ``steps`` (resumed from its latest checkpoint)."""
     from nala_diffusion.train import train_nala_dit
     config = os.path.join(out, "model_config.json")
     with open(config, "w", encoding="utf-8") as handle:
@@ -94,6 +108,10 @@ def _train(folder: str, out: str, extra: List[str], steps: int, seed: int, args,
     ])
     if code != 0:
         raise RuntimeError(f"nala-study: training {os.path.basename(folder)} failed (exit code {code}); see the messages above")
+
+
+def run_info(folder: str, extra: List[str], steps: int, seed: int, args) -> dict:
+    """A finished run's record: its folder, budget, seed, flags and median seconds per step."""
     with open(os.path.join(folder, "log.csv"), newline="", encoding="utf-8") as handle:
         speeds = [float(r["images_per_second"]) for r in csv.DictReader(handle) if r.get("images_per_second")]
     return {"folder": folder, "steps": steps, "seed": seed, "arguments": extra,

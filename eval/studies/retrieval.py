@@ -22,9 +22,12 @@ from nala_diffusion.eval.studies.common import (
     cached,
     markdown_table,
     mean_std,
+    run_info,
+    run_training,
     train,
     write_results,
 )
+from nala_diffusion.utils.files import write_json_atomically
 
 # builtin:pairs at patch 4, 64 tokens per image (a training step at patch 2, 256 tokens, costs about
 # four times as much: 2.3 s at batch 32 on the 2-core development machine, too slow for five models at a
@@ -102,6 +105,10 @@ RETRIEVAL_VARIANTS: Dict[str, Union[Kind, "ConversionArm"]] = {
                                    "lepe_init": "trunc_normal", "use_gate": True}, model={"use_cpe": True}),
     "nala_official_calibrated": Kind("nala", {"norm_scale_mode": "calibrated", "use_rope": True, "lepe_kernel_size": 5,
                                               "lepe_init": "trunc_normal", "use_gate": True}, model={"use_cpe": True}),
+    # learning dynamics: NaLa (calibrated) at three learning rates, partner mass measured every 1,000 steps
+    "nala_lr3e-4": NALA.but(learning_rate=3e-4, track_every=1000),
+    "nala_lr1e-3": NALA.but(learning_rate=1e-3, track_every=1000),
+    "nala_lr3e-3": NALA.but(learning_rate=3e-3, track_every=1000),
     # the conversion route: every arm from the softmax anchor of its seed; ReLU linear is the control
     **conversion_arms("nala", NALA),
     **conversion_arms("relu_linear", Kind("relu_linear")),
@@ -181,6 +188,8 @@ def retrieval_study(args, argv) -> dict:
                            args.steps, seed, args, dataset=dataset)
             info = train(args.out, name, variant.train_flags(anchor["folder"]), variant.steps(args.steps), seed, args,
                          dataset=dataset)
+        elif variant.track_every:
+            info = tracked_train(args, name, variant.train_flags(), seed, dataset, variant.track_every)
         else:
             info = train(args.out, name, variant.train_flags(), args.steps, seed, args, dataset=dataset)
         path = os.path.join(args.out, "scores", f"{name}.json")
@@ -209,6 +218,39 @@ def retrieval_study(args, argv) -> dict:
     results["forward_cost"] = forward_costs(args.out, list(results["runs"]))
     plot_retrieval(results, os.path.join(args.out, "retrieval_gain.png"))
     return results
+
+
+def latest_checkpoint_step(folder: str) -> int:
+    steps = [int(d.split("-")[1]) for d in os.listdir(folder) if d.startswith("checkpoint-")] if os.path.isdir(folder) else []
+    return max(steps, default=0)
+
+
+def tracked_train(args, name: str, flags: List[str], seed: int, dataset: str, every: int) -> dict:
+    """A run trained in chunks of ``every`` steps, each resumed from the last (the run continues exactly as
+    one uninterrupted run), with every layer's partner mass measured after each chunk (8 held-out images,
+    as the final measure): the record's ``partner_mass_track`` is ``{step: {layer: mass}}``, also kept in
+    OUT/scores/NAME_track.json so that an interrupted study goes on from the last measured chunk."""
+    folder = os.path.join(args.out, "runs", name)
+
+    def compute() -> dict:
+        from nala_diffusion.pipelines.pipeline_nala_dit import NaLaDiTPipeline
+
+        path = os.path.join(args.out, "scores", f"{name}_track.json")
+        track = cached(path, dict)
+        chunk_flags = [*flags, "--checkpointing_steps", str(every)]
+        for stop in sorted({*range(every, args.steps, every), args.steps}):
+            if str(stop) in track:
+                continue
+            if latest_checkpoint_step(folder) < stop:
+                run_training(folder, args.out, chunk_flags, stop, seed, args, dataset)
+            pipe = NaLaDiTPipeline.from_pretrained(folder)
+            pipe.set_progress_bar_config(disable=True)
+            mass = retrieval.retrieval_mass(pipe, args.retrieval_timesteps, images=8, layout=args.pairs_layout)
+            track[str(stop)] = {layer: values["mass"] for layer, values in mass.items()}
+            write_json_atomically(path, track, sort_keys=False)
+        return {**run_info(folder, chunk_flags, args.steps, seed, args), "partner_mass_track": track}
+
+    return cached(os.path.join(folder, "study_run.json"), compute)
 
 
 def run_retrieval_study(args, argv, context=None) -> int:
@@ -290,6 +332,14 @@ def retrieval_tables(results: dict) -> str:
                          mean_std([v["baseline"] for v in values]), mean_std([v["rho"] for v in values]), effect,
                          mean_std([v["entropy"] for v in values])])
     lines += markdown_table(["attention", "layer", "kernel", "mass", "baseline", "rho", "dH/dlog‖q‖", "mean entropy"], rows)
+    tracked = {kind: runs for kind, runs in runs_by_kind.items() if all("partner_mass_track" in r for r in runs)}
+    if tracked:
+        steps = sorted({int(s) for runs in tracked.values() for r in runs for s in r["partner_mass_track"]})
+        lines += ["", "Last-layer partner mass during training (mean ± sd over seeds), measured after every chunk:", ""]
+        lines += markdown_table(["attention", *(f"step {s:,}" for s in steps)], (
+            [kind, *(mean_std([list(r["partner_mass_track"][str(s)].values())[-1] for r in runs
+                               if str(s) in r["partner_mass_track"]]) for s in steps)]
+            for kind, runs in tracked.items()))
     return "\n".join(lines) + "\n"
 
 
