@@ -353,7 +353,7 @@ def plot_retrieval(results: dict, path: str) -> None:
     # one colour and marker per kind, the same in both panels (the default cycle repeats after ten)
     colour = {kind: plt.get_cmap("tab20")(i % 20) for i, kind in enumerate(kinds)}
     marker = {kind: "osD^v<>"[i % 7] for i, kind in enumerate(kinds)}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 4.5))
     for i, kind in enumerate(kinds):
         gains = [r["gain"]["mean_gain"] for r in results["runs"][kind]]
         axes[0].bar(i, sum(gains) / len(gains), color="C0", alpha=0.6)
@@ -370,7 +370,6 @@ def plot_retrieval(results: dict, path: str) -> None:
     axes[1].set_xticks(list(range(len(masses[0]))))
     axes[1].set(xlabel="layer", ylabel="attention mass on the partner" + (f" ± {window}" if window else ""),
                 title="retrieval mass (mean over seeds)")
-    axes[1].legend(fontsize=8)
     seconds = results.get("forward_cost", {}).get("seconds", {})
     for kind in kinds:
         shares = gap_closed(results, kind)
@@ -381,8 +380,8 @@ def plot_retrieval(results: dict, path: str) -> None:
     axes[2].set_xscale("log")
     axes[2].set(xlabel=f"forward seconds at {tokens:,} tokens (log)", ylabel="share of the ReLU -> softmax gap",
                 title="quality against cost (bars: sd over seeds)")
-    if axes[2].get_legend_handles_labels()[1]:
-        axes[2].legend(fontsize=8)
-    fig.tight_layout()
+    # one legend for both panels (same colour and marker per kind), beside them: inside it would hide points
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.87, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
