@@ -2,6 +2,8 @@
 kind whose seeds disagree on its order against ReLU linear gets a third seed (anchors included)."""
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from nala_diffusion.eval.studies import retrieval as study
 from nala_diffusion.eval.studies.common import Kind
@@ -155,12 +157,9 @@ def test_conversion_arms_start_from_the_anchor_with_their_distillation_flags():
     assert [arms[k].steps(10000) for k in ("convert_nala_zero_shot", "convert_nala_noise")] == [1, 3000]
 
 
-@pytest.mark.slow
-def test_conversion_arms_run_through_the_study(tmp_path):
+def run_tiny_study(tmp_path, steps, kinds):
+    """The retrieval study on a 2-block, 8-wide model, seed 0 only; returns its folder and results.json."""
     import json
-
-    import torch
-    from safetensors.torch import load_file
 
     from nala_diffusion.eval.study import main
 
@@ -168,11 +167,16 @@ def test_conversion_arms_run_through_the_study(tmp_path):
     config.write_text(json.dumps({"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 4,
                                   "norm_num_groups": 1}))
     out = tmp_path / "study"
-    argv = ["--study", "retrieval", "--out", str(out), "--steps", "4", "--seeds", "0", "--batch_size", "4",
-            "--retrieval_images", "4", "--model_config", str(config), "--no-tiebreak_seed",
-            "--kinds", "softmax", "relu_linear", "convert_nala_zero_shot", "convert_nala_attention_distill"]
+    argv = ["--study", "retrieval", "--out", str(out), "--steps", str(steps), "--seeds", "0", "--batch_size", "4",
+            "--retrieval_images", "4", "--model_config", str(config), "--no-tiebreak_seed", "--kinds", *kinds]
     assert main(argv) == 0
-    results = json.loads((out / "results.json").read_text())
+    return out, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_conversion_arms_run_through_the_study(tmp_path):
+    out, results = run_tiny_study(tmp_path, 4, ["softmax", "relu_linear", "convert_nala_zero_shot",
+                                                "convert_nala_attention_distill"])
     assert set(results["runs"]) == {"softmax", "relu_linear", "convert_nala_zero_shot", "convert_nala_attention_distill"}
     weights = "transformer/diffusion_pytorch_model.safetensors"
     anchor = load_file(out / "runs" / "retrieval_conversion_anchor_s0" / weights)
@@ -188,24 +192,9 @@ def test_conversion_arms_run_through_the_study(tmp_path):
 
 @pytest.mark.slow
 def test_a_tracked_kind_trains_in_chunks_as_one_run_and_records_the_mass_after_each(tmp_path, monkeypatch):
-    import json
-
-    import torch
-    from safetensors.torch import load_file
-
-    from nala_diffusion.eval.study import main
-
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps({"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 4,
-                                  "norm_num_groups": 1}))
     monkeypatch.setitem(study.RETRIEVAL_VARIANTS, "nala_tracked", study.NALA.but(learning_rate=3e-3, track_every=2))
     monkeypatch.setitem(study.RETRIEVAL_VARIANTS, "nala_plain", study.NALA.but(learning_rate=3e-3))
-    out = tmp_path / "study"
-    argv = ["--study", "retrieval", "--out", str(out), "--steps", "5", "--seeds", "0", "--batch_size", "4",
-            "--retrieval_images", "4", "--model_config", str(config), "--no-tiebreak_seed",
-            "--kinds", "softmax", "relu_linear", "nala_tracked", "nala_plain"]
-    assert main(argv) == 0
-    results = json.loads((out / "results.json").read_text())
+    out, results = run_tiny_study(tmp_path, 5, ["softmax", "relu_linear", "nala_tracked", "nala_plain"])
     track = results["runs"]["nala_tracked"][0]["partner_mass_track"]
     assert list(track) == ["2", "4", "5"] and all(len(layers) == 2 for layers in track.values())
     assert "Last-layer partner mass during training" in (out / "results.md").read_text()
