@@ -268,6 +268,27 @@ def test_errors_are_clear_and_overwrite_nothing(data, tmp_path, capsys):
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
 
+def test_resume_accepts_a_checkpoint_written_before_an_option_existed():
+    # a checkpoint's config lacks the options added since it was written: they count at the value loading
+    # gives them, so a run whose model is the same resumes, and one whose model differs is still refused
+    from nala_diffusion.train import checkpoints
+
+    model = NaLaDiTTransformer2DModel(**{**TINY, "attention_type": "nala"})
+    current = {"model_config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")}}
+    older = {k: v for k, v in current["model_config"].items() if k not in ("use_cpe", "cpe_init", "lepe_init")}
+    checkpoints.check_compatible({"model_config": older}, current, "ckpt", NaLaDiTTransformer2DModel)
+    with pytest.raises(ValueError, match="incompatible configuration\n  model cpe_init"):
+        checkpoints.check_compatible({"model_config": older}, current, "ckpt")  # without the class: key by key
+    with_cpe = {"model_config": {**current["model_config"], "use_cpe": True}}
+    with pytest.raises(ValueError, match="model use_cpe: checkpoint False, this run True"):
+        checkpoints.check_compatible({"model_config": older}, with_cpe, "ckpt", NaLaDiTTransformer2DModel)
+    # sigma's mode: configs from before it existed were built with sigma fixed, not today's calibrated default
+    assert current["model_config"]["norm_scale_mode"] == "calibrated"
+    no_mode = {k: v for k, v in current["model_config"].items() if k != "norm_scale_mode"}
+    with pytest.raises(ValueError, match="model norm_scale_mode: checkpoint 'fixed', this run 'calibrated'"):
+        checkpoints.check_compatible({"model_config": no_mode}, current, "ckpt", NaLaDiTTransformer2DModel)
+
+
 @pytest.mark.slow
 def test_resume_refuses_what_it_cannot_continue_exactly(data, tmp_path, capsys):
     # a finished run without checkpoints: "resume latest" must not start again over its weights

@@ -176,11 +176,15 @@ def check_inputs(saved: Dict[str, Any], current: Dict[str, Any], path: str) -> N
                          + "\nResume with the checkpoint's data and weights, or pass --overwrite to start again.")
 
 
-def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], path: str) -> None:
+def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], path: str, model_cls=None) -> None:
     """Refuse to resume when the model or the data layout differs from the checkpoint's (the data and
-    input weights themselves are checked earlier, by :func:`check_inputs`)."""
+    input weights themselves are checked earlier, by :func:`check_inputs`). With ``model_cls``, options the
+    checkpoint's config lacks (written before they existed) count at the value loading gives them
+    (``model_cls.config_as_loaded``)."""
     problems = []
     saved_model, current_model = saved.get("model_config", {}), current["model_config"]
+    if model_cls is not None and hasattr(model_cls, "config_as_loaded"):
+        saved_model = model_cls.config_as_loaded(saved_model)
     for key in sorted(set(saved_model) | set(current_model)):
         if not key.startswith("_") and saved_model.get(key) != current_model.get(key):
             problems.append(f"model {key}: checkpoint {saved_model.get(key)!r}, this run {current_model.get(key)!r}")

@@ -541,7 +541,7 @@ def train(args) -> int:
     }
     global_step = batch_index = 0
     if resume_path:
-        checkpoints.check_compatible(saved, run_state, resume_path)
+        checkpoints.check_compatible(saved, run_state, resume_path, type(unwrapped))
         saved_steps = saved.get("args", {}).get("max_train_steps", args.max_train_steps)
         if saved_steps != args.max_train_steps and args.lr_scheduler not in STEP_FREE_SCHEDULES:
             raise ValueError(

@@ -210,6 +210,15 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         legacy = {key: value for key, value in LEGACY_CONFIG_DEFAULTS.items() if key not in config_dict and key not in kwargs}
         return super().extract_init_dict({**config_dict, **legacy}, **kwargs)
 
+    @classmethod
+    def config_as_loaded(cls, config: Dict[str, Any]) -> Dict[str, Any]:
+        """``config`` with every key it lacks (a config written before that option existed) at the value a
+        model loaded from it takes: the legacy value (:data:`~nala_diffusion.models.options.LEGACY_CONFIG_DEFAULTS`),
+        else the argument's default. Two configs describe the same model when these agree."""
+        defaults = {name: parameter.default for name, parameter in inspect.signature(cls.__init__).parameters.items()
+                    if parameter.default is not inspect.Parameter.empty}
+        return {**defaults, **LEGACY_CONFIG_DEFAULTS, **config}
+
     # -- configuration helpers ------------------------------------------------------------------
     def attention_options(self, attention_type: Optional[str] = None) -> Dict[str, Any]:
         """Processor options from the config that a processor of ``attention_type`` (default: the
