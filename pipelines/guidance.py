@@ -7,6 +7,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from nala_diffusion.diffusion.objectives import is_flow_scheduler
 from nala_diffusion.pipelines.inputs import is_integer
 
 GUIDANCE_INTERVAL_UNITS = ("timestep", "sigma")
@@ -14,12 +15,21 @@ GUIDANCE_INTERVAL_UNITS = ("timestep", "sigma")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 
+def sigma_of(t, scheduler) -> float:
+    """The noise level of step ``t``: sqrt((1 - alpha_bar_t) / alpha_bar_t) on a DDPM schedule (EDM's sigma),
+    ``t / num_train_timesteps`` on the flow path (the sigma of x = (1 - sigma) x0 + sigma noise)."""
+    if is_flow_scheduler(scheduler):
+        return float(t) / scheduler.config.num_train_timesteps
+    alpha_bar = float(scheduler.alphas_cumprod[int(round(float(t)))])
+    return math.sqrt((1 - alpha_bar) / alpha_bar)
+
+
 @dataclass(frozen=True)
 class GuidanceSchedule:
     """Where and how guidance applies.
 
-    ``interval``: ``(low, high)``, guidance only at steps whose timestep (or sigma =
-    sqrt((1 - alpha_bar_t) / alpha_bar_t) with ``unit="sigma"``) lies in the closed interval; elsewhere the
+    ``interval``: ``(low, high)``, guidance only at steps whose timestep (or sigma with ``unit="sigma"``:
+    sqrt((1 - alpha_bar_t) / alpha_bar_t) for DDPM, t / 1000 in [0, 1] for flow; :func:`sigma_of`) lies in the closed interval; elsewhere the
     conditional branch runs alone. ``channels``: ``"all"`` mean channels, or the first k (DiT guides 3
     and keeps the conditional rest). ``use_learned_variance``: pass the model's variance channels to the
     scheduler (``DDPMScheduler(variance_type="learned_range")``)."""
@@ -42,7 +52,7 @@ class GuidanceSchedule:
                 raise ValueError(f"guidance_interval must be (low, high), two finite numbers, got {self.interval!r}")
         if self.unit not in GUIDANCE_INTERVAL_UNITS:
             raise ValueError(f"guidance_interval_unit must be one of {GUIDANCE_INTERVAL_UNITS}, got {self.unit!r}")
-        if self.unit == "sigma" and getattr(scheduler, "alphas_cumprod", None) is None:
+        if self.unit == "sigma" and not is_flow_scheduler(scheduler) and getattr(scheduler, "alphas_cumprod", None) is None:
             raise ValueError(f"guidance_interval_unit='sigma' needs a scheduler with alphas_cumprod; "
                              f"{type(scheduler).__name__} has none")
         if self.interval is not None:
@@ -72,21 +82,18 @@ class GuidanceSchedule:
                              "pass use_learned_variance=True, or use a scheduler with a fixed variance")
 
     def range(self, scheduler) -> Tuple[float, float]:
-        """The smallest and largest value a step can have in this unit (timesteps 0 .. T - 1, or their sigma)."""
-        last_step = scheduler.config.num_train_timesteps - 1
+        """The smallest and largest value a step can have in this unit (timesteps 0 .. T - 1, or their sigma;
+        a flow scheduler's timesteps run to T, its sigma = t / T from 0 to 1)."""
+        last_step = scheduler.config.num_train_timesteps - (0 if is_flow_scheduler(scheduler) else 1)
         if self.unit == "timestep":
             return 0.0, float(last_step)
-        alphas = scheduler.alphas_cumprod
-        return tuple(math.sqrt((1 - float(alphas[t])) / float(alphas[t])) for t in (0, last_step))
+        return sigma_of(0, scheduler), sigma_of(last_step, scheduler)
 
     def applies_at(self, t, scheduler) -> bool:
         """Whether step ``t`` lies inside the interval (always, without one)."""
         if self.interval is None:
             return True
-        value = float(t)
-        if self.unit == "sigma":
-            alpha_bar = float(scheduler.alphas_cumprod[int(round(value))])
-            value = math.sqrt((1 - alpha_bar) / alpha_bar)
+        value = sigma_of(t, scheduler) if self.unit == "sigma" else float(t)
         low, high = (float(v) for v in self.interval)
         return low <= value <= high
 

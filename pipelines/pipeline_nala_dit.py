@@ -22,6 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 # pipeline folders saved before the sub-packages name this module as the transformer's library, and
 # diffusers loads a component only from a module that is already imported
 import nala_diffusion.model  # noqa: F401
+from nala_diffusion.diffusion.objectives import check_scheduler, model_timestep, to_scheduler_velocity
 from nala_diffusion.models.loading import check_loaded_weights
 from nala_diffusion.models.norm_awareness import warn_if_uncalibrated
 from nala_diffusion.models.sharpness import attention_sharpness_of, set_attention_sharpness
@@ -192,6 +193,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
         steps, scale = self.sampling_settings(num_inference_steps, guidance_scale).values()
         self.check_inputs(height, width, steps, scale, output_type, num_images_per_label,
                           callback_on_step_end_tensor_inputs)
+        check_scheduler(self.transformer.config, self.scheduler)
         schedule = self.check_guidance(**guidance)
         ids = self.get_label_ids(class_labels)
         class_ids = torch.tensor(ids, device=self._execution_device).repeat_interleave(int(num_images_per_label))
@@ -212,7 +214,20 @@ class NaLaDiTPipeline(DiffusionPipeline):
             raise ValueError(f"latents have shape {tuple(latents.shape)}; for this call they must be {shape}")
         else:
             latents = latents.to(device=device, dtype=dtype)
-        return latents * self.scheduler.init_noise_sigma
+        return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers start at 1
+
+    def check_sigmas(self, sigmas: Sequence[float], num_inference_steps: Optional[int]) -> int:
+        """Refuse ``sigmas`` the scheduler cannot take or that are not a decreasing list in (0, 1]; returns
+        the step count they give."""
+        if "sigmas" not in inspect.signature(self.scheduler.set_timesteps).parameters:
+            raise ValueError(f"sigmas: {type(self.scheduler).__name__}.set_timesteps takes no sigmas; use a flow-matching "
+                             "scheduler (FlowMatchEulerDiscreteScheduler), or num_inference_steps")
+        values = [float(s) for s in sigmas]
+        if not values or not all(0 < v <= 1 for v in values) or any(a <= b for a, b in zip(values, values[1:])):
+            raise ValueError(f"sigmas must be a non-empty, strictly decreasing list in (0, 1], got {list(sigmas)[:6]}")
+        if num_inference_steps is not None and num_inference_steps != len(values):
+            raise ValueError(f"num_inference_steps={num_inference_steps} but {len(values)} sigmas; give one of them")
+        return len(values)
 
     # -- what a callback_on_step_end may read, as in diffusers' pipelines --------------------------
     @property
@@ -254,6 +269,8 @@ class NaLaDiTPipeline(DiffusionPipeline):
         channels = self.transformer.config.in_channels
         both_ids = torch.cat([class_ids, torch.full_like(class_ids, self.transformer.null_class_label)])  # cond, uncond
         step_kwargs = self._step_kwargs(generator)
+        config, train_steps = self.transformer.config, self.scheduler.config.num_train_timesteps
+        scale_input = getattr(self.scheduler, "scale_model_input", lambda sample, t: sample)  # none in flow schedulers
         if do_guidance:
             guidance.check_steps(timesteps, self.scheduler)
         progress = self.progress_bar(total=len(timesteps))
@@ -263,13 +280,15 @@ class NaLaDiTPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 guided = do_guidance and guidance.applies_at(t, self.scheduler)
                 model_input = torch.cat([latents, latents]) if guided else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
+                model_input = scale_input(model_input, t)
                 timestep = t.expand(model_input.shape[0]).to(model_input.device) if torch.is_tensor(t) else t
+                timestep = model_timestep(config, timestep, train_steps)  # SiT's flow time: 1 - sigma
                 output = self.transformer(
                     model_input, timestep=timestep, class_labels=both_ids if guided else class_ids,
                     position_embedding=position_embedding,
                 ).sample  # (B or 2B, C or 2C, h, w)
                 prediction, variance = output[:, :channels], output[:, channels:]  # the mean; v of a learned variance
+                prediction = to_scheduler_velocity(config, prediction)  # SiT's velocity x0 - noise, negated
                 if guided:
                     prediction = guidance.combine(*prediction.chunk(2), guidance_scale)
                     variance = variance.chunk(2)[0]  # the conditional branch's, as DiT samples
@@ -336,6 +355,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
         guidance_channels: Union[str, int] = "all",
         use_learned_variance: bool = False,
         check_memory: bool = True,
+        sigmas: Optional[List[float]] = None,
     ):
         r"""Generate images of the given classes.
 
@@ -392,6 +412,11 @@ class NaLaDiTPipeline(DiffusionPipeline):
             check_memory (`bool`, *optional*, defaults to `True`):
                 Refuse a size whose activations alone would not fit in the device's free memory
                 (:meth:`check_memory`), before sampling; `False` tries anyway.
+            sigmas (`List[float]`, *optional*, defaults to `None`):
+                The noise levels to step through, for schedulers whose ``set_timesteps`` takes them (the
+                flow-matching ones, as in diffusers' SD3 pipeline); their count is the number of steps. SiT's
+                Euler sampler with N steps is ``1 - numpy.linspace(0, 1, N + 1)[:-1]``. `None`: the
+                scheduler's own spacing.
 
         Examples:
 
@@ -399,6 +424,8 @@ class NaLaDiTPipeline(DiffusionPipeline):
             ``NaLaPipelineOutput`` with ``images`` (and ``attention_report`` when ``attention_sharpness`` is
             set), or a tuple ``(images,)`` when ``return_dict`` is False.
         """
+        if sigmas is not None:
+            num_inference_steps = self.check_sigmas(sigmas, num_inference_steps)
         call = self.prepare_call(
             class_labels, self.default_sample_size if height is None else height,
             self.default_sample_size if width is None else width, num_inference_steps, guidance_scale,
@@ -411,7 +438,10 @@ class NaLaDiTPipeline(DiffusionPipeline):
             report = self.set_resolution_sharpness(attention_sharpness, call.height, call.width, call.class_ids,
                                                    call.num_inference_steps, position_embedding)
             latents = self.prepare_latents(len(call.class_ids), call.height, call.width, generator, latents)
-            self.scheduler.set_timesteps(call.num_inference_steps, device=self._execution_device)
+            if sigmas is not None:
+                self.scheduler.set_timesteps(sigmas=[float(s) for s in sigmas], device=self._execution_device)
+            else:
+                self.scheduler.set_timesteps(call.num_inference_steps, device=self._execution_device)
             latents = self.denoise(
                 latents,
                 call.class_ids,

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 import nala_diffusion.diffusion.learned_variance as learned_variance
 from nala_diffusion.diffusion.learned_variance import VARIANCE_LOSSES
+from nala_diffusion.diffusion.objectives import OBJECTIVES, WEIGHTING_SCHEMES
 from nala_diffusion.models.options import ATTENTION_TYPES, FIELDS, add_option_flags, config_key, layer_attention_types
 from nala_diffusion.train.run_log import CsvLog
 from nala_diffusion.train.run_setup import (
@@ -98,7 +99,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--norm_scale_quantile", type=float, default=0.5,
                        help="calibration sets sigma to this quantile of each head's query norms")
     objective = p.add_argument_group("objective")
-    objective.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon", help='what the model predicts: the noise or v')
+    objective.add_argument("--objective", choices=OBJECTIVES, default=None,
+                           help="'ddpm' (noise or v on DiT's linear schedule) or 'flow' (flow matching: velocity noise - x0 "
+                                "on the path (1 - sigma) x0 + sigma noise, sampled with FlowMatchEulerDiscreteScheduler) "
+                                "(default: the --init_from model's, else ddpm); saved in the model's config")
+    objective.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="uniform",
+                           help="flow: the density of training sigmas (diffusers' compute_density_for_timestep_sampling): "
+                                "uniform (SiT), logit_normal (SD3, SANA) or mode")
+    objective.add_argument("--logit_mean", type=float, default=0.0, help="flow, logit_normal: mean of the logit of sigma")
+    objective.add_argument("--logit_std", type=float, default=1.0, help="flow, logit_normal: its standard deviation")
+    objective.add_argument("--mode_scale", type=float, default=1.29, help="flow, mode: the scale of the mode density")
+    objective.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon",
+                           help="ddpm: what the model predicts, the noise or v (a flow model predicts the velocity)")
     objective.add_argument("--timestep_range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
                            help="train on timesteps LOW <= t < HIGH only (default: all of the scheduler's); "
                                 "e.g. 0 500 for a denoiser of the less noisy half")
@@ -163,6 +175,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--validation_guidance_scale must be a finite number >= 0, got {args.validation_guidance_scale}")
     if not 0 <= args.class_dropout_prob < 1:
         p.error("--class_dropout_prob must be in [0, 1)")
+    if args.objective == "flow" and args.prediction_type != "epsilon":
+        p.error("--prediction_type is DDPM's choice; a flow model predicts the velocity (leave it out with --objective flow)")
+    if args.objective == "flow" and args.variance_loss == "vlb":
+        p.error("--variance_loss vlb is DDPM's variational bound; a flow model has no learned variance to train "
+                "(use --variance_loss none, or --objective ddpm)")
+    if not args.logit_std > 0:
+        p.error(f"--logit_std must be positive, got {args.logit_std}")
     if args.timestep_range and not 0 <= args.timestep_range[0] < args.timestep_range[1] <= NUM_TRAIN_TIMESTEPS:
         p.error(f"--timestep_range LOW HIGH needs 0 <= LOW < HIGH <= {NUM_TRAIN_TIMESTEPS}, got {args.timestep_range}")
     return args
@@ -174,6 +193,8 @@ def attention_overrides(args) -> Dict[str, Any]:
         overrides["attention_type"] = args.attention_type
     if args.use_cpe is not None:
         overrides["use_cpe"] = args.use_cpe
+    if args.objective is not None:
+        overrides["objective"] = args.objective
     return overrides
 
 
@@ -222,7 +243,7 @@ def build_model(args, in_channels: int, sample_size: int, num_classes: int):
     return model, model
 
 
-def probe_batch(args, dataset, vae, noise_scheduler, device):
+def probe_batch(args, dataset, vae, objective, device):
     """A fixed batch of noised training data (seeded by --seed), for sigma's calibration and the
     saturation check at validation: (noisy x, timesteps, labels)."""
     generator = torch.Generator().manual_seed(args.seed)
@@ -233,14 +254,20 @@ def probe_batch(args, dataset, vae, noise_scheduler, device):
     flip = torch.zeros(count, dtype=torch.bool, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     x0 = clean_latents(batch, vae, args.cache_latents, flip, generator)
-    timesteps = torch.randint(*timestep_bounds(args, noise_scheduler), (count,), generator=generator, device=device)
+    times = objective.draw(count, generator, device)
     noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-    return noise_scheduler.add_noise(x0, noise, timesteps), timesteps, labels
+    noisy, timesteps = objective.noised(x0, noise, times)
+    return noisy, timesteps, labels
 
 
-def timestep_bounds(args, noise_scheduler):
-    """(low, high): training timesteps are drawn uniformly from low <= t < high (--timestep_range)."""
-    return tuple(args.timestep_range or (0, noise_scheduler.config.num_train_timesteps))
+def run_objective(args, config, clip_sample: bool):
+    """The run's :class:`~nala_diffusion.diffusion.objectives.Objective` for a model ``config``."""
+    from nala_diffusion.diffusion.objectives import training_objective
+
+    return training_objective(config, prediction_type=args.prediction_type, timestep_range=args.timestep_range,
+                              clip_sample=clip_sample, weighting_scheme=args.weighting_scheme,
+                              logit_mean=args.logit_mean, logit_std=args.logit_std, mode_scale=args.mode_scale,
+                              num_train_timesteps=NUM_TRAIN_TIMESTEPS)
 
 
 def step_generator(seed: int, batch_index: int, process_index: int, device) -> torch.Generator:
@@ -377,7 +404,6 @@ def train(args) -> int:
     # 0. Checks that need no accelerator: the output folder and the data
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers import DDIMScheduler, DDPMScheduler
     from diffusers.optimization import get_scheduler
 
     from nala_diffusion.data.classes import MappedLabels
@@ -387,6 +413,7 @@ def train(args) -> int:
         load_dataset,
         load_latent_cache,
     )
+    from nala_diffusion.diffusion.objectives import objective_of
     from nala_diffusion.models.norm_awareness import calibrate_norm_scale
     from nala_diffusion.models.sources import load_transformer, load_vae
     from nala_diffusion.pipelines.pipeline_nala_dit import NaLaDiTPipeline
@@ -482,14 +509,19 @@ def train(args) -> int:
     dataset = MappedLabels(dataset, class_ids)
     null_label = model.null_class_label
     learned = model.out_channels == 2 * in_channels
+    objective = run_objective(args, model.config, clip_sample=vae is None)
+    if objective.name == "flow" and args.prediction_type != "epsilon":
+        raise ValueError(f"the model is a flow model ({args.init_from or args.model_config}); --prediction_type is DDPM's choice")
     if args.variance_loss is None:
-        args.variance_loss = "vlb" if learned else "none"
+        args.variance_loss = "vlb" if learned and objective.name == "ddpm" else "none"
+    elif args.variance_loss == "vlb" and objective.name == "flow":
+        raise ValueError("--variance_loss vlb is DDPM's variational bound; this is a flow model "
+                         f"({args.init_from or args.model_config}), whose learned-variance channels are not sampled")
     elif args.variance_loss == "vlb" and not learned:
         raise ValueError(f"--variance_loss vlb needs a model with learned variance (out_channels = 2 x {in_channels}); "
                          f"this one has out_channels {model.out_channels}")
-    noise_scheduler = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear", beta_start=1e-4,
-                                    beta_end=0.02, prediction_type=args.prediction_type, clip_sample=vae is None)
-    probe = probe_batch(args, dataset, vae, noise_scheduler, accelerator.device)
+    logger.info(f"objective: {objective.name}", main_process_only=True)
+    probe = probe_batch(args, dataset, vae, objective, accelerator.device)
     if calibrate_layers and not resume_path:
         # sigma from the queries the layers see on real noised data (a resumed run loads its own)
         model.to(accelerator.device)
@@ -501,13 +533,18 @@ def train(args) -> int:
     del calibration_source
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    teacher = None
+    teacher = None  # (model, its Objective)
     if args.teacher:
         teacher = load_transformer(args.teacher).to(accelerator.device).eval().requires_grad_(False)
         if teacher.config.in_channels != in_channels or teacher.config.num_embeds_ada_norm != model.config.num_classes:
             raise ValueError(f"the teacher {args.teacher!r} has {teacher.config.in_channels} channels and "
                              f"{teacher.config.num_embeds_ada_norm} classes; the student has {in_channels} and "
                              f"{model.config.num_classes}")
+        if objective_of(teacher.config) != objective.name:
+            raise ValueError(f"the teacher {args.teacher!r} was trained with the {objective_of(teacher.config)!r} objective "
+                             f"and the student trains with {objective.name!r}; distillation needs both to predict the same "
+                             "thing (pass --objective to match, or another --teacher)")
+        teacher = (teacher, run_objective(args, teacher.config, clip_sample=vae is None))  # with its own conventions
     ema = checkpoints.ema_model(model, args.ema_decay) if args.use_ema else None
     # 3. Optimisation
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -521,7 +558,7 @@ def train(args) -> int:
     if args.attention_distillation_weight:
         from nala_diffusion.train.attention_distillation import AttentionDistillation
 
-        distiller = AttentionDistillation(accelerator.unwrap_model(model), teacher)
+        distiller = AttentionDistillation(accelerator.unwrap_model(model), teacher[0] if teacher else None)
         logger.info(f"attention distillation on blocks {distiller.layer_indices}", main_process_only=True)
     if ema is not None:
         ema.to(accelerator.device)
@@ -580,7 +617,7 @@ def train(args) -> int:
             generator = step_generator(args.seed, batch_index, accelerator.process_index, accelerator.device)
             batch_index += 1
             with accelerator.accumulate(model):
-                losses = training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, null_label,
+                losses = training_losses(args, model, teacher, vae, objective, batch, labels, null_label,
                                          in_channels, generator, distiller)
                 accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients:
@@ -610,7 +647,7 @@ def train(args) -> int:
             if global_step % args.checkpointing_steps == 0:
                 checkpoint()
             if args.validation_steps and global_step % args.validation_steps == 0:
-                responding = validate(args, accelerator, unwrapped, ema, noise_scheduler, vae, id2label, class_ids,
+                responding = validate(args, accelerator, unwrapped, ema, objective, vae, id2label, class_ids,
                                       global_step, probe)
                 if responding is not None:
                     if log is not None:
@@ -633,7 +670,7 @@ def train(args) -> int:
         if ema is not None:
             ema.copy_to(unwrapped.parameters())
         pipeline = NaLaDiTPipeline(transformer=unwrapped.float().eval(), vae=vae, id2label=id2label,
-                                   scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+                                   scheduler=objective.sampling_scheduler(),
                                    sampling_defaults=sampling_defaults(args))
         save_pipeline_atomically(pipeline, args.output_dir)
         logger.info(f"saved the pipeline to {args.output_dir}")
@@ -641,7 +678,7 @@ def train(args) -> int:
     return 0
 
 
-def training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, null_label, channels, generator,
+def training_losses(args, model, teacher, vae, objective, batch, labels, null_label, channels, generator,
                     distiller=None):
     """MSE to the target (+ distill_weight x MSE to the teacher's mean and, for learned variance, its
     variance channels; + vlb_weight x L_vlb for learned variance; + attention_distillation_weight x the
@@ -651,11 +688,11 @@ def training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, n
     flip = torch.rand(count, generator=generator, device=device) < 0.5 if args.random_flip else torch.zeros(count, dtype=torch.bool, device=device)
     x0 = clean_latents(batch, vae, args.cache_latents, flip, generator)
     noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-    timesteps = torch.randint(*timestep_bounds(args, noise_scheduler), (count,), generator=generator, device=device)
+    times = objective.draw(count, generator, device)  # timesteps (DDPM) or sigmas (flow)
     drop = torch.rand(count, generator=generator, device=device) < args.class_dropout_prob
     labels = torch.where(drop, torch.full_like(labels, null_label), labels)
-    noisy = noise_scheduler.add_noise(x0, noise, timesteps)
-    target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, timesteps)
+    noisy, timesteps = objective.noised(x0, noise, times)
+    target = objective.target(x0, noise, times)
     with distiller.capture() if distiller is not None else contextlib.nullcontext():
         output = model(noisy, timestep=timesteps, class_labels=labels).sample  # (B, C or 2C, h, w)
     if distiller is not None:
@@ -663,14 +700,17 @@ def training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, n
     prediction, variance = output[:, :channels], output[:, channels:]  # the mean; v of a learned variance
     losses = {"loss_target": F.mse_loss(prediction.float(), target.float())}
     if args.variance_loss == "vlb" and variance.shape[1]:
-        epsilon = learned_variance.epsilon_from_prediction(noise_scheduler, prediction.detach(), noisy, timesteps,
+        epsilon = learned_variance.epsilon_from_prediction(objective.scheduler, prediction.detach(), noisy, timesteps,
                                                            args.prediction_type)
-        losses["loss_vlb"] = learned_variance.vlb_terms(noise_scheduler, x0, noisy, timesteps, epsilon, variance).mean()
+        losses["loss_vlb"] = learned_variance.vlb_terms(objective.scheduler, x0, noisy, timesteps, epsilon, variance).mean()
     if teacher is not None:
-        with torch.no_grad():
-            teacher_output = teacher(noisy.to(teacher.dtype), timestep=timesteps, class_labels=labels).sample
-        losses["loss_distill"] = F.mse_loss(prediction.float(), teacher_output[:, :channels].float())
-        if variance.shape[1] and teacher_output.shape[1] == output.shape[1]:  # LiT: the teacher's variance too
+        teacher_model, teacher_objective = teacher
+        with torch.no_grad():  # the same noisy input, at the time the teacher reads (its own convention)
+            _, teacher_timesteps = teacher_objective.noised(x0, noise, times)
+            teacher_output = teacher_model(noisy.to(teacher_model.dtype), timestep=teacher_timesteps, class_labels=labels).sample
+        teacher_mean = teacher_objective.to_common(teacher_output[:, :channels])
+        losses["loss_distill"] = F.mse_loss(objective.to_common(prediction).float(), teacher_mean.float())
+        if variance.shape[1] and teacher_output.shape[1] == output.shape[1] and objective.name == "ddpm":  # LiT: its variance too
             losses["loss_distill_variance"] = F.mse_loss(variance.float(), teacher_output[:, channels:].float())
     distill = losses.get("loss_distill", 0.0) + losses.get("loss_distill_variance", 0.0)
     if distiller is not None:
@@ -681,12 +721,10 @@ def training_losses(args, model, teacher, vae, noise_scheduler, batch, labels, n
 
 
 @torch.no_grad()
-def validate(args, accelerator, model, ema, noise_scheduler, vae, id2label, class_ids, step, probe) -> Optional[float]:
+def validate(args, accelerator, model, ema, objective, vae, id2label, class_ids, step, probe) -> Optional[float]:
     """Sample a grid with the (EMA) weights on the main process; others wait. For NaLa models, also
     returns the share of the probe batch's queries whose power still responds to their norm
     (averaged over layers; a warning names saturated layers)."""
-    from diffusers import DDIMScheduler
-
     from nala_diffusion.models.norm_awareness import mean_responding_fraction, nala_processors, saturation_report
     from nala_diffusion.pipelines.pipeline_nala_dit import NaLaDiTPipeline
     responding = None
@@ -695,7 +733,7 @@ def validate(args, accelerator, model, ema, noise_scheduler, vae, id2label, clas
             ema.store(model.parameters())
             ema.copy_to(model.parameters())
         model.eval()
-        pipeline = NaLaDiTPipeline(model, DDIMScheduler.from_config(noise_scheduler.config), vae=vae, id2label=id2label)
+        pipeline = NaLaDiTPipeline(model, objective.sampling_scheduler(), vae=vae, id2label=id2label)
         pipeline.set_progress_bar_config(disable=True)
         labels = [class_ids[i] for i in args.validation_labels or range(min(len(class_ids), 8))]  # data -> model ids
         generators = [torch.Generator(accelerator.device).manual_seed(args.seed + i) for i in range(len(labels))]

@@ -1,17 +1,21 @@
 """Noised inputs at fixed timesteps: the one builder of the measurement tools (attention sharpness,
 attention entropy, retrieval) for "these images, noised at these timesteps, with this noise"."""
 
-from typing import Sequence, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 
-def noised_copies(scheduler, x0: torch.Tensor, timesteps: Sequence[int],
-                  generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x0`` noised at each of ``timesteps`` in turn by ``scheduler.add_noise``, fresh noise from
-    ``generator`` drawn in timestep order: ``(noisy, noise, steps)``, each the copies of all timesteps
-    concatenated along the batch (timestep-major)."""
+def noised_copies(scheduler, x0: torch.Tensor, timesteps: Sequence[int], generator: torch.Generator,
+                  model_config: Optional[Mapping[str, Any]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x0`` noised at each of ``timesteps`` in turn, fresh noise from ``generator`` drawn in timestep
+    order: ``(noisy, noise, steps)``, each the copies of all timesteps concatenated along the batch
+    (timestep-major); ``steps`` are what the model reads. A DDPM schedule noises with ``add_noise``; a
+    flow-matching scheduler on the flow path at sigma = t / num_train_timesteps, and ``steps`` follow the
+    model's convention (``model_config``; :mod:`~nala_diffusion.diffusion.objectives`)."""
+    from nala_diffusion.diffusion.objectives import flow_noised, is_flow_scheduler, model_timestep
+
     count = scheduler.config.num_train_timesteps
     bad = [t for t in timesteps if isinstance(t, bool) or int(t) != t or not 0 <= int(t) < count]
     if bad:
@@ -21,7 +25,11 @@ def noised_copies(scheduler, x0: torch.Tensor, timesteps: Sequence[int],
     for t in timesteps:
         noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         step = torch.full((len(x0),), int(t), device=x0.device)
-        noisy.append(scheduler.add_noise(x0, noise, step))
+        if is_flow_scheduler(scheduler):
+            noisy.append(flow_noised(x0, noise, step.float() / count))
+            step = model_timestep({"objective": "flow", **(model_config or {})}, step.float(), count)
+        else:
+            noisy.append(scheduler.add_noise(x0, noise, step))
         noises.append(noise)
         steps.append(step)
     return torch.cat(noisy), torch.cat(noises), torch.cat(steps)

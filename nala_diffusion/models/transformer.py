@@ -28,6 +28,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 from torch import nn
 
+from nala_diffusion.diffusion.objectives import FLOW_CONVENTIONS, OBJECTIVES
 from nala_diffusion.models.conv_positions import BlockConvPositions
 from nala_diffusion.models.loading import check_loaded_weights
 from nala_diffusion.models.options import (
@@ -112,6 +113,14 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
             3 x 3 convolution of the tokens on their grid added before each block's attention and again
             before its feed-forward network (:mod:`~nala_diffusion.models.conv_positions`); ``cpe_init``
             ``"trunc_normal"`` (NaLaFormer's) or ``"zero"`` (conversions use zero, so outputs do not change).
+        objective (`str`, defaults to ``"ddpm"``): what the model was trained for, ``"ddpm"`` (noise or v
+            on DiT's schedule) or ``"flow"`` (velocity on the linear path; sampled with diffusers'
+            ``FlowMatch*`` schedulers); see :mod:`~nala_diffusion.diffusion.objectives`.
+        flow_convention (`str`, defaults to ``"diffusers"``): a flow model's time and velocity:
+            ``"diffusers"`` (timestep = sigma x 1000, velocity noise - x0) or ``"sit"`` (SiT's code:
+            t = 1 - sigma in [0, 1], velocity x0 - noise); pipelines translate.
+        timestep_freq_shift (`int`, defaults to `1`): the time embedding's ``downscale_freq_shift``; 1 as
+            diffusers' DiT, 0 as the original DiT and SiT code (frequencies exp(-log(10000) i / 128)).
         position_embedding (`str`, defaults to ``"interpolate"``): for grids other than the training
             grid, ``"interpolate"`` squeezes each axis into the training range (as diffusers'
             ``PatchEmbed`` and PixArt: a model trained at one size has seen only those positions),
@@ -145,6 +154,9 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         position_embedding: str = "interpolate",
         use_cpe: bool = False,
         cpe_init: str = "trunc_normal",
+        objective: str = "ddpm",
+        flow_convention: str = "diffusers",
+        timestep_freq_shift: int = 1,
         **attention_options,
     ):
         unknown = sorted(set(attention_options) - set(CONFIG_KEYS))
@@ -163,6 +175,13 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
             num_classes = num_embeds_ada_norm
         elif num_embeds_ada_norm not in (None, 1000, num_classes):
             raise ValueError(f"num_classes ({num_classes}) and num_embeds_ada_norm ({num_embeds_ada_norm}) disagree")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if flow_convention not in FLOW_CONVENTIONS:
+            raise ValueError(f"flow_convention must be one of {FLOW_CONVENTIONS}, got {flow_convention!r}")
+        if timestep_freq_shift not in (0, 1) or isinstance(timestep_freq_shift, bool):
+            raise ValueError(f"timestep_freq_shift must be 0 (DiT's and SiT's own code) or 1 (diffusers' DiT), "
+                             f"got {timestep_freq_shift!r}")
         kinds = layer_attention_types(num_layers, attention_type, attention_types)  # validates both
         if position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {position_embedding!r}")
@@ -190,6 +209,9 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
             # Keep the null-class row of the label table (so DiT weights load) but never drop
             # labels at random inside the model.
             block.norm1.emb.class_embedder.dropout_prob = 0.0
+            # the time embedding's frequencies exp(-log(10000) i / (half - shift)): diffusers' DiT uses 1, the
+            # original DiT and SiT code 0
+            block.norm1.emb.time_proj.downscale_freq_shift = timestep_freq_shift
         if attention_types is not None:  # saved as a plain list, so configs compare equal after a round trip
             self.register_to_config(attention_types=kinds)
         for kind in dict.fromkeys(kinds):
