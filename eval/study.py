@@ -38,6 +38,7 @@ from nala_diffusion.eval import retrieval
 from nala_diffusion.eval.studies.common import ARCHITECTURE, STUDY_OUTPUTS, TRAINING, train
 from nala_diffusion.eval.studies.highres import highres_study
 from nala_diffusion.eval.studies.norm import norm_study
+from nala_diffusion.eval.studies.objective import OBJECTIVE_TRAINING, objective_study
 from nala_diffusion.eval.studies.quality import quality_study, score
 from nala_diffusion.eval.studies.retrieval import (
     RETRIEVAL_ARCHITECTURE,
@@ -51,21 +52,25 @@ from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error
 from nala_diffusion.utils.locks import output_lock
 from nala_diffusion.utils.run_guard import check_fingerprint, code_version
 
-STUDIES = {"quality": quality_study, "norm": norm_study, "highres": highres_study, "retrieval": run_retrieval_study}
+STUDIES = {"quality": quality_study, "norm": norm_study, "highres": highres_study, "retrieval": run_retrieval_study,
+           "objective": objective_study}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="nala-study", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help='study folder: runs, samples, results.json/csv and plots')
-    p.add_argument("--study", choices=["quality", "norm", "highres", "retrieval"], default="quality",
+    p.add_argument("--study", choices=list(STUDIES), default="quality",
                    help="'quality': the five attentions, conversion, high resolution, entropy; 'norm': NaLa's query-norm "
                         "scale (sigma = 1, calibrated, learnable) against softmax and ReLU linear, with per-layer "
                         "norm-awareness measures; 'highres': trained pipelines (--highres_models) at 1x, 2x and 4x the "
                         "training side, direct and progressive, attention sharpness off and auto; 'retrieval': the "
                         "retrieval-denoising task builtin:pairs (patch 4, 64 tokens, unless --model_config), retrieval gain and mass of "
-                        "softmax, ReLU and 1+ELU linear, NaLa sigma = 1 and NaLa calibrated")
+                        "softmax, ReLU and 1+ELU linear, NaLa sigma = 1 and NaLa calibrated; 'objective': DDPM against "
+                        "flow matching (uniform, logit-normal) on the demo's model, each with its own sampler at 10, "
+                        "25 and 50 steps")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps of every scratch run (default: 500; --study retrieval: 10000)")
+                   help="training steps of every scratch run (default: 500; --study retrieval: 10000; --study "
+                        "objective: 2000, the quickstart's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help='training seeds per variant')
     p.add_argument("--batch_size", type=int, default=None, help="training batch size (default: 32, also for --study retrieval)")
     p.add_argument("--learning_rate", type=float, default=None,
@@ -105,7 +110,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     # the retrieval study's defaults are the budget at which its task separates softmax from ReLU
     # linear attention (docs/results.md, "Retrieval")
-    defaults = RETRIEVAL_TRAINING if args.study == "retrieval" else TRAINING
+    defaults = {"retrieval": RETRIEVAL_TRAINING, "objective": OBJECTIVE_TRAINING}.get(args.study, TRAINING)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

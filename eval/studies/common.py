@@ -20,8 +20,8 @@ TRAINING = {"steps": 500, "batch_size": 32, "learning_rate": 5e-4}
 #: model options (beside the attention's) a kind may set: nala-train flags, on or off
 MODEL_OPTIONS = ("use_cpe",)
 # what a study writes and a rerun reuses (under OUT)
-STUDY_OUTPUTS = ("runs", "scores", "samples", "highres", "real", "results.json", "results.md", "model_config.json",
-                 "retrieval_gain.png")
+STUDY_OUTPUTS = ("runs", "scores", "samples", "highres", "real", "grids", "results.json", "results.md",
+                 "model_config.json", "retrieval_gain.png")
 
 
 @dataclass(frozen=True)

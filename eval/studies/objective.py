@@ -1,0 +1,101 @@
+"""The objective study (``nala-study --study objective``): DDPM against flow matching (uniform and
+logit-normal timestep densities) on builtin:photos with the demo's architecture, each sampled with its
+natural sampler (DDIM for DDPM, flow-matching Euler for flow) at several step counts and scored with the
+domain classifier (class accuracy, domain FID, KID, IS, precision, recall)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Dict, List
+
+from nala_diffusion.eval.studies.common import TRAINING, Kind, cached, markdown_table, mean_std, train, write_results
+from nala_diffusion.metrics.samples import SAMPLE_DIR, balanced_labels, generate_samples
+
+#: the demo's attention (NaLa, sigma calibrated) under each objective
+ATTENTION = Kind("nala")
+OBJECTIVE_KINDS: Dict[str, List[str]] = {
+    "ddpm": ["--objective", "ddpm"],
+    "flow_uniform": ["--objective", "flow", "--weighting_scheme", "uniform"],
+    "flow_logit_normal": ["--objective", "flow", "--weighting_scheme", "logit_normal"],
+}
+#: the quickstart's budget (README: 2,000 steps at learning rate 5e-4, 100 warm-up steps, EMA 0.995)
+OBJECTIVE_TRAINING = {**TRAINING, "steps": 2000}
+#: sampling steps every model is scored at
+SAMPLE_STEPS = (10, 25, 50)
+SCORES = ("class_accuracy", "fid", "kid", "is_mean", "precision", "recall")
+SCORE_NAMES = ("class accuracy", "domain FID", "KID", "IS", "precision", "recall")
+
+
+def score_at_steps(run: str, out: str, args, context, steps: int) -> dict:
+    """Scores of ``args.num_samples`` class-balanced samples of the run's own (natural) scheduler at ``steps``
+    steps (cached in OUT/scores/NAME_stepsK.json)."""
+    name = f"{os.path.basename(run)}_steps{steps}"
+    return cached(os.path.join(out, "scores", f"{name}.json"),
+                  lambda: _score(run, os.path.join(out, "samples", name), args, context, steps))
+
+
+def _score(run: str, folder: str, args, context, steps: int) -> dict:
+    from nala_diffusion import NaLaDiTPipeline
+    from nala_diffusion.eval.quality import class_accuracy
+    from nala_diffusion.metrics import features
+    from nala_diffusion.metrics import scores as metrics_lib
+
+    pipe = NaLaDiTPipeline.from_pretrained(run)
+    pipe.set_progress_bar_config(disable=True)
+    labels = balanced_labels(args.num_samples, pipe.num_classes)
+    generate_samples(pipe, folder, args.num_samples, labels=labels, seed=0, batch_size=100,
+                     num_inference_steps=steps, guidance_scale=args.guidance)
+    feats = features.folder_features(os.path.join(folder, SAMPLE_DIR), context.extractor, "cpu", verbose=False)
+    return {"scheduler": type(pipe.scheduler).__name__, "sample_steps": steps,
+            "class_accuracy": class_accuracy(context.classifier, folder, labels, pipe.num_classes)["accuracy"],
+            "fid": metrics_lib.frechet_distance(*metrics_lib.statistics(feats), *context.real_stats),
+            "kid": metrics_lib.kernel_inception_distance(feats, context.real_feats),
+            **metrics_lib.suite(feats, context.real_feats, context.extractor.logits)}
+
+
+def grid(run: str, out: str, steps: int = 25) -> str:
+    """One sample of every class from the run at ``steps`` steps (seed 0): OUT/grids/NAME.png."""
+    from nala_diffusion import NaLaDiTPipeline
+    from nala_diffusion.utils.files import save_grid_atomically
+
+    path = os.path.join(out, "grids", f"{os.path.basename(run)}.png")
+    if not os.path.exists(path):
+        pipe = NaLaDiTPipeline.from_pretrained(run)
+        pipe.set_progress_bar_config(disable=True)
+        import torch
+
+        labels = list(range(pipe.num_classes))
+        generators = [torch.Generator().manual_seed(i) for i in labels]
+        images = pipe(labels, num_inference_steps=steps, generator=generators, output_type="pt").images
+        save_grid_atomically(images.float(), path, nrow=len(labels))
+    return path
+
+
+def tables(results: dict) -> str:
+    lines = [f"Command: `{results['command']}`", ""]
+    rows = []
+    for name, runs in results["runs"].items():
+        for steps in map(str, results["sample_steps"]):
+            scored = [run["scores"][steps] for run in runs]
+            rows.append([name, scored[0]["scheduler"], steps, len(runs),
+                         *(mean_std([s.get(key) for s in scored]) for key in SCORES)])
+    lines += markdown_table(["objective", "sampler", "steps", "seeds", *SCORE_NAMES], rows)
+    lines += [""] + markdown_table(["objective", "s/step (training)"], (
+        [name, mean_std([run.get("seconds_per_step") for run in runs])] for name, runs in results["runs"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def objective_study(args, argv, context) -> int:
+    """Every OBJECTIVE_KINDS kind per seed (the study's steps, batch and learning rate), scored at SAMPLE_STEPS."""
+    results = {"command": " ".join(["nala-study", *(argv if argv is not None else sys.argv[1:])]),
+               "architecture": args.architecture, "sample_steps": list(SAMPLE_STEPS), "runs": {}}
+    for name, flags in OBJECTIVE_KINDS.items():
+        results["runs"][name] = []
+        for seed in args.seeds:
+            info = train(args.out, f"{name}_s{seed}", [*ATTENTION.train_flags(), *flags], args.steps, seed, args)
+            info["scores"] = {str(steps): score_at_steps(info["folder"], args.out, args, context, steps)
+                              for steps in SAMPLE_STEPS}
+            info["grid"] = os.path.relpath(grid(info["folder"], args.out), args.out)
+            results["runs"][name].append(info)
+    return write_results(args.out, results, tables)
