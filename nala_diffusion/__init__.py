@@ -14,6 +14,7 @@ _EXPORTS: Dict[str, List[str]] = {
     "metrics.classifier": ["DomainClassifier"],
     "models.conversion": ["convert_dit_to_nala", "load_dit", "with_new_class_embedding"],
     "models.sources": ["load_transformer", "load_vae"],
+    "models.sit": ["convert_sit_to_nala", "load_sit"],
     "ops": [
         "apply_rope",
         "linear_attention",
@@ -77,6 +78,7 @@ def __dir__() -> List[str]:
 if TYPE_CHECKING:  # names for type checkers and IDEs
     from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path  # noqa: F401
     from nala_diffusion.models.conversion import convert_dit_to_nala, load_dit  # noqa: F401
+    from nala_diffusion.models.sit import convert_sit_to_nala, load_sit  # noqa: F401
     from nala_diffusion.models.sources import load_transformer, load_vae  # noqa: F401
     from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel  # noqa: F401
     from nala_diffusion.ops import linear_attention, nala_attention, softmax_attention  # noqa: F401

@@ -72,7 +72,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--model_config", default="S/2", help="preset (S/2, B/2, L/2, XL/2, ...) or a JSON config file")
     model.add_argument("--init_from", default=None,
                        help="DiT or NaLa DiT to inherit weights from: a pipeline or transformer folder, or a Hub id "
-                            "(facebook/DiT-XL-2-256); a pipeline also gives its VAE and class names")
+                            "(facebook/DiT-XL-2-256); a pipeline also gives its VAE and class names. Also a SiT "
+                            "checkpoint file (SiT-XL-2-256.pt, .safetensors): a flow model in SiT's conventions")
     model.add_argument("--class_embedding", choices=["source", "new"], default="source",
                        help="with --init_from: 'source' maps the data's class folders onto the model's classes (ImageNet "
                             "synsets such as n01440764, or the pipeline's label names); 'new' trains a new class "
@@ -211,6 +212,7 @@ def build_model(args, in_channels: int, sample_size: int, num_classes: int):
     """The model to train and the model whose queries calibrate its sigma (the pretrained source
     for ``--init_from``, else the model itself)."""
     from nala_diffusion.models.conversion import convert_dit_to_nala
+    from nala_diffusion.models.sit import load_sit, looks_like_checkpoint_file
     from nala_diffusion.models.sources import load_transformer
     from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel, preset_config
     expected = {"in_channels": in_channels, "sample_size": sample_size}
@@ -219,9 +221,10 @@ def build_model(args, in_channels: int, sample_size: int, num_classes: int):
     overrides = attention_overrides(args)
     layout = layout_overrides(args)
     if args.init_from:
-        source = load_transformer(args.init_from)
+        foreign = looks_like_checkpoint_file(args.init_from)  # a SiT checkpoint: converted to NaLa, as a DiT is
+        source = load_sit(args.init_from) if foreign else load_transformer(args.init_from)
         model = source
-        if not isinstance(source, NaLaDiTTransformer2DModel) or overrides or layout:
+        if foreign or not isinstance(source, NaLaDiTTransformer2DModel) or overrides or layout:
             # calibrated below on real data from the source's own queries
             model = convert_dit_to_nala(source, **{"attention_type": "nala", **overrides}, **layout, calibrate=False)
         config = dict(model.config)
@@ -379,6 +382,10 @@ def weights_id(path: Optional[str]) -> Optional[str]:
         from nala_diffusion.utils.run_guard import pipeline_weights_hash
 
         return pipeline_weights_hash(path)
+    if os.path.isfile(path):  # a checkpoint file (SiT)
+        from nala_diffusion.utils.run_guard import files_hash
+
+        return files_hash(os.path.dirname(os.path.abspath(path)), [os.path.basename(path)])
     return path
 
 

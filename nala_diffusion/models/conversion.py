@@ -20,6 +20,8 @@ from nala_diffusion.models.options import CONFIG_KEYS, layer_attention_types
 from nala_diffusion.models.sources import check_dit_config, load_transformer
 from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel
 
+# what a model was trained for and how it reads time (SiT's conventions): kept by every conversion
+OBJECTIVE_KEYS = ("objective", "flow_convention", "timestep_freq_shift")
 # Config keys that NaLaDiTTransformer2DModel shares with diffusers' DiT.
 DIT_CONFIG_KEYS = (
     "num_attention_heads",
@@ -101,7 +103,7 @@ def convert_dit_to_nala(
 
     config = {k: dit.config[k] for k in DIT_CONFIG_KEYS if k in dit.config}
     if isinstance(dit, NaLaDiTTransformer2DModel):
-        accepted = set(CONFIG_KEYS) | {"position_embedding", "num_classes", "use_cpe", "cpe_init"}
+        accepted = set(CONFIG_KEYS) | {"position_embedding", "num_classes", "use_cpe", "cpe_init", *OBJECTIVE_KEYS}
         attention_options = {**{k: v for k, v in dit.config.items() if k in accepted}, **attention_options}
         if softmax_layers is None and attention_types is None and attention_type == dit.config.attention_type:
             attention_types = dit.config.get("attention_types")
@@ -147,12 +149,15 @@ def convert_dit_to_nala(
 
 def noise_calibration_inputs(dit: DiTTransformer2DModel, batch: int = 8, seed: int = 0) -> Dict[str, Any]:
     """Stand-in calibration inputs for a DiT: standard-normal latents at ``batch`` timesteps spread
-    over the schedule, with random labels (fixed seed)."""
+    over the schedule (as the model reads them: SiT's flow time is 1 - t / 1000), with random labels
+    (fixed seed)."""
+    from nala_diffusion.diffusion.objectives import model_timestep
+
     generator = torch.Generator().manual_seed(seed)
     parameter = next(dit.parameters())
     size = dit.config.sample_size
     latents = torch.randn(batch, dit.config.in_channels, size, size, generator=generator)
-    timesteps = torch.linspace(0, 999, batch).round().long()
+    timesteps = model_timestep(dit.config, torch.linspace(0, 999, batch).round().long())
     labels = torch.randint(0, dit.config.num_embeds_ada_norm, (batch,), generator=generator)
     return {"hidden_states": latents.to(parameter.device, parameter.dtype), "timestep": timesteps.to(parameter.device),
             "class_labels": labels.to(parameter.device)}

@@ -38,10 +38,10 @@ def folder_weights_hash(folder: str) -> str:
              for n in names if n.endswith(".safetensors")]
     if not files:
         raise ValueError(f"{folder!r} holds no .safetensors weights")
-    return _files_hash(folder, files)
+    return files_hash(folder, files)
 
 
-def _files_hash(folder: str, relative_paths) -> str:
+def files_hash(folder: str, relative_paths) -> str:
     """sha256 over the given files under ``folder``, each as its relative path and its bytes, in sorted order."""
     digest = hashlib.sha256()
     for relative in sorted(relative_paths):
@@ -135,7 +135,7 @@ def pipeline_weights_hash(folder: str) -> str:
              for file in os.listdir(os.path.join(folder, name)) if file.endswith(".safetensors")]
     if not files:
         raise ValueError(f"{folder!r} holds no .safetensors weights in its components {components}")
-    return _files_hash(folder, files)
+    return files_hash(folder, files)
 
 
 def _public(config) -> Dict[str, Any]:

@@ -1,0 +1,162 @@
+"""Flow matching: the objective's formulas against diffusers' own, nala-train --objective flow end to end
+(saved scheduler, sampling, exact resume, the refused mixtures), and a SiT checkpoint as --init_from."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling
+from PIL import Image
+from safetensors.torch import load_file
+from sit_reference import random_sit
+
+from nala_diffusion import NaLaDiTPipeline
+from nala_diffusion.diffusion.objectives import model_timestep, to_scheduler_velocity, training_objective
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO / "train" / "train_nala_dit.py")
+TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, patch_size=2, norm_num_groups=1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flowdata")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / "images" / f"class{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray((rng.random((16, 16, 3)) * 80 + c * 80).astype("uint8")).save(
+                root / "images" / f"class{c}" / f"{i}.png")
+    (root / "tiny.json").write_text(json.dumps(TINY))
+    return root
+
+
+def args_for(data, out, steps=4, **extra):
+    args = ["--train_data_dir", str(data / "images"), "--resolution", "16", "--model_config", str(data / "tiny.json"),
+            "--train_batch_size", "4", "--max_train_steps", str(steps), "--output_dir", str(out), "--logging_steps", "1",
+            "--checkpointing_steps", "2", "--report_to", "none"]
+    for key, value in extra.items():
+        args += [f"--{key}"] + ([] if value is True else [str(value)])
+    return args
+
+
+def train(args, check=True):
+    result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def test_flow_objective_is_diffusers_flow_path():
+    objective = training_objective({"objective": "flow"}, weighting_scheme="logit_normal", logit_mean=0.3, logit_std=0.7)
+    x0, noise = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
+    sigmas = objective.draw(6, torch.Generator().manual_seed(0), "cpu")
+    # the density is diffusers' compute_density_for_timestep_sampling, drawn from the same generator
+    expected = compute_density_for_timestep_sampling("logit_normal", 6, logit_mean=0.3, logit_std=0.7,
+                                                     generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sigmas, expected)
+    noisy, timesteps = objective.noised(x0, noise, sigmas)
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    for i in range(6):  # scale_noise looks sigma up by timestep: compare one image at a time
+        scheduler.set_timesteps(sigmas=[float(sigmas[i])])
+        reference = scheduler.scale_noise(x0[i: i + 1], scheduler.timesteps[:1], noise[i: i + 1])
+        torch.testing.assert_close(noisy[i: i + 1], reference, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(timesteps, sigmas * 1000)
+    torch.testing.assert_close(objective.target(x0, noise, sigmas), noise - x0)
+    # SiT's convention: time 1 - sigma, velocity x0 - noise; the pipelines' translation undoes both
+    sit = training_objective({"objective": "flow", "flow_convention": "sit"})
+    _, sit_time = sit.noised(x0, noise, sigmas)
+    torch.testing.assert_close(sit_time, 1 - sigmas)
+    torch.testing.assert_close(sit.target(x0, noise, sigmas), x0 - noise)
+    config = {"objective": "flow", "flow_convention": "sit"}
+    torch.testing.assert_close(model_timestep(config, sigmas * 1000), 1 - sigmas)
+    torch.testing.assert_close(to_scheduler_velocity(config, x0 - noise), noise - x0)
+    # a timestep range is a sigma range for flow: [LOW, HIGH) / 1000
+    ranged = training_objective({"objective": "flow"}, timestep_range=(0, 500)).draw(
+        1000, torch.Generator().manual_seed(1), "cpu")
+    assert 0 <= ranged.min() and ranged.max() < 0.5 and ranged.mean() == pytest.approx(0.25, abs=0.03)
+
+
+def test_ddpm_objective_draws_and_noises_as_before():
+    objective = training_objective({}, timestep_range=(10, 500))
+    generator, again = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    times = objective.draw(8, generator, "cpu")
+    assert torch.equal(times, torch.randint(10, 500, (8,), generator=again))
+    x0, noise = torch.randn(8, 3, 4, 4), torch.randn(8, 3, 4, 4)
+    noisy, timesteps = objective.noised(x0, noise, times)
+    assert torch.equal(noisy, objective.scheduler.add_noise(x0, noise, times)) and torch.equal(timesteps, times)
+    assert torch.equal(objective.target(x0, noise, times), noise)
+
+
+def test_nala_train_objective_flow(data, tmp_path):
+    out = tmp_path / "flow"
+    result = train(args_for(data, out, steps=4, objective="flow", weighting_scheme="logit_normal", use_ema=True,
+                            validation_steps=4, validation_inference_steps=3))
+    assert "objective: flow" in result.stderr
+    pipe = NaLaDiTPipeline.from_pretrained(out)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert pipe.transformer.config.objective == "flow"
+    assert (out / "samples" / "step-000004.png").exists()
+    for scheduler in (pipe.scheduler, FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)):
+        pipe.scheduler = scheduler
+        images = pipe(["class1", "class2"], num_inference_steps=3, output_type="np",
+                      generator=torch.manual_seed(0)).images
+        assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all() and images.std() > 0.01
+    # the objective is part of the run: resuming with another one is refused, and nothing is touched
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    refused = train(args_for(data, out, steps=6, objective="ddpm", resume_from_checkpoint="latest"), check=False)
+    assert refused.returncode == 2 and "model objective: checkpoint 'flow', this run 'ddpm'" in refused.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    # a DDPM teacher for a flow student predicts another thing
+    ddpm = tmp_path / "ddpm"
+    train(args_for(data, ddpm, steps=1))
+    refused = train(args_for(data, tmp_path / "mixed", steps=1, objective="flow", teacher=ddpm), check=False)
+    assert refused.returncode == 2 and "trained with the 'ddpm' objective and the student trains with 'flow'" in refused.stderr
+
+
+def test_flow_refuses_ddpm_only_options(data, tmp_path):
+    for extra, message in (({"variance_loss": "vlb"}, "--variance_loss vlb is DDPM's variational bound"),
+                           ({"prediction_type": "v_prediction"}, "--prediction_type is DDPM's choice")):
+        result = train(args_for(data, tmp_path / "x", objective="flow", **extra), check=False)
+        assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_flow_run_resumes_exactly_and_distils_from_a_flow_teacher(data, tmp_path):
+    reference, parts = tmp_path / "reference", tmp_path / "parts"
+    train(args_for(data, reference, steps=4, objective="flow", weighting_scheme="mode", use_ema=True))
+    train(args_for(data, parts, steps=2, objective="flow", weighting_scheme="mode", use_ema=True))
+    train(args_for(data, parts, steps=4, objective="flow", weighting_scheme="mode", use_ema=True,
+                   resume_from_checkpoint="latest"))
+    weights = [load_file(run / "transformer" / "diffusion_pytorch_model.safetensors") for run in (reference, parts)]
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
+    student = tmp_path / "student"
+    train(args_for(data, student, steps=2, objective="flow", teacher=reference, attention_type="relu_linear"))
+    log = (student / "log.csv").read_text()
+    assert "loss_distill" in log.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_nala_train_init_from_a_sit_checkpoint(data, tmp_path):
+    # SiT-S's width and depth (12 blocks of 384: 6 heads from SiT's size table), pixel space, 16 px, patch 8
+    sit = random_sit(input_size=16, patch_size=8, in_channels=3, hidden_size=384, depth=12, num_heads=6,
+                     num_classes=3, learn_sigma=True)
+    checkpoint = tmp_path / "SiT-S-8.pt"
+    torch.save(sit.state_dict(), checkpoint)
+    out = tmp_path / "from_sit"
+    result = train(args_for(data, out, steps=2, init_from=checkpoint, class_embedding="new", validation_steps=2,
+                            validation_inference_steps=2))
+    assert "objective: flow" in result.stderr
+    pipe = NaLaDiTPipeline.from_pretrained(out)
+    config = pipe.transformer.config
+    assert (config.attention_type, config.objective, config.flow_convention, config.timestep_freq_shift) == \
+        ("nala", "flow", "sit", 0)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    images = pipe(["class0"], num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
