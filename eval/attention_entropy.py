@@ -60,10 +60,10 @@ def random_inputs(tokens: int, head_dim: int, heads: int, seed: int):
 def noised_batch(pipe, data: str, timesteps: Sequence[int], images: int, seed: int, split: str = "test"):
     """Real inputs of a pipeline's model: ``images`` images of ``data`` (evenly spaced over the split),
     each noised at every timestep (fixed noise): (noisy, timesteps, labels)."""
-    from diffusers import DDPMScheduler
 
     from nala_diffusion.data.datasets import load_dataset
     from nala_diffusion.diffusion.noising import noised_copies
+    from nala_diffusion.diffusion.objectives import noise_schedule_for
 
     dataset = load_dataset(data, pipe.default_sample_size, split=split)  # in pixels (latent side x VAE factor)
     if len(dataset) == 0:
@@ -74,8 +74,8 @@ def noised_batch(pipe, data: str, timesteps: Sequence[int], images: int, seed: i
     with torch.no_grad():
         x0 = batch if pipe.vae is None else pipe.vae.encode(batch).latent_dist.mean * pipe.vae.config.scaling_factor
     generator = torch.Generator().manual_seed(seed)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the pipeline's own noise schedule
-    noisy, _, steps = noised_copies(scheduler, x0, timesteps, generator)
+    scheduler = noise_schedule_for(pipe.transformer.config, pipe.scheduler)  # the pipeline's own noise schedule
+    noisy, _, steps = noised_copies(scheduler, x0, timesteps, generator, pipe.transformer.config)
     return noisy, steps, labels.repeat(len(timesteps))
 
 

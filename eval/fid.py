@@ -149,6 +149,7 @@ def apply_dit_protocol(args, learned_variance: bool) -> None:
 
 
 def run_sampling(args, state: PartialState) -> dict:
+    from nala_diffusion.diffusion.objectives import objective_of
     from nala_diffusion.pipelines.conversion import load_pipeline
     from nala_diffusion.pipelines.pipeline_nala_dit_highres import NaLaDiTHighResPipeline
     try:
@@ -159,6 +160,10 @@ def run_sampling(args, state: PartialState) -> dict:
     pipe.to(state.device)
     if args.protocol == "dit":
         config = pipe.transformer.config
+        if objective_of(config) != "ddpm":
+            raise ValueError(f"--protocol dit is DiT's DDPM evaluation (250 DDPM steps, its learned variance); {args.model!r} "
+                             f"is a {objective_of(config)!r} model. Drop --protocol and sample it with its own scheduler "
+                             "(the one saved with it, or --scheduler flow_euler / flow_heun) and --steps")
         apply_dit_protocol(args, learned_variance=pipe.transformer.out_channels == 2 * config.in_channels)
     set_sampler(pipe, args.scheduler, args.learned_variance)
     guidance = guidance_kwargs(args)
@@ -207,6 +212,7 @@ def run_sampling(args, state: PartialState) -> dict:
         "model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model, "model_config_hash": config_hash(pipe),
         "attention_type": pipe.transformer.config.attention_type,
         "attention_types": pipe.transformer.config.get("attention_types"), "scheduler": type(pipe.scheduler).__name__,
+        "objective": objective_of(pipe.transformer.config),
         "steps": args.steps, "guidance": args.guidance, "num_samples": args.num_samples,
         "seeds": [args.seed, args.seed + args.num_samples - 1], "labels": args.labels or args.label_draw,
         "height": args.height or pipe.default_sample_size, "width": args.width or pipe.default_sample_size,

@@ -54,19 +54,22 @@ def evenly(count: int, total: int) -> list:
 @torch.no_grad()
 def heldout_mse(model, scheduler, images: torch.Tensor, labels: torch.Tensor, timesteps: Sequence[int], seed: int,
                 batch_size: int = 64) -> Dict[int, float]:
-    """Epsilon-MSE per timestep on the mean channels, noise fixed by ``seed`` (the same for any model
-    and for the paired and unpaired sets)."""
+    """MSE of the prediction per timestep on the mean channels (epsilon; a flow model's velocity), noise fixed
+    by ``seed`` (the same for any model and for the paired and unpaired sets)."""
     from nala_diffusion.diffusion.noising import noised_copies
+    from nala_diffusion.diffusion.objectives import denoising_target
 
     out = {}
     channels = images.shape[1]
     for t in timesteps:
-        noisy, noise, steps = noised_copies(scheduler, images, [t], torch.Generator().manual_seed(seed + int(t)))
+        noisy, noise, steps = noised_copies(scheduler, images, [t], torch.Generator().manual_seed(seed + int(t)),
+                                            model.config)
+        target = denoising_target(model.config, images, noise)
         errors = []
         for start in range(0, len(images), batch_size):
             part = slice(start, start + batch_size)
             prediction = model(noisy[part], timestep=steps[part], class_labels=labels[part]).sample[:, :channels]
-            errors.append((prediction - noise[part]).square().mean(dim=(1, 2, 3)))
+            errors.append((prediction - target[part]).square().mean(dim=(1, 2, 3)))
         out[int(t)] = float(torch.cat(errors).mean())
     return out
 
@@ -75,13 +78,12 @@ def retrieval_gain(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 300
                    layout: str = "tiles") -> dict:
     """Held-out epsilon-MSE on ``builtin:pairs`` (or ``builtin:pairs_crops``) and its unpaired control
     (test split), and their difference per timestep (unpaired - paired; > 0 when the partner is used)."""
-    from diffusers import DDPMScheduler
-
     from nala_diffusion.data.datasets import load_dataset
+    from nala_diffusion.diffusion.objectives import noise_schedule_for
     paired = load_dataset(DATASETS[layout], 32, split="test")
     unpaired = load_dataset(f"{DATASETS[layout]}_unpaired", 32, split="test")
     index = evenly(images, len(paired))
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    scheduler = noise_schedule_for(pipe.transformer.config, pipe.scheduler)
     model = pipe.transformer.eval()
     result = {}
     for name, dataset in (("paired", paired), ("unpaired", unpaired)):
@@ -125,11 +127,10 @@ def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, 
     (:func:`~nala_diffusion.models.norm_awareness.distribution_inputs`: for softmax with RoPE, that of
     the rotated queries and keys; for a linear kernel with RoPE, whose applied weights are not a
     distribution since the rotation acts in the numerator only, that of the unrotated pair)."""
-    from diffusers import DDPMScheduler
-
     from nala_diffusion.data import builtin_pairs
     from nala_diffusion.data.datasets import load_dataset
     from nala_diffusion.diffusion.noising import noised_copies
+    from nala_diffusion.diffusion.objectives import noise_schedule_for
     from nala_diffusion.eval.attention_entropy import spearman
     from nala_diffusion.models import norm_awareness, swap
     from nala_diffusion.ops import attention_weights
@@ -143,14 +144,14 @@ def retrieval_mass(pipe, timesteps: Sequence[int] = TIMESTEPS, images: int = 8, 
     offsets = dataset.offsets[index]
     wrong = offsets.roll(1)  # another image's offset; where it is equal, shift it by one patch more
     wrong = torch.where(wrong == offsets, (wrong + patch) % 32, wrong)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    scheduler = noise_schedule_for(pipe.transformer.config, pipe.scheduler)
     generator = torch.Generator().manual_seed(seed)
     processors = {name: attn.processor for name, attn in swap.self_attention_modules(model)}
     partners = [builtin_pairs.partner_tokens(int(o), patch) for o in offsets]
     wrong_partners = [builtin_pairs.partner_tokens(int(o), patch) for o in wrong]
     sums: Dict[str, dict] = {}
     for t in timesteps:
-        noisy, _, steps = noised_copies(scheduler, x0, [t], generator)
+        noisy, _, steps = noised_copies(scheduler, x0, [t], generator, model.config)
         with norm_awareness.capture_queries(model, keys=True) as captured:
             model(noisy, timestep=steps, class_labels=labels)
         for name, tensors in captured.items():

@@ -5,9 +5,9 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 
 from nala_diffusion.diffusion.noising import noised_copies
+from nala_diffusion.diffusion.objectives import noise_schedule_for
 from nala_diffusion.models.sharpness import (
     SHARPNESS_MODES,
     attention_sharpness_of,
@@ -80,10 +80,10 @@ def calibration_inputs(pipe, class_ids, height, width, num_inference_steps, posi
             content.update(clean=clean, generator_state=generator.get_state())
     shape = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     large = F.interpolate(clean.float(), size=shape, mode="bicubic", align_corners=False).to(clean.dtype)
-    noising = DDPMScheduler.from_config(pipe.scheduler.config)
+    noising = noise_schedule_for(pipe.transformer.config, pipe.scheduler)
     inputs = []
     for x0 in (clean, large):
-        noisy, _, steps = noised_copies(noising, x0, SHARPNESS_TIMESTEPS, generator)
+        noisy, _, steps = noised_copies(noising, x0, SHARPNESS_TIMESTEPS, generator, pipe.transformer.config)
         inputs.append({"hidden_states": noisy, "timestep": steps,
                        "class_labels": ids.repeat(len(SHARPNESS_TIMESTEPS)), "position_embedding": position_embedding})
     return inputs

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
+from nala_diffusion.diffusion.objectives import flow_noised, is_flow_scheduler
 from nala_diffusion.models.sharpness import attention_sharpness_of, set_attention_sharpness
 from nala_diffusion.pipelines import pipeline_nala_dit as base
 from nala_diffusion.pipelines.sampler_flags import HIGHRES_MODES
@@ -215,7 +216,11 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
                     upsampled = upsampled.to(latents.dtype)  # (B, C, h', w')
                     timesteps = self._refine_timesteps(refine_steps, strength, device)
                     noise = randn_tensor(upsampled.shape, generator=generator, device=device, dtype=upsampled.dtype)
-                    latents = self.scheduler.add_noise(upsampled, noise, timesteps[:1].repeat(len(upsampled)))
+                    start_steps = timesteps[:1].repeat(len(upsampled))
+                    if is_flow_scheduler(self.scheduler):  # the flow path: (1 - sigma) x + sigma noise, sigma = t / T
+                        latents = flow_noised(upsampled, noise, start_steps / self.scheduler.config.num_train_timesteps)
+                    else:
+                        latents = self.scheduler.add_noise(upsampled, noise, start_steps)
                 latents = self.denoise(latents, class_ids, timesteps, description=description, **common)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)

@@ -59,7 +59,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="classifier-free guidance scale, 1 = off (default: the pipeline's sampling_defaults, else 4.0)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
-                        help="sampler (default: the one saved with the pipeline)")
+                        help="sampler (default: the one saved with the pipeline); flow_euler and flow_heun for flow-matching "
+                             "models (--objective flow, SiT), the others for DDPM models")
     parser.add_argument("--highres_mode", "--highres-mode", choices=HIGHRES_MODES, default="direct", help="above the training size: 'direct' (one pass) or 'progressive' (sample at the training size, then refine upsampled stages)")
     parser.add_argument("--strength", type=float, default=0.6, help="progressive mode: re-noise level per stage")
     parser.add_argument("--position_embedding", "--position-embedding", choices=["extend", "interpolate"], default=None,

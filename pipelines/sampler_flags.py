@@ -11,6 +11,9 @@ SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
+    # flow-matching models (objective "flow")
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
+    "flow_heun": "FlowMatchHeunDiscreteScheduler",
 }
 # the high-resolution pipeline's modes
 HIGHRES_MODES = ("direct", "progressive")
@@ -72,3 +75,6 @@ def set_sampler(pipe, name=None, learned_variance: bool = False) -> None:
         pipe.scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config, variance_type="learned_range")
     elif name:
         pipe.scheduler = scheduler_from_name(name, pipe.scheduler.config)
+    from nala_diffusion.diffusion.objectives import check_scheduler
+
+    check_scheduler(pipe.transformer.config, pipe.scheduler)  # --scheduler flow_euler on a DDPM model, or the reverse

@@ -160,3 +160,84 @@ def test_nala_train_init_from_a_sit_checkpoint(data, tmp_path):
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
     images = pipe(["class0"], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
+
+def test_progressive_high_resolution_renoises_on_the_flow_path(monkeypatch):
+    import torch.nn.functional as F
+
+    import nala_diffusion.pipelines.pipeline_nala_dit_highres as highres
+    from nala_diffusion import NaLaDiTHighResPipeline, NaLaDiTTransformer2DModel
+
+    model = NaLaDiTTransformer2DModel(**TINY, in_channels=3, sample_size=8, num_classes=3, objective="flow",
+                                      attention_type="softmax").eval()
+    pipe = NaLaDiTHighResPipeline(model, FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    noises, stages = [], []
+    real_randn, real_denoise = highres.randn_tensor, pipe.denoise
+
+    def recording_randn(*args, **kwargs):
+        noises.append(real_randn(*args, **kwargs))
+        return noises[-1]
+
+    def recording_denoise(latents, class_ids, timesteps, *args, **kwargs):
+        out = real_denoise(latents, class_ids, timesteps, *args, **kwargs)
+        stages.append((latents.clone(), timesteps.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(highres, "randn_tensor", recording_randn)
+    monkeypatch.setattr(pipe, "denoise", recording_denoise)
+    pipe([1], height=16, width=16, highres_mode="progressive", num_inference_steps=4, strength=0.5,
+         output_type="latent", generator=torch.manual_seed(0), guidance_scale=1.0)
+    (_, _, first), (start, timesteps, _) = stages
+    sigma = float(timesteps[0]) / 1000
+    assert 0 < sigma < 1
+    upsampled = F.interpolate(first, size=(16, 16), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(start, (1 - sigma) * upsampled + sigma * noises[-1])
+
+
+@pytest.fixture(scope="module")
+def flow_pipe(tmp_path_factory):
+    """A tiny flow pipeline in SiT's conventions, saved, its sigma calibrated."""
+    from nala_diffusion import NaLaDiTTransformer2DModel, calibrate_norm_scale
+
+    torch.manual_seed(0)
+    model = NaLaDiTTransformer2DModel(**TINY, in_channels=3, sample_size=8, num_classes=3, objective="flow",
+                                      flow_convention="sit", timestep_freq_shift=0).eval()
+    calibrate_norm_scale(model, torch.randn(4, 3, 8, 8), timestep=torch.rand(4), class_labels=torch.tensor([0, 1, 2, 0]))
+    folder = tmp_path_factory.mktemp("flowpipe") / "pipe"
+    NaLaDiTPipeline(model, FlowMatchEulerDiscreteScheduler(), id2label={0: "a", 1: "b", 2: "c"}).save_pretrained(folder)
+    return folder
+
+
+def test_measurement_tools_noise_on_the_models_own_path(flow_pipe):
+    from nala_diffusion.diffusion.noising import noised_copies
+    from nala_diffusion.diffusion.objectives import noise_schedule_for
+
+    pipe = NaLaDiTPipeline.from_pretrained(flow_pipe)
+    config = pipe.transformer.config
+    x0 = torch.randn(2, 3, 8, 8)
+    scheduler = noise_schedule_for(config, pipe.scheduler)
+    noisy, noise, steps = noised_copies(scheduler, x0, [100, 700], torch.Generator().manual_seed(0), config)
+    torch.testing.assert_close(noisy[:2], 0.9 * x0 + 0.1 * noise[:2])
+    torch.testing.assert_close(noisy[2:], 0.3 * x0 + 0.7 * noise[2:])
+    torch.testing.assert_close(steps, torch.tensor([0.9, 0.9, 0.3, 0.3]))  # SiT's time, 1 - sigma
+    # the resolution-aware sharpness calibration samples and noises through the same path
+    report = pipe.set_resolution_sharpness("auto", 16, 16, torch.tensor([0]), num_inference_steps=2)
+    assert report and all(np.isfinite(v["sharpness"]) and v["sharpness"] > 0 for v in report["layers"].values())
+
+
+def test_command_line_tools_refuse_the_other_objectives_sampler(flow_pipe, tmp_path, capsys):
+    from nala_diffusion.eval.fid import cli as fid_cli
+    from nala_diffusion.pipelines.sample import main as sample_main
+
+    out = tmp_path / "samples"
+    assert fid_cli(["sample", "--model", str(flow_pipe), "--num_samples", "2", "--out", str(out), "--protocol", "dit"]) == 2
+    assert "--protocol dit is DiT's DDPM evaluation" in capsys.readouterr().err
+    assert sample_main(["--model", str(flow_pipe), "--scheduler", "ddim", "--out", str(tmp_path / "x.png")]) == 2
+    assert "the scheduler DDIMScheduler samples a 'ddpm' model" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "x.png").exists()
+    assert sample_main(["--model", str(flow_pipe), "--scheduler", "flow_heun", "--steps", "2", "--labels", "a",
+                        "--out", str(tmp_path / "heun.png")]) == 0
+    assert fid_cli(["sample", "--model", str(flow_pipe), "--num_samples", "2", "--out", str(out), "--steps", "2"]) == 0
+    fingerprint = json.loads((out / "fingerprint.json").read_text())
+    assert fingerprint["objective"] == "flow" and fingerprint["scheduler"] == "FlowMatchEulerDiscreteScheduler"

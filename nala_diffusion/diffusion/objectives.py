@@ -168,6 +168,15 @@ def training_objective(config: Mapping[str, Any], *, prediction_type: str = "eps
                      num_train_timesteps, flow_convention_of(config), weighting_scheme, logit_mean, logit_std, mode_scale)
 
 
+def denoising_target(config: Mapping[str, Any], x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """What the model predicts for ``x0`` noised with ``noise``, in its own convention, for the tools that
+    score predictions at fixed timesteps: the noise (DDPM) or the velocity (flow; SiT's sign for SiT's)."""
+    if objective_of(config) != "flow":
+        return noise
+    velocity = noise - x0
+    return -velocity if flow_convention_of(config) == "sit" else velocity
+
+
 def noise_schedule_for(config: Mapping[str, Any], scheduler):
     """The schedule that noises inputs for a model at fixed timesteps (the measurement tools): a DDPM model's
     own training schedule (a ``DDPMScheduler`` from its sampler's config), or the flow scheduler itself."""

@@ -138,6 +138,10 @@ def pipeline_weights_hash(folder: str) -> str:
     return files_hash(folder, files)
 
 
+#: the objective's config keys at their values for DDPM models, which sampled folders were fingerprinted without
+OBJECTIVE_DEFAULTS = {"objective": "ddpm", "flow_convention": "diffusers", "timestep_freq_shift": 1}
+
+
 def _public(config) -> Dict[str, Any]:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
@@ -146,13 +150,17 @@ def pipeline_fingerprint(model_path: str, pipe) -> Dict[str, Any]:
     """What a pipeline folder contributes to its samples: the hash of the weights it loads, the
     transformer's and the VAE's configs (the VAE's scaling factor changes every image) and the
     scheduler with its settings."""
+    transformer_config = {k: v for k, v in _public(pipe.transformer.config).items()
+                          if OBJECTIVE_DEFAULTS.get(k, object()) != v}  # DDPM models' folders keep their fingerprint
     fingerprint = {
         "model_weights_sha256": pipeline_weights_hash(model_path) if os.path.isdir(model_path) else model_path,
-        "transformer_config": _public(pipe.transformer.config),
+        "transformer_config": transformer_config,
         "scheduler": type(pipe.scheduler).__name__,
         "scheduler_config": _public(pipe.scheduler.config),
         "code_version": code_version(),
     }
+    if transformer_config.get("objective", "ddpm") != "ddpm":
+        fingerprint["objective"] = transformer_config["objective"]
     if getattr(pipe, "vae", None) is not None:
         fingerprint["vae_config"] = _public(pipe.vae.config)
     return fingerprint
