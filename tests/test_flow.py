@@ -152,6 +152,10 @@ def test_nala_train_init_from_a_sit_checkpoint(data, tmp_path):
     out = tmp_path / "from_sit"
     result = train(args_for(data, out, steps=2, init_from=checkpoint, class_embedding="new", validation_steps=2,
                             validation_inference_steps=2))
+    # the SiT itself as the teacher of its NaLa conversion (its own classes: the data's three)
+    distilled = tmp_path / "distilled"
+    train(args_for(data, distilled, steps=1, init_from=checkpoint, teacher=checkpoint))
+    assert "loss_distill" in (distilled / "log.csv").read_text().splitlines()[0]
     assert "objective: flow" in result.stderr
     pipe = NaLaDiTPipeline.from_pretrained(out)
     config = pipe.transformer.config

@@ -116,7 +116,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                            help="train on timesteps LOW <= t < HIGH only (default: all of the scheduler's); "
                                 "e.g. 0 500 for a denoiser of the less noisy half")
     objective.add_argument("--class_dropout_prob", type=float, default=0.1, help="labels dropped to the null class")
-    objective.add_argument("--teacher", default=None, help="frozen softmax DiT to distill from: folder or Hub id")
+    objective.add_argument("--teacher", default=None,
+                           help="frozen softmax DiT to distill from: folder or Hub id, or a SiT checkpoint file")
     objective.add_argument("--distill_weight", type=float, default=1.0, help='weight of the distillation term (with --teacher)')
     objective.add_argument("--attention_distillation_weight", type=float, default=0.0,
                            help="weight of attention-output distillation: the MSE between each block's attention output "
@@ -422,6 +423,7 @@ def train(args) -> int:
     )
     from nala_diffusion.diffusion.objectives import objective_of
     from nala_diffusion.models.norm_awareness import calibrate_norm_scale
+    from nala_diffusion.models.sit import load_sit, looks_like_checkpoint_file
     from nala_diffusion.models.sources import load_transformer, load_vae
     from nala_diffusion.pipelines.pipeline_nala_dit import NaLaDiTPipeline
     from nala_diffusion.train import checkpoints
@@ -542,7 +544,8 @@ def train(args) -> int:
         model.enable_gradient_checkpointing()
     teacher = None  # (model, its Objective)
     if args.teacher:
-        teacher = load_transformer(args.teacher).to(accelerator.device).eval().requires_grad_(False)
+        teacher = load_sit(args.teacher) if looks_like_checkpoint_file(args.teacher) else load_transformer(args.teacher)
+        teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
         if teacher.config.in_channels != in_channels or teacher.config.num_embeds_ada_norm != model.config.num_classes:
             raise ValueError(f"the teacher {args.teacher!r} has {teacher.config.in_channels} channels and "
                              f"{teacher.config.num_embeds_ada_norm} classes; the student has {in_channels} and "
