@@ -140,10 +140,15 @@ def test_learned_sigma_and_latent_space_with_vae(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_every_scheduler_samples(name):
-    pipe = tiny_pipeline()
+    flow = name.startswith("flow_")  # the flow-matching samplers take a flow model
+    pipe = tiny_pipeline(objective="flow") if flow else tiny_pipeline()
     pipe.scheduler = scheduler_from_name(name, pipe.scheduler.config)
     images = sample(pipe, num_inference_steps=3)
     assert images.shape == (2, 48, 32, 3) and np.isfinite(images).all()
+    other = tiny_pipeline() if flow else tiny_pipeline(objective="flow")
+    other.scheduler = scheduler_from_name(name, other.scheduler.config)
+    with pytest.raises(ValueError, match="objective, but the scheduler"):  # a sampler of the other objective
+        sample(other, num_inference_steps=3)
 
 
 @pytest.mark.parametrize(
