@@ -245,3 +245,22 @@ def test_command_line_tools_refuse_the_other_objectives_sampler(flow_pipe, tmp_p
     assert fid_cli(["sample", "--model", str(flow_pipe), "--num_samples", "2", "--out", str(out), "--steps", "2"]) == 0
     fingerprint = json.loads((out / "fingerprint.json").read_text())
     assert fingerprint["objective"] == "flow" and fingerprint["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+
+
+def test_quality_held_out_loss_scores_a_flow_model_on_its_velocity(flow_pipe):
+    from types import SimpleNamespace
+
+    from nala_diffusion.eval.studies.quality import heldout_loss
+
+    pipe = NaLaDiTPipeline.from_pretrained(flow_pipe)
+    test = SimpleNamespace(images=torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(5)),
+                           labels=torch.tensor([0, 1, 2, 0, 1, 2]))
+    generator = torch.Generator().manual_seed(0)  # the draws heldout_loss makes, in its order
+    t = torch.randint(0, 1000, (6,), generator=generator)
+    noise = torch.randn(test.images.shape, generator=generator)
+    sigma = (t.float() / 1000)[:, None, None, None]
+    with torch.no_grad():  # SiT's conventions: time 1 - sigma, velocity x0 - noise
+        prediction = pipe.transformer((1 - sigma) * test.images + sigma * noise, timestep=1 - t.float() / 1000,
+                                      class_labels=test.labels).sample[:, :3]
+    expected = float((prediction - (test.images - noise)).square().mean())
+    assert heldout_loss(pipe, test) == pytest.approx(expected, rel=1e-5)

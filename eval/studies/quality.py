@@ -35,28 +35,18 @@ ENTROPY_KIND = {"softmax": "softmax", "relu_linear": "relu_linear", "elu_linear"
 def heldout_loss(pipe: NaLaDiTPipeline, test, seed: int = 0) -> float:
     """MSE of the model's prediction on the test crops, one fixed timestep and noise per crop (the same for
     every model): epsilon for DDPM models, the velocity for flow models (whose loss is on another scale)."""
-    from nala_diffusion.diffusion.objectives import (
-        denoising_target,
-        flow_noised,
-        is_flow_scheduler,
-        model_timestep,
-        noise_schedule_for,
-    )
+    from nala_diffusion.diffusion.noising import noised_at
+    from nala_diffusion.diffusion.objectives import denoising_target, noise_schedule_for
 
     model = pipe.transformer.eval()
     scheduler = noise_schedule_for(model.config, pipe.scheduler)
     generator = torch.Generator().manual_seed(seed)
     images, labels = test.images, test.labels
-    count = scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, count, (len(images),), generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(images),), generator=generator)
     noise = torch.randn(images.shape, generator=generator)
     total = 0.0
     for part in torch.arange(len(images)).split(250):
-        if is_flow_scheduler(scheduler):
-            noisy = flow_noised(images[part], noise[part], timesteps[part].float() / count)
-            steps = model_timestep(model.config, timesteps[part].float(), count)
-        else:
-            noisy, steps = scheduler.add_noise(images[part], noise[part], timesteps[part]), timesteps[part]
+        noisy, steps = noised_at(scheduler, images[part], noise[part], timesteps[part], model.config)
         prediction = model(noisy, timestep=steps, class_labels=labels[part]).sample[:, :3]
         target = denoising_target(model.config, images[part], noise[part])
         total += float((prediction - target).square().mean(dim=(1, 2, 3)).sum())

@@ -14,7 +14,6 @@ def noised_copies(scheduler, x0: torch.Tensor, timesteps: Sequence[int], generat
     (timestep-major); ``steps`` are what the model reads. A DDPM schedule noises with ``add_noise``; a
     flow-matching scheduler on the flow path at sigma = t / num_train_timesteps, and ``steps`` follow the
     model's convention (``model_config``; :mod:`~nala_diffusion.diffusion.objectives`)."""
-    from nala_diffusion.diffusion.objectives import flow_noised, is_flow_scheduler, model_timestep
 
     count = scheduler.config.num_train_timesteps
     bad = [t for t in timesteps if isinstance(t, bool) or int(t) != t or not 0 <= int(t) < count]
@@ -25,11 +24,22 @@ def noised_copies(scheduler, x0: torch.Tensor, timesteps: Sequence[int], generat
     for t in timesteps:
         noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         step = torch.full((len(x0),), int(t), device=x0.device)
-        if is_flow_scheduler(scheduler):
-            noisy.append(flow_noised(x0, noise, step.float() / count))
-            step = model_timestep({"objective": "flow", **(model_config or {})}, step.float(), count)
-        else:
-            noisy.append(scheduler.add_noise(x0, noise, step))
+        noisy_t, step = noised_at(scheduler, x0, noise, step, model_config)
+        noisy.append(noisy_t)
         noises.append(noise)
         steps.append(step)
     return torch.cat(noisy), torch.cat(noises), torch.cat(steps)
+
+
+def noised_at(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+              model_config: Optional[Mapping[str, Any]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(noisy, the timesteps the model reads) for integer ``timesteps`` (one per image): ``scheduler.add_noise``
+    on a DDPM schedule; on a flow-matching scheduler's path at sigma = t / num_train_timesteps, with the
+    timestep in the model's convention (``model_config``; :mod:`~nala_diffusion.diffusion.objectives`)."""
+    from nala_diffusion.diffusion.objectives import flow_noised, is_flow_scheduler, model_timestep
+
+    if not is_flow_scheduler(scheduler):
+        return scheduler.add_noise(x0, noise, timesteps), timesteps
+    count = scheduler.config.num_train_timesteps
+    config = {"objective": "flow", **(model_config or {})}
+    return flow_noised(x0, noise, timesteps.float() / count), model_timestep(config, timesteps.float(), count)
