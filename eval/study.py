@@ -87,8 +87,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="--study retrieval: where a kind's seeds disagree on its order against relu_linear, train it "
                         "and both anchors (softmax, relu_linear) on one more seed (max(--seeds) + 1)")
     p.add_argument("--report_only", action="store_true",
-                   help="--study retrieval: train nothing; build the tables and plot from the runs already finished in "
-                        "OUT and name the ones still to train")
+                   help="--study retrieval and objective: train nothing; build the tables (and plot) from the runs "
+                        "already finished in OUT and name the ones still to train")
     p.add_argument("--timestep_range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="training timesteps LOW <= t < HIGH (default: all; --study retrieval: 0 500, the half in "
                         "which a partner token can be recognised)")
@@ -151,7 +151,8 @@ def scoring_context(args) -> ScoringContext:
 
 def run_study(args, argv) -> int:
     study: Callable[..., int] = STUDIES[args.study]
-    return study(args, argv, None if args.study == "retrieval" else scoring_context(args))
+    without_scoring = args.study == "retrieval" or (args.study == "objective" and args.report_only)
+    return study(args, argv, None if without_scoring else scoring_context(args))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -162,7 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.architecture = json.load(handle)
     # which kinds (and, in the retrieval study, which seeds) run is not part of the fingerprint: every
     # run has its own folder named by kind and seed, so a study can be extended by more of them
-    selection = ("kinds", "seeds", "tiebreak_seed", "report_only") if args.study == "retrieval" else ("kinds",)
+    selection = {"retrieval": ("kinds", "seeds", "tiebreak_seed", "report_only"),
+                 "objective": ("seeds", "report_only")}.get(args.study, ("kinds",))
     fingerprint = {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite", *selection)},
                    "code_version": code_version()}
     try:

@@ -264,3 +264,26 @@ def test_quality_held_out_loss_scores_a_flow_model_on_its_velocity(flow_pipe):
                                       class_labels=test.labels).sample[:, :3]
     expected = float((prediction - (test.images - noise)).square().mean())
     assert heldout_loss(pipe, test) == pytest.approx(expected, rel=1e-5)
+
+
+def test_objective_study_records_rebuild_their_table_and_were_trained_with_its_flags(tmp_path):
+    import shutil
+
+    from nala_diffusion.eval.study import main as study_main
+    from nala_diffusion.eval.studies.objective import ATTENTION, OBJECTIVE_KINDS, tables
+
+    records = REPO / "docs" / "results" / "objective"
+    results = json.loads((records / "results.json").read_text())
+    assert set(results["runs"]) == set(OBJECTIVE_KINDS)
+    for name, runs in results["runs"].items():
+        assert [run["seed"] for run in runs] == [0, 1]
+        assert all(run["arguments"] == [*ATTENTION.train_flags(), *OBJECTIVE_KINDS[name]] for run in runs), name
+    assert tables(results) == (records / "results.md").read_text()
+    # --report_only rebuilds the same tables from the records alone: nothing trained, sampled or exported
+    copy = tmp_path / "objective"
+    shutil.copytree(records, copy)
+    (copy / "results.md").unlink()
+    assert study_main(["--study", "objective", "--out", str(copy), "--report_only"]) == 0
+    rebuilt = (copy / "results.md").read_text().splitlines()[1:]  # the first line is the command
+    assert rebuilt == (records / "results.md").read_text().splitlines()[1:]
+    assert not (copy / "real").exists() and not (copy / "samples").exists()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from nala_diffusion.eval.studies.common import TRAINING, Kind, cached, markdown_table, mean_std, train, write_results
 from nala_diffusion.metrics.samples import SAMPLE_DIR, balanced_labels, generate_samples
@@ -86,16 +86,44 @@ def tables(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recorded_run(out: str, name: str) -> Optional[dict]:
+    """A finished run's record from OUT (``runs/NAME/study_run.json``, its scores and grid), or None where
+    any of them is missing: what ``--report_only`` builds the tables from."""
+    paths = [os.path.join(out, "runs", name, "study_run.json"),
+             *(os.path.join(out, "scores", f"{name}_steps{steps}.json") for steps in SAMPLE_STEPS)]
+    grid_path = os.path.join(out, "grids", f"{name}.png")
+    if not all(os.path.exists(p) for p in [*paths, grid_path]):
+        return None
+    info = cached(paths[0], None)
+    info["scores"] = {str(steps): cached(path, None) for steps, path in zip(SAMPLE_STEPS, paths[1:])}
+    info["grid"] = os.path.relpath(grid_path, out)
+    return info
+
+
 def objective_study(args, argv, context) -> int:
-    """Every OBJECTIVE_KINDS kind per seed (the study's steps, batch and learning rate), scored at SAMPLE_STEPS."""
+    """Every OBJECTIVE_KINDS kind per seed (the study's steps, batch and learning rate), scored at SAMPLE_STEPS;
+    with ``--report_only``, the tables of the runs already recorded in OUT (nothing trained or sampled)."""
     results = {"command": " ".join(["nala-study", *(argv if argv is not None else sys.argv[1:])]),
                "architecture": args.architecture, "sample_steps": list(SAMPLE_STEPS), "runs": {}}
+    missing = []
     for name, flags in OBJECTIVE_KINDS.items():
-        results["runs"][name] = []
+        runs = []
         for seed in args.seeds:
-            info = train(args.out, f"{name}_s{seed}", [*ATTENTION.train_flags(), *flags], args.steps, seed, args)
-            info["scores"] = {str(steps): score_at_steps(info["folder"], args.out, args, context, steps)
-                              for steps in SAMPLE_STEPS}
-            info["grid"] = os.path.relpath(grid(info["folder"], args.out), args.out)
-            results["runs"][name].append(info)
+            if args.report_only:
+                info = recorded_run(args.out, f"{name}_s{seed}")
+                if info is None:
+                    missing.append(f"{name}_s{seed}")
+                    continue
+            else:
+                info = train(args.out, f"{name}_s{seed}", [*ATTENTION.train_flags(), *flags], args.steps, seed, args)
+                info["scores"] = {str(steps): score_at_steps(info["folder"], args.out, args, context, steps)
+                                  for steps in SAMPLE_STEPS}
+                info["grid"] = os.path.relpath(grid(info["folder"], args.out), args.out)
+            runs.append(info)
+        if runs:
+            results["runs"][name] = runs
+    if missing:
+        print(f"nala-study: not yet trained and scored in {args.out}: {', '.join(missing)}", file=sys.stderr)
+    if not results["runs"]:
+        raise ValueError(f"no finished objective runs in {args.out}: run without --report_only to train them")
     return write_results(args.out, results, tables)
