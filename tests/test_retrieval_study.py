@@ -131,7 +131,17 @@ def test_kinds_as_data_give_the_flags_the_recorded_runs_were_trained_with():
     for path in glob.glob(os.path.join(results, "retrieval_calibrated", "runs", "*", "study_run.json")):
         kind = os.path.basename(os.path.dirname(path))[len("retrieval_"):].rsplit("_s", 1)[0]
         with open(path, encoding="utf-8") as handle:
-            assert study.RETRIEVAL_VARIANTS[kind].train_flags() == json.load(handle)["arguments"], kind
+            recorded = json.load(handle)["arguments"]
+        if kind == "conversion_anchor":  # the conversion arms' softmax model, trained as the softmax kind
+            assert study.RETRIEVAL_VARIANTS["softmax"].train_flags() == recorded
+        elif isinstance(study.RETRIEVAL_VARIANTS[kind], study.ConversionArm):
+            seed = os.path.basename(os.path.dirname(path)).rsplit("_s", 1)[1]
+            assert recorded[0] == "--init_from" and recorded[1].endswith(f"retrieval_conversion_anchor_s{seed}"), kind
+            assert study.RETRIEVAL_VARIANTS[kind].train_flags(recorded[1]) == recorded, kind
+        else:  # a tracked kind trains in chunks, one checkpoint per chunk
+            variant = study.RETRIEVAL_VARIANTS[kind]
+            chunks = ["--checkpointing_steps", str(variant.track_every)] if variant.track_every else []
+            assert [*variant.train_flags(), *chunks] == recorded, kind
         checked.add(kind)
     assert len(checked) >= 10
     for variants, record in ((VARIANTS, "results.json"), (NORM_VARIANTS, os.path.join("norm", "results.json"))):
