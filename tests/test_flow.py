@@ -269,8 +269,8 @@ def test_quality_held_out_loss_scores_a_flow_model_on_its_velocity(flow_pipe):
 def test_objective_study_records_rebuild_their_table_and_were_trained_with_its_flags(tmp_path):
     import shutil
 
-    from nala_diffusion.eval.study import main as study_main
     from nala_diffusion.eval.studies.objective import ATTENTION, OBJECTIVE_KINDS, tables
+    from nala_diffusion.eval.study import main as study_main
 
     records = REPO / "docs" / "results" / "objective"
     results = json.loads((records / "results.json").read_text())
