@@ -2,18 +2,17 @@
 (saved scheduler, sampling, exact resume, the refused mixtures), and a SiT checkpoint as --init_from."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import test_train
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
-from PIL import Image
 from safetensors.torch import load_file
 from sit_reference import random_sit
+from test_train import base_args, train
 
 from nala_diffusion import NaLaDiTPipeline
 from nala_diffusion.diffusion.objectives import model_timestep, to_scheduler_velocity, training_objective
@@ -23,33 +22,11 @@ SCRIPT = str(REPO / "train" / "train_nala_dit.py")
 TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, patch_size=2, norm_num_groups=1)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flowdata")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / "images" / f"class{c}").mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray((rng.random((16, 16, 3)) * 80 + c * 80).astype("uint8")).save(
-                root / "images" / f"class{c}" / f"{i}.png")
-    (root / "tiny.json").write_text(json.dumps(TINY))
-    return root
+data = test_train.data  # the training tests' image folder, as a fixture here too
 
 
 def args_for(data, out, steps=4, **extra):
-    args = ["--train_data_dir", str(data / "images"), "--resolution", "16", "--model_config", str(data / "tiny.json"),
-            "--train_batch_size", "4", "--max_train_steps", str(steps), "--output_dir", str(out), "--logging_steps", "1",
-            "--checkpointing_steps", "2", "--report_to", "none"]
-    for key, value in extra.items():
-        args += [f"--{key}"] + ([] if value is True else [str(value)])
-    return args
-
-
-def train(args, check=True):
-    result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result
+    return base_args(data, out, steps=steps, checkpointing_steps=2, **extra)
 
 
 def test_flow_objective_is_diffusers_flow_path():

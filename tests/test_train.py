@@ -38,10 +38,10 @@ def data(tmp_path_factory):
     return root
 
 
-def base_args(data, out, steps=6, **extra):
+def base_args(data, out, steps=6, checkpointing_steps=4, **extra):
     args = ["--train_data_dir", str(data / "images"), "--resolution", "16", "--model_config", str(data / "tiny.json"),
             "--train_batch_size", "4", "--max_train_steps", str(steps), "--output_dir", str(out), "--logging_steps", "1",
-            "--checkpointing_steps", "4", "--report_to", "none"]
+            "--checkpointing_steps", str(checkpointing_steps), "--report_to", "none"]
     for key, value in extra.items():
         args += [f"--{key}"] + ([] if value is True else [str(value)])
     return args

@@ -123,20 +123,23 @@ class Objective:
         """(noisy input, the model's timestep input) at ``times`` from :meth:`draw`."""
         if self.name == "ddpm":
             return self.scheduler.add_noise(x0, noise, times), times
-        scheduler_timesteps = times * self.num_train_timesteps
-        config = {"objective": "flow", "flow_convention": self.flow_convention}
-        return flow_noised(x0, noise, times), model_timestep(config, scheduler_timesteps, self.num_train_timesteps)
+        return flow_noised(x0, noise, times), model_timestep(self.config, times * self.num_train_timesteps,
+                                                             self.num_train_timesteps)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
         """What the model should output, in its own convention."""
         if self.name == "ddpm":
             return noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, times)
-        velocity = noise - x0
-        return -velocity if self.flow_convention == "sit" else velocity
+        return denoising_target(self.config, x0, noise)
+
+    @property
+    def config(self) -> dict:
+        """The model-config keys this objective stands for."""
+        return {"objective": self.name, "flow_convention": self.flow_convention}
 
     def to_common(self, output: torch.Tensor) -> torch.Tensor:
         """A prediction in the diffusers convention (for comparing models of different conventions)."""
-        return -output if self.name == "flow" and self.flow_convention == "sit" else output
+        return to_scheduler_velocity(self.config, output)
 
     def sampling_scheduler(self):
         """The scheduler a trained model is saved with: DDIM for DDPM (on the training schedule), flow-matching
