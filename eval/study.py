@@ -162,10 +162,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.model_config, encoding="utf-8") as handle:
             args.architecture = json.load(handle)
     # which kinds (and, in the retrieval study, which seeds) run is not part of the fingerprint: every
-    # run has its own folder named by kind and seed, so a study can be extended by more of them
+    # run has its own folder named by kind and seed, so a study can be extended by more of them; nor is
+    # where --model_config was read from: its content is, as "architecture"
     selection = {"retrieval": ("kinds", "seeds", "tiebreak_seed", "report_only"),
                  "objective": ("seeds", "report_only")}.get(args.study, ("kinds",))
-    fingerprint = {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite", *selection)},
+    unrecorded = ("out", "overwrite", "model_config", *selection)
+    fingerprint = {**{k: v for k, v in vars(args).items() if k not in unrecorded},
                    "code_version": code_version()}
     try:
         with output_lock(args.out, "the study folder"):

@@ -317,3 +317,26 @@ def test_highres_study_results_are_keyed_by_name_and_weights(tmp_path, monkeypat
     # the same NAME with other weights is another result too
     assert study.highres(folders["b"], out, None, None, None, name="nala")[0]["folder"] == folders["b"]
     assert study.highres(folders["a"], out, None, None, None, name="nala")[0]["folder"] == folders["a"]  # cached
+
+
+def test_a_study_folder_is_known_by_its_architecture_not_by_the_path_of_its_model_config(tmp_path, capsys):
+    from nala_diffusion.eval import study
+
+    architecture = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 8,
+                    "norm_num_groups": 1, "use_lepe": True}
+    first, moved = tmp_path / "first.json", tmp_path / "elsewhere" / "model_config.json"
+    moved.parent.mkdir()
+    first.write_text(json.dumps(architecture))
+    moved.write_text(json.dumps(architecture))
+    out = tmp_path / "study"
+
+    def report(config):
+        return study.main(["--study", "retrieval", "--out", str(out), "--report_only", "--model_config", str(config)])
+
+    assert report(first) == 2 and "no finished retrieval runs" in capsys.readouterr().err
+    (out / "runs").mkdir()  # outputs made under the first fingerprint, to protect
+    assert report(moved) == 2 and "no finished retrieval runs" in capsys.readouterr().err  # same settings
+    moved.write_text(json.dumps({**architecture, "patch_size": 4}))
+    assert report(moved) == 2
+    error = capsys.readouterr().err
+    assert "other settings" in error and "architecture" in error and "model_config" not in error
