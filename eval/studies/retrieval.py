@@ -354,7 +354,8 @@ def plot_retrieval(results: dict, path: str) -> None:
     colour = {kind: plt.get_cmap("tab20")(i % 20) for i, kind in enumerate(kinds)}
     marker = {kind: "osD^v<>"[i % 7] for i, kind in enumerate(kinds)}
     legend_columns = math.ceil(len(kinds) / 16)  # a column holds 16 kinds at this height
-    fig, axes = plt.subplots(1, 3, figsize=(17 + 2.5 * legend_columns, 4.5))
+    legend_width, width = 2.5 * legend_columns, 17 + 2.5 * legend_columns  # inches
+    fig, axes = plt.subplots(1, 3, figsize=(width, 4.5))
     for i, kind in enumerate(kinds):
         gains = [r["gain"]["mean_gain"] for r in results["runs"][kind]]
         axes[0].bar(i, sum(gains) / len(gains), color="C0", alpha=0.6)
@@ -383,6 +384,6 @@ def plot_retrieval(results: dict, path: str) -> None:
                 title="quality against cost (bars: sd over seeds)")
     # one legend for both panels (same colour and marker per kind), beside them: inside it would hide points
     fig.legend(*axes[1].get_legend_handles_labels(), loc="center right", fontsize=8, ncol=legend_columns)
-    fig.tight_layout(rect=(0, 0, 1 - 2.5 * legend_columns / (17 + 2.5 * legend_columns), 1))
+    fig.tight_layout(rect=(0, 0, 1 - legend_width / width, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
