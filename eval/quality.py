@@ -33,6 +33,7 @@ from nala_diffusion.metrics.samples import (
     guard_samples,
     sample_path,
 )
+from nala_diffusion.pipelines.sampler_flags import SCHEDULERS, set_sampler
 from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, positive_int
 from nala_diffusion.utils.locks import output_lock
 from nala_diffusion.utils.run_guard import pipeline_fingerprint
@@ -48,6 +49,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--num_samples", type=positive_int, default=1000, help='samples of the trained model (class-balanced)')
     p.add_argument("--steps", type=positive_int, default=None, help="default: the pipeline's sampling_defaults, else 50")
     p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's sampling_defaults, else 4.0")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                   help="sampler for both models, built from the pipeline's scheduler config (default: the pipeline's "
+                        "own scheduler); e.g. 'ddpm' for diffusers' stochastic DDPMScheduler")
     p.add_argument("--seed", type=int, default=0, help="image i has seed + i; also the untrained baseline's initialisation")
     p.add_argument("--untrained_samples", type=positive_int, default=None,
                    help="samples of the untrained baseline (default: --num_samples); the FID ratio uses equal counts")
@@ -87,6 +91,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.classifier is None:
         args.classifier = demo_classifier_path()
     pipe = NaLaDiTPipeline.from_pretrained(args.model)
+    try:
+        set_sampler(pipe, args.scheduler)
+    except ValueError as error:  # a DDPM sampler on a flow model, or the reverse
+        return exit_on_input_error("nala-quality", error)
     settings = pipe.sampling_settings(args.steps, args.guidance)
     args.steps, args.guidance = settings["num_inference_steps"], settings["guidance_scale"]
     try:
@@ -114,7 +122,7 @@ def evaluate(args, pipe, settings) -> int:
     extractor = features.classifier_extractor(args.classifier, torch.device("cpu"))
     real_feats = features.folder_features(real, extractor, "cpu", verbose=False)
     result = {"model": os.path.abspath(args.model), "num_samples": args.num_samples, "steps": args.steps,
-              "guidance": args.guidance, "classes": pipe.id2label,
+              "guidance": args.guidance, "scheduler": type(pipe.scheduler).__name__, "classes": pipe.id2label,
               "class_accuracy": class_accuracy(classifier, os.path.join(args.out, "trained"), labels, pipe.num_classes)}
     # exactly the images of this run's counts, whatever else the folders hold
     trained_feats = features.folder_features(os.path.dirname(trained_files[0]), extractor, "cpu", verbose=False,

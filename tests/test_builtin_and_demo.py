@@ -106,6 +106,32 @@ def test_quality_tool_reports_accuracy_and_fid_ratio(tmp_path, capsys):
     assert "steps: 2 -> 3" in capsys.readouterr().err
 
 
+def test_quality_tool_samples_both_models_with_the_scheduler_asked_for(tmp_path, capsys):
+    from diffusers import DDIMScheduler
+
+    from nala_diffusion import NaLaDiTTransformer2DModel
+    from nala_diffusion.eval import quality
+
+    torch.manual_seed(0)
+    transformer = NaLaDiTTransformer2DModel(num_layers=1, num_attention_heads=2, attention_head_dim=8, in_channels=3,
+                                            sample_size=32, patch_size=8, num_classes=10, norm_num_groups=1)
+    NaLaDiTPipeline(transformer, DDIMScheduler()).save_pretrained(tmp_path / "pipe")
+    common = ["--model", str(tmp_path / "pipe"), "--classifier", nala_diffusion.demo_classifier_path(),
+              "--num_samples", "10", "--steps", "2"]
+    assert quality.main(common + ["--out", str(tmp_path / "ddim")]) == 0
+    assert quality.main(common + ["--scheduler", "ddpm", "--out", str(tmp_path / "ddpm")]) == 0
+    assert json.loads((tmp_path / "ddim" / "quality.json").read_text())["scheduler"] == "DDIMScheduler"
+    assert json.loads((tmp_path / "ddpm" / "quality.json").read_text())["scheduler"] == "DDPMScheduler"
+    for model in ("trained", "untrained"):  # both models sampled by DDPM: other images from the same seeds
+        first = [np.asarray(PIL.Image.open(tmp_path / run / model / "samples" / "000000.png")) for run in ("ddim", "ddpm")]
+        assert (first[0] != first[1]).mean() > 0.1
+    # samples of one sampler are not mixed with another's, and a flow sampler on a DDPM model is refused
+    assert quality.main(common + ["--scheduler", "ddpm", "--out", str(tmp_path / "ddim")]) == 2
+    assert 'scheduler: "DDIMScheduler" -> "DDPMScheduler"' in capsys.readouterr().err
+    assert quality.main(common + ["--scheduler", "flow_euler", "--out", str(tmp_path / "flow")]) == 2
+    assert "FlowMatchEulerDiscreteScheduler" in capsys.readouterr().err
+
+
 def test_shipped_demo_pipeline_loads_and_samples():
     pipe = NaLaDiTPipeline.from_pretrained(nala_diffusion.demo_pipeline_path())
     assert pipe.num_classes == 10 and pipe.labels["cat"] == 1
