@@ -264,3 +264,22 @@ def test_objective_study_records_rebuild_their_table_and_were_trained_with_its_f
     rebuilt = (copy / "results.md").read_text().splitlines()[1:]  # the first line is the command
     assert rebuilt == (records / "results.md").read_text().splitlines()[1:]
     assert not (copy / "real").exists() and not (copy / "samples").exists()
+
+
+def test_stochastic_sampler_table_of_the_objective_study_is_its_records():
+    """docs/results.md's table of the DDPM models sampled with DDPMScheduler holds the means and sample
+    sds of the nala-quality records beside it."""
+    import statistics
+
+    records = REPO / "docs" / "results" / "objective" / "stochastic_ddpm"
+    text = (REPO / "docs" / "results.md").read_text()
+    for steps in (10, 25, 50, 100):
+        runs = [json.loads((records / f"ddpm_s{seed}_steps{steps}.json").read_text()) for seed in (0, 1)]
+        assert {run["scheduler"] for run in runs} == {"DDPMScheduler"} and {run["steps"] for run in runs} == {steps}
+        assert all(run["num_samples"] == 200 and run["guidance"] == 2.0 for run in runs)
+        cells = []
+        for key in ("class_accuracy", "fid_trained", "kid_trained", "is_mean_trained", "precision_trained",
+                    "recall_trained"):
+            values = [run[key]["accuracy"] if key == "class_accuracy" else run[key] for run in runs]
+            cells.append(f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}")
+        assert f"| ddpm | DDPMScheduler | {steps} | 2 | " + " | ".join(cells) + " |" in text
