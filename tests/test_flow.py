@@ -268,8 +268,8 @@ def test_objective_study_records_rebuild_their_table_and_were_trained_with_its_f
 
 def test_stochastic_sampler_table_of_the_objective_study_is_its_records():
     """docs/results.md's table of the DDPM models sampled with DDPMScheduler holds the means and sample
-    sds of the nala-quality records beside it."""
-    import statistics
+    sds of the nala-quality records beside it, as the studies format them."""
+    from nala_diffusion.eval.studies.common import mean_std
 
     records = REPO / "docs" / "results" / "objective" / "stochastic_ddpm"
     text = (REPO / "docs" / "results.md").read_text()
@@ -281,5 +281,5 @@ def test_stochastic_sampler_table_of_the_objective_study_is_its_records():
         for key in ("class_accuracy", "fid_trained", "kid_trained", "is_mean_trained", "precision_trained",
                     "recall_trained"):
             values = [run[key]["accuracy"] if key == "class_accuracy" else run[key] for run in runs]
-            cells.append(f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}")
+            cells.append(mean_std(values))
         assert f"| ddpm | DDPMScheduler | {steps} | 2 | " + " | ".join(cells) + " |" in text
