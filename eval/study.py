@@ -98,6 +98,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--pairs_layout", choices=sorted(retrieval.DATASETS), default="tiles",
                    help="--study retrieval: the task, 'tiles' (builtin:pairs, tile mosaics) or 'crops' "
                         "(builtin:pairs_crops, one photograph crop per half)")
+    p.add_argument("--track_every", type=int, default=0, metavar="STEPS",
+                   help="--study retrieval: train every scratch kind in chunks of STEPS steps (resumed exactly) and measure "
+                        "its partner mass after each chunk (default 0: only at the end; kinds that track already keep "
+                        "their own interval)")
+    p.add_argument("--cost_tokens", type=int, default=None, metavar="TOKENS",
+                   help="--study retrieval: the token count of the forward-cost timing (default 16384)")
     p.add_argument("--retrieval_images", type=int, default=300,
                    help="--study retrieval: held-out images of each set (paired, unpaired) for the retrieval gain")
     p.add_argument("--crops_per_image", type=int, default=16, help='crops per built-in photograph in the training data')
@@ -164,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # which kinds (and, in the retrieval study, which seeds) run is not part of the fingerprint: every
     # run has its own folder named by kind and seed, so a study can be extended by more of them; nor is
     # where --model_config was read from: its content is, as "architecture"
-    selection = {"retrieval": ("kinds", "seeds", "tiebreak_seed", "report_only"),
+    selection = {"retrieval": ("kinds", "seeds", "tiebreak_seed", "report_only", "track_every", "cost_tokens"),
                  "objective": ("seeds", "report_only")}.get(args.study, ("kinds",))
     unrecorded = ("out", "overwrite", "model_config", *selection)
     fingerprint = {**{k: v for k, v in vars(args).items() if k not in unrecorded},

@@ -188,8 +188,9 @@ def retrieval_study(args, argv) -> dict:
                            args.steps, seed, args, dataset=dataset)
             info = train(args.out, name, variant.train_flags(anchor["folder"]), variant.steps(args.steps), seed, args,
                          dataset=dataset)
-        elif variant.track_every:
-            info = tracked_train(args, name, variant.train_flags(), seed, dataset, variant.track_every)
+        elif variant.track_every or getattr(args, "track_every", 0):
+            every = variant.track_every or args.track_every
+            info = tracked_train(args, name, variant.train_flags(), seed, dataset, every)
         else:
             info = train(args.out, name, variant.train_flags(), args.steps, seed, args, dataset=dataset)
         path = os.path.join(args.out, "scores", f"{name}.json")
@@ -215,7 +216,8 @@ def retrieval_study(args, argv) -> dict:
     results["missing"] = missing
     if not results["runs"]:
         raise ValueError(f"no finished retrieval runs in {args.out}: run without --report_only to train them")
-    results["forward_cost"] = forward_costs(args.out, list(results["runs"]))
+    results["forward_cost"] = forward_costs(args.out, list(results["runs"]),
+                                            getattr(args, "cost_tokens", None) or COST_TOKENS)
     plot_retrieval(results, os.path.join(args.out, "retrieval_gain.png"))
     return results
 
