@@ -43,6 +43,7 @@ from nala_diffusion.pipelines.sampler_flags import (
     add_guidance_args,
     guidance_kwargs,
     set_sampler,
+    use_dit_timesteps,
 )
 from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, positive_int
 from nala_diffusion.utils.distributed import use_cpu_processes
@@ -166,6 +167,8 @@ def run_sampling(args, state: PartialState) -> dict:
                              "(the one saved with it, or --scheduler flow_euler / flow_heun) and --steps")
         apply_dit_protocol(args, learned_variance=pipe.transformer.out_channels == 2 * config.in_channels)
     set_sampler(pipe, args.scheduler, args.learned_variance)
+    if args.protocol == "dit":
+        use_dit_timesteps(pipe)
     guidance = guidance_kwargs(args)
     pipe.check_guidance(**guidance)
     if args.labels and args.label_draw:

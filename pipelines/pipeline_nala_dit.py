@@ -22,16 +22,28 @@ from diffusers.utils.torch_utils import randn_tensor
 # pipeline folders saved before the sub-packages name this module as the transformer's library, and
 # diffusers loads a component only from a module that is already imported
 import nala_diffusion.model  # noqa: F401
-from nala_diffusion.diffusion.objectives import check_scheduler, model_timestep, to_scheduler_velocity
+from nala_diffusion.diffusion.objectives import (
+    check_scheduler,
+    clipping_step_kwargs,
+    model_timestep,
+    to_scheduler_velocity,
+)
 from nala_diffusion.models.loading import check_loaded_weights
 from nala_diffusion.models.norm_awareness import warn_if_uncalibrated
 from nala_diffusion.models.sharpness import attention_sharpness_of, set_attention_sharpness
 from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel
 from nala_diffusion.pipelines import inputs
 from nala_diffusion.pipelines.attention_sharpness import SharpnessArg, set_sharpness_for_size
+from nala_diffusion.pipelines.folder_loading import (
+    HUB_KEYS,
+    MODEL_KEYS,
+    load_components,
+    local_pipeline_folder,
+    refuse_remote_code,
+)
 from nala_diffusion.pipelines.guidance import GuidanceSchedule
 from nala_diffusion.pipelines.inputs import LabelArg
-from nala_diffusion.pipelines.loader_file import carries_own_loader, write_loader_file
+from nala_diffusion.pipelines.loader_file import write_loader_file
 from nala_diffusion.utils.files import follow_umask
 
 # what ``__call__`` uses when neither the call nor the pipeline's ``sampling_defaults`` say otherwise (DiT's)
@@ -123,19 +135,30 @@ class NaLaDiTPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """``DiffusionPipeline.from_pretrained``, then a check of every loaded model: a missing tensor
-        (left uninitialised by diffusers, with only a warning) or a NaN/inf value raises a
-        ``ValueError`` naming it. A folder's loader file (:mod:`~nala_diffusion.pipelines.loader_file`)
-        is trusted without ``trust_remote_code`` only when all it does is import this package's pipeline."""
-        if not kwargs.get("trust_remote_code") and carries_own_loader(pretrained_model_name_or_path, kwargs):
-            kwargs["trust_remote_code"] = True  # the folder's loader file imports this installed package, nothing else
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if not isinstance(pipe, cls):  # the loader file names the base class; a subclass takes its components
-            pipe = cls(**pipe.components, id2label=pipe.id2label, sampling_defaults=pipe.config.get("sampling_defaults"))
-            pipe.register_to_config(_name_or_path=pretrained_model_name_or_path)
-        for name, component in pipe.components.items():
-            if isinstance(component, torch.nn.Module):
-                check_loaded_weights(component, os.path.join(str(pretrained_model_name_or_path), name))
+        """A pipeline of this class from a folder or Hub id, built from its components without running any
+        file of it (:mod:`~nala_diffusion.pipelines.folder_loading`): only ``diffusers`` and ``nala_diffusion``
+        classes named in ``model_index.json`` are loaded, safetensors weights only; ``custom_pipeline`` and
+        ``trust_remote_code`` are refused. Takes diffusers' keywords (``dtype``/``torch_dtype``, ``variant``,
+        ``revision``, ``cache_dir``, ``token``, ``local_files_only``, components such as ``scheduler=``).
+        Every loaded model is checked: a missing tensor or a NaN/inf value raises a ``ValueError`` naming it."""
+        refuse_remote_code(cls.__name__, kwargs)
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("use_safetensors=False: NaLa pipelines load safetensors weights only (pickled "
+                             "checkpoints can run code)")
+        modules, optional = cls._get_signature_keys(cls)
+        known = {*HUB_KEYS, *MODEL_KEYS, "dtype", "torch_dtype", "variant", "use_safetensors", "custom_pipeline",
+                 "trust_remote_code", *modules, *optional}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}.from_pretrained: unknown keyword arguments {unknown}")
+        name = os.fspath(pretrained_model_name_or_path)
+        folder = local_pipeline_folder(name, kwargs)
+        components, others = load_components(cls, folder, kwargs)
+        for key, component in components.items():
+            if isinstance(component, torch.nn.Module) and key not in kwargs:
+                check_loaded_weights(component, os.path.join(name, key))
+        pipe = cls(**components, **others)
+        pipe.register_to_config(_name_or_path=name)
         return pipe
 
     def sampling_settings(
@@ -246,8 +269,11 @@ class NaLaDiTPipeline(DiffusionPipeline):
 
     # -- the denoising loop, shared with the high-resolution pipeline -----------------------------
     def _step_kwargs(self, generator) -> Dict[str, Any]:
+        """Keywords of ``scheduler.step``: the generator, and where the scheduler clips its predicted x0,
+        what keeps its step consistent (:func:`~nala_diffusion.diffusion.objectives.clipping_step_kwargs`)."""
         accepted = set(inspect.signature(self.scheduler.step).parameters)
-        return {"generator": generator} if "generator" in accepted else {}
+        kwargs: Dict[str, Any] = {"generator": generator} if "generator" in accepted else {}
+        return {**kwargs, **clipping_step_kwargs(self.scheduler)}
 
     def denoise(
         self,

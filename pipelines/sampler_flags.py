@@ -33,6 +33,14 @@ GUIDANCE_CHANNEL_CHOICES = ("all", "3")
 #: what ``--protocol dit`` fixes: DiT's evaluation (Peebles & Xie 2023, sample_ddp.py): 250 DDPM steps,
 #: the learned variance, classifier-free guidance 1.5 on the first 3 latent channels
 DIT_PROTOCOL = {"steps": 250, "scheduler": "ddpm", "guidance": 1.5, "guidance_channels": "3"}
+#: DiT's respacing, ``space_timesteps(1000, "250")``, visits round(i * 999 / 249): 999, 995, ..., 4, 0, which is
+#: diffusers' ``linspace`` spacing (its default ``leading`` visits 996 ... 0)
+DIT_TIMESTEP_SPACING = "linspace"
+
+
+def use_dit_timesteps(pipe) -> None:
+    """Give ``pipe`` its scheduler with DiT's timestep spacing (:data:`DIT_TIMESTEP_SPACING`)."""
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=DIT_TIMESTEP_SPACING)
 
 
 def add_guidance_args(parser) -> None:

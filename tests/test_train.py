@@ -205,6 +205,10 @@ def test_latent_space_with_cached_latents(data, tmp_path):
     pipe = NaLaDiTPipeline.from_pretrained(out)
     assert pipe.vae is not None and pipe.transformer.config.in_channels == 4 and pipe.transformer.config.sample_size == 8
     assert pipe([1], num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+    # latents are not clipped to [-1, 1]: the saved DDIM does not clip, so its steps need no clipping fix
+    from nala_diffusion.diffusion.objectives import clipping_step_kwargs
+
+    assert pipe.scheduler.config.clip_sample is False and clipping_step_kwargs(pipe.scheduler) == {}
     # another VAE at the same path: resume is refused, and a new run does not reuse the old latents
     torch.manual_seed(1)
     type(vae)(**vae.config).save_pretrained(tmp_path / "vae")

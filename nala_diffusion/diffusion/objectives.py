@@ -189,3 +189,18 @@ def noise_schedule_for(config: Mapping[str, Any], scheduler):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(scheduler.config)
+
+
+def clipping_step_kwargs(scheduler) -> dict:
+    """Keywords that make a scheduler's step consistent where it clips its predicted x0 (pixel space,
+    ``clip_sample`` or ``thresholding``): for DDIM, ``use_clipped_model_output=True``, so that the noise is
+    recomputed from the clipped x0 as DiT's and ADM's ``ddim_sample`` do. diffusers' default keeps the
+    unclipped noise beside the clipped x0, and the mismatch grows with the number of steps. DDPM's step needs
+    nothing (its posterior mean is computed from the clipped x0); other schedulers get no keywords."""
+    import inspect
+
+    config = scheduler.config
+    clips = bool(config.get("clip_sample") or config.get("thresholding"))
+    if clips and "use_clipped_model_output" in inspect.signature(scheduler.step).parameters:
+        return {"use_clipped_model_output": True}
+    return {}

@@ -159,6 +159,11 @@ def pipeline_fingerprint(model_path: str, pipe) -> Dict[str, Any]:
         "scheduler_config": _public(pipe.scheduler.config),
         "code_version": code_version(),
     }
+    from nala_diffusion.diffusion.objectives import clipping_step_kwargs
+
+    step_kwargs = clipping_step_kwargs(pipe.scheduler)
+    if step_kwargs:  # DDIM steps from the clipped x0: other samples than folders sampled before
+        fingerprint["scheduler_step"] = step_kwargs
     if transformer_config.get("objective", "ddpm") != "ddpm":
         fingerprint["objective"] = transformer_config["objective"]
     if getattr(pipe, "vae", None) is not None:
