@@ -54,7 +54,8 @@ def evenly(count: int, total: int) -> list:
 @torch.no_grad()
 def heldout_mse(model, scheduler, images: torch.Tensor, labels: torch.Tensor, timesteps: Sequence[int], seed: int,
                 batch_size: int = 64) -> Dict[int, float]:
-    """MSE of the prediction per timestep on the mean channels (epsilon; a flow model's velocity), noise fixed
+    """MSE of the prediction per timestep on the mean channels (the target of the model's prediction type: epsilon
+    or v; a flow model's velocity), noise fixed
     by ``seed`` (the same for any model and for the paired and unpaired sets)."""
     from nala_diffusion.diffusion.noising import noised_copies
     from nala_diffusion.diffusion.objectives import denoising_target
@@ -64,7 +65,7 @@ def heldout_mse(model, scheduler, images: torch.Tensor, labels: torch.Tensor, ti
     for t in timesteps:
         noisy, noise, steps = noised_copies(scheduler, images, [t], torch.Generator().manual_seed(seed + int(t)),
                                             model.config)
-        target = denoising_target(model.config, images, noise)
+        target = denoising_target(model.config, images, noise, scheduler, steps)
         errors = []
         for start in range(0, len(images), batch_size):
             part = slice(start, start + batch_size)

@@ -28,8 +28,12 @@ from nala_diffusion.models.sources import (
 DIT_PIPELINES = ("DiTPipeline",)
 
 
-def _id2label_of(pipeline) -> Optional[Dict[int, str]]:
-    """A loaded DiT pipeline's class names: from its config, else rebuilt from ``labels`` (name -> id)."""
+def _id2label_of(pipeline, num_classes: int) -> Optional[Dict[int, str]]:
+    """A loaded DiT pipeline's class names as the source had them: from its config, else from the
+    ``model_index.json`` of the folder or id it was loaded from. A pipeline built in memory keeps only
+    ``labels`` (name -> id, sorted by name, one id per name): rebuilt from it, every class it lost (a name of
+    two classes, such as ImageNet's "crane", names only the last) is named by its ImageNet synset or
+    ``"class <id>"``, with a warning saying to pass ``id2label``."""
     labels = pipeline.config.get("id2label") if hasattr(pipeline, "config") else None
     if labels:
         return {int(k): str(v) for k, v in labels.items()}
@@ -44,7 +48,21 @@ def _id2label_of(pipeline) -> Optional[Dict[int, str]]:
     names: Dict[int, list] = {}
     for name, class_id in (getattr(pipeline, "labels", None) or {}).items():
         names.setdefault(int(class_id), []).append(name)
-    return {k: ", ".join(v) for k, v in sorted(names.items())} or None
+    if not names:
+        return None
+    lost = [i for i in range(num_classes) if i not in names]
+    if lost:
+        import warnings
+
+        from nala_diffusion.data.classes import IMAGENET_NUM_CLASSES, imagenet_synsets
+        synsets = imagenet_synsets() if num_classes == IMAGENET_NUM_CLASSES else None
+        for i in lost:
+            names[i] = [synsets[i] if synsets else f"class {i}"]
+        warnings.warn(f"the DiT pipeline was built in memory, and its labels (one id per name) lost every name of "
+                      f"{len(lost)} class(es) ({lost[:10]}): they are named by {'synset' if synsets else 'id'}, and "
+                      "synonyms are in alphabetical order. Pass id2label= (the source's model_index.json entry) to "
+                      "keep the names as the source had them", stacklevel=3)
+    return {k: ", ".join(v) for k, v in sorted(names.items())}
 
 
 def _scheduler_of(name: str, index: dict, revision: Optional[str]):
@@ -64,6 +82,7 @@ def convert_dit_pipeline_to_nala(
     revision: Optional[str] = None,
     dtype: Optional[torch.dtype] = None,
     pipeline_class: Optional[Type] = None,
+    id2label: Optional[Dict[int, str]] = None,
     **convert_kwargs,
 ):
     """A :class:`~nala_diffusion.NaLaDiTPipeline` from a diffusers DiT pipeline: the source's VAE,
@@ -75,6 +94,8 @@ def convert_dit_pipeline_to_nala(
         revision: the Hub revision of ``pipeline`` when it is an id.
         dtype: the dtype to load the weights in (default: float32).
         pipeline_class: the class to build (default ``NaLaDiTPipeline``; e.g. ``NaLaDiTHighResPipeline``).
+        id2label: the class names to keep (default: the source's ``id2label``; a ``DiTPipeline`` built in
+            memory keeps only its ``labels``, from which names shared by two classes cannot be recovered).
         convert_kwargs: keyword arguments of :func:`~nala_diffusion.convert_dit_to_nala`
             (``attention_type``, ``softmax_layers``, ``calibration_inputs``, options ...).
     """
@@ -98,11 +119,11 @@ def convert_dit_pipeline_to_nala(
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", use_safetensors=True, dtype=dtype,
                                             **hub_options(name, revision)) if has_vae else None
         scheduler = _scheduler_of(name, index, revision)
-        id2label = pipeline_id2label(index)
+        id2label = id2label or pipeline_id2label(index)
     else:
         transformer, scheduler = pipeline.transformer, pipeline.scheduler
         vae = getattr(pipeline, "vae", None)
-        id2label = _id2label_of(pipeline)
+        id2label = id2label or _id2label_of(pipeline, transformer.config.num_embeds_ada_norm or 1000)
     nala = convert_dit_to_nala(transformer, **convert_kwargs)
     return pipeline_class(transformer=nala, scheduler=scheduler, vae=vae, id2label=id2label)
 

@@ -9,6 +9,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
+from nala_diffusion.data.classes import refuse_ambiguous
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 LabelArg = Union[int, str, Sequence[Union[int, str]]]
 
@@ -51,8 +53,10 @@ def names_to_ids(id2label: Mapping[int, str]) -> Dict[str, int]:
     return {name.strip(): k for k, v in id2label.items() for name in v.split(",") if name.strip()}
 
 
-def label_ids(labels: LabelArg, names: Mapping[str, int], num_classes: int) -> List[int]:
-    """Class ids for labels given as ids, names (``names``: name -> id) or a list of either."""
+def label_ids(labels: LabelArg, names: Mapping[str, int], num_classes: int,
+              id2label: Optional[Mapping[int, str]] = None) -> List[int]:
+    """Class ids for labels given as ids, names (``names``: name -> id) or a list of either; with
+    ``id2label``, a name of several classes is refused, listing them."""
     if isinstance(labels, (int, str)) or torch.is_tensor(labels) and labels.ndim == 0:
         labels = [labels]
     labels = flatten_labels(labels)
@@ -61,6 +65,8 @@ def label_ids(labels: LabelArg, names: Mapping[str, int], num_classes: int) -> L
     ids = []
     for label in labels:
         if isinstance(label, str):
+            if id2label is not None:
+                refuse_ambiguous([label], id2label, "class_labels: the name", lower=False)
             if label not in names:
                 known = ", ".join(sorted(names)[:20]) or "none: this pipeline has no id2label"
                 raise ValueError(f"class_labels: unknown label name {label!r}; known names: {known}")

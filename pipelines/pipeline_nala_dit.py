@@ -180,7 +180,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
 
     def get_label_ids(self, labels: LabelArg) -> List[int]:
         """Class ids for labels given as ids, names from ``id2label``, or a list of either."""
-        return inputs.label_ids(labels, self.labels, self.num_classes)
+        return inputs.label_ids(labels, self.labels, self.num_classes, self.id2label)
 
     @property
     def size_unit(self) -> int:

@@ -34,7 +34,8 @@ ENTROPY_KIND = {"softmax": "softmax", "relu_linear": "relu_linear", "elu_linear"
 @torch.no_grad()
 def heldout_loss(pipe: NaLaDiTPipeline, test, seed: int = 0) -> float:
     """MSE of the model's prediction on the test crops, one fixed timestep and noise per crop (the same for
-    every model): epsilon for DDPM models, the velocity for flow models (whose loss is on another scale)."""
+    every model): the target of the model's prediction type for DDPM models (epsilon, v), the velocity for
+    flow models (whose loss is on another scale)."""
     from nala_diffusion.diffusion.noising import noised_at
     from nala_diffusion.diffusion.objectives import denoising_target, noise_schedule_for
 
@@ -48,7 +49,7 @@ def heldout_loss(pipe: NaLaDiTPipeline, test, seed: int = 0) -> float:
     for part in torch.arange(len(images)).split(250):
         noisy, steps = noised_at(scheduler, images[part], noise[part], timesteps[part], model.config)
         prediction = model(noisy, timestep=steps, class_labels=labels[part]).sample[:, :3]
-        target = denoising_target(model.config, images[part], noise[part])
+        target = denoising_target(model.config, images[part], noise[part], scheduler, timesteps[part])
         total += float((prediction - target).square().mean(dim=(1, 2, 3)).sum())
     return total / len(images)
 

@@ -28,8 +28,43 @@ def imagenet_synsets() -> List[str]:
 
 
 def label_names(id2label: Dict[int, str]) -> Dict[str, int]:
-    """Every name of ``id2label`` (DiT writes synonyms as ``"tench, Tinca tinca"``), lower-cased, -> id."""
+    """Every name of ``id2label`` (DiT writes synonyms as ``"tench, Tinca tinca"``), lower-cased, -> id.
+    A name of several classes maps to one of them: check :func:`ambiguous_names` first."""
     return {name.strip().lower(): k for k, v in id2label.items() for name in str(v).split(",") if name.strip()}
+
+
+def ambiguous_names(id2label: Dict[int, str], lower: bool = True) -> Dict[str, List[int]]:
+    """The names of ``id2label`` that name more than one class (ImageNet's "crane" is 134, the bird, and
+    517, the machine), -> their ids."""
+    ids: Dict[str, List[int]] = {}
+    for k, v in sorted(id2label.items()):
+        for name in str(v).split(","):
+            name = name.strip().lower() if lower else name.strip()
+            if name and int(k) not in ids.setdefault(name, []):
+                ids[name].append(int(k))
+    return {name: found for name, found in ids.items() if len(found) > 1}
+
+
+def describe_ids(ids: Sequence[int], id2label: Optional[Dict[int, str]] = None) -> str:
+    """Class ids as a reader can tell them apart: with their ImageNet synset (1,000-class models) and names."""
+    synsets = imagenet_synsets() if id2label is not None and len(id2label) == IMAGENET_NUM_CLASSES else None
+    parts = []
+    for i in ids:
+        what = [synsets[i]] if synsets else []
+        if id2label is not None and id2label.get(i):
+            what.append(repr(id2label[i]))
+        parts.append(f"{i} ({', '.join(what)})" if what else str(i))
+    return "; ".join(parts)
+
+
+def refuse_ambiguous(names: Sequence[str], id2label: Dict[int, str], what: str, lower: bool = True) -> None:
+    """A ``ValueError`` for the first of ``names`` that names several classes of ``id2label``, listing them."""
+    ambiguous = ambiguous_names(id2label, lower)
+    for name in names:
+        key = str(name).strip().lower() if lower else str(name).strip()
+        if key in ambiguous:
+            raise ValueError(f"{what} {name!r} names {len(ambiguous[key])} classes: "
+                             f"{describe_ids(ambiguous[key], id2label)}; give the class id (or its synset) instead")
 
 
 def map_classes(classes: Sequence[str], num_classes: int, id2label: Optional[Dict[int, str]] = None,
@@ -56,6 +91,7 @@ def map_classes(classes: Sequence[str], num_classes: int, id2label: Optional[Dic
     if id2label:
         names = label_names(id2label)
         if all(c.strip().lower() in names for c in classes):
+            refuse_ambiguous(classes, id2label, "the class folder")
             return {i: names[c.strip().lower()] for i, c in enumerate(classes)}
     unknown = [c for c in classes if c.strip().lower() not in label_names(id2label or {})
                and not (num_classes == IMAGENET_NUM_CLASSES and c in imagenet_synsets())]

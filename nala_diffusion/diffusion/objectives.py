@@ -129,7 +129,7 @@ class Objective:
     def target(self, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
         """What the model should output, in its own convention."""
         if self.name == "ddpm":
-            return noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, times)
+            return denoising_target(self.config, x0, noise, self.scheduler, times)
         return denoising_target(self.config, x0, noise)
 
     @property
@@ -171,11 +171,23 @@ def training_objective(config: Mapping[str, Any], *, prediction_type: str = "eps
                      num_train_timesteps, flow_convention_of(config), weighting_scheme, logit_mean, logit_std, mode_scale)
 
 
-def denoising_target(config: Mapping[str, Any], x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def denoising_target(config: Mapping[str, Any], x0: torch.Tensor, noise: torch.Tensor, scheduler=None,
+                     timesteps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """What the model predicts for ``x0`` noised with ``noise``, in its own convention, for the tools that
-    score predictions at fixed timesteps: the noise (DDPM) or the velocity (flow; SiT's sign for SiT's)."""
+    score predictions at fixed timesteps: a DDPM model's target by its scheduler's ``prediction_type`` (the
+    noise; v = sqrt(abar) noise - sqrt(1 - abar) x0 at ``timesteps``; x0 for ``"sample"``), a flow model's
+    velocity (SiT's sign for SiT's)."""
     if objective_of(config) != "flow":
-        return noise
+        prediction_type = scheduler.config.get("prediction_type", "epsilon") if scheduler is not None else "epsilon"
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "sample":
+            return x0
+        if prediction_type == "v_prediction":
+            if timesteps is None:
+                raise ValueError("the v-prediction target depends on the timestep: pass timesteps")
+            return scheduler.get_velocity(x0, noise, timesteps.to(x0.device))
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
     velocity = noise - x0
     return -velocity if flow_convention_of(config) == "sit" else velocity
 

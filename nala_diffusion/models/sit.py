@@ -23,7 +23,7 @@ import math
 import os
 import pickle
 import re
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -43,6 +43,13 @@ def looks_like_checkpoint_file(name: Union[str, os.PathLike, None]) -> bool:
 def load_sit_state_dict(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     """A SiT state dict from a file or a mapping; a training checkpoint's ``"ema"`` weights (else its
     ``"model"``) are taken, DDP's ``module.`` prefix removed."""
+    return read_sit_checkpoint(source)[0]
+
+
+def read_sit_checkpoint(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]]) -> Tuple[Dict[str, torch.Tensor],
+                                                                                             Optional[int]]:
+    """(the state dict of :func:`load_sit_state_dict`, the class count a training checkpoint's ``args`` records
+    (SiT's train.py saves ``--num-classes`` there), or None)."""
     if isinstance(source, Mapping):
         state = dict(source)
         where = "the state dict"
@@ -64,6 +71,10 @@ def load_sit_state_dict(source: Union[str, os.PathLike, Mapping[str, torch.Tenso
                     f"{path!r} is not a checkpoint of weights only: torch.load(weights_only=True) refused it "
                     f"({str(error).splitlines()[0]}). Pickled objects can run code, so they are not loaded; save "
                     "the state dict alone (torch.save(model.state_dict(), ...)) or as .safetensors") from None
+    args = state.get("args")
+    num_classes = getattr(args, "num_classes", None) if args is not None else None
+    if isinstance(args, Mapping):
+        num_classes = args.get("num_classes")
     for wrapper in ("ema", "model", "state_dict"):
         if isinstance(state.get(wrapper), Mapping):
             state = dict(state[wrapper])
@@ -73,13 +84,15 @@ def load_sit_state_dict(source: Union[str, os.PathLike, Mapping[str, torch.Tenso
     if missing:
         raise ValueError(f"{where} is not a SiT checkpoint (models.py of github.com/willisma/SiT): it lacks {missing}; "
                          f"its first keys are {sorted(state)[:5]}")
-    return state
+    return state, (int(num_classes) if num_classes is not None else None)
 
 
-def sit_config(state: Mapping[str, torch.Tensor], num_attention_heads: Optional[int] = None) -> Dict[str, Any]:
+def sit_config(state: Mapping[str, torch.Tensor], num_attention_heads: Optional[int] = None,
+               num_classes: Optional[int] = None) -> Dict[str, Any]:
     """The NaLa DiT config (softmax attention, SiT's conventions) of a SiT state dict, from its tensor
     shapes: depth, width, patch size, channels, classes, learned sigma, input size; heads from
-    ``num_attention_heads`` or SiT's size table."""
+    ``num_attention_heads`` or SiT's size table; the class count from ``num_classes`` (a training
+    checkpoint's ``args``) where given, which must explain the label table's rows."""
     hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
@@ -101,12 +114,29 @@ def sit_config(state: Mapping[str, torch.Tensor], num_attention_heads: Optional[
                          "num_attention_heads")
     if hidden % heads:
         raise ValueError(f"num_attention_heads {heads} does not divide the SiT's width {hidden}")
-    classes = state["y_embedder.embedding_table.weight"].shape[0] - 1  # the last row: the null class (dropout > 0)
+    rows = state["y_embedder.embedding_table.weight"].shape[0]
+    classes = sit_classes(rows, num_classes)
     return {"num_attention_heads": int(heads), "attention_head_dim": int(hidden // heads),
             "in_channels": int(in_channels), "out_channels": int(out_channels), "num_layers": int(depth),
             "sample_size": int(grid * patch), "patch_size": int(patch), "num_classes": int(classes),
             "norm_eps": 1e-6, "attention_type": "softmax", "objective": "flow", "flow_convention": "sit",
             "timestep_freq_shift": 0}
+
+
+def sit_classes(rows: int, num_classes: Optional[int]) -> int:
+    """The class count of a SiT label table of ``rows`` rows. SiT's ``LabelEmbedder`` adds a last row, the
+    null class of classifier-free guidance, only when trained with class dropout > 0; without ``num_classes``
+    (a bare state dict, as SiT releases them) that row is assumed, as every released SiT has it."""
+    if num_classes is None:
+        return rows - 1
+    if rows == num_classes + 1:
+        return num_classes
+    if rows == num_classes:
+        raise ValueError(f"the SiT was trained with {num_classes} classes and class dropout 0: its label table has no "
+                         "null-class row, so it has no unconditional prediction for classifier-free guidance, which "
+                         "the NaLa DiT's null class stands for. Fine-tune a SiT with class dropout (its default 0.1)")
+    raise ValueError(f"the SiT's label table has {rows} rows, which {num_classes} classes (its checkpoint's args) "
+                     f"cannot explain: expected {num_classes + 1} (with the null class) or {num_classes}")
 
 
 def sit_to_dit_keys(state: Mapping[str, torch.Tensor], depth: int) -> Dict[str, torch.Tensor]:
@@ -128,6 +158,16 @@ def sit_to_dit_keys(state: Mapping[str, torch.Tensor], depth: int) -> Dict[str, 
             out[f"{block}ff.net.0.proj.{part}"] = state[f"{sit}mlp.fc1.{part}"]
             out[f"{block}ff.net.2.{part}"] = state[f"{sit}mlp.fc2.{part}"]
         out[f"{block}norm1.emb.class_embedder.embedding_table.weight"] = state["y_embedder.embedding_table.weight"]
+    placed = {"pos_embed", *(f"{prefix}.{part}" for prefix in (
+        "x_embedder.proj", "final_layer.adaLN_modulation.1", "final_layer.linear", "t_embedder.mlp.0", "t_embedder.mlp.2",
+        *(f"blocks.{i}.{name}" for i in range(depth) for name in (
+            "adaLN_modulation.1", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))) for part in ("weight", "bias")),
+        "y_embedder.embedding_table.weight"}
+    unused = sorted(set(state) - placed)
+    if unused:
+        raise ValueError(f"the SiT state dict has {len(unused)} tensor(s) the DiT layout has no place for: "
+                         f"{unused[:8]}{' ...' if len(unused) > 8 else ''}. It is another network (SiT's models.py "
+                         "has none of them, e.g. no q_norm/k_norm); nothing was converted")
     return {k: v.detach().float().clone() for k, v in out.items()}
 
 
@@ -136,8 +176,8 @@ def load_sit(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]], num_at
     conventions kept in the config)."""
     from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel
 
-    state = load_sit_state_dict(source)
-    config = sit_config(state, num_attention_heads)
+    state, num_classes = read_sit_checkpoint(source)
+    config = sit_config(state, num_attention_heads, num_classes)
     model = NaLaDiTTransformer2DModel(**config)
     table = model.pos_embed.pos_embed  # diffusers' sin-cos table: SiT's fixed one (MAE's), checked, not loaded
     if tuple(table.shape) != tuple(state["pos_embed"].shape) or not torch.allclose(
