@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import sys
+import time
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -37,6 +38,7 @@ from nala_diffusion.eval.timing import (  # noqa: F401
 from nala_diffusion.ops import linear_attention, nala_attention, nala_attention_explicit
 from nala_diffusion.ops.gather import readout_table_width
 from nala_diffusion.utils.cli_args import HelpFormatter
+from nala_diffusion.utils.files import write_json_atomically
 
 
 def sana_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -359,7 +361,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the compile comparison")
     p.add_argument("--device", default=None, help='device (default: cuda when available, else cpu)')
     p.add_argument("--out", default="benchmark_results", help='folder for results.json and benchmark.png')
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true",
+                   help="kernels only, at 256 and 1,024 tokens (sections op and floor): about a minute on 2 CPU cores. "
+                        "Without it every section runs, which takes tens of minutes on a CPU; results.json is "
+                        "written as each section ends")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tokens, args.sections = [256, 1024], ["op", "floor"]
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -370,31 +379,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "torch": torch.__version__, "heads": args.heads, "head_dim": args.head_dim, "repeats": args.repeats,
         "command": " ".join(["nala-bench", *(argv if argv is not None else sys.argv[1:])]),
     }
-    sections = set(args.sections) - ({"model", "diffusers", "memory", "hybrid", "compile"} if args.skip_model else set())
-    if "op" in sections:
-        results["op_level"] = op_level(args.tokens, args.heads, args.head_dim, device, args.repeats, args.max_seconds,
-                                       args.max_gib * 2**30)
-    if "floor" in sections:
-        floor_tokens = max([n for n in args.tokens if n <= 16384] or [min(args.tokens)])
-        results["matmul_floor"] = matmul_floor(floor_tokens, args.heads, args.head_dim, device, args.repeats)
-    if "model" in sections:
-        results["model_level"] = model_level(device, args.repeats, args.model_tokens, args.train_tokens,
-                                             args.train_batch, args.preset)
-    if "diffusers" in sections:
-        results["diffusers_model_level"] = diffusers_model_level(device, args.repeats, args.diffusers_tokens,
-                                                                 args.preset, args.diffusers_layers)
-    if "memory" in sections:
-        results["training_step_memory"] = training_step_memory(device, args.preset, args.memory_layers,
-                                                               args.memory_tokens)
-    if "hybrid" in sections:
-        results["hybrid_level"] = hybrid_level(device, args.repeats, args.hybrid_tokens, args.preset,
-                                               args.hybrid_softmax_layers, args.max_seconds)
-    if "compile" in sections:
-        results["compile_level"] = benchmark_compile.compile_level(device, args.repeats, args.compile_tokens,
-                                                                   args.preset, DTYPES[args.dtype])
+    sections = [name for name in SECTIONS if name in set(args.sections)
+                and not (args.skip_model and name in {"model", "diffusers", "memory", "hybrid", "compile"})]
+    runs = {
+        "op": ("op_level", lambda: op_level(args.tokens, args.heads, args.head_dim, device, args.repeats,
+                                            args.max_seconds, args.max_gib * 2**30)),
+        "floor": ("matmul_floor", lambda: matmul_floor(max([n for n in args.tokens if n <= 16384] or [min(args.tokens)]),
+                                                       args.heads, args.head_dim, device, args.repeats)),
+        "model": ("model_level", lambda: model_level(device, args.repeats, args.model_tokens, args.train_tokens,
+                                                     args.train_batch, args.preset)),
+        "diffusers": ("diffusers_model_level", lambda: diffusers_model_level(
+            device, args.repeats, args.diffusers_tokens, args.preset, args.diffusers_layers)),
+        "memory": ("training_step_memory", lambda: training_step_memory(device, args.preset, args.memory_layers,
+                                                                        args.memory_tokens)),
+        "hybrid": ("hybrid_level", lambda: hybrid_level(device, args.repeats, args.hybrid_tokens, args.preset,
+                                                        args.hybrid_softmax_layers, args.max_seconds)),
+        "compile": ("compile_level", lambda: benchmark_compile.compile_level(device, args.repeats, args.compile_tokens,
+                                                                             args.preset, DTYPES[args.dtype])),
+    }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+    for index, name in enumerate(sections):
+        print(f"[{index + 1}/{len(sections)}] section {name} ...", flush=True)
+        start = time.perf_counter()
+        key, run = runs[name]
+        results[key] = run()
+        results.setdefault("section_seconds", {})[name] = round(time.perf_counter() - start, 1)
+        write_json_atomically(os.path.join(args.out, "results.json"), results, sort_keys=False)  # kept as each ends
+        print(f"[{index + 1}/{len(sections)}] section {name} done in {time.perf_counter() - start:.0f} s; "
+              f"{args.out}/results.json updated", flush=True)
     if "op_level" in results:
         plot(results, os.path.join(args.out, "benchmark.png"))
     for name, by_tokens in results.get("op_level", {}).items():

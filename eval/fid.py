@@ -366,6 +366,11 @@ def run(args, state) -> int:
         return 0
     chosen = list(dict.fromkeys(args.metrics))
     spatial = "sfid" in chosen
+    if args.command in ("compare", "calc") and not args.feature_extractor:
+        recorded = features.recorded_classifier(args.folders[1] if args.command == "compare" else args.ref)
+        if recorded:
+            print(f"--ref was made with the domain classifier {recorded}; using it (--feature_extractor)")
+            args.feature_extractor = recorded
     extractor = features.build_extractor(args.mode, device, args.inception_weights, args.feature_extractor)
     extractor.check_metrics(chosen)
     start = time.perf_counter()

@@ -48,7 +48,8 @@ EXAMPLE_DOC_STRING = """
 
 @dataclass
 class HighResPipelineOutput(BaseOutput):
-    """Images, and per stage its ``height``, ``width``, ``steps``, ``seconds``, the first refinement
+    """Images, and per stage its ``height``, ``width``, ``steps`` (the sampler's steps), ``model_evaluations``
+    (twice the steps but one for Heun's second-order sampler), ``seconds``, the first refinement
     timestep (``start_timestep``) and, with ``attention_sharpness`` set, ``attention_report`` (training
     grid, grid and each layer's sharpness)."""
 
@@ -224,7 +225,9 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
                 latents = self.denoise(latents, class_ids, timesteps, description=description, **common)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                stage = {"height": h, "width": w, "steps": len(timesteps), "start_timestep": int(timesteps[0]),
+                order = getattr(self.scheduler, "order", 1)  # Heun visits each timestep but the last twice
+                stage = {"height": h, "width": w, "steps": (len(timesteps) + order - 1) // order,
+                         "model_evaluations": len(timesteps), "start_timestep": int(timesteps[0]),
                          "seconds": time.perf_counter() - start}
                 if report is not None:
                     stage["attention_report"] = report

@@ -49,7 +49,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="pipeline folder (save_pretrained output, a nala-train run) or Hub id; a diffusers DiT pipeline "
                              "(facebook/DiT-XL-2-256) runs unchanged (default: the shipped demo pipeline)")
     parser.add_argument("--labels", nargs="+", type=parse_label, default=None,
-                        help="class ids or names (default: every class, in order)")
+                        help="class ids or names (default: every class of a model of up to 16 classes; else 8: DiT's "
+                             "sample.py classes 207 360 387 974 88 979 417 279 for 1,000-class models, else 8 spread "
+                             "over the ids)")
     parser.add_argument("--images_per_label", "--images-per-label", type=positive_int, default=1, help='images drawn for each label')
     parser.add_argument("--height", type=positive_int, default=None, help="pixels (default: the training size)")
     parser.add_argument("--width", type=positive_int, default=None, help="pixels (default: the training size)")
@@ -80,6 +82,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="NaLa layers run the torch.compile-fused kernel (compiles on first use; pays off at many tokens)")
     parser.add_argument("--out", default="grid.png", help="PNG file to write")
     return parser.parse_args(argv)
+
+
+#: the classes sampled without --labels where a model has more than MAX_DEFAULT_LABELS: DiT's sample.py's eight
+#: ImageNet classes for 1,000-class models, else eight spread evenly over the ids
+DIT_SAMPLE_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
+MAX_DEFAULT_LABELS = 16
+
+
+def default_labels(num_classes: int) -> List[int]:
+    """Every class of a model of at most MAX_DEFAULT_LABELS classes, else eight (DIT_SAMPLE_CLASSES for 1,000)."""
+    if num_classes <= MAX_DEFAULT_LABELS:
+        return list(range(num_classes))
+    if num_classes == 1000:
+        return list(DIT_SAMPLE_CLASSES)
+    return sorted({round(i * (num_classes - 1) / 7) for i in range(8)})
 
 
 def check_args(args) -> Optional[str]:
@@ -126,7 +143,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         set_sampler(pipe, args.scheduler, args.learned_variance)
     except ValueError as error:
         return exit_on_input_error("nala-sample", error)
-    labels: List[Union[int, str]] = args.labels if args.labels is not None else list(range(pipe.num_classes))
+    labels: List[Union[int, str]] = args.labels if args.labels is not None else default_labels(pipe.num_classes)
+    if args.labels is None and len(labels) < pipe.num_classes:
+        print(f"--labels not given: sampling {len(labels)} of the model's {pipe.num_classes} classes (ids "
+              f"{' '.join(map(str, labels))}); pass --labels for others")
     height = args.height or pipe.default_sample_size
     width = args.width or pipe.default_sample_size
     count = len(labels) * args.images_per_label
@@ -153,7 +173,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     nrow = args.nrow or (args.images_per_label if args.images_per_label > 1 else min(len(labels), 8))
     save_grid_atomically(output.images.float().cpu(), args.out, nrow)
     for stage in output.stages:
-        print(f"stage {stage['height']}x{stage['width']}: {stage['steps']} steps, {stage['seconds']:.2f} s")
+        evaluations = stage.get("model_evaluations", stage["steps"])
+        calls = f" ({evaluations} model evaluations)" if evaluations != stage["steps"] else ""
+        print(f"stage {stage['height']}x{stage['width']}: {stage['steps']} steps{calls}, {stage['seconds']:.2f} s")
         report = stage.get("attention_report")
         if report and report.get("layers"):
             values = ", ".join(f"{v['sharpness']:.3g}" for v in report["layers"].values())

@@ -244,6 +244,30 @@ def test_a_domain_extractor_is_known_by_its_weights_not_its_path(assets, tmp_pat
     assert "was made with extractor domain-classifier:" in capsys.readouterr().err
 
 
+def test_stats_made_with_a_domain_classifier_are_compared_with_it_unasked(assets, tmp_path, capsys):
+    import json
+    import shutil
+
+    classifier = tmp_path / "classifier"
+    shutil.copytree(assets / "classifier", classifier)
+    stats = tmp_path / "real.npz"
+    assert cli(["ref", "--images", str(assets / "real"), "--out", str(stats), "--feature_extractor",
+                str(classifier)]) == 0
+    given = tmp_path / "given.json"
+    assert cli(["compare", str(assets / "real"), str(stats), "--feature_extractor", str(classifier), "--metrics", "fid",
+                "--json", str(given)]) == 0
+    capsys.readouterr()
+    unasked = tmp_path / "unasked.json"  # no --feature_extractor: the classifier the stats record, not Inception
+    assert cli(["compare", str(assets / "real"), str(stats), "--metrics", "fid", "--json", str(unasked)]) == 0
+    assert "using it (--feature_extractor)" in capsys.readouterr().out
+    assert json.loads(unasked.read_text())["fid"] == json.loads(given.read_text())["fid"]
+    torch.manual_seed(2)
+    shutil.rmtree(classifier)
+    DomainClassifier(num_classes=3, image_size=16, widths=(8, 16)).save_pretrained(classifier)  # other weights there
+    assert cli(["compare", str(assets / "real"), str(stats), "--metrics", "fid"]) == 2
+    assert "no longer holds those weights; pass --feature_extractor" in capsys.readouterr().err
+
+
 def test_a_size_that_cannot_fit_is_refused_before_anything_is_written(assets, tmp_path, capsys):
     from nala_diffusion.pipelines.sample import main as sample_main
 

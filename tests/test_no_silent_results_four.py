@@ -116,3 +116,36 @@ def test_held_out_losses_score_a_perfect_predictor_of_either_type_at_zero(predic
     assert max(errors.values()) < 1e-8, errors
     pipe = SimpleNamespace(transformer=oracle, scheduler=DDIMScheduler.from_config(scheduler.config))
     assert heldout_loss(pipe, SimpleNamespace(images=images, labels=labels)) < 1e-8
+
+
+def test_warm_up_acts_when_asked_and_a_constant_schedule_with_one_is_refused(tmp_path, capsys):
+    from test_train import base_args, log_rows
+
+    from nala_diffusion.train.checkpoints import check_compatible
+    from nala_diffusion.train.train_nala_dit import cli, parse_args
+
+    root = tmp_path / "data"
+    for c in range(2):
+        (root / "images" / f"class{c}").mkdir(parents=True)
+        for i in range(4):
+            from PIL import Image
+
+            Image.new("RGB", (16, 16), (60 * c, 90, 30 * i)).save(root / "images" / f"class{c}" / f"{i}.png")
+    (root / "tiny.json").write_text('{"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, '
+                                    '"patch_size": 4, "norm_num_groups": 1}')
+    args = base_args(root, tmp_path / "run", steps=4, checkpointing_steps=4, learning_rate=1e-3, lr_warmup_steps=8)
+    assert parse_args(args).lr_scheduler == "constant_with_warmup"
+    assert cli(args) == 0
+    rates = [row["lr"] for row in log_rows(tmp_path / "run")]
+    assert rates == pytest.approx([1e-3 * s / 8 for s in (1, 2, 3, 4)])  # the linear warm-up, step by step
+    with pytest.raises(SystemExit):
+        cli([*args, "--lr_scheduler", "constant", "--overwrite"])
+    assert "--lr_scheduler constant has no warm-up" in capsys.readouterr().err
+    # a checkpoint written before warm-up acted records (constant, 100) and trained without one: it resumes as
+    # (constant, 0), and not as a run that warms up
+    saved = {"model_config": {}, "result_args": {"lr_scheduler": "constant", "lr_warmup_steps": 100}}
+    current = {"model_config": {}, "result_args": {"lr_scheduler": "constant", "lr_warmup_steps": 0}}
+    check_compatible(saved, current, "ckpt")
+    with pytest.raises(ValueError, match="--lr_scheduler: checkpoint 'constant', this run 'constant_with_warmup'"):
+        check_compatible(saved, {**current, "result_args": {"lr_scheduler": "constant_with_warmup",
+                                                            "lr_warmup_steps": 100}}, "ckpt")

@@ -81,11 +81,34 @@ def ema_model(model: torch.nn.Module, decay: float):
     return LiveBuffersEMAModel(model.parameters(), decay=decay, model_cls=type(model), model_config=model.config)
 
 
+def read_ema_state(folder: str, ema) -> Dict[str, Any]:
+    """The state ``EMAModel.save_pretrained`` wrote to ``folder``, for ``ema.load_state_dict``: its settings
+    (decay, step count, ...) from ``config.json`` and the weights from the safetensors files, in the order of
+    the model's parameters. Read directly, as ``EMAModel.from_pretrained`` would, but without handing the EMA
+    settings to the model class (which warns that they are ignored) or a path to ``from_config`` (deprecated)."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    settings = {k: config[k] for k in ema.state_dict() if k != "shadow_params" and k in config}
+    template = ema.model_cls.from_config({k: v for k, v in config.items() if k not in settings})
+    tensors: Dict[str, torch.Tensor] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        tensors.update(load_file(path))
+    names = [name for name, _ in template.named_parameters()]
+    missing = [name for name in names if name not in tensors]
+    if missing or len(names) != len(ema.shadow_params):
+        raise ValueError(f"the EMA weights in {folder!r} do not fit this model: missing {missing[:5]}, "
+                         f"{len(names)} parameters for {len(ema.shadow_params)} EMA tensors")
+    return {**settings, "shadow_params": [tensors[name] for name in names]}
+
+
 def register_ema_hooks(accelerator, ema) -> None:
     """EMA weights travel with accelerate's checkpoints, as in diffusers' training examples: a save
     hook writes them with ``EMAModel.save_pretrained`` into ``<checkpoint>/ema`` (safetensors, with
-    the decay and step count in its config), a load hook reads them back into ``ema``."""
-    from diffusers.training_utils import EMAModel
+    the decay and step count in its config), a load hook reads them back into ``ema`` (:func:`read_ema_state`)."""
 
     def save(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -97,8 +120,7 @@ def register_ema_hooks(accelerator, ema) -> None:
             raise ValueError(f"checkpoint {input_dir!r} holds no EMA weights ({EMA_DIR}/); it was written without "
                              "--use_ema or by another version of nala-train. Resume it with the version that wrote it, "
                              "or start again with --overwrite")
-        loaded = EMAModel.from_pretrained(folder, model_cls=ema.model_cls)
-        ema.load_state_dict(loaded.state_dict())
+        ema.load_state_dict(read_ema_state(folder, ema))
         ema.to(accelerator.device)
 
     accelerator.register_save_state_pre_hook(save)
@@ -176,6 +198,14 @@ def check_inputs(saved: Dict[str, Any], current: Dict[str, Any], path: str) -> N
                          + "\nResume with the checkpoint's data and weights, or pass --overwrite to start again.")
 
 
+def schedule_as_run(args: Dict[str, Any]) -> Dict[str, Any]:
+    """Arguments with the warm-up a ``constant`` schedule ignores set to 0: checkpoints written before
+    ``--lr_warmup_steps`` acted record it beside ``constant``, and trained without it."""
+    if args.get("lr_scheduler") in (None, "constant") and args.get("lr_warmup_steps"):
+        return {**args, "lr_scheduler": "constant", "lr_warmup_steps": 0}
+    return args
+
+
 def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], path: str, model_cls=None) -> None:
     """Refuse to resume when the model or the data layout differs from the checkpoint's (the data and
     input weights themselves are checked earlier, by :func:`check_inputs`). With ``model_cls``, options the
@@ -195,7 +225,8 @@ def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], path: str, 
         problems.append(f"class names: checkpoint {saved['class_names']!r}, this run {current.get('class_names')!r}")
     if "class_ids" in saved and saved["class_ids"] != current.get("class_ids"):
         problems.append(f"model ids of the classes: checkpoint {saved['class_ids']!r}, this run {current.get('class_ids')!r}")
-    saved_args, current_args = saved.get("result_args", {}), current.get("result_args", {})
+    saved_args, current_args = (schedule_as_run(saved.get("result_args", {})),
+                                schedule_as_run(current.get("result_args", {})))
     for key in sorted(set(saved_args) & set(current_args)):
         if saved_args[key] != current_args[key]:
             problems.append(f"--{key}: checkpoint {saved_args[key]!r}, this run {current_args[key]!r}")

@@ -135,8 +135,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     optim.add_argument("--train_batch_size", type=positive_int, default=32, help="per process")
     optim.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help='batches summed per optimiser step')
     optim.add_argument("--learning_rate", type=float, default=1e-4, help='AdamW learning rate')
-    optim.add_argument("--lr_scheduler", default="constant", help="any diffusers.optimization scheduler name")
-    optim.add_argument("--lr_warmup_steps", type=int, default=0, help='linear warm-up steps of the schedule')
+    optim.add_argument("--lr_scheduler", default=None,
+                       help="any diffusers.optimization scheduler name (default: constant, or constant_with_warmup "
+                            "when --lr_warmup_steps is given)")
+    optim.add_argument("--lr_warmup_steps", type=int, default=0,
+                       help="linear warm-up steps of the schedule (runs recorded before it acted trained without warm-up; "
+                            "docs/usage.md)")
     optim.add_argument("--adam_beta1", type=float, default=0.9, help='AdamW beta1')
     optim.add_argument("--adam_beta2", type=float, default=0.999, help='AdamW beta2')
     optim.add_argument("--adam_weight_decay", type=float, default=0.0, help='AdamW weight decay')
@@ -184,9 +188,36 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                 "(use --variance_loss none, or --objective ddpm)")
     if not args.logit_std > 0:
         p.error(f"--logit_std must be positive, got {args.logit_std}")
+    if args.lr_warmup_steps < 0:
+        p.error(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    if args.lr_scheduler is None:
+        args.lr_scheduler = "constant_with_warmup" if args.lr_warmup_steps else "constant"
+    elif args.lr_scheduler == "constant" and args.lr_warmup_steps:
+        p.error(f"--lr_scheduler constant has no warm-up, so --lr_warmup_steps {args.lr_warmup_steps} would do nothing: "
+                "use constant_with_warmup (the default when --lr_warmup_steps is given) or drop --lr_warmup_steps")
     if args.timestep_range and not 0 <= args.timestep_range[0] < args.timestep_range[1] <= NUM_TRAIN_TIMESTEPS:
         p.error(f"--timestep_range LOW HIGH needs 0 <= LOW < HIGH <= {NUM_TRAIN_TIMESTEPS}, got {args.timestep_range}")
     return args
+
+
+def model_config_file(name: str) -> str:
+    """The JSON file ``--model_config`` names: the path itself, else (outside a checkout) the copy of the
+    repository's ``train/configs/<file>`` installed with the package; anything else is a ``ValueError``
+    saying whether it was taken for a file or a preset."""
+    from nala_diffusion.models.transformer import DIT_PRESETS
+
+    if os.path.isfile(name):
+        return name
+    parts = os.path.normpath(name).split(os.sep)
+    if len(parts) >= 2 and parts[-2:-1] == ["configs"]:
+        installed = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", parts[-1])
+        if os.path.isfile(installed):
+            logger.info(f"--model_config {name}: not here; using the installed copy {installed}")
+            return installed
+    if name.endswith(".json") or name.count("/") > 1 or name.startswith((".", os.sep)):
+        raise ValueError(f"--model_config {name!r}: no such file (from {os.getcwd()}); give a JSON config file or a "
+                         f"preset ({', '.join(sorted(DIT_PRESETS))})")
+    raise ValueError(f"--model_config {name!r} is neither a preset ({', '.join(sorted(DIT_PRESETS))}) nor a file")
 
 
 def attention_overrides(args) -> Dict[str, Any]:
@@ -215,7 +246,7 @@ def build_model(args, in_channels: int, sample_size: int, num_classes: int):
     from nala_diffusion.models.conversion import convert_dit_to_nala
     from nala_diffusion.models.sit import load_sit, looks_like_checkpoint_file
     from nala_diffusion.models.sources import load_transformer
-    from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel, preset_config
+    from nala_diffusion.models.transformer import DIT_PRESETS, NaLaDiTTransformer2DModel, preset_config
     expected = {"in_channels": in_channels, "sample_size": sample_size}
     if not args.init_from:  # a pretrained model's classes are mapped onto the data's (resolve_classes)
         expected["num_classes"] = num_classes
@@ -229,11 +260,11 @@ def build_model(args, in_channels: int, sample_size: int, num_classes: int):
             # calibrated below on real data from the source's own queries
             model = convert_dit_to_nala(source, **{"attention_type": "nala", **overrides}, **layout, calibrate=False)
         config = dict(model.config)
-    elif os.path.isfile(args.model_config):
-        with open(args.model_config, encoding="utf-8") as handle:
-            config = {k: v for k, v in json.load(handle).items() if not k.startswith("_")}
-    else:
+    elif args.model_config in DIT_PRESETS:
         config = preset_config(args.model_config)
+    else:
+        with open(model_config_file(args.model_config), encoding="utf-8") as handle:
+            config = {k: v for k, v in json.load(handle).items() if not k.startswith("_")}
     for key, value in expected.items():
         if config.get(key, value) != value and not (key == "num_classes" and config.get(key) is None):
             raise ValueError(f"the model has {key}={config[key]} but the data needs {key}={value}")

@@ -100,7 +100,7 @@ def run_training(folder: str, out: str, extra: List[str], steps: int, seed: int,
     code = train_nala_dit.cli([
         "--dataset", dataset, "--resolution", "32", "--model_config", config,
         "--max_train_steps", str(steps), "--train_batch_size", str(args.batch_size),
-        "--learning_rate", str(args.learning_rate), "--lr_warmup_steps", str(min(100, steps // 10)),
+        "--learning_rate", str(args.learning_rate),  # no warm-up: the recorded runs trained without one
         "--use_ema", "--ema_decay", "0.995", "--checkpointing_steps", str(max(steps // 2, 1)),
         "--checkpoints_total_limit", "1", "--seed", str(seed), "--report_to", "none",
         "--output_dir", folder, "--resume_from_checkpoint", "latest", *extra,

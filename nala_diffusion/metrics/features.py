@@ -187,11 +187,41 @@ def classifier_extractor(path: str, device: torch.device) -> Extractor:
 
     # named by its weights, not its path: a stats file made with other weights is refused, a copy accepted
     return Extractor(
-        f"domain-classifier:{folder_weights_hash(path)[:16]}", "clean", lambda x: model.features(x / 255),
+        f"{CLASSIFIER_PREFIX}{folder_weights_hash(path)[:16]}", "clean", lambda x: model.features(x / 255),
         path=os.path.abspath(path),
         resize=make_resizer("PIL", False, "bicubic", (size, size)), feature_dim=model.feature_dim, logits=logits,
         unavailable={"sfid": "sFID is defined on Inception's spatial features; a domain classifier has none"},
     )
+
+
+CLASSIFIER_PREFIX = "domain-classifier:"
+
+
+def recorded_classifier(source: str) -> Optional[str]:
+    """The domain-classifier folder a stats file of ``nala-fid ref`` was made with, when it was (None for
+    Inception statistics and anything else). The folder recorded must still hold the same weights; else a
+    ``ValueError`` says which extractor to pass."""
+    if not (isinstance(source, str) and source.endswith(".npz") and os.path.isfile(source)):
+        return None
+    try:
+        with np.load(source, allow_pickle=False) as data:
+            name = str(data["extractor"]) if "extractor" in data.files else ""
+            path = str(data["extractor_path"]) if "extractor_path" in data.files else None
+    except (OSError, ValueError):
+        return None  # unreadable: the reference checks say so
+    if not name.startswith(CLASSIFIER_PREFIX):
+        return None
+    from nala_diffusion.utils.run_guard import folder_weights_hash
+
+    if path and os.path.isdir(path):
+        try:
+            if CLASSIFIER_PREFIX + folder_weights_hash(path)[:16] == name:
+                return path
+        except ValueError:
+            pass
+    raise ValueError(f"{source!r} was made with the domain classifier {name[len(CLASSIFIER_PREFIX):]} (weights hash)"
+                     + (f" at {path!r}, which no longer holds those weights" if path else "")
+                     + "; pass --feature_extractor with that classifier's folder")
 
 
 def build_extractor(mode: str, device, inception_weights: Optional[str] = None, feature_extractor: Optional[str] = None):
@@ -481,6 +511,8 @@ def save_stats(path: str, reference: Reference, extractor: Extractor, keep_featu
     kept), aside and then renamed."""
     arrays = {"mu": reference.mu, "sigma": reference.sigma, "num_images": np.array(reference.num_images),
               "extractor": np.array(extractor.name), "mode": np.array(extractor.mode)}
+    if extractor.path and extractor.name.startswith(CLASSIFIER_PREFIX):  # so that compare/calc find it again
+        arrays["extractor_path"] = np.array(extractor.path)
     if keep_features and reference.features is not None:
         arrays["features"] = reference.features
     if reference.mu_s is not None:
