@@ -170,9 +170,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # which kinds (and, in the retrieval study, which seeds) run is not part of the fingerprint: every
     # run has its own folder named by kind and seed, so a study can be extended by more of them; nor is
     # where --model_config was read from: its content is, as "architecture"
-    selection = {"retrieval": ("kinds", "seeds", "tiebreak_seed", "report_only", "track_every", "cost_tokens"),
+    selection = {"retrieval": ("kinds", "seeds", "tiebreak_seed", "report_only"),
                  "objective": ("seeds", "report_only")}.get(args.study, ("kinds",))
-    unrecorded = ("out", "overwrite", "model_config", *selection)
+    # --track_every only adds measurements (the chunks resume exactly) and --cost_tokens names its own timing file
+    unrecorded = ("out", "overwrite", "model_config", "track_every", "cost_tokens", *selection)
     fingerprint = {**{k: v for k, v in vars(args).items() if k not in unrecorded},
                    "code_version": code_version()}
     try:

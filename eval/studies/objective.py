@@ -19,7 +19,7 @@ OBJECTIVE_KINDS: Dict[str, List[str]] = {
     "flow_uniform": ["--objective", "flow", "--weighting_scheme", "uniform"],
     "flow_logit_normal": ["--objective", "flow", "--weighting_scheme", "logit_normal"],
 }
-#: the quickstart's budget (README: 2,000 steps at learning rate 5e-4, 100 warm-up steps, EMA 0.995)
+#: the quickstart's budget (README: 2,000 steps at learning rate 5e-4, EMA 0.995, no warm-up)
 OBJECTIVE_TRAINING = {**TRAINING, "steps": 2000}
 #: sampling steps every model is scored at
 SAMPLE_STEPS = (10, 25, 50)
