@@ -46,6 +46,7 @@ _EXPORTS: Dict[str, List[str]] = {
         "restore_attention",
         "self_attention_modules",
         "set_attention",
+        "set_attention_backend",
         "set_fused_attention",
         "set_nala_attention",
     ],

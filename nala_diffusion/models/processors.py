@@ -233,7 +233,8 @@ class LinearAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
 
     def attend(self, query, key, value, rope=None, attention_mask=None):
         self._reject_mask(attention_mask)
-        return linear_attention(query, key, value, self.kernel_params(), feature_map=self.feature_map, rope=rope)
+        return linear_attention(query, key, value, self.kernel_params(), feature_map=self.feature_map, rope=rope,
+                                backend=getattr(self, "backend", "auto"))
 
 
 class ReLULinearAttnProcessor(LinearAttnProcessor):
@@ -325,7 +326,8 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
 
     def attend(self, query, key, value, rope=None, attention_mask=None):
         self._reject_mask(attention_mask)
-        return nala_attention(query, key, value, self.kernel_params(), rope=rope, compile=self.compile)
+        return nala_attention(query, key, value, self.kernel_params(), rope=rope, compile=self.compile,
+                              backend=getattr(self, "backend", "auto"))
 
 
 ATTENTION_PROCESSORS: Dict[str, Type[KernelAttnProcessor]] = {

@@ -163,3 +163,21 @@ def set_fused_attention(model: nn.Module, enabled: bool = True) -> int:
             attn.processor.compile = bool(enabled)
             count += 1
     return count
+
+
+def set_attention_backend(model: nn.Module, backend: str = "auto") -> int:
+    """The readout implementation of every linear processor of ``model`` (NaLa, ReLU and 1+ELU linear):
+    ``"auto"`` (Triton on CUDA, torch elsewhere; the default), ``"triton"`` or ``"torch"``
+    (:mod:`nala_diffusion.ops.readout`). A run-time switch, not saved with the model. Returns the number
+    of processors set."""
+    from nala_diffusion.models.processors import LinearAttnProcessor, NaLaAttnProcessor
+    from nala_diffusion.ops.readout import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    count = 0
+    for _, attn in self_attention_modules(model):
+        if isinstance(attn.processor, (LinearAttnProcessor, NaLaAttnProcessor)):
+            attn.processor.backend = backend
+            count += 1
+    return count

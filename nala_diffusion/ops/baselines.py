@@ -23,16 +23,18 @@ def linear_attention(
     *,
     feature_map: str = "relu",
     rope: RopeArg = None,
+    backend: str = "auto",
     **overrides,
 ) -> torch.Tensor:
     """Kernel linear attention: ``"relu"`` (as SANA) or ``"elu"`` (1 + ELU, Katharopoulos et al.).
-    ``params``: :class:`~nala_diffusion.ops.params.LinearParams` (``eps``), replaced by ``overrides``."""
+    ``params``: :class:`~nala_diffusion.ops.params.LinearParams` (``eps``), replaced by ``overrides``;
+    ``backend``: the readout's implementation, as for :func:`~nala_diffusion.ops.nala.nala_attention`."""
     check_qkv(query, key, value)
     params = LinearParams.of(params, **overrides)
     dtype = compute_dtype(query.dtype)
     phi_q = kernel_feature_map(query.to(dtype), feature_map)  # (B, H, N, d)
     phi_k = kernel_feature_map(key.to(dtype), feature_map)
-    return linear_readout(phi_q, phi_k, value.to(dtype), params.eps, rope).to(query.dtype)
+    return linear_readout(phi_q, phi_k, value.to(dtype), params.eps, rope, backend).to(query.dtype)
 
 
 def softmax_attention(

@@ -39,14 +39,15 @@ def _compile_error(error: Exception) -> Exception:
 
 
 @torch.no_grad()
-def nala_attention_fused(q, k, v, params: NaLaParams, denominator_eps, rope=None, gather: bool = True) -> torch.Tensor:
+def nala_attention_fused(q, k, v, params: NaLaParams, denominator_eps, rope=None, gather: bool = True,
+                         backend: str = "auto") -> torch.Tensor:
     """(batch, heads, tokens, d) in the compute dtype, keys scaled
     (:func:`~nala_diffusion.ops.feature_maps.scaled_keys`) -> the same shape; see the module docstring."""
     try:
         if params.inhibit == "relu_split" and rope is None and gather:
             return relu_split_gather(q, k, v, params, denominator_eps,
                                      query_terms=compiled(relu_split_query_terms), table=compiled(relu_split_table))
-        return dense_inference(q, k, v, params, denominator_eps, rope, kernel=compiled(dense_nala))
+        return dense_inference(q, k, v, params, denominator_eps, rope, kernel=compiled(dense_nala), backend=backend)
     except Exception as error:  # compilation errors come in many types
         raised = _compile_error(error)
         if raised is error:

@@ -16,7 +16,8 @@ once query norms exceed about 3, as they do in a DiT with head_dim 64; sigma nea
 norm keeps the power responsive (see :func:`~nala_diffusion.ops.feature_maps.query_power`).
 
 The paths, one module each: ``dense`` (autograd, CUDA; chunked inference), ``gather`` (relu_split
-inference on CPU), ``fused`` (``torch.compile``), and ``reference`` (the formulas written literally).
+inference on CPU), ``fused`` (``torch.compile``), and ``reference`` (the formulas written literally). The
+dense path's readout runs in Triton on CUDA (``backend``; :mod:`~nala_diffusion.ops.triton_readout`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from nala_diffusion.ops.common import check_qkv, compiling, compute_dtype, needs
 from nala_diffusion.ops.feature_maps import scaled_keys
 from nala_diffusion.ops.gather import relu_split_gather
 from nala_diffusion.ops.params import NaLaParams
+from nala_diffusion.ops.readout import BACKENDS, triton_unusable
 from nala_diffusion.ops.rope import RopeArg
 
 
@@ -42,6 +44,7 @@ def nala_attention(
     rope: RopeArg = None,
     compile: bool = False,
     gather: Optional[bool] = None,
+    backend: str = "auto",
     **overrides,
 ) -> torch.Tensor:
     """Norm-aware linear attention, O(tokens * head_dim^2) time and O(head_dim^2) state per head.
@@ -61,6 +64,10 @@ def nala_attention(
         gather: without autograd and RoPE, for ``relu_split``: read the state by a gather-sum of the
             d feature rows each query uses (the default on CPU) instead of batched dense products
             (the default elsewhere).
+        backend: the readout's implementation (:mod:`~nala_diffusion.ops.readout`): ``"auto"`` runs the
+            Triton kernels on CUDA tensors (where Triton is installed and the shapes suit them) and torch
+            elsewhere; ``"triton"`` asks for them (a ``RuntimeError`` on a device they cannot run on);
+            ``"torch"`` never uses them.
 
     Returns:
         ``(batch, heads, query_tokens, value_head_dim)`` in ``query.dtype``.
@@ -72,19 +79,23 @@ def nala_attention(
     """
     check_qkv(query, key, value)
     params = NaLaParams.of(params, **overrides)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and triton_unusable(query.device):
+        raise RuntimeError(f"nala_attention(backend='triton'): {triton_unusable(query.device)}")
     if query.shape[-2] == 0:
         return query.new_empty(*query.shape[:3], value.shape[-1])
     dtype = compute_dtype(query.dtype)
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
     k, key_eps = scaled_keys(k, params)  # (B, H, M, d), (B, H, 1, 1)
     if needs_grad(q, k, v, *params.tensors()):
-        return dense.memory_lean(dense.dense_nala, q, k, v, params, key_eps, rope).to(query.dtype)
+        return dense.memory_lean(dense.dense_nala, q, k, v, params, key_eps, rope, backend).to(query.dtype)
     if gather is None:  # traced by torch.compile, the dense path fuses; the gather's out= buffers do not trace
-        gather = q.device.type == "cpu" and not compiling()
+        gather = q.device.type == "cpu" and not compiling() and backend != "triton"
     if compile:
         from nala_diffusion.ops.fused import nala_attention_fused
 
-        return nala_attention_fused(q, k, v, params, key_eps, rope=rope, gather=gather).to(query.dtype)
+        return nala_attention_fused(q, k, v, params, key_eps, rope=rope, gather=gather, backend=backend).to(query.dtype)
     if params.inhibit == "relu_split" and rope is None and gather:
         return relu_split_gather(q, k, v, params, key_eps).to(query.dtype)
-    return dense.dense_inference(q, k, v, params, key_eps, rope).to(query.dtype)
+    return dense.dense_inference(q, k, v, params, key_eps, rope, backend=backend).to(query.dtype)

@@ -1,24 +1,70 @@
-"""The linear-attention readout o = phi_q . S / (phi_q . z + eps), for whole features or feature blocks."""
+"""The linear-attention readout o = phi_q . S / (phi_q . z + eps), for whole features or feature blocks,
+in torch or in Triton (:mod:`~nala_diffusion.ops.triton_readout`, the same formula), chosen by ``backend``:
+
+- ``"auto"`` (the default): Triton for CUDA tensors where Triton is installed and the inputs are ones its
+  kernels take, torch otherwise (CPU, float64, blocks wider than 128, a RoPE callable, ...);
+- ``"triton"``: the Triton kernels; a device they cannot run on is a ``RuntimeError`` saying so, inputs they
+  do not take go to torch (never a wrong result);
+- ``"torch"``: plain torch.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
 
 import torch
 
 from nala_diffusion.ops.common import bmm, needs_grad
 from nala_diffusion.ops.rope import RopeArg, apply_rope
 
+BACKENDS = ("auto", "torch", "triton")
 
-def linear_readout(phi_q, phi_k, value, eps, rope: RopeArg = None) -> torch.Tensor:
+
+def triton_unusable(device: torch.device) -> Optional[str]:
+    """Why the Triton readout cannot run on ``device`` (None when it can): it needs Triton, and CUDA tensors
+    (or CPU tensors in Triton's interpreter, ``TRITON_INTERPRET=1``, for testing)."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (it comes with torch's CUDA builds on Linux)"
+    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+        return None
+    return (f"the Triton readout runs on CUDA tensors and these are on {device.type}; use backend='auto' or 'torch' "
+            "(on a CPU, TRITON_INTERPRET=1 set before Triton is imported runs the kernels in Triton's interpreter, "
+            "for testing)")
+
+
+def uses_triton(backend: str, q_parts, k_parts, value: torch.Tensor, eps, rope: RopeArg) -> bool:
+    """Whether the readout of these inputs runs in Triton under ``backend`` (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and value.device.type != "cuda"):
+        return False
+    unusable = triton_unusable(value.device)
+    if unusable:
+        if backend == "triton":
+            raise RuntimeError(f"backend='triton': {unusable}")
+        return False
+    from nala_diffusion.ops.triton_support import unsupported_reason
+
+    return unsupported_reason(q_parts, k_parts, value, eps, rope) is None
+
+
+def linear_readout(phi_q, phi_k, value, eps, rope: RopeArg = None, backend: str = "auto") -> torch.Tensor:
     """o = phi_q . S / (phi_q . z + eps), S = mean_j phi_k v^T, z = mean_j phi_k; rope on the
     numerator only. For the d-wide features of the linear baselines."""
-    return split_readout((phi_q,), (phi_k,), value, eps, rope)
+    return split_readout((phi_q,), (phi_k,), value, eps, rope, backend)
 
 
-def split_readout(q_parts, k_parts, value: torch.Tensor, eps, rope: RopeArg = None) -> torch.Tensor:
+def split_readout(q_parts, k_parts, value: torch.Tensor, eps, rope: RopeArg = None, backend: str = "auto") -> torch.Tensor:
     """o = sum_i rot(q_i) S_i / (sum_i q_i z_i + eps) for feature blocks q_i, k_i (B, H, N, F_i),
     which is the readout of the concatenated features without building them: S_i = mean_j rot(k_ij)
     v_j^T, z_i = mean_j k_ij. ``rope`` rotates each block on its own (numerator only); ``eps`` is a
-    float or a (B, H, 1, 1) tensor."""
+    float or a (B, H, 1, 1) tensor. ``backend``: see the module docstring."""
+    if uses_triton(backend, q_parts, k_parts, value, eps, rope):
+        from nala_diffusion.ops.triton_readout import triton_split_readout
+
+        return triton_split_readout(q_parts, k_parts, value, eps, rope)
     batch, heads, tokens, _ = q_parts[0].shape
     num_keys, dim = value.shape[-2], value.shape[-1]
     value = value.reshape(batch * heads, num_keys, dim)
