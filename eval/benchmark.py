@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nala_diffusion.eval import benchmark_compile
+from nala_diffusion.eval import benchmark_compile, benchmark_gpu
 from nala_diffusion.eval.timing import (  # noqa: F401
     BlockPeaks,
     PeakBytes,
@@ -37,7 +37,7 @@ from nala_diffusion.eval.timing import (  # noqa: F401
 )
 from nala_diffusion.ops import linear_attention, nala_attention, nala_attention_explicit
 from nala_diffusion.ops.gather import readout_table_width
-from nala_diffusion.utils.cli_args import HelpFormatter
+from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error
 from nala_diffusion.utils.files import write_json_atomically
 
 
@@ -328,7 +328,9 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-SECTIONS = ("op", "floor", "model", "diffusers", "memory", "hybrid", "compile")
+SECTIONS = ("op", "floor", "model", "diffusers", "memory", "hybrid", "compile", "compile_sana", "gpu")
+# asked for by name: "compile_sana" compiles two models per size (minutes on a CPU), "gpu" measures a CUDA device
+DEFAULT_SECTIONS = tuple(name for name in SECTIONS if name not in ("compile_sana", "gpu"))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -354,11 +356,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="token counts of the hybrid-layout comparison (pure NaLa, hybrid, pure softmax DiT forward)")
     p.add_argument("--hybrid_softmax_layers", type=int, nargs="+", default=[-1],
                    help="softmax blocks of that hybrid (negative counts from the end)")
-    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                   help="which comparisons to run (--skip_model drops all but op and floor)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS),
+                   help="which comparisons to run (--skip_model drops all but op and floor); 'gpu': the CUDA run of "
+                        "docs/benchmarks.md (device checks, Triton readout against torch, SANA and SDPA at 4k-65k "
+                        "tokens, DiT-XL/2 forward and training step), not in the default")
+    p.add_argument("--dry_run", "--dry-run", action="store_true",
+                   help="--sections gpu: start every part at toy sizes on the CPU (Triton's interpreter), no timings")
     p.add_argument("--compile_tokens", type=int, nargs="+", default=[1024, 4096],
                    help="tokens of the whole-model torch.compile comparison (compiled vs eager)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the compile comparison")
+    p.add_argument("--sana_tokens", type=int, nargs="+", default=[1024, 4096, 16384],
+                   help="tokens of the compile_sana comparison (diffusers' DiT, NaLa against SANA's processor, each "
+                        "eager and compiled)")
     p.add_argument("--device", default=None, help='device (default: cuda when available, else cpu)')
     p.add_argument("--out", default="benchmark_results", help='folder for results.json and benchmark.png')
     p.add_argument("--quick", action="store_true",
@@ -380,7 +389,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "command": " ".join(["nala-bench", *(argv if argv is not None else sys.argv[1:])]),
     }
     sections = [name for name in SECTIONS if name in set(args.sections)
-                and not (args.skip_model and name in {"model", "diffusers", "memory", "hybrid", "compile"})]
+                and not (args.skip_model and name in {"model", "diffusers", "memory", "hybrid", "compile", "compile_sana"})]
     runs = {
         "op": ("op_level", lambda: op_level(args.tokens, args.heads, args.head_dim, device, args.repeats,
                                             args.max_seconds, args.max_gib * 2**30)),
@@ -396,13 +405,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                         args.hybrid_softmax_layers, args.max_seconds)),
         "compile": ("compile_level", lambda: benchmark_compile.compile_level(device, args.repeats, args.compile_tokens,
                                                                              args.preset, DTYPES[args.dtype])),
+        "compile_sana": ("compiled_against_sana", lambda: benchmark_compile.compiled_against_sana(
+            device, args.repeats, args.sana_tokens, args.preset, args.diffusers_layers)),
+        "gpu": ("gpu", lambda: benchmark_gpu.gpu_section(device, args.repeats, args.dry_run)),
     }
     os.makedirs(args.out, exist_ok=True)
     for index, name in enumerate(sections):
         print(f"[{index + 1}/{len(sections)}] section {name} ...", flush=True)
         start = time.perf_counter()
         key, run = runs[name]
-        results[key] = run()
+        try:
+            results[key] = run()
+        except ValueError as error:
+            return exit_on_input_error("nala-bench", error)
         results.setdefault("section_seconds", {})[name] = round(time.perf_counter() - start, 1)
         write_json_atomically(os.path.join(args.out, "results.json"), results, sort_keys=False)  # kept as each ends
         print(f"[{index + 1}/{len(sections)}] section {name} done in {time.perf_counter() - start:.0f} s; "
@@ -431,6 +446,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"DiT forward at {n} tokens: " + "; ".join(cells))
     if "compile_level" in results:
         print(benchmark_compile.describe(results["compile_level"]))
+    if "compiled_against_sana" in results:
+        print(benchmark_compile.describe_sana(results["compiled_against_sana"]))
+    if "gpu" in results:
+        print(benchmark_gpu.describe(results["gpu"]))
     print(f"wrote {args.out}/results.json" + (f" and {args.out}/benchmark.png" if "op_level" in results else ""))
     return 0
 

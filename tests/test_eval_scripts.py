@@ -1,6 +1,7 @@
 """The benchmark and entropy scripts run on tiny sizes and write valid JSON and PNG (no timing asserted)."""
 
 import json
+import os
 
 import numpy as np
 import PIL.Image
@@ -340,3 +341,30 @@ def test_a_study_folder_is_known_by_its_architecture_not_by_the_path_of_its_mode
     assert report(moved) == 2
     error = capsys.readouterr().err
     assert "other settings" in error and "architecture" in error and "model_config" not in error
+
+
+def test_the_gpu_section_needs_cuda_or_a_dry_run_and_compile_sana_times_all_four(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the section would measure it")
+    assert "gpu" not in benchmark.DEFAULT_SECTIONS and "compile_sana" not in benchmark.DEFAULT_SECTIONS
+    assert benchmark.main(["--sections", "gpu", "--out", str(tmp_path / "gpu")]) == 2
+    assert "measures a CUDA device" in capsys.readouterr().err
+    out = tmp_path / "sana"
+    assert benchmark.main(["--sections", "compile_sana", "--sana_tokens", "16", "--repeats", "1", "--preset", "S/8",
+                           "--diffusers_layers", "1", "--out", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text())["compiled_against_sana"]["16"]
+    assert set(row["seconds"]) == {"nala_eager", "sana_eager", "nala_compiled", "sana_compiled"}
+    assert row["nala_vs_sana_compiled"] == pytest.approx(row["seconds"]["nala_compiled"] / row["seconds"]["sana_compiled"])
+
+
+@pytest.mark.slow
+def test_the_gpu_sections_dry_run_starts_every_part(tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "nala_diffusion.eval.benchmark", "--sections", "gpu", "--dry_run",
+                             "--out", str(tmp_path / "dry")], env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    gpu = json.loads((tmp_path / "dry" / "results.json").read_text())["gpu"]
+    assert gpu["dry_run"] and gpu["started"] == ["checks", "readout", "models"] and gpu["checks"]["triton_checks"] == 0
