@@ -217,8 +217,11 @@ def test_command_line_tools_refuse_the_other_objectives_sampler(flow_pipe, tmp_p
     assert sample_main(["--model", str(flow_pipe), "--scheduler", "ddim", "--out", str(tmp_path / "x.png")]) == 2
     assert "the scheduler DDIMScheduler samples a 'ddpm' model" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "x.png").exists()
+    capsys.readouterr()
     assert sample_main(["--model", str(flow_pipe), "--scheduler", "flow_heun", "--steps", "2", "--labels", "a",
                         "--out", str(tmp_path / "heun.png")]) == 0
+    said = capsys.readouterr().out  # the steps asked for, and what Heun evaluates, once
+    assert ": 2 steps (3 model evaluations)" in said and "2 steps, guidance" in said and "3 steps" not in said
     assert fid_cli(["sample", "--model", str(flow_pipe), "--num_samples", "2", "--out", str(out), "--steps", "2"]) == 0
     fingerprint = json.loads((out / "fingerprint.json").read_text())
     assert fingerprint["objective"] == "flow" and fingerprint["scheduler"] == "FlowMatchEulerDiscreteScheduler"

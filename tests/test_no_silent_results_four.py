@@ -2,6 +2,7 @@
 held-out target, and what a new user trips on; each refused or right now, never silently wrong."""
 
 import argparse
+import os
 import warnings
 
 import pytest
@@ -149,3 +150,23 @@ def test_warm_up_acts_when_asked_and_a_constant_schedule_with_one_is_refused(tmp
     with pytest.raises(ValueError, match="--lr_scheduler: checkpoint 'constant', this run 'constant_with_warmup'"):
         check_compatible(saved, {**current, "result_args": {"lr_scheduler": "constant_with_warmup",
                                                             "lr_warmup_steps": 100}}, "ckpt")
+
+
+def test_nala_sample_draws_a_handful_of_classes_from_a_large_model_by_default():
+    from nala_diffusion.pipelines.sample import DIT_SAMPLE_CLASSES, default_labels
+
+    assert default_labels(10) == list(range(10)) and default_labels(16) == list(range(16))
+    assert default_labels(1000) == [207, 360, 387, 974, 88, 979, 417, 279] == list(DIT_SAMPLE_CLASSES)  # DiT's sample.py
+    assert default_labels(100) == [0, 14, 28, 42, 57, 71, 85, 99]
+
+
+def test_a_missing_model_config_file_is_named_and_the_installed_copy_serves_outside_a_checkout(tmp_path, monkeypatch):
+    from nala_diffusion.train.train_nala_dit import model_config_file
+
+    monkeypatch.chdir(tmp_path)  # outside the repository, as a user who installed the package
+    found = model_config_file("train/configs/demo_photos.json")
+    assert found.endswith(os.path.join("configs", "demo_photos.json")) and os.path.isfile(found)
+    with pytest.raises(ValueError, match=r"'train/configs/nope.json': no such file \(from .*\); give a JSON"):
+        model_config_file("train/configs/nope.json")
+    with pytest.raises(ValueError, match="neither a preset .* nor a file"):
+        model_config_file("Q/3")

@@ -212,7 +212,7 @@ def model_config_file(name: str) -> str:
     if len(parts) >= 2 and parts[-2:-1] == ["configs"]:
         installed = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", parts[-1])
         if os.path.isfile(installed):
-            logger.info(f"--model_config {name}: not here; using the installed copy {installed}")
+            print(f"--model_config {name}: not in {os.getcwd()}; using the installed copy {installed}", file=sys.stderr)
             return installed
     if name.endswith(".json") or name.count("/") > 1 or name.startswith((".", os.sep)):
         raise ValueError(f"--model_config {name!r}: no such file (from {os.getcwd()}); give a JSON config file or a "
