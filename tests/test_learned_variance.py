@@ -156,8 +156,10 @@ def test_guidance_channels_reproduce_dits_three_channel_guidance():
     one = dict(output_type="latent", num_inference_steps=1)
     three, every, conditional = (sample(pipe, **one, **extra) for extra in
                                  ({"guidance_channels": 3}, {}, {"guidance_scale": 1.0}))
-    assert torch.equal(three[:, :3], every[:, :3]) and torch.equal(three[:, 3], conditional[:, 3])
-    assert not torch.equal(every[:, 3], conditional[:, 3])
+    # (the conditional branch alone runs a batch half the size, whose products may round differently)
+    assert torch.equal(three[:, :3], every[:, :3])
+    torch.testing.assert_close(three[:, 3], conditional[:, 3], atol=1e-6, rtol=0)
+    assert (every[:, 3] - conditional[:, 3]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="guidance_channels must be 'all' or a channel count in 1..4"):
         sample(pipe, guidance_channels=5, output_type="latent")
 
