@@ -295,6 +295,8 @@ class NaLaDiTPipeline(DiffusionPipeline):
         channels = self.transformer.config.in_channels
         both_ids = torch.cat([class_ids, torch.full_like(class_ids, self.transformer.null_class_label)])  # cond, uncond
         step_kwargs = self._step_kwargs(generator)
+        # a step that clips x0 would turn NaN/inf predictions into finite, saturated images: checked before it
+        clipping = bool(clipping_step_kwargs(self.scheduler))
         config, train_steps = self.transformer.config, self.scheduler.config.num_train_timesteps
         scale_input = getattr(self.scheduler, "scale_model_input", lambda sample, t: sample)  # none in flow schedulers
         if do_guidance:
@@ -318,6 +320,8 @@ class NaLaDiTPipeline(DiffusionPipeline):
                 if guided:
                     prediction = guidance.combine(*prediction.chunk(2), guidance_scale)
                     variance = variance.chunk(2)[0]  # the conditional branch's, as DiT samples
+                if clipping:
+                    inputs.check_finite(prediction, f"model predictions (timestep {int(t)})")
                 if guidance.use_learned_variance:  # DDPMScheduler(variance_type="learned_range") splits the halves
                     prediction = torch.cat([prediction, variance], dim=1)
                 latents = self.scheduler.step(prediction, t, latents, **step_kwargs).prev_sample

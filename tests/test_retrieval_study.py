@@ -47,7 +47,7 @@ def test_a_kind_whose_seeds_disagree_gets_a_third_seed_with_the_anchors(tmp_path
     monkeypatch.setattr(study, "cached", lambda path, compute: measured.setdefault(path, compute()))
     monkeypatch.setattr(study.retrieval, "measure", lambda folder, *a, **k: {
         "gain": {"mean_gain": GAINS[trained[-1]]}})
-    monkeypatch.setattr(study, "forward_costs", lambda out, kinds: {})
+    monkeypatch.setattr(study, "forward_costs", lambda out, kinds, tokens=None: {})
     monkeypatch.setattr(study, "plot_retrieval", lambda results, path: None)
     monkeypatch.setitem(study.RETRIEVAL_VARIANTS, "nala_a", Kind("nala"))
     monkeypatch.setitem(study.RETRIEVAL_VARIANTS, "nala_b", Kind("nala", {"inhibit": "cosine"}))
@@ -74,7 +74,7 @@ def test_report_only_trains_nothing_and_names_the_runs_still_to_train(tmp_path, 
     monkeypatch.setattr(study, "cached", lambda path, compute: compute())
     monkeypatch.setattr(study.retrieval, "measure", lambda folder, *a, **k: {
         "gain": {"mean_gain": GAINS[folder.split("retrieval_")[1].rsplit("_s", 1)[0], int(folder[-1])]}})
-    monkeypatch.setattr(study, "forward_costs", lambda out, kinds: {})
+    monkeypatch.setattr(study, "forward_costs", lambda out, kinds, tokens=None: {})
     monkeypatch.setattr(study, "plot_retrieval", lambda results, path: None)
     monkeypatch.setitem(study.RETRIEVAL_VARIANTS, "nala_b", Kind("nala", {"inhibit": "cosine"}))
     args = parse_args(["--study", "retrieval", "--out", str(tmp_path), "--seeds", "0", "1", "--report_only"])
