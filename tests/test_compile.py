@@ -46,8 +46,10 @@ def check_compiled_matches_eager(model, x, t, y, train: bool):
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     assert grads.keys() == eager_grads.keys() and grads
     top = max(grad.abs().max() for grad in eager_grads.values())
-    for name, grad in grads.items():  # float32 sums in another order: 1e-4 of the tensor's (or 1 % of the top) scale
-        allowed = 1e-4 * max(eager_grads[name].abs().max(), 1e-2 * top)
+    # float32 sums in another order: 5e-4 of the tensor's (or 1 % of the top) scale (the cosine inhibit's powers
+    # and angles reach 2.2e-4 on the first block's query projection; a wrong gradient is off by its own size)
+    for name, grad in grads.items():
+        allowed = 5e-4 * max(eager_grads[name].abs().max(), 1e-2 * top)
         torch.testing.assert_close(grad, eager_grads[name], rtol=0, atol=allowed, msg=name)
 
 
