@@ -105,7 +105,10 @@ def test_set_attention_on_a_nala_dit_keeps_its_config_true(tmp_path):
     assert type(loaded.transformer_blocks[1].attn1.processor).__name__ == "SoftmaxAttnProcessor"
     x, t, y = torch.randn(1, 3, 8, 8), torch.tensor([3]), torch.tensor([1])
     with torch.no_grad():
-        assert torch.equal(loaded(x, timestep=t, class_labels=y).sample, model(x, timestep=t, class_labels=y).sample)
+        # the same function (a wrong processor or layout is off by O(1)); loaded weights may sit at other
+        # alignments, whose vectorised sums round differently
+        torch.testing.assert_close(loaded(x, timestep=t, class_labels=y).sample,
+                                   model(x, timestep=t, class_labels=y).sample, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="one set of nala options"):
         set_attention(model, "nala", layers=[0], inhibit="cosine")  # the config could not say it
     from nala_diffusion import restore_attention
