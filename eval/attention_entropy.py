@@ -154,18 +154,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def model_entropy(model: str, data: str, timesteps: Sequence[int], images: int, seed: int = 0):
+    """(the JSON record, each layer's full statistics) of a trained model's attention on ``images`` real
+    inputs noised at ``timesteps``: per layer, every kernel's entropy measures on the layer's own q, k, the
+    layer's kernel and, for NaLa layers, the saturation report."""
+    layers = model_layers(model, data, timesteps, images, seed)
+    per_layer = {name: summarise(q, k, params) for name, q, k, params, _, _ in layers}
+    kernels = {name: kernel for name, _, _, _, _, kernel in layers}
+    result = {"timesteps": timesteps, "layers": {name: public(s) for name, s in per_layer.items()},
+              "kernels": kernels,
+              "saturation": {name: report for name, _, _, _, report, _ in layers if report is not None}}
+    return result, per_layer
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.model:
         try:
-            layers = model_layers(args.model, args.data, args.timestep, args.images, args.seed)
+            result, per_layer = model_entropy(args.model, args.data, args.timestep, args.images, args.seed)
         except ValueError as error:
             return exit_on_input_error("nala-entropy", error)
-        per_layer = {name: summarise(q, k, params) for name, q, k, params, _, _ in layers}
-        kernels = {name: kernel for name, _, _, _, _, kernel in layers}
-        result = {"timesteps": args.timestep, "layers": {name: public(s) for name, s in per_layer.items()},
-                  "kernels": kernels,
-                  "saturation": {name: report for name, _, _, _, report, _ in layers if report is not None}}
+        kernels = result["kernels"]
         first = next(iter(per_layer.values()))
         for name, stats in per_layer.items():
             # the layer's own kernel first (marked *), then what the other kernels would do on its q, k

@@ -134,9 +134,9 @@ class ScoringContext:
     real_feats: Any
     real_stats: Any
 
-    def run_and_score(self, name: str, flags, steps: int, seed: int) -> dict:
-        """Train OUT/runs/NAME with the ``nala-train`` flags (resumed, cached) and score it (cached)."""
-        info = train(self.args.out, name, flags, steps, seed, self.args)
+    def run_and_score(self, name: str, settings, steps: int, seed: int) -> dict:
+        """Train OUT/runs/NAME with these RunConfig settings (resumed, cached) and score it (cached)."""
+        info = train(self.args.out, name, settings, steps, seed, self.args)
         return {**info, **score(info["folder"], self.args.out, self.args, self.real_feats, self.real_stats,
                                 self.extractor, self.classifier, self.test)}
 

@@ -250,6 +250,7 @@ def test_objective_study_records_rebuild_their_table_and_were_trained_with_its_f
     import shutil
 
     from nala_diffusion.eval.studies.objective import ATTENTION, OBJECTIVE_KINDS, tables
+    from nala_diffusion.train.run_config import flags_of
     from nala_diffusion.eval.study import main as study_main
 
     records = REPO / "docs" / "results" / "objective"
@@ -257,7 +258,7 @@ def test_objective_study_records_rebuild_their_table_and_were_trained_with_its_f
     assert set(results["runs"]) == set(OBJECTIVE_KINDS)
     for name, runs in results["runs"].items():
         assert [run["seed"] for run in runs] == [0, 1]
-        assert all(run["arguments"] == [*ATTENTION.train_flags(), *OBJECTIVE_KINDS[name]] for run in runs), name
+        assert all(run["arguments"] == flags_of({**ATTENTION.settings(), **OBJECTIVE_KINDS[name]}) for run in runs), name
     assert tables(results) == (records / "results.md").read_text()
     # --report_only rebuilds the same tables from the records alone: nothing trained, sampled or exported
     copy = tmp_path / "objective"

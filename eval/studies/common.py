@@ -7,11 +7,12 @@ import csv
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nala_diffusion.models.options import AttentionOptions, config_key, layer_attention_types
+from nala_diffusion.models.options import AttentionOptions, layer_attention_types
+from nala_diffusion.train.run_config import flags_of
 from nala_diffusion.utils.files import write_json_atomically
 
 ARCHITECTURE = {"num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 64, "patch_size": 4,
@@ -56,18 +57,19 @@ class Kind:
                     self.learning_rate if learning_rate is None else learning_rate,
                     self.track_every if track_every is None else track_every)
 
-    def train_flags(self) -> List[str]:
-        flags = ["--attention", self.attention_type]
-        for name, value in self.options.items():
-            flag = config_key(name)
-            flags += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+    def settings(self) -> Dict[str, Any]:
+        """The :class:`~nala_diffusion.train.run_config.RunConfig` settings that build this kind."""
+        settings: Dict[str, Any] = {"attention_type": self.attention_type, **self.options}
         if self.softmax_layers:
-            flags += ["--softmax_layers", *map(str, self.softmax_layers)]
-        for name, value in self.model.items():
-            flags += [f"--{name}" if value else f"--no-{name}"]
+            settings["softmax_layers"] = list(self.softmax_layers)
+        settings.update(self.model)
         if self.learning_rate is not None:
-            flags += ["--learning_rate", str(self.learning_rate)]
-        return flags
+            settings["learning_rate"] = self.learning_rate
+        return settings
+
+    def train_flags(self) -> List[str]:
+        """The ``nala-train`` flags of :meth:`settings` (what the runs' records keep as ``arguments``)."""
+        return flags_of(self.settings())
 
 
 def cached(path: str, compute):
@@ -80,41 +82,53 @@ def cached(path: str, compute):
     return result
 
 
-def train(out: str, name: str, extra: List[str], steps: int, seed: int, args, dataset: str = "builtin:photos") -> dict:
-    """One training run in OUT/runs/NAME (resumed if interrupted); returns its time per step."""
+def train(out: str, name: str, settings: Mapping[str, Any], steps: int, seed: int, args,
+          dataset: str = "builtin:photos") -> dict:
+    """One training run in OUT/runs/NAME with these RunConfig ``settings`` beside the study's (resumed if
+    interrupted); returns its record (:func:`run_info`)."""
     folder = os.path.join(out, "runs", name)
-    return cached(os.path.join(folder, "study_run.json"), lambda: _train(folder, out, extra, steps, seed, args, dataset))
+    return cached(os.path.join(folder, "study_run.json"),
+                  lambda: _train(folder, out, settings, steps, seed, args, dataset))
 
 
-def _train(folder: str, out: str, extra: List[str], steps: int, seed: int, args, dataset: str) -> dict:
-    run_training(folder, out, extra, steps, seed, args, dataset)
-    return run_info(folder, extra, steps, seed, args)
+def _train(folder: str, out: str, settings: Mapping[str, Any], steps: int, seed: int, args, dataset: str) -> dict:
+    run_training(folder, out, settings, steps, seed, args, dataset)
+    return run_info(folder, settings, steps, seed, args)
 
 
-def run_training(folder: str, out: str, extra: List[str], steps: int, seed: int, args, dataset: str) -> None:
-    """``nala-train`` of OUT/runs/NAME up to ``steps`` (resumed from its latest checkpoint)."""
-    from nala_diffusion.train import train_nala_dit
+def run_config(folder: str, out: str, settings: Mapping[str, Any], steps: int, seed: int, args, dataset: str):
+    """The RunConfig of a study run: the study's data, model (OUT/model_config.json), budget and EMA, one
+    checkpoint kept, resumed from the latest; the kind's ``settings`` on top."""
+    from nala_diffusion.train.run_config import RunConfig
+
     config = os.path.join(out, "model_config.json")
     with open(config, "w", encoding="utf-8") as handle:
         json.dump(args.architecture, handle)
-    code = train_nala_dit.cli([
-        "--dataset", dataset, "--resolution", "32", "--model_config", config,
-        "--max_train_steps", str(steps), "--train_batch_size", str(args.batch_size),
-        "--learning_rate", str(args.learning_rate),  # no warm-up: the recorded runs trained without one
-        "--use_ema", "--ema_decay", "0.995", "--checkpointing_steps", str(max(steps // 2, 1)),
-        "--checkpoints_total_limit", "1", "--seed", str(seed), "--report_to", "none",
-        "--output_dir", folder, "--resume_from_checkpoint", "latest", *extra,
-        *(["--timestep_range", *map(str, args.timestep_range)] if args.timestep_range else []),
-    ])
+    study = {"dataset": dataset, "resolution": 32, "model_config": config, "max_train_steps": steps,
+             "train_batch_size": args.batch_size,
+             "learning_rate": args.learning_rate,  # no warm-up: the recorded runs trained without one
+             "use_ema": True, "ema_decay": 0.995, "checkpointing_steps": max(steps // 2, 1),
+             "checkpoints_total_limit": 1, "seed": seed, "report_to": "none", "output_dir": folder,
+             "resume_from_checkpoint": "latest"}
+    return RunConfig(**{**study, **settings, **({"timestep_range": list(args.timestep_range)}
+                                                if args.timestep_range else {})})
+
+
+def run_training(folder: str, out: str, settings: Mapping[str, Any], steps: int, seed: int, args, dataset: str) -> None:
+    """Train OUT/runs/NAME up to ``steps`` (resumed from its latest checkpoint)."""
+    from nala_diffusion.train.train_nala_dit import train as train_run
+
+    code = train_run(run_config(folder, out, settings, steps, seed, args, dataset))
     if code != 0:
         raise RuntimeError(f"nala-study: training {os.path.basename(folder)} failed (exit code {code}); see the messages above")
 
 
-def run_info(folder: str, extra: List[str], steps: int, seed: int, args) -> dict:
-    """A finished run's record: its folder, budget, seed, flags and median seconds per step."""
+def run_info(folder: str, settings: Mapping[str, Any], steps: int, seed: int, args) -> dict:
+    """A finished run's record: its folder, budget, seed, settings (as nala-train flags) and median seconds
+    per step."""
     with open(os.path.join(folder, "log.csv"), newline="", encoding="utf-8") as handle:
         speeds = [float(r["images_per_second"]) for r in csv.DictReader(handle) if r.get("images_per_second")]
-    return {"folder": folder, "steps": steps, "seed": seed, "arguments": extra,
+    return {"folder": folder, "steps": steps, "seed": seed, "arguments": flags_of(settings),
             "seconds_per_step": args.batch_size / float(np.median(speeds)) if speeds else None}
 
 

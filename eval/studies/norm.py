@@ -27,7 +27,7 @@ def norm_study(args, argv, context) -> int:
     results = {"command": " ".join(["nala-study", *(argv if argv is not None else sys.argv[1:])]),
                "architecture": args.architecture, "timesteps": list(NORM_TIMESTEPS), "scratch": {}, "entropy": {}}
     for name, kind in NORM_VARIANTS.items():
-        results["scratch"][name] = [context.run_and_score(f"{name}_s{seed}", kind.train_flags(), args.steps, seed)
+        results["scratch"][name] = [context.run_and_score(f"{name}_s{seed}", kind.settings(), args.steps, seed)
                                     for seed in args.seeds]
         results["entropy"][name] = [entropy(run["folder"], args.out, name, NORM_TIMESTEPS, images=20)
                                     for run in results["scratch"][name]]

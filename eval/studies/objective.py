@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from nala_diffusion.eval.studies.common import TRAINING, Kind, cached, markdown_table, mean_std, train, write_results
 from nala_diffusion.metrics.samples import SAMPLE_DIR, balanced_labels, generate_samples
 
 #: the demo's attention (NaLa, sigma calibrated) under each objective
 ATTENTION = Kind("nala")
-OBJECTIVE_KINDS: Dict[str, List[str]] = {
-    "ddpm": ["--objective", "ddpm"],
-    "flow_uniform": ["--objective", "flow", "--weighting_scheme", "uniform"],
-    "flow_logit_normal": ["--objective", "flow", "--weighting_scheme", "logit_normal"],
+OBJECTIVE_KINDS: Dict[str, Dict[str, str]] = {
+    "ddpm": {"objective": "ddpm"},
+    "flow_uniform": {"objective": "flow", "weighting_scheme": "uniform"},
+    "flow_logit_normal": {"objective": "flow", "weighting_scheme": "logit_normal"},
 }
 #: the quickstart's budget (README: 2,000 steps at learning rate 5e-4, EMA 0.995, no warm-up)
 OBJECTIVE_TRAINING = {**TRAINING, "steps": 2000}
@@ -106,7 +106,7 @@ def objective_study(args, argv, context) -> int:
     results = {"command": " ".join(["nala-study", *(argv if argv is not None else sys.argv[1:])]),
                "architecture": args.architecture, "sample_steps": list(SAMPLE_STEPS), "runs": {}}
     missing = []
-    for name, flags in OBJECTIVE_KINDS.items():
+    for name, settings in OBJECTIVE_KINDS.items():
         runs = []
         for seed in args.seeds:
             if args.report_only:
@@ -115,7 +115,7 @@ def objective_study(args, argv, context) -> int:
                     missing.append(f"{name}_s{seed}")
                     continue
             else:
-                info = train(args.out, f"{name}_s{seed}", [*ATTENTION.train_flags(), *flags], args.steps, seed, args)
+                info = train(args.out, f"{name}_s{seed}", {**ATTENTION.settings(), **settings}, args.steps, seed, args)
                 info["scores"] = {str(steps): score_at_steps(info["folder"], args.out, args, context, steps)
                                   for steps in SAMPLE_STEPS}
                 info["grid"] = os.path.relpath(grid(info["folder"], args.out), args.out)

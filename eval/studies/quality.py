@@ -14,6 +14,7 @@ import torch
 from nala_diffusion.eval.studies.common import Kind, cached, markdown_table, mean_std, write_results
 from nala_diffusion.eval.studies.highres import highres
 from nala_diffusion.metrics.samples import SAMPLE_DIR, balanced_labels, generate_samples
+from nala_diffusion.utils.files import write_json_atomically
 
 if TYPE_CHECKING:
     from nala_diffusion.pipelines.pipeline_nala_dit import NaLaDiTPipeline
@@ -86,8 +87,8 @@ def entropy(run: str, out: str, kind: str, timesteps: Sequence[int] = (500,), im
     from nala_diffusion.eval import attention_entropy
     path = os.path.join(out, "scores", f"{os.path.basename(run)}_entropy.json")
     if not os.path.exists(path):
-        attention_entropy.main(["--model", run, "--data", "builtin:photos", "--json", path, "--images", str(images),
-                                "--timestep", *map(str, timesteps)])
+        result, _ = attention_entropy.model_entropy(run, "builtin:photos", list(timesteps), images)
+        write_json_atomically(path, result, sort_keys=False)
     with open(path, encoding="utf-8") as handle:
         result = json.load(handle)
     saturation = result.get("saturation", {})
@@ -121,14 +122,14 @@ def quality_study(args, argv, context) -> int:
     results = {"command": " ".join(["nala-study", *(argv if argv is not None else sys.argv[1:])]),
                "architecture": args.architecture, "scratch": {}, "conversion": {}, "highres": {}, "entropy": {}}
     for name, kind in VARIANTS.items():
-        results["scratch"][name] = [context.run_and_score(f"{name}_s{seed}", kind.train_flags(), args.steps, seed)
+        results["scratch"][name] = [context.run_and_score(f"{name}_s{seed}", kind.settings(), args.steps, seed)
                                     for seed in args.seeds]
     teacher = results["scratch"]["softmax"][0]["folder"]
     short = max(1, round(args.conversion_fraction * args.steps))
-    convert = ["--init_from", teacher, *VARIANTS["nala_relu_split"].train_flags()]
+    convert = {"init_from": teacher, **VARIANTS["nala_relu_split"].settings()}
     results["conversion"]["nala_from_softmax"] = context.run_and_score("convert_nala", convert, short, args.seeds[0])
     results["conversion"]["nala_from_softmax_distilled"] = context.run_and_score(
-        "convert_nala_distilled", convert + ["--teacher", teacher], short, args.seeds[0])
+        "convert_nala_distilled", {**convert, "teacher": teacher}, short, args.seeds[0])
     for name in ("softmax", "nala_relu_split"):
         run = results["scratch"][name][0]["folder"]
         results["highres"][name] = highres(run, args.out, args, context.real_stats, context.extractor,

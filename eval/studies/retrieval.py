@@ -10,7 +10,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from nala_diffusion.eval.studies.common import (
     train,
     write_results,
 )
+from nala_diffusion.train.run_config import flags_of
 from nala_diffusion.utils.files import write_json_atomically
 
 # builtin:pairs at patch 4, 64 tokens per image (a training step at patch 2, 256 tokens, costs about
@@ -60,13 +61,18 @@ class ConversionArm:
     def steps(self, scratch_steps: int) -> int:
         return 1 if self.zero_shot else max(1, round(CONVERSION_FRACTION * scratch_steps))
 
-    def train_flags(self, anchor: str) -> List[str]:
-        flags = ["--init_from", anchor, *self.target.train_flags()]
+    def settings(self, anchor: str) -> Dict[str, Any]:
+        """The RunConfig settings of this arm, from the ``anchor`` softmax model."""
+        settings: Dict[str, Any] = {"init_from": anchor, **self.target.settings()}
         if "output" in self.distillation:
-            flags += ["--teacher", anchor]
+            settings["teacher"] = anchor
         if "attention" in self.distillation:
-            flags += ["--attention_distillation_weight", str(ATTENTION_DISTILLATION_WEIGHT)]
-        return flags + (["--learning_rate", "0"] if self.zero_shot else [])
+            settings["attention_distillation_weight"] = ATTENTION_DISTILLATION_WEIGHT
+        return {**settings, **({"learning_rate": 0} if self.zero_shot else {})}
+
+    def train_flags(self, anchor: str) -> List[str]:
+        """The ``nala-train`` flags of :meth:`settings` (the runs' recorded ``arguments``)."""
+        return flags_of(self.settings(anchor))
 
 
 def conversion_arms(name: str, target: Kind) -> Dict[str, ConversionArm]:
@@ -122,16 +128,17 @@ RETRIEVAL_DEFAULT_KINDS = [kind for kind in RETRIEVAL_VARIANTS if kind != "nala_
 COST_TOKENS = 16384
 
 
-def kind_model(out: str, extra: List[str]):
-    """The study's model (OUT/model_config.json) with one kind's attention flags, as nala-train builds
+def kind_model(out: str, settings: Mapping[str, Any]):
+    """The study's model (OUT/model_config.json) with one kind's attention settings, as nala-train builds
     it, randomly initialised: for timing."""
     from nala_diffusion.data.builtin_pairs import SIZE
     from nala_diffusion.data.builtin_photos import PHOTOS
-    from nala_diffusion.train import train_nala_dit
+    from nala_diffusion.train.run_config import RunConfig
+    from nala_diffusion.train.run_model import build_model
 
-    flags = train_nala_dit.parse_args(["--dataset", "builtin:pairs", "--output_dir", out, "--max_train_steps", "1",
-                                       "--model_config", os.path.join(out, "model_config.json"), *extra])
-    model, _ = train_nala_dit.build_model(flags, 3, SIZE, len(PHOTOS))  # RGB builtin:pairs images, one class a photo
+    config = RunConfig(dataset="builtin:pairs", output_dir=out, max_train_steps=1,
+                       model_config=os.path.join(out, "model_config.json"), **settings)
+    model, _ = build_model(config, 3, SIZE, len(PHOTOS))  # RGB builtin:pairs images, one class a photo
     return model.eval()
 
 
@@ -149,7 +156,7 @@ def forward_costs(out: str, kinds: Sequence[str], tokens: int = COST_TOKENS, rep
         calls = {}
         for kind in kinds:
             variant = RETRIEVAL_VARIANTS[kind]  # a conversion arm costs what its target kind costs
-            model = kind_model(out, (variant.target if isinstance(variant, ConversionArm) else variant).train_flags())
+            model = kind_model(out, (variant.target if isinstance(variant, ConversionArm) else variant).settings())
             calls[kind] = lambda model=model: model(x, timestep=t, class_labels=y)
         with torch.no_grad():
             seconds = timing.interleaved_medians(calls, torch.device("cpu"), repeats)
@@ -184,15 +191,15 @@ def retrieval_study(args, argv) -> dict:
         if isinstance(variant, ConversionArm):
             # from a softmax model of this seed trained as the softmax kind is, kept with its weights in its own
             # folder (the softmax kind's records may have been copied without them)
-            anchor = train(args.out, f"retrieval_conversion_anchor_s{seed}", RETRIEVAL_VARIANTS["softmax"].train_flags(),
+            anchor = train(args.out, f"retrieval_conversion_anchor_s{seed}", RETRIEVAL_VARIANTS["softmax"].settings(),
                            args.steps, seed, args, dataset=dataset)
-            info = train(args.out, name, variant.train_flags(anchor["folder"]), variant.steps(args.steps), seed, args,
+            info = train(args.out, name, variant.settings(anchor["folder"]), variant.steps(args.steps), seed, args,
                          dataset=dataset)
         elif variant.track_every or getattr(args, "track_every", 0):
             every = variant.track_every or args.track_every
-            info = tracked_train(args, name, variant.train_flags(), seed, dataset, every)
+            info = tracked_train(args, name, variant.settings(), seed, dataset, every)
         else:
-            info = train(args.out, name, variant.train_flags(), args.steps, seed, args, dataset=dataset)
+            info = train(args.out, name, variant.settings(), args.steps, seed, args, dataset=dataset)
         path = os.path.join(args.out, "scores", f"{name}.json")
         return {**info, **cached(path, lambda: retrieval.measure(info["folder"], args.retrieval_timesteps,
                                                                  gain_images=args.retrieval_images, mass_images=8,
@@ -227,7 +234,7 @@ def latest_checkpoint_step(folder: str) -> int:
     return max(steps, default=0)
 
 
-def tracked_train(args, name: str, flags: List[str], seed: int, dataset: str, every: int) -> dict:
+def tracked_train(args, name: str, settings: Mapping[str, Any], seed: int, dataset: str, every: int) -> dict:
     """A run trained in chunks of ``every`` steps, each resumed from the last (the run continues exactly as
     one uninterrupted run), with every layer's partner mass measured after each chunk (8 held-out images,
     as the final measure): the record's ``partner_mass_track`` is ``{step: {layer: mass}}``, also kept in
@@ -239,18 +246,18 @@ def tracked_train(args, name: str, flags: List[str], seed: int, dataset: str, ev
 
         path = os.path.join(args.out, "scores", f"{name}_track.json")
         track = cached(path, dict)
-        chunk_flags = [*flags, "--checkpointing_steps", str(every)]
+        chunk_settings = {**settings, "checkpointing_steps": every}
         for stop in sorted({*range(every, args.steps, every), args.steps}):
             if str(stop) in track:
                 continue
             if latest_checkpoint_step(folder) < stop:
-                run_training(folder, args.out, chunk_flags, stop, seed, args, dataset)
+                run_training(folder, args.out, chunk_settings, stop, seed, args, dataset)
             pipe = NaLaDiTPipeline.from_pretrained(folder)
             pipe.set_progress_bar_config(disable=True)
             mass = retrieval.retrieval_mass(pipe, args.retrieval_timesteps, images=8, layout=args.pairs_layout)
             track[str(stop)] = {layer: values["mass"] for layer, values in mass.items()}
             write_json_atomically(path, track, sort_keys=False)
-        return {**run_info(folder, chunk_flags, args.steps, seed, args), "partner_mass_track": track}
+        return {**run_info(folder, chunk_settings, args.steps, seed, args), "partner_mass_track": track}
 
     return cached(os.path.join(folder, "study_run.json"), compute)
 

@@ -25,6 +25,8 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import torch
 
 OBJECTIVES = ("ddpm", "flow")
+#: the length of the training noise schedule (DiT's linear schedule; a flow model reads sigma x this)
+NUM_TRAIN_TIMESTEPS = 1000
 FLOW_CONVENTIONS = ("diffusers", "sit")
 #: the timestep densities of ``diffusers.training_utils.compute_density_for_timestep_sampling``
 WEIGHTING_SCHEMES = ("uniform", "logit_normal", "mode")
@@ -62,7 +64,7 @@ def check_scheduler(config: Mapping[str, Any], scheduler) -> None:
             f"{'FlowMatchEulerDiscreteScheduler()' if model == 'flow' else 'DDIMScheduler.from_config(...)'}")
 
 
-def model_timestep(config: Mapping[str, Any], timesteps: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
+def model_timestep(config: Mapping[str, Any], timesteps: torch.Tensor, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
     """The timestep the model reads for the scheduler's ``timesteps``: unchanged, except for a flow model
     in SiT's convention, which reads ``1 - timesteps / num_train_timesteps`` (1 - sigma)."""
     if objective_of(config) == "flow" and flow_convention_of(config) == "sit":
@@ -95,7 +97,7 @@ class Objective:
     scheduler: Any  # the DDPM training schedule (``DDPMScheduler``), or None for flow
     prediction_type: str = "epsilon"
     timestep_range: Optional[Tuple[int, int]] = None
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
     flow_convention: str = "diffusers"
     weighting_scheme: str = "uniform"
     logit_mean: float = 0.0
@@ -154,7 +156,7 @@ class Objective:
 def training_objective(config: Mapping[str, Any], *, prediction_type: str = "epsilon",
                        timestep_range: Optional[Sequence[int]] = None, clip_sample: bool = True,
                        weighting_scheme: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
-                       mode_scale: float = 1.29, num_train_timesteps: int = 1000) -> Objective:
+                       mode_scale: float = 1.29, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Objective:
     """The :class:`Objective` of a model config: DDPM on DiT's linear schedule (beta 1e-4 .. 0.02), or flow."""
     name = objective_of(config)
     if name not in OBJECTIVES:
