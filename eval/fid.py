@@ -24,27 +24,19 @@ from typing import TYPE_CHECKING, Optional, Sequence
 if TYPE_CHECKING:
     from accelerate import PartialState
 
+from nala_diffusion.eval.sample_sets import generate_samples
 from nala_diffusion.metrics.feature_constants import METRICS, MODES, TORCHSCRIPT_WEIGHTS
 from nala_diffusion.metrics.samples import (
     LABEL_DRAWS,
     SAMPLE_DIR,
     balanced_labels,
-    generate_samples,
     guard_samples,
     iter_sample_paths,
     pack_npz,
     uniform_labels,
 )
-from nala_diffusion.pipelines.sample import parse_sharpness
-from nala_diffusion.pipelines.sampler_flags import (
-    DIT_PROTOCOL,
-    HIGHRES_MODES,
-    SCHEDULERS,
-    add_guidance_args,
-    guidance_kwargs,
-    set_sampler,
-    use_dit_timesteps,
-)
+from nala_diffusion.pipelines.request import SamplingRequest
+from nala_diffusion.pipelines.sampler_flags import add_request_args
 from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, positive_int
 from nala_diffusion.utils.distributed import use_cpu_processes
 from nala_diffusion.utils.files import write_json_atomically
@@ -69,28 +61,26 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="pipeline folder")
     p.add_argument("--num_samples", type=positive_int, required=True, help='images to sample (image i has seed + i)')
     p.add_argument("--out", required=True, help="folder; images go to OUT/samples/{i:06d}.png")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--steps", type=positive_int, default=None, help="default: the pipeline's sampling_defaults, else 50")
-    p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's sampling_defaults, else 4.0")
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="sampler (default: the pipeline's scheduler)")
-    p.add_argument("--height", type=positive_int, default=None, help="image height (default: the model's training size)")
-    p.add_argument("--width", type=positive_int, default=None, help="image width (default: the model's training size)")
     p.add_argument("--labels", type=int, nargs="+", default=None, help="cycled; default: every class in turn")
     p.add_argument("--label_draw", choices=LABEL_DRAWS, default=None,
                    help="without --labels: 'balanced' (image i has class i mod num_classes; the default) or 'uniform' "
                         "(drawn at random per image, as DiT's sample_ddp.py; the default of --protocol dit)")
-    p.add_argument("--highres_mode", choices=HIGHRES_MODES, default="direct", help="above the training size: 'direct' or 'progressive'")
-    p.add_argument("--position_embedding", choices=["interpolate", "extend"], default=None,
-                   help="positions above the training size (default: the model's config, normally interpolate)")
-    p.add_argument("--attention_sharpness", type=parse_sharpness, default=None,
-                   help="'auto', 'off' (default) or a factor: resolution-aware attention sharpness above the training size")
-    add_guidance_args(p)
+    add_request_args(p, {
+        "steps": "default: the pipeline's sampling_defaults, else 50",
+        "guidance": "default: the pipeline's sampling_defaults, else 4.0",
+        "scheduler": "sampler (default: the pipeline's scheduler)",
+        "height": "image height (default: the model's training size)",
+        "width": "image width (default: the model's training size)",
+        "highres_mode": "above the training size: 'direct' or 'progressive'",
+        "position_embedding": "positions above the training size (default: the model's config, normally interpolate)",
+        "attention_sharpness": "'auto', 'off' (default) or a factor: resolution-aware attention sharpness above the "
+                               "training size",
+        "memory_check": "sample even where a batch's activations are estimated not to fit in free memory",
+    })
     p.add_argument("--protocol", choices=["dit"], default=None,
                    help="DiT's evaluation in one flag: 250 DDPM steps, the learned variance (where the model has "
                         "it), guidance 1.5 on the first 3 channels; conflicting flags are refused")
     p.add_argument("--batch_size", type=positive_int, default=16, help='images per pipeline call')
-    p.add_argument("--no_memory_check", "--no-memory-check", dest="memory_check", action="store_false",
-                   help="sample even where a batch's activations are estimated not to fit in free memory")
     p.add_argument("--npz", action="store_true", help="also pack the samples as OUT/samples.npz (ADM evaluator)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace samples in OUT made with other settings (default: refuse, naming what differs)")
@@ -132,21 +122,43 @@ def config_hash(pipe) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-SAMPLING_DEFAULTS = {"guidance_interval": None, "guidance_interval_unit": "timestep", "guidance_channels": "all",
-                     "use_learned_variance": False, "protocol": None}
+#: the request fields a sample folder's fingerprint records only where they differ from the request's defaults,
+#: so that folders sampled before they existed stay valid
+RECORDED_WHEN_SET = ("guidance_interval", "guidance_interval_unit", "guidance_channels", "use_learned_variance",
+                     "protocol")
 
 
-def apply_dit_protocol(args, learned_variance: bool) -> None:
-    """Set what ``--protocol dit`` fixes; a flag given with another value is a ``ValueError``."""
-    for name, value in DIT_PROTOCOL.items():
-        given = getattr(args, name)
-        if given is not None and given != value:
-            raise ValueError(f"--protocol dit fixes --{name} {value}; drop --{name} {given} or the protocol")
-        setattr(args, name, value)
-    if args.learned_variance and not learned_variance:
-        raise ValueError("--learned_variance: this model has no variance channels (out_channels = in_channels); "
-                         "--protocol dit samples it with fixed variance, so drop --learned_variance")
-    args.learned_variance = learned_variance  # DiT's models have it; one without samples with fixed variance
+def sampling_request(args, pipe) -> SamplingRequest:
+    """The request of ``nala-fid``'s flags for ``pipe``: ``--protocol dit`` applied, the sampler set on the
+    pipeline, and the pipeline's choices filled in and checked."""
+    from nala_diffusion.diffusion.objectives import objective_of
+    from nala_diffusion.pipelines.schedulers import apply_request_sampler
+
+    request = SamplingRequest.from_flags(args)
+    if request.protocol == "dit":
+        config = pipe.transformer.config
+        if objective_of(config) != "ddpm":
+            raise ValueError(f"--protocol dit is DiT's DDPM evaluation (250 DDPM steps, its learned variance); {args.model!r} "
+                             f"is a {objective_of(config)!r} model. Drop --protocol and sample it with its own scheduler "
+                             "(the one saved with it, or --scheduler flow_euler / flow_heun) and --steps")
+        request = request.with_dit_protocol(learned_variance=pipe.transformer.out_channels == 2 * config.in_channels)
+    apply_request_sampler(pipe, request)
+    return request.resolved(pipe)
+
+
+def sample_fingerprint(args, pipe, request: SamplingRequest, label_draw: str) -> dict:
+    """What a sample folder's images depend on: the pipeline's weights and sampler, the request, the batch size."""
+    defaults = SamplingRequest()
+    return {
+        **pipeline_fingerprint(args.model, pipe), "steps": request.steps, "guidance": request.guidance,
+        "batch_size": args.batch_size,  # batched numerics move pixels by a level: another batch size, other images
+        "height": request.height, "width": request.width,
+        "labels": args.labels or f"{label_draw} over {pipe.num_classes} classes", "seed": request.seed,
+        "highres_mode": request.highres_mode,
+        "position_embedding": request.position_embedding or pipe.transformer.config.position_embedding,
+        "attention_sharpness": request.attention_sharpness or "off",
+        **{k: getattr(request, k) for k in RECORDED_WHEN_SET if getattr(request, k) != getattr(defaults, k)},
+    }
 
 
 def run_sampling(args, state: PartialState) -> dict:
@@ -159,89 +171,60 @@ def run_sampling(args, state: PartialState) -> dict:
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot load a pipeline from {args.model!r}: {error}") from None
     pipe.to(state.device)
-    if args.protocol == "dit":
-        config = pipe.transformer.config
-        if objective_of(config) != "ddpm":
-            raise ValueError(f"--protocol dit is DiT's DDPM evaluation (250 DDPM steps, its learned variance); {args.model!r} "
-                             f"is a {objective_of(config)!r} model. Drop --protocol and sample it with its own scheduler "
-                             "(the one saved with it, or --scheduler flow_euler / flow_heun) and --steps")
-        apply_dit_protocol(args, learned_variance=pipe.transformer.out_channels == 2 * config.in_channels)
-    set_sampler(pipe, args.scheduler, args.learned_variance)
-    if args.protocol == "dit":
-        use_dit_timesteps(pipe)
-    guidance = guidance_kwargs(args)
-    pipe.check_guidance(**guidance)
+    request = sampling_request(args, pipe)
     if args.labels and args.label_draw:
         raise ValueError("--labels and --label_draw exclude each other: --labels fixes every label")
-    args.label_draw = args.label_draw or ("uniform" if args.protocol == "dit" and not args.labels else "balanced")
-    labels = uniform_labels(args.num_samples, pipe.num_classes, args.seed) if args.label_draw == "uniform" \
+    label_draw = args.label_draw or ("uniform" if request.protocol == "dit" and not args.labels else "balanced")
+    labels = uniform_labels(args.num_samples, pipe.num_classes, request.seed) if label_draw == "uniform" \
         else balanced_labels(args.num_samples, pipe.num_classes, args.labels)
-    settings = pipe.sampling_settings(args.steps, args.guidance)
-    args.steps, args.guidance = settings["num_inference_steps"], settings["guidance_scale"]
-    fingerprint = {
-        **pipeline_fingerprint(args.model, pipe), "steps": args.steps, "guidance": args.guidance,
-        "batch_size": args.batch_size,  # batched numerics move pixels by a level: another batch size, other images
-        "height": args.height or pipe.default_sample_size, "width": args.width or pipe.default_sample_size,
-        "labels": args.labels or f"{args.label_draw} over {pipe.num_classes} classes", "seed": args.seed,
-        "highres_mode": args.highres_mode,
-        "position_embedding": args.position_embedding or pipe.transformer.config.position_embedding,
-        "attention_sharpness": args.attention_sharpness or "off",
-        # recorded where they differ from the defaults, so that folders sampled with the defaults stay valid
-        **{k: v for k, v in {**guidance, "protocol": args.protocol}.items() if v != SAMPLING_DEFAULTS[k]},
-    }
-    # everything the pipeline would refuse is refused before the fingerprint is written
-    pipe.check_inputs(fingerprint["height"], fingerprint["width"], args.steps, args.guidance, "pt", 1)
-    if args.attention_sharpness == "auto":
-        fingerprint["attention_sharpness"] = args.attention_sharpness = calibrate_sharpness_once(args, pipe, labels)
+    fingerprint = sample_fingerprint(args, pipe, request, label_draw)
+    if request.attention_sharpness == "auto":
+        request = request.but(attention_sharpness=calibrate_sharpness_once(request, pipe, labels))
+        fingerprint["attention_sharpness"] = request.attention_sharpness
     start = time.perf_counter()
-    if args.memory_check:  # before anything is written: a size that cannot fit is refused here
-        pipe.check_memory(fingerprint["height"], fingerprint["width"], min(args.batch_size, args.num_samples),
-                          args.guidance != 1.0)
+    if request.check_memory:  # before anything is written: a size that cannot fit is refused here
+        pipe.check_memory(request.height, request.width, min(args.batch_size, args.num_samples), request.guidance != 1.0)
     guard_samples(args.out, fingerprint, args.overwrite, write=state.is_main_process)
     state.wait_for_everyone()
     if not state.is_main_process:
         guard_samples(args.out, fingerprint, args.overwrite, write=False)
-    written = generate_samples(
-        pipe, args.out, args.num_samples, labels=labels, seed=args.seed, batch_size=args.batch_size,
-        rank=state.process_index, world_size=state.num_processes, height=args.height, width=args.width,
-        show_progress=state.is_local_main_process, num_inference_steps=args.steps, guidance_scale=args.guidance,
-        highres_mode=args.highres_mode, position_embedding=args.position_embedding,
-        attention_sharpness=args.attention_sharpness, check_memory=args.memory_check, **guidance,
-    )
+    written = generate_samples(pipe, args.out, args.num_samples, labels=labels, request=request,
+                               batch_size=args.batch_size, rank=state.process_index, world_size=state.num_processes,
+                               show_progress=state.is_local_main_process)
     state.wait_for_everyone()
     if args.npz and state.is_main_process:
         pack_npz(args.out, args.num_samples, os.path.join(args.out, "samples.npz"))
+    config = pipe.transformer.config
     return {
-        "model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model, "model_config_hash": config_hash(pipe),
-        "attention_type": pipe.transformer.config.attention_type,
-        "attention_types": pipe.transformer.config.get("attention_types"), "scheduler": type(pipe.scheduler).__name__,
-        "objective": objective_of(pipe.transformer.config),
-        "steps": args.steps, "guidance": args.guidance, "num_samples": args.num_samples,
-        "seeds": [args.seed, args.seed + args.num_samples - 1], "labels": args.labels or args.label_draw,
-        "height": args.height or pipe.default_sample_size, "width": args.width or pipe.default_sample_size,
-        "highres_mode": args.highres_mode, "position_embedding": args.position_embedding or
-        pipe.transformer.config.position_embedding, "attention_sharpness": args.attention_sharpness or "off",
-        **guidance, "protocol": args.protocol,
-        "written_by_process_0": written,
+        "model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
+        "model_config_hash": config_hash(pipe), "attention_type": config.attention_type,
+        "attention_types": config.get("attention_types"), "scheduler": type(pipe.scheduler).__name__,
+        "objective": objective_of(config), "steps": request.steps, "guidance": request.guidance,
+        "num_samples": args.num_samples, "seeds": [request.seed, request.seed + args.num_samples - 1],
+        "labels": args.labels or label_draw, "height": request.height, "width": request.width,
+        "highres_mode": request.highres_mode,
+        "position_embedding": request.position_embedding or config.position_embedding,
+        "attention_sharpness": request.attention_sharpness or "off", **request.guidance_kwargs(),
+        "protocol": request.protocol, "written_by_process_0": written,
         "sampling_seconds": time.perf_counter() - start, "num_processes": state.num_processes,
     }
 
 
-def calibrate_sharpness_once(args, pipe, labels) -> dict:
+def calibrate_sharpness_once(request: SamplingRequest, pipe, labels) -> dict:
     """``--attention_sharpness auto`` for a whole sample set: the pipeline would calibrate on each batch's
     own labels, and one FID set would mix factors; the factors are calibrated once, on the run's first
     two labels, then every batch uses (and the fingerprint and fid.json record) them."""
     import torch
 
-    if args.highres_mode != "direct":
+    if request.highres_mode != "direct":
         raise ValueError("--attention_sharpness auto with --highres_mode progressive would calibrate every batch's "
                          "stages on its own labels; use --highres_mode direct, or a fixed factor")
-    height, width = args.height or pipe.default_sample_size, args.width or pipe.default_sample_size
     ids = torch.tensor(labels[:2], device=pipe._execution_device)
     from nala_diffusion.models.sharpness import set_attention_sharpness
 
     try:
-        report = pipe.set_resolution_sharpness("auto", height, width, ids, args.steps, args.position_embedding)
+        report = pipe.set_resolution_sharpness("auto", request.height, request.width, ids, request.steps,
+                                               request.position_embedding)
     finally:
         set_attention_sharpness(pipe.transformer, 1.0)  # each batch sets the factors itself
     return {name: float(layer["sharpness"]) for name, layer in report["layers"].items()}

@@ -26,14 +26,15 @@ import PIL.Image
 import torch
 
 from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path
+from nala_diffusion.eval.sample_sets import generate_samples
 from nala_diffusion.metrics.samples import (
     balanced_labels,
     export_reference,
-    generate_samples,
     guard_samples,
     sample_path,
 )
-from nala_diffusion.pipelines.sampler_flags import SCHEDULERS, set_sampler
+from nala_diffusion.pipelines.request import SamplingRequest
+from nala_diffusion.pipelines.schedulers import SCHEDULERS, set_sampler
 from nala_diffusion.utils.cli_args import HelpFormatter, exit_on_input_error, positive_int
 from nala_diffusion.utils.locks import output_lock
 from nala_diffusion.utils.run_guard import pipeline_fingerprint
@@ -68,8 +69,8 @@ def sample(pipe, folder, args, labels, count, weights: str):
                    "batch_size": args.batch_size,
                    "seed": args.seed, "labels": f"balanced over {pipe.num_classes} classes"}
     guard_samples(folder, fingerprint, args.overwrite)
-    generate_samples(pipe, folder, count, labels=labels, seed=args.seed, batch_size=args.batch_size,
-                     num_inference_steps=args.steps, guidance_scale=args.guidance)
+    generate_samples(pipe, folder, count, labels=labels, batch_size=args.batch_size,
+                     request=SamplingRequest(steps=args.steps, guidance=args.guidance, seed=args.seed))
     return [sample_path(folder, i) for i in range(count)]
 
 

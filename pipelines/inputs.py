@@ -165,3 +165,19 @@ def check_finite(values: torch.Tensor, what: str) -> None:
             f"sampling produced NaN or inf {what} in {int(bad.sum())} of {len(bad)} images (indices "
             f"{bad.nonzero().flatten().tolist()[:8]}); usual causes: a huge guidance_scale, NaN/inf in the given "
             "latents, or float16 overflow (sample in float32 or bfloat16). Nothing was returned.")
+
+
+def check_sigmas(scheduler, sigmas: Sequence[float], num_inference_steps: Optional[int]) -> int:
+    """Refuse ``sigmas`` the scheduler cannot take or that are not a decreasing list in (0, 1]; returns the step
+    count they give."""
+    import inspect
+
+    if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise ValueError(f"sigmas: {type(scheduler).__name__}.set_timesteps takes no sigmas; use a flow-matching "
+                         "scheduler (FlowMatchEulerDiscreteScheduler), or num_inference_steps")
+    values = [float(s) for s in sigmas]
+    if not values or not all(0 < v <= 1 for v in values) or any(a <= b for a, b in zip(values, values[1:])):
+        raise ValueError(f"sigmas must be a non-empty, strictly decreasing list in (0, 1], got {list(sigmas)[:6]}")
+    if num_inference_steps is not None and num_inference_steps != len(values):
+        raise ValueError(f"num_inference_steps={num_inference_steps} but {len(values)} sigmas; give one of them")
+    return len(values)

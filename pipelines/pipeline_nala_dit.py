@@ -22,12 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 # pipeline folders saved before the sub-packages name this module as the transformer's library, and
 # diffusers loads a component only from a module that is already imported
 import nala_diffusion.model  # noqa: F401
-from nala_diffusion.diffusion.objectives import (
-    check_scheduler,
-    clipping_step_kwargs,
-    model_timestep,
-    to_scheduler_velocity,
-)
+from nala_diffusion.diffusion.objectives import clipping_step_kwargs, model_timestep, to_scheduler_velocity
 from nala_diffusion.models.loading import check_loaded_weights
 from nala_diffusion.models.norm_awareness import warn_if_uncalibrated
 from nala_diffusion.models.sharpness import attention_sharpness_of, set_attention_sharpness
@@ -44,10 +39,8 @@ from nala_diffusion.pipelines.folder_loading import (
 from nala_diffusion.pipelines.guidance import GuidanceSchedule
 from nala_diffusion.pipelines.inputs import LabelArg
 from nala_diffusion.pipelines.loader_file import write_loader_file
+from nala_diffusion.pipelines.request import SAMPLING_DEFAULTS, SamplingRequest
 from nala_diffusion.utils.files import follow_umask
-
-# what ``__call__`` uses when neither the call nor the pipeline's ``sampling_defaults`` say otherwise (DiT's)
-SAMPLING_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 4.0}
 
 
 @dataclass
@@ -201,29 +194,18 @@ class NaLaDiTPipeline(DiffusionPipeline):
         (:func:`~nala_diffusion.pipelines.inputs.check_memory`), before anything is sampled or written."""
         inputs.check_memory(self, height, width, images, guidance)
 
-    def check_guidance(self, guidance_interval=None, guidance_interval_unit: str = "timestep",
-                       guidance_channels: Union[str, int] = "all", use_learned_variance: bool = False) -> GuidanceSchedule:
-        """The guidance schedule of these settings, refused where the model or scheduler cannot honour it."""
-        guidance = GuidanceSchedule.from_call(guidance_interval, guidance_interval_unit, guidance_channels,
-                                              use_learned_variance)
-        guidance.check(self.scheduler, self.transformer.config.in_channels, self.transformer.out_channels)
-        return guidance
-
-    def prepare_call(self, class_labels, height, width, num_inference_steps, guidance_scale, num_images_per_label,
-                     output_type, callback_on_step_end_tensor_inputs, guidance: Dict[str, Any],
-                     check_memory: bool) -> "SamplingCall":
-        """A call's inputs resolved (sampling defaults filled in) and checked, before anything is sampled."""
-        steps, scale = self.sampling_settings(num_inference_steps, guidance_scale).values()
-        self.check_inputs(height, width, steps, scale, output_type, num_images_per_label,
-                          callback_on_step_end_tensor_inputs)
-        check_scheduler(self.transformer.config, self.scheduler)
-        schedule = self.check_guidance(**guidance)
+    def prepare_call(self, class_labels, request: SamplingRequest, output_type: str = "pil",
+                     callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)) -> "SamplingCall":
+        """A call's inputs resolved (the request's choices filled in from the pipeline) and checked, before
+        anything is sampled."""
+        request = request.resolved(self, output_type, callback_on_step_end_tensor_inputs)
         ids = self.get_label_ids(class_labels)
-        class_ids = torch.tensor(ids, device=self._execution_device).repeat_interleave(int(num_images_per_label))
-        if check_memory:
-            self.check_memory(int(height), int(width), len(class_ids), scale != 1.0)
+        class_ids = torch.tensor(ids, device=self._execution_device).repeat_interleave(int(request.images_per_label))
+        if request.check_memory:
+            self.check_memory(int(request.height), int(request.width), len(class_ids), request.guidance != 1.0)
         warn_if_uncalibrated(self.transformer)
-        return SamplingCall(int(height), int(width), int(steps), scale, class_ids, schedule)
+        return SamplingCall(int(request.height), int(request.width), int(request.steps), request.guidance, class_ids,
+                            request.guidance_schedule)
 
     def prepare_latents(self, batch_size, height, width, generator, latents=None):
         channels = self.transformer.config.in_channels
@@ -241,16 +223,8 @@ class NaLaDiTPipeline(DiffusionPipeline):
 
     def check_sigmas(self, sigmas: Sequence[float], num_inference_steps: Optional[int]) -> int:
         """Refuse ``sigmas`` the scheduler cannot take or that are not a decreasing list in (0, 1]; returns
-        the step count they give."""
-        if "sigmas" not in inspect.signature(self.scheduler.set_timesteps).parameters:
-            raise ValueError(f"sigmas: {type(self.scheduler).__name__}.set_timesteps takes no sigmas; use a flow-matching "
-                             "scheduler (FlowMatchEulerDiscreteScheduler), or num_inference_steps")
-        values = [float(s) for s in sigmas]
-        if not values or not all(0 < v <= 1 for v in values) or any(a <= b for a, b in zip(values, values[1:])):
-            raise ValueError(f"sigmas must be a non-empty, strictly decreasing list in (0, 1], got {list(sigmas)[:6]}")
-        if num_inference_steps is not None and num_inference_steps != len(values):
-            raise ValueError(f"num_inference_steps={num_inference_steps} but {len(values)} sigmas; give one of them")
-        return len(values)
+        the step count they give (:func:`~nala_diffusion.pipelines.inputs.check_sigmas`)."""
+        return inputs.check_sigmas(self.scheduler, sigmas, num_inference_steps)
 
     # -- what a callback_on_step_end may read, as in diffusers' pipelines --------------------------
     @property
@@ -387,109 +361,78 @@ class NaLaDiTPipeline(DiffusionPipeline):
         check_memory: bool = True,
         sigmas: Optional[List[float]] = None,
     ):
-        r"""Generate images of the given classes.
+        r"""Generate images of the given classes (the choices become a
+        :class:`~nala_diffusion.pipelines.request.SamplingRequest`, checked before anything is sampled).
 
         Args:
-            class_labels (`int`, `str` or a list of them):
-                Class ids, or names from ``id2label``; one image per entry and ``num_images_per_label``.
-            height (`int`, *optional*, defaults to `None`):
-                Image height in pixels; `None` means the training size. Any positive multiple of the patch
-                size times the VAE factor.
-            width (`int`, *optional*, defaults to `None`):
-                Image width in pixels, as ``height``; non-square sizes are allowed.
-            num_inference_steps (`int`, *optional*, defaults to `None`):
-                Number of denoising steps (at least 1); `None` takes the pipeline's ``sampling_defaults``
-                (50 if it has none).
-            guidance_scale (`float`, *optional*, defaults to `None`):
-                Classifier-free guidance against the null class; `1.0` skips the unconditional half.
-                `None` takes the pipeline's ``sampling_defaults`` (4.0 if it has none).
-            num_images_per_label (`int`, *optional*, defaults to `1`):
-                Images generated for each entry of ``class_labels``.
-            generator (`torch.Generator` or a list of them, *optional*, defaults to `None`):
-                Random source; a list gives one generator per image.
-            latents (`torch.Tensor`, *optional*, defaults to `None`):
-                Starting noise of shape (images, channels, height / VAE factor, width / VAE factor).
-            output_type (`str`, *optional*, defaults to `"pil"`):
-                `"pil"`, `"np"` (B, H, W, 3 in [0, 1]), `"pt"` (B, 3, H, W in [0, 1]) or `"latent"`.
-            return_dict (`bool`, *optional*, defaults to `True`):
-                Return an ``ImagePipelineOutput`` rather than a tuple.
-            callback_on_step_end (`Callable`, *optional*, defaults to `None`):
-                Called as ``callback(pipe, step, timestep, callback_kwargs)`` after each step; may return
-                ``{"latents": ...}`` to replace the latents.
-            callback_on_step_end_tensor_inputs (`List[str]`, *optional*, defaults to `["latents"]`):
-                Tensors passed in ``callback_kwargs``.
-            position_embedding (`str`, *optional*, defaults to `None`):
-                `"interpolate"` (positions squeezed into the training range) or `"extend"` (positions
-                beyond it, for models trained at several sizes) for sizes other than the training size;
-                `None` uses the transformer's config.
-            attention_sharpness (`str` or `float`, *optional*, defaults to `None`):
-                `None`/`"off"`, `"auto"` (resolution-aware: keeps each layer's attention entropy at its
-                training level above the training size) or a factor for every layer; see
-                :meth:`set_resolution_sharpness`. Reset after the call.
-            guidance_interval (`tuple`, *optional*, defaults to `None`):
-                ``(low, high)``: classifier-free guidance only at steps whose timestep (or sigma, see
-                ``guidance_interval_unit``) lies in the closed interval; outside it the conditional branch
-                runs alone, with no unconditional pass (Kynkaanniemi et al. 2024). `None` guides every step.
-            guidance_interval_unit (`str`, *optional*, defaults to `"timestep"`):
-                `"timestep"` or `"sigma"` (sqrt((1 - alpha_bar_t) / alpha_bar_t), the EDM noise level).
-            guidance_channels (`str` or `int`, *optional*, defaults to `"all"`):
-                `"all"` guides every mean channel (diffusers' DiTPipeline); `3` reproduces DiT's own sampler,
-                which guides the first 3 latent channels and keeps the conditional prediction for the rest.
-            use_learned_variance (`bool`, *optional*, defaults to `False`):
-                Sample with the model's learned variance (its second half of channels); needs a model with
-                ``out_channels = 2 x in_channels`` and ``DDPMScheduler(variance_type="learned_range")``.
-                `False` drops it, as diffusers' DiTPipeline does.
-            check_memory (`bool`, *optional*, defaults to `True`):
-                Refuse a size whose activations alone would not fit in the device's free memory
-                (:meth:`check_memory`), before sampling; `False` tries anyway.
-            sigmas (`List[float]`, *optional*, defaults to `None`):
-                The noise levels to step through, for schedulers whose ``set_timesteps`` takes them (the
-                flow-matching ones, as in diffusers' SD3 pipeline); their count is the number of steps. SiT's
-                Euler sampler with N steps is ``1 - numpy.linspace(0, 1, N + 1)[:-1]``. `None`: the
-                scheduler's own spacing.
+            class_labels (`int`, `str` or a list of them): class ids or names from ``id2label``; one image each.
+            height, width (`int`, *optional*): pixels, any positive multiple of the patch size x VAE factor;
+                non-square allowed (`None`: the training size).
+            num_inference_steps (`int`, *optional*): denoising steps (`None`: the pipeline's ``sampling_defaults``, else 50).
+            guidance_scale (`float`, *optional*): classifier-free guidance against the null class, `1.0` skips the
+                unconditional half (`None`: the pipeline's ``sampling_defaults``, else 4.0).
+            num_images_per_label (`int`, defaults to 1): images for each entry of ``class_labels``.
+            generator (`torch.Generator` or a list, one per image, *optional*): the random source.
+            latents (`torch.Tensor`, *optional*): starting noise, (images, channels, height / VAE factor, width / VAE factor).
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (B, H, W, 3 in [0, 1]), `"pt"` (B, 3, H, W) or `"latent"`.
+            return_dict (`bool`, defaults to `True`): return a ``NaLaPipelineOutput`` rather than a tuple.
+            callback_on_step_end (`Callable`, *optional*): ``callback(pipe, step, timestep, callback_kwargs)`` after each
+                step; may return ``{"latents": ...}``. callback_on_step_end_tensor_inputs: the tensors it gets.
+            position_embedding (`str`, *optional*): above the training size, `"interpolate"` (positions squeezed into the
+                training range) or `"extend"` (models trained at several sizes); `None`: the transformer's config.
+            attention_sharpness (`str` or `float`, *optional*): `None`/`"off"`, `"auto"` (keeps each layer's attention
+                entropy at its training level) or a factor for every layer (:meth:`set_resolution_sharpness`).
+            guidance_interval (`tuple`, *optional*): ``(low, high)``: guidance only at steps whose timestep (or sigma)
+                lies in the closed interval, the conditional branch alone elsewhere (Kynkaanniemi et al. 2024).
+            guidance_interval_unit (`str`, defaults to `"timestep"`): or `"sigma"`, sqrt((1 - alpha_bar) / alpha_bar).
+            guidance_channels (`str` or `int`, defaults to `"all"`): `"all"` (diffusers' DiTPipeline) or `3` (DiT's own
+                sampler: the first 3 latent channels guided, the conditional prediction for the rest).
+            use_learned_variance (`bool`, defaults to `False`): sample with the model's variance channels (needs
+                ``out_channels = 2 x in_channels`` and ``DDPMScheduler(variance_type="learned_range")``).
+            check_memory (`bool`, defaults to `True`): refuse a size whose activations alone would not fit in free memory.
+            sigmas (`List[float]`, *optional*): the noise levels of a flow-matching scheduler (as diffusers' SD3
+                pipeline); their count is the number of steps. SiT's N-step Euler: ``1 - linspace(0, 1, N + 1)[:-1]``.
 
         Examples:
 
         Returns:
-            ``NaLaPipelineOutput`` with ``images`` (and ``attention_report`` when ``attention_sharpness`` is
-            set), or a tuple ``(images,)`` when ``return_dict`` is False.
+            ``NaLaPipelineOutput`` with ``images`` (and ``attention_report`` with ``attention_sharpness``), or ``(images,)``.
         """
         if sigmas is not None:
             num_inference_steps = self.check_sigmas(sigmas, num_inference_steps)
-        call = self.prepare_call(
-            class_labels, self.default_sample_size if height is None else height,
-            self.default_sample_size if width is None else width, num_inference_steps, guidance_scale,
-            num_images_per_label, output_type, callback_on_step_end_tensor_inputs,
-            dict(guidance_interval=guidance_interval, guidance_interval_unit=guidance_interval_unit,
-                 guidance_channels=guidance_channels, use_learned_variance=use_learned_variance), check_memory)
-
-        previous_sharpness = attention_sharpness_of(self.transformer)
-        try:
-            report = self.set_resolution_sharpness(attention_sharpness, call.height, call.width, call.class_ids,
-                                                   call.num_inference_steps, position_embedding)
-            latents = self.prepare_latents(len(call.class_ids), call.height, call.width, generator, latents)
-            if sigmas is not None:
-                self.scheduler.set_timesteps(sigmas=[float(s) for s in sigmas], device=self._execution_device)
-            else:
-                self.scheduler.set_timesteps(call.num_inference_steps, device=self._execution_device)
-            latents = self.denoise(
-                latents,
-                call.class_ids,
-                self.scheduler.timesteps,
-                call.guidance_scale,
-                call.guidance,
-                generator=generator,
-                callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                position_embedding=position_embedding,
-            )
-        finally:
-            set_attention_sharpness(self.transformer, previous_sharpness)
+        request = SamplingRequest(
+            height=self.default_sample_size if height is None else height, images_per_label=num_images_per_label,
+            width=self.default_sample_size if width is None else width, steps=num_inference_steps,
+            guidance=guidance_scale, position_embedding=position_embedding, attention_sharpness=attention_sharpness,
+            guidance_interval=guidance_interval, guidance_interval_unit=guidance_interval_unit,
+            guidance_channels=guidance_channels, use_learned_variance=use_learned_variance, check_memory=check_memory)
+        call = self.prepare_call(class_labels, request, output_type, callback_on_step_end_tensor_inputs)
+        callbacks = (callback_on_step_end, callback_on_step_end_tensor_inputs)
+        latents, report = self._sample(call, request, generator, latents, callbacks, sigmas)
         images = self.decode(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return NaLaPipelineOutput(images=images, attention_report=report)
+
+    def _sample(self, call: SamplingCall, request: SamplingRequest, generator, latents, callbacks, sigmas=None):
+        """(final latents, the sharpness report) of one single-size call; the sharpness is reset afterwards."""
+        previous_sharpness = attention_sharpness_of(self.transformer)
+        try:
+            report = self.set_resolution_sharpness(request.attention_sharpness, call.height, call.width, call.class_ids,
+                                                   call.num_inference_steps, request.position_embedding)
+            latents = self.prepare_latents(len(call.class_ids), call.height, call.width, generator, latents)
+            if sigmas is not None:
+                self.scheduler.set_timesteps(sigmas=[float(s) for s in sigmas], device=self._execution_device)
+            else:
+                self.scheduler.set_timesteps(call.num_inference_steps, device=self._execution_device)
+            latents = self.denoise(latents, call.class_ids, self.scheduler.timesteps, call.guidance_scale, call.guidance,
+                                   generator=generator, callback_on_step_end=callbacks[0],
+                                   callback_on_step_end_tensor_inputs=callbacks[1],
+                                   position_embedding=request.position_embedding)
+        finally:
+            set_attention_sharpness(self.transformer, previous_sharpness)
+        return latents, report
 
     # -- saving, with the file diffusers' generic loader needs ---------------------------------------
     def save_pretrained(self, save_directory: Union[str, os.PathLike], safe_serialization: bool = True,

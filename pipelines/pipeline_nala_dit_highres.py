@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from nala_diffusion.diffusion.objectives import flow_noised, is_flow_scheduler
+from nala_diffusion.diffusion.objectives import noised, schedule_times
 from nala_diffusion.models.sharpness import attention_sharpness_of, set_attention_sharpness
 from nala_diffusion.pipelines import pipeline_nala_dit as base
-from nala_diffusion.pipelines.sampler_flags import HIGHRES_MODES
+from nala_diffusion.pipelines.request import SamplingRequest
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -109,6 +109,48 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
             self.scheduler.set_begin_index(t_start * self.scheduler.order)
         return timesteps
 
+    def _run_stages(self, call, sizes, request, refine_steps: int, latents, common: Dict[str, Any]):
+        """(final latents, per-stage records): the first stage from noise, each later one from the previous
+        stage's latents upsampled and re-noised to ``request.strength``; the sharpness is reset afterwards."""
+        device, class_ids, generator = self._execution_device, call.class_ids, common["generator"]
+        attention_sharpness, position_embedding, strength = (request.attention_sharpness, request.position_embedding,
+                                                             request.strength)
+        stages = []
+        previous_sharpness = attention_sharpness_of(self.transformer)
+        calibration_content: Dict[str, Any] = {}  # the sharpness calibration's sample, drawn once for all stages
+        try:
+            for index, (h, w) in enumerate(sizes):
+                start = time.perf_counter()
+                description = f"stage {index + 1}/{len(sizes)} {h}x{w}"
+                report = self.set_resolution_sharpness(attention_sharpness, h, w, class_ids, call.num_inference_steps,
+                                                       position_embedding, calibration_content)
+                if index == 0:
+                    latents = self.prepare_latents(len(class_ids), h, w, generator, latents)
+                    self.scheduler.set_timesteps(call.num_inference_steps, device=device)
+                    timesteps = self.scheduler.timesteps
+                else:
+                    shape = (h // self.vae_scale_factor, w // self.vae_scale_factor)
+                    upsampled = F.interpolate(latents.float(), size=shape, mode="bicubic", align_corners=False)
+                    upsampled = upsampled.to(latents.dtype)  # (B, C, h', w')
+                    timesteps = self._refine_timesteps(refine_steps, strength, device)
+                    noise = randn_tensor(upsampled.shape, generator=generator, device=device, dtype=upsampled.dtype)
+                    start_steps = timesteps[:1].repeat(len(upsampled))
+                    latents = noised(upsampled, noise, schedule_times(self.scheduler, start_steps), self.scheduler)
+                latents = self.denoise(latents, class_ids, timesteps, description=description, **common)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                order = getattr(self.scheduler, "order", 1)  # Heun visits each timestep but the last twice
+                stage = {"height": h, "width": w, "steps": (len(timesteps) + order - 1) // order,
+                         "model_evaluations": len(timesteps), "start_timestep": int(timesteps[0]),
+                         "seconds": time.perf_counter() - start}
+                if report is not None:
+                    stage["attention_report"] = report
+                stages.append(stage)
+        finally:
+            set_attention_sharpness(self.transformer, previous_sharpness)
+
+        return latents, stages
+
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -172,69 +214,24 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
             ``HighResPipelineOutput`` with ``images`` and ``stages`` (size and seconds of each stage), or a
             tuple ``(images, stages)`` when ``return_dict`` is False.
         """
-        height = 2 * self.default_sample_size if height is None else height
-        width = 2 * self.default_sample_size if width is None else width
-        if highres_mode not in HIGHRES_MODES:
-            raise ValueError(f"highres_mode must be one of {HIGHRES_MODES}, got {highres_mode!r}")
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        call = self.prepare_call(
-            class_labels, height, width, num_inference_steps, guidance_scale, num_images_per_label, output_type,
-            callback_on_step_end_tensor_inputs,
-            dict(guidance_interval=guidance_interval, guidance_interval_unit=guidance_interval_unit,
-                 guidance_channels=guidance_channels, use_learned_variance=use_learned_variance), check_memory)
+        request = SamplingRequest(
+            height=2 * self.default_sample_size if height is None else height, images_per_label=num_images_per_label,
+            width=2 * self.default_sample_size if width is None else width, steps=num_inference_steps,
+            guidance=guidance_scale, position_embedding=position_embedding, attention_sharpness=attention_sharpness,
+            guidance_interval=guidance_interval, guidance_interval_unit=guidance_interval_unit,
+            guidance_channels=guidance_channels, use_learned_variance=use_learned_variance, check_memory=check_memory,
+            highres_mode=highres_mode, strength=strength)
+        call = self.prepare_call(class_labels, request, output_type, callback_on_step_end_tensor_inputs)
         refine_steps = call.num_inference_steps if refine_steps is None else refine_steps
         if not isinstance(refine_steps, int) or refine_steps < 1:
             raise ValueError(f"refine_steps must be an integer >= 1, got {refine_steps}")
-        device, class_ids = self._execution_device, call.class_ids
         sizes = [(call.height, call.width)] if highres_mode == "direct" else self.stage_sizes(call.height, call.width,
                                                                                                num_stages)
-        common = dict(
-            guidance_scale=call.guidance_scale,
-            guidance=call.guidance,
-            generator=generator,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            position_embedding=position_embedding,
-        )
-
-        stages = []
-        previous_sharpness = attention_sharpness_of(self.transformer)
-        calibration_content: Dict[str, Any] = {}  # the sharpness calibration's sample, drawn once for all stages
-        try:
-            for index, (h, w) in enumerate(sizes):
-                start = time.perf_counter()
-                description = f"stage {index + 1}/{len(sizes)} {h}x{w}"
-                report = self.set_resolution_sharpness(attention_sharpness, h, w, class_ids, call.num_inference_steps,
-                                                       position_embedding, calibration_content)
-                if index == 0:
-                    latents = self.prepare_latents(len(class_ids), h, w, generator, latents)
-                    self.scheduler.set_timesteps(call.num_inference_steps, device=device)
-                    timesteps = self.scheduler.timesteps
-                else:
-                    shape = (h // self.vae_scale_factor, w // self.vae_scale_factor)
-                    upsampled = F.interpolate(latents.float(), size=shape, mode="bicubic", align_corners=False)
-                    upsampled = upsampled.to(latents.dtype)  # (B, C, h', w')
-                    timesteps = self._refine_timesteps(refine_steps, strength, device)
-                    noise = randn_tensor(upsampled.shape, generator=generator, device=device, dtype=upsampled.dtype)
-                    start_steps = timesteps[:1].repeat(len(upsampled))
-                    if is_flow_scheduler(self.scheduler):  # the flow path: (1 - sigma) x + sigma noise, sigma = t / T
-                        latents = flow_noised(upsampled, noise, start_steps / self.scheduler.config.num_train_timesteps)
-                    else:
-                        latents = self.scheduler.add_noise(upsampled, noise, start_steps)
-                latents = self.denoise(latents, class_ids, timesteps, description=description, **common)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                order = getattr(self.scheduler, "order", 1)  # Heun visits each timestep but the last twice
-                stage = {"height": h, "width": w, "steps": (len(timesteps) + order - 1) // order,
-                         "model_evaluations": len(timesteps), "start_timestep": int(timesteps[0]),
-                         "seconds": time.perf_counter() - start}
-                if report is not None:
-                    stage["attention_report"] = report
-                stages.append(stage)
-        finally:
-            set_attention_sharpness(self.transformer, previous_sharpness)
-
+        common = dict(guidance_scale=call.guidance_scale, guidance=call.guidance, generator=generator,
+                      callback_on_step_end=callback_on_step_end,
+                      callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                      position_embedding=position_embedding)
+        latents, stages = self._run_stages(call, sizes, request, refine_steps, latents, common)
         images = self.decode(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

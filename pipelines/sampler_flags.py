@@ -1,46 +1,31 @@
-"""Sampler and guidance choices of the command-line tools, by name (light: diffusers loads on first use)."""
+"""The sampling flags the command-line tools share (light: nothing heavy is imported). What they mean
+lives with the pipelines: :mod:`~nala_diffusion.pipelines.request` (the request they build) and
+:mod:`~nala_diffusion.pipelines.schedulers` (the samplers by name)."""
 
-from typing import Any, Dict
+import argparse
+from typing import Union
 
-# name -> diffusers scheduler class
-SCHEDULERS = {
-    "ddpm": "DDPMScheduler",
-    "ddim": "DDIMScheduler",
-    "dpm": "DPMSolverMultistepScheduler",  # DPM-Solver++ (2M)
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    # flow-matching models (objective "flow")
-    "flow_euler": "FlowMatchEulerDiscreteScheduler",
-    "flow_heun": "FlowMatchHeunDiscreteScheduler",
-}
-# the high-resolution pipeline's modes
-HIGHRES_MODES = ("direct", "progressive")
-
-
-def scheduler_from_name(name: str, config: Dict[str, Any]):
-    """A scheduler of kind ``name`` built from another scheduler's ``config`` (same noise schedule)."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
-    import diffusers
-
-    if SCHEDULERS[name] != "DDPMScheduler":  # a learned variance (DDPM's variance_type) does not carry over
-        config = {k: v for k, v in dict(config).items() if k != "variance_type"}
-    return getattr(diffusers, SCHEDULERS[name]).from_config(config)
+from nala_diffusion.pipelines.request import HIGHRES_MODES, POSITION_EMBEDDINGS
+from nala_diffusion.pipelines.schedulers import SCHEDULERS
+from nala_diffusion.utils.cli_args import positive_int
 
 GUIDANCE_CHANNEL_CHOICES = ("all", "3")
-#: what ``--protocol dit`` fixes: DiT's evaluation (Peebles & Xie 2023, sample_ddp.py): 250 DDPM steps,
-#: the learned variance, classifier-free guidance 1.5 on the first 3 latent channels
-DIT_PROTOCOL = {"steps": 250, "scheduler": "ddpm", "guidance": 1.5, "guidance_channels": "3"}
-#: DiT's respacing, ``space_timesteps(1000, "250")``, visits round(i * 999 / 249): 999, 995, ..., 4, 0, which is
-#: diffusers' ``linspace`` spacing (its default ``leading`` visits 996 ... 0)
-DIT_TIMESTEP_SPACING = "linspace"
 
 
-def use_dit_timesteps(pipe) -> None:
-    """Give ``pipe`` its scheduler with DiT's timestep spacing (:data:`DIT_TIMESTEP_SPACING`)."""
-    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=DIT_TIMESTEP_SPACING)
+def parse_label(text: str) -> Union[int, str]:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def parse_sharpness(text: str) -> Union[str, float]:
+    if text in ("off", "auto"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'off', 'auto' or a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
 
 
 def add_guidance_args(parser) -> None:
@@ -64,25 +49,39 @@ def add_guidance_args(parser) -> None:
                              "out_channels = 2 x in_channels)")
 
 
-def guidance_kwargs(args) -> Dict[str, Any]:
-    """The pipeline keyword arguments of the flags of :func:`add_guidance_args`."""
-    return {"guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
-            "guidance_interval_unit": args.guidance_interval_unit,
-            "guidance_channels": "all" if args.guidance_channels in (None, "all") else int(args.guidance_channels),
-            "use_learned_variance": args.learned_variance}
-
-
-def set_sampler(pipe, name=None, learned_variance: bool = False) -> None:
-    """Give ``pipe`` the ``name`` sampler (None keeps its own) built from its scheduler's config; with
-    ``learned_variance``, DDPM with ``variance_type="learned_range"`` (the only sampler that uses it)."""
-    if learned_variance:
-        if name not in (None, "ddpm"):
-            raise ValueError(f"--learned_variance samples with DDPM (variance_type learned_range), not --scheduler {name}")
-        import diffusers
-
-        pipe.scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config, variance_type="learned_range")
-    elif name:
-        pipe.scheduler = scheduler_from_name(name, pipe.scheduler.config)
-    from nala_diffusion.diffusion.objectives import check_scheduler
-
-    check_scheduler(pipe.transformer.config, pipe.scheduler)  # --scheduler flow_euler on a DDPM model, or the reverse
+def add_request_args(parser, sample_help: dict = None) -> None:
+    """The flags of a :class:`~nala_diffusion.pipelines.request.SamplingRequest` both ``nala-sample`` and
+    ``nala-fid`` take (same names, so one :meth:`~SamplingRequest.from_flags` reads either); ``sample_help``
+    replaces a flag's help text by name."""
+    helps = {
+        "height": "pixels (default: the training size)", "width": "pixels (default: the training size)",
+        "steps": "denoising steps (default: the pipeline's sampling_defaults, else 50)",
+        "guidance": "classifier-free guidance scale, 1 = off (default: the pipeline's sampling_defaults, else 4.0)",
+        "seed": "image i uses seed + i",
+        "scheduler": "sampler (default: the one saved with the pipeline); flow_euler and flow_heun for flow-matching "
+                     "models (--objective flow, SiT), the others for DDPM models",
+        "highres_mode": "above the training size: 'direct' (one pass) or 'progressive' (sample at the training size, "
+                        "then refine upsampled stages)",
+        "position_embedding": "positions above the training size: 'interpolate' into the training range, or 'extend' "
+                              "beyond it (models trained at several sizes); default: the model's config",
+        "attention_sharpness": "'auto': keep each layer's attention entropy at its training level above the training "
+                               "size (softmax: logits x sqrt(log N / log n); NaLa: power calibrated on the model); 'off' "
+                               "(default), or a factor for every layer",
+        "memory_check": "sample even where the activations are estimated not to fit in free memory",
+        **(sample_help or {}),
+    }
+    parser.add_argument("--height", type=positive_int, default=None, help=helps["height"])
+    parser.add_argument("--width", type=positive_int, default=None, help=helps["width"])
+    parser.add_argument("--steps", type=positive_int, default=None, help=helps["steps"])
+    parser.add_argument("--guidance", type=float, default=None, help=helps["guidance"])
+    parser.add_argument("--seed", type=int, default=0, help=helps["seed"])
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help=helps["scheduler"])
+    parser.add_argument("--highres_mode", "--highres-mode", choices=HIGHRES_MODES, default="direct",
+                        help=helps["highres_mode"])
+    parser.add_argument("--position_embedding", "--position-embedding", choices=POSITION_EMBEDDINGS, default=None,
+                        help=helps["position_embedding"])
+    parser.add_argument("--attention_sharpness", "--attention-sharpness", type=parse_sharpness, default=None,
+                        help=helps["attention_sharpness"])
+    add_guidance_args(parser)
+    parser.add_argument("--no_memory_check", "--no-memory-check", dest="memory_check", action="store_false",
+                        help=helps["memory_check"])

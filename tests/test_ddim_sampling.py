@@ -72,7 +72,7 @@ def test_only_clipping_schedulers_get_the_clipped_noise():
 
 
 def test_the_dit_protocol_visits_dits_respaced_timesteps():
-    from nala_diffusion.pipelines.sampler_flags import set_sampler, use_dit_timesteps
+    from nala_diffusion.pipelines.schedulers import set_sampler, use_dit_timesteps
 
     pipe = NaLaDiTPipeline(tiny_nala(), DDIMScheduler())
     set_sampler(pipe, "ddpm")

@@ -250,8 +250,8 @@ def test_objective_study_records_rebuild_their_table_and_were_trained_with_its_f
     import shutil
 
     from nala_diffusion.eval.studies.objective import ATTENTION, OBJECTIVE_KINDS, tables
-    from nala_diffusion.train.run_config import flags_of
     from nala_diffusion.eval.study import main as study_main
+    from nala_diffusion.train.run_config import flags_of
 
     records = REPO / "docs" / "results" / "objective"
     results = json.loads((records / "results.json").read_text())

@@ -17,7 +17,7 @@ import nala_diffusion.pipelines.pipeline_nala_dit as pipeline_module
 import nala_diffusion.pipelines.pipeline_nala_dit_highres as highres_module
 from nala_diffusion import NaLaDiTHighResPipeline, NaLaDiTPipeline
 from nala_diffusion.pipelines.sample import main as sample_main
-from nala_diffusion.pipelines.sampler_flags import SCHEDULERS, scheduler_from_name
+from nala_diffusion.pipelines.schedulers import SCHEDULERS, scheduler_from_name
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 ID2LABEL = {0: "cat", 1: "dog, puppy", 2: "bird"}

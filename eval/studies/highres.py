@@ -15,6 +15,7 @@ import torch
 from nala_diffusion.assets import demo_pipeline_path
 from nala_diffusion.eval.studies.common import cached, markdown_table, mean_std, write_results
 from nala_diffusion.metrics.samples import balanced_labels, save_png_atomically
+from nala_diffusion.pipelines.request import SamplingRequest
 from nala_diffusion.utils.files import save_grid_atomically
 from nala_diffusion.utils.run_guard import pipeline_weights_hash
 
@@ -55,10 +56,11 @@ def _highres(run: str, crop_root: str, args, real_stats, extractor, classifier, 
     for factor, mode, setting in settings:
         # at the training size every image is one crop: as many images as there are crops above it
         batch = labels if factor > 1 else balanced_labels(args.highres_samples * args.crops_per_image, pipe.num_classes)
-        call = dict(height=factor * side, width=factor * side, highres_mode=mode, output_type="np",
-                    num_inference_steps=args.sample_steps, guidance_scale=args.guidance, attention_sharpness=setting)
+        request = SamplingRequest(height=factor * side, width=factor * side, highres_mode=mode, steps=args.sample_steps,
+                                  guidance=args.guidance, attention_sharpness=setting)
         start = time.perf_counter()
-        out = pipe(batch, generator=[torch.Generator().manual_seed(i) for i in range(len(batch))], **call)
+        out = pipe(batch, generator=[torch.Generator().manual_seed(i) for i in range(len(batch))], output_type="np",
+                   **request.pipeline_kwargs())
         seconds = (time.perf_counter() - start) / len(batch)
         images = out.images
         probe = PeakBytes()

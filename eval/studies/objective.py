@@ -9,8 +9,10 @@ import os
 import sys
 from typing import Dict, Optional
 
+from nala_diffusion.eval.sample_sets import generate_samples
 from nala_diffusion.eval.studies.common import TRAINING, Kind, cached, markdown_table, mean_std, train, write_results
-from nala_diffusion.metrics.samples import SAMPLE_DIR, balanced_labels, generate_samples
+from nala_diffusion.metrics.samples import SAMPLE_DIR, balanced_labels
+from nala_diffusion.pipelines.request import SamplingRequest
 
 #: the demo's attention (NaLa, sigma calibrated) under each objective
 ATTENTION = Kind("nala")
@@ -44,8 +46,8 @@ def _score(run: str, folder: str, args, context, steps: int) -> dict:
     pipe = NaLaDiTPipeline.from_pretrained(run)
     pipe.set_progress_bar_config(disable=True)
     labels = balanced_labels(args.num_samples, pipe.num_classes)
-    generate_samples(pipe, folder, args.num_samples, labels=labels, seed=0, batch_size=100,
-                     num_inference_steps=steps, guidance_scale=args.guidance)
+    generate_samples(pipe, folder, args.num_samples, labels=labels, batch_size=100,
+                     request=SamplingRequest(steps=steps, guidance=args.guidance, seed=0))
     feats = features.folder_features(os.path.join(folder, SAMPLE_DIR), context.extractor, "cpu", verbose=False)
     return {"scheduler": type(pipe.scheduler).__name__, "sample_steps": steps,
             "class_accuracy": class_accuracy(context.classifier, folder, labels, pipe.num_classes)["accuracy"],

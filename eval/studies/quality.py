@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Dict, Sequence
 
 import torch
 
+from nala_diffusion.eval.sample_sets import generate_samples
 from nala_diffusion.eval.studies.common import Kind, cached, markdown_table, mean_std, write_results
 from nala_diffusion.eval.studies.highres import highres
-from nala_diffusion.metrics.samples import SAMPLE_DIR, balanced_labels, generate_samples
+from nala_diffusion.metrics.samples import SAMPLE_DIR, balanced_labels
+from nala_diffusion.pipelines.request import SamplingRequest
 from nala_diffusion.utils.files import write_json_atomically
 
 if TYPE_CHECKING:
@@ -71,8 +73,8 @@ def _score(run: str, folder: str, args, real_feats, real_stats, extractor, class
     pipe = NaLaDiTPipeline.from_pretrained(run)
     pipe.set_progress_bar_config(disable=True)
     labels = balanced_labels(args.num_samples, pipe.num_classes)
-    generate_samples(pipe, folder, args.num_samples, labels=labels, seed=0, batch_size=100,
-                     num_inference_steps=args.sample_steps, guidance_scale=args.guidance)
+    generate_samples(pipe, folder, args.num_samples, labels=labels, batch_size=100,
+                     request=SamplingRequest(steps=args.sample_steps, guidance=args.guidance, seed=0))
     feats = features.folder_features(os.path.join(folder, SAMPLE_DIR), extractor, "cpu", verbose=False)
     return {"class_accuracy": class_accuracy(classifier, folder, labels, pipe.num_classes)["accuracy"],
             "fid": metrics_lib.frechet_distance(*metrics_lib.statistics(feats), *real_stats),

@@ -36,10 +36,10 @@ def noised_at(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch
     """(noisy, the timesteps the model reads) for integer ``timesteps`` (one per image): ``scheduler.add_noise``
     on a DDPM schedule; on a flow-matching scheduler's path at sigma = t / num_train_timesteps, with the
     timestep in the model's convention (``model_config``; :mod:`~nala_diffusion.diffusion.objectives`)."""
-    from nala_diffusion.diffusion.objectives import flow_noised, is_flow_scheduler, model_timestep
+    from nala_diffusion.diffusion.objectives import is_flow_scheduler, model_timestep, noised, schedule_times
 
+    noisy = noised(x0, noise, schedule_times(scheduler, timesteps), scheduler)
     if not is_flow_scheduler(scheduler):
-        return scheduler.add_noise(x0, noise, timesteps), timesteps
-    count = scheduler.config.num_train_timesteps
+        return noisy, timesteps
     config = {"objective": "flow", **(model_config or {})}
-    return flow_noised(x0, noise, timesteps.float() / count), model_timestep(config, timesteps.float(), count)
+    return noisy, model_timestep(config, timesteps.float(), scheduler.config.num_train_timesteps)

@@ -80,10 +80,25 @@ def to_scheduler_velocity(config: Mapping[str, Any], output: torch.Tensor) -> to
     return output
 
 
-def flow_noised(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """The linear path: ``(1 - sigma) x0 + sigma noise`` (``FlowMatchEulerDiscreteScheduler.scale_noise``)."""
-    sigmas = sigmas.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+def noised(x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor, scheduler=None) -> torch.Tensor:
+    """x_t from ``x0`` and ``noise``: the one function that noises data, for training, the measurement tools and
+    the high-resolution pipeline's re-noising. On a DDPM schedule (a scheduler that is not flow-matching)
+    ``scheduler.add_noise(x0, noise, times)`` at integer timesteps; on the flow path (``scheduler`` None or a
+    flow-matching one) ``(1 - sigma) x0 + sigma noise`` with ``times`` the sigmas, as
+    ``FlowMatchEulerDiscreteScheduler.scale_noise`` computes it. :func:`schedule_times` converts a scheduler's
+    timesteps to these times."""
+    if scheduler is not None and not is_flow_scheduler(scheduler):
+        return scheduler.add_noise(x0, noise, times)
+    sigmas = times.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
     return (1.0 - sigmas) * x0 + sigmas * noise
+
+
+def schedule_times(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """The times :func:`noised` takes for ``scheduler``'s timesteps: the timesteps themselves on a DDPM
+    schedule, sigma = t / num_train_timesteps on the flow path."""
+    if is_flow_scheduler(scheduler):
+        return timesteps.float() / scheduler.config.num_train_timesteps
+    return timesteps
 
 
 @dataclass(frozen=True)
@@ -123,10 +138,10 @@ class Objective:
 
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(noisy input, the model's timestep input) at ``times`` from :meth:`draw`."""
+        noisy = noised(x0, noise, times, self.scheduler)
         if self.name == "ddpm":
-            return self.scheduler.add_noise(x0, noise, times), times
-        return flow_noised(x0, noise, times), model_timestep(self.config, times * self.num_train_timesteps,
-                                                             self.num_train_timesteps)
+            return noisy, times
+        return noisy, model_timestep(self.config, times * self.num_train_timesteps, self.num_train_timesteps)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
         """What the model should output, in its own convention."""

@@ -1,4 +1,5 @@
-"""Sampling for evaluation that does not depend on the number of processes (as NVlabs/edm does).
+"""Sample sets for evaluation that do not depend on the number of processes (as NVlabs/edm does): their files,
+labels, batches and fingerprints (the sampling itself is the tools', :mod:`nala_diffusion.eval.sample_sets`).
 
 Image ``i`` has its own generator seeded ``seed + i`` and its own label. The indices are cut into
 fixed batches of ``batch_size`` consecutive indices, and the batches are dealt to the processes as
@@ -13,8 +14,6 @@ from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 import PIL.Image
-import torch
-from tqdm.auto import tqdm
 
 from nala_diffusion.utils.files import written_atomically
 from nala_diffusion.utils.run_guard import check_fingerprint
@@ -130,44 +129,6 @@ def guard_samples(out_dir: str, fingerprint: dict, overwrite: bool = False, writ
             if name.startswith(".tmp-"):
                 os.remove(os.path.join(samples, name))
     return status
-
-
-def generate_samples(
-    pipe,
-    out_dir: str,
-    num_samples: int,
-    *,
-    labels: Sequence[int],
-    seed: int = 0,
-    batch_size: int = 16,
-    rank: int = 0,
-    world_size: int = 1,
-    height: Optional[int] = None,
-    width: Optional[int] = None,
-    show_progress: bool = True,
-    **call_kwargs,
-) -> int:
-    """Write this process's share of the samples; returns how many images it wrote."""
-    os.makedirs(os.path.join(out_dir, SAMPLE_DIR), exist_ok=True)
-    height = height or pipe.default_sample_size
-    width = width or pipe.default_sample_size
-    device = pipe._execution_device
-    todo = []  # (batch, the images of it to write), each image checked once
-    for batch in rank_batches(num_samples, batch_size, rank, world_size):
-        missing = {i for i in batch if not is_valid_image(sample_path(out_dir, i), (width, height))}
-        if missing:
-            todo.append((batch, missing))
-    written = 0
-    pipe.set_progress_bar_config(disable=True)
-    for batch, missing in tqdm(todo, desc=f"sampling (process {rank})", disable=not show_progress):
-        generators = [torch.Generator(device).manual_seed(seed + i) for i in batch]
-        output = pipe([labels[i] for i in batch], height=height, width=width, generator=generators,
-                      output_type="pil", **call_kwargs)
-        for i, image in zip(batch, output.images):
-            if i in missing:
-                save_png_atomically(image, sample_path(out_dir, i))
-                written += 1
-    return written
 
 
 def iter_sample_paths(out_dir: str, num_samples: int) -> Iterator[str]:
