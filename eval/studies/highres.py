@@ -65,7 +65,7 @@ def _highres(run: str, crop_root: str, args, real_stats, extractor, classifier, 
         images = out.images
         probe = PeakBytes()
         with probe:
-            pipe(batch[:1], generator=torch.Generator().manual_seed(0), **call)
+            pipe(batch[:1], generator=torch.Generator().manual_seed(0), output_type="np", **request.pipeline_kwargs())
         folder = f"{factor}x_{mode}" + ("" if setting == "off" else f"_{setting}")
         crops_dir = os.path.join(crop_root, folder)
         os.makedirs(crops_dir, exist_ok=True)
