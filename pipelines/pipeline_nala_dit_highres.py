@@ -187,10 +187,8 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
             position_embedding, guidance_interval, guidance_interval_unit, guidance_channels,
             use_learned_variance, check_memory: as :meth:`NaLaDiTPipeline.__call__` (every stage samples
             with them; the memory check is for the final size).
-            height (`int`, *optional*, defaults to `None`):
-                Output height in pixels (`None`: twice the training size).
-            width (`int`, *optional*, defaults to `None`):
-                Output width in pixels (`None`: twice the training size).
+            height, width (`int`, *optional*, defaults to `None`):
+                Output size in pixels (`None`: twice the training size).
             latents (`torch.Tensor`, *optional*, defaults to `None`):
                 Starting noise of the first stage (the whole canvas in ``direct`` mode).
             highres_mode (`str`, *optional*, defaults to `"direct"`):
@@ -205,14 +203,12 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
                 Each refinement runs at least one step, even when ``int(refine_steps * strength)`` is 0.
             attention_sharpness (`str` or `float`, *optional*, defaults to `None`):
                 `None`/`"off"`, `"auto"` or a factor, set per stage for its size (see
-                :meth:`NaLaDiTPipeline.set_resolution_sharpness`); reported in each stage's
-                ``attention_report``.
+                :meth:`NaLaDiTPipeline.set_resolution_sharpness`); in each stage's ``attention_report``.
 
         Examples:
 
         Returns:
-            ``HighResPipelineOutput`` with ``images`` and ``stages`` (size and seconds of each stage), or a
-            tuple ``(images, stages)`` when ``return_dict`` is False.
+            ``HighResPipelineOutput`` with ``images`` and ``stages`` (size and seconds of each), or ``(images, stages)``.
         """
         request = SamplingRequest(
             height=2 * self.default_sample_size if height is None else height, images_per_label=num_images_per_label,
@@ -228,9 +224,8 @@ class NaLaDiTHighResPipeline(base.NaLaDiTPipeline):
         sizes = [(call.height, call.width)] if highres_mode == "direct" else self.stage_sizes(call.height, call.width,
                                                                                                num_stages)
         common = dict(guidance_scale=call.guidance_scale, guidance=call.guidance, generator=generator,
-                      callback_on_step_end=callback_on_step_end,
-                      callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                      position_embedding=position_embedding)
+                      callback_on_step_end=callback_on_step_end, position_embedding=position_embedding,
+                      callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         latents, stages = self._run_stages(call, sizes, request, refine_steps, latents, common)
         images = self.decode(latents, output_type)
         self.maybe_free_model_hooks()

@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
+from nala_diffusion.models.options import POSITION_EMBEDDINGS
 from nala_diffusion.pipelines.guidance import GUIDANCE_INTERVAL_UNITS, GuidanceSchedule
 
 #: the steps and guidance a call uses when neither the call nor the pipeline's ``sampling_defaults`` say
@@ -21,8 +22,6 @@ from nala_diffusion.pipelines.guidance import GUIDANCE_INTERVAL_UNITS, GuidanceS
 SAMPLING_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 4.0}
 #: the high-resolution pipeline's modes
 HIGHRES_MODES = ("direct", "progressive")
-#: how positions above the training size are treated (None: the model's config)
-POSITION_EMBEDDINGS = ("interpolate", "extend")
 #: the dtypes a pipeline samples in, by name
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 #: what ``--protocol dit`` fixes: DiT's evaluation (Peebles & Xie 2023, sample_ddp.py): 250 DDPM steps,

@@ -5,7 +5,8 @@ lives with the pipelines: :mod:`~nala_diffusion.pipelines.request` (the request 
 import argparse
 from typing import Union
 
-from nala_diffusion.pipelines.request import HIGHRES_MODES, POSITION_EMBEDDINGS
+from nala_diffusion.models.options import POSITION_EMBEDDINGS
+from nala_diffusion.pipelines.request import HIGHRES_MODES
 from nala_diffusion.pipelines.schedulers import SCHEDULERS
 from nala_diffusion.utils.cli_args import positive_int
 

@@ -120,3 +120,20 @@ def test_sigma_has_one_default_and_a_model_never_calibrated_says_so(tmp_path):
 def test_params_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         NaLaParams().power_scale = 2.0
+
+
+def test_no_function_over_80_lines_and_no_file_over_550_outside_tests():
+    """Readable rooms: every function (docstring included) fits on a screen, every module in one read."""
+    import ast
+
+    repo = PACKAGE.parent
+    files = [p for folder in ("nala_diffusion", "pipelines", "train", "eval") for p in (repo / folder).rglob("*.py")]
+    assert len(files) > 50
+    longest_file = max(files, key=lambda p: len(p.read_text().splitlines()))
+    assert len(longest_file.read_text().splitlines()) <= 550, longest_file
+    functions = [(node.end_lineno - node.lineno + 1, f"{path.relative_to(repo)}:{node.name}")
+                 for path in files for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    lines, name = max(functions)
+    assert lines <= 80, (name, lines)
+    assert len((repo / "pipelines" / "pipeline_nala_dit.py").read_text().splitlines()) <= 450

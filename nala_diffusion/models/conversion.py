@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
@@ -122,6 +122,18 @@ def convert_dit_to_nala(
         model = model.to(dtype=parameter.dtype)
 
     source = dit.state_dict()
+    missing = load_dit_weights(model, source)
+    new_sigma = [k for k in missing if k.endswith("log_norm_scale")]
+    if calibrate and new_sigma:
+        inputs = calibration_inputs if calibration_inputs is not None else noise_calibration_inputs(dit)
+        calibrate_norm_scale(model, source=dit, **inputs)
+    return model.eval() if not dit.training else model
+
+
+def load_dit_weights(model: NaLaDiTTransformer2DModel, source: Dict[str, torch.Tensor]) -> List[str]:
+    """Load a DiT's ``source`` weights into the new ``model``; returns the names the DiT did not have (new
+    processor parameters and convolutions, the convolutions zeroed so the model starts as the DiT). A block
+    whose attention changes leaves its old processor weights behind (a warning); any other mismatch raises."""
     missing, unexpected = model.load_state_dict(source, strict=False)
     not_new = [k for k in missing if ".processor." not in k and not k.startswith("conv_positions.")]
     with torch.no_grad():  # new convolutions (LePE, CPE) start as identity, whatever their init for new models
@@ -134,17 +146,13 @@ def convert_dit_to_nala(
         blocks = sorted({k.split(".processor.")[0] for k in dropped})
         warnings.warn(f"{len(blocks)} block(s) change attention and leave their processor weights behind "
                       f"({', '.join(sorted({k.rsplit('.', 1)[-1] for k in dropped}))} of {', '.join(blocks[:4])}"
-                      f"{' ...' if len(blocks) > 4 else ''}): the new kind does not use them", stacklevel=2)
+                      f"{' ...' if len(blocks) > 4 else ''}): the new kind does not use them", stacklevel=3)
     if unexpected or not_new:
         raise ValueError(
             "the DiT's weights do not fit the NaLa model: "
             f"unexpected {unexpected[:5]}, missing {not_new[:5]}"
         )
-    new_sigma = [k for k in missing if k.endswith("log_norm_scale")]
-    if calibrate and new_sigma:
-        inputs = calibration_inputs if calibration_inputs is not None else noise_calibration_inputs(dit)
-        calibrate_norm_scale(model, source=dit, **inputs)
-    return model.eval() if not dit.training else model
+    return missing
 
 
 def noise_calibration_inputs(dit: DiTTransformer2DModel, batch: int = 8, seed: int = 0) -> Dict[str, Any]:

@@ -29,6 +29,8 @@ DEFAULT_NORM_SCALE_MODE = "calibrated"
 #: what a model config that lacks a key was built with (the key did not exist yet)
 LEGACY_CONFIG_DEFAULTS = {"norm_scale_mode": "fixed"}
 ATTENTION_TYPES = ("nala", "softmax", "relu_linear", "elu_linear")
+#: positions above the training size: squeezed into the training range, or extended beyond it
+POSITION_EMBEDDINGS = ("extend", "interpolate")
 #: initialisations of the depthwise convolutions (LePE, CPE): NaLaFormer's, or identity at the start
 CONV_INITS = ("zero", "trunc_normal")
 

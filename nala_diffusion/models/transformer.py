@@ -36,14 +36,13 @@ from nala_diffusion.models.options import (
     DEFAULTS,
     FIELDS,
     LEGACY_CONFIG_DEFAULTS,
+    POSITION_EMBEDDINGS,
     config_key,
     layer_attention_types,
     options_from_config,
 )
 from nala_diffusion.models.swap import set_attention
 from nala_diffusion.utils.files import follow_umask
-
-POSITION_EMBEDDINGS = ("extend", "interpolate")
 
 # DiT sizes (Peebles & Xie, Table 1); every patch size 2, 4, 8 is offered as in the DiT repo.
 _DIT_SIZES = {
@@ -83,6 +82,40 @@ def with_option_parameters(init):
                                  annotation=f.type) for name, f in FIELDS.items()]
     init.__signature__ = signature.replace(parameters=fixed + options)
     return init
+
+
+def check_config(class_name: str, attention_options, *, num_attention_heads, attention_head_dim, in_channels,
+                 num_layers, sample_size, patch_size, out_channels, num_classes, num_embeds_ada_norm, norm_num_groups,
+                 objective, flow_convention, timestep_freq_shift, attention_type, attention_types, position_embedding):
+    """Refuse a model config whose sizes, class counts, objective, layout or options are wrong, naming the key;
+    returns (the class count, each block's attention type)."""
+    unknown = sorted(set(attention_options) - set(CONFIG_KEYS))
+    if unknown:
+        raise TypeError(f"{class_name} got unexpected option(s) {unknown}; attention options: {sorted(CONFIG_KEYS)}")
+    for name, value in (("num_attention_heads", num_attention_heads), ("attention_head_dim", attention_head_dim),
+                        ("in_channels", in_channels), ("num_layers", num_layers), ("sample_size", sample_size),
+                        ("patch_size", patch_size), ("out_channels", out_channels), ("num_classes", num_classes),
+                        ("num_embeds_ada_norm", num_embeds_ada_norm), ("norm_num_groups", norm_num_groups)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}); "
+                             "check the model config")
+    if not isinstance(sample_size, int) or sample_size % patch_size:
+        raise ValueError(f"sample_size {sample_size} must be a multiple of patch_size {patch_size}")
+    if num_classes is None:
+        num_classes = num_embeds_ada_norm
+    elif num_embeds_ada_norm not in (None, 1000, num_classes):
+        raise ValueError(f"num_classes ({num_classes}) and num_embeds_ada_norm ({num_embeds_ada_norm}) disagree")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if flow_convention not in FLOW_CONVENTIONS:
+        raise ValueError(f"flow_convention must be one of {FLOW_CONVENTIONS}, got {flow_convention!r}")
+    if timestep_freq_shift not in (0, 1) or isinstance(timestep_freq_shift, bool):
+        raise ValueError(f"timestep_freq_shift must be 0 (DiT's and SiT's own code) or 1 (diffusers' DiT), "
+                         f"got {timestep_freq_shift!r}")
+    kinds = layer_attention_types(num_layers, attention_type, attention_types)  # validates both
+    if position_embedding not in POSITION_EMBEDDINGS:
+        raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {position_embedding!r}")
+    return num_classes, kinds
 
 
 class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
@@ -159,32 +192,13 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         timestep_freq_shift: int = 1,
         **attention_options,
     ):
-        unknown = sorted(set(attention_options) - set(CONFIG_KEYS))
-        if unknown:
-            raise TypeError(f"{type(self).__name__} got unexpected option(s) {unknown}; attention options: {sorted(CONFIG_KEYS)}")
-        for name, value in (("num_attention_heads", num_attention_heads), ("attention_head_dim", attention_head_dim),
-                            ("in_channels", in_channels), ("num_layers", num_layers), ("sample_size", sample_size),
-                            ("patch_size", patch_size), ("out_channels", out_channels), ("num_classes", num_classes),
-                            ("num_embeds_ada_norm", num_embeds_ada_norm), ("norm_num_groups", norm_num_groups)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}); "
-                                 "check the model config")
-        if not isinstance(sample_size, int) or sample_size % patch_size:
-            raise ValueError(f"sample_size {sample_size} must be a multiple of patch_size {patch_size}")
-        if num_classes is None:
-            num_classes = num_embeds_ada_norm
-        elif num_embeds_ada_norm not in (None, 1000, num_classes):
-            raise ValueError(f"num_classes ({num_classes}) and num_embeds_ada_norm ({num_embeds_ada_norm}) disagree")
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        if flow_convention not in FLOW_CONVENTIONS:
-            raise ValueError(f"flow_convention must be one of {FLOW_CONVENTIONS}, got {flow_convention!r}")
-        if timestep_freq_shift not in (0, 1) or isinstance(timestep_freq_shift, bool):
-            raise ValueError(f"timestep_freq_shift must be 0 (DiT's and SiT's own code) or 1 (diffusers' DiT), "
-                             f"got {timestep_freq_shift!r}")
-        kinds = layer_attention_types(num_layers, attention_type, attention_types)  # validates both
-        if position_embedding not in POSITION_EMBEDDINGS:
-            raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {position_embedding!r}")
+        num_classes, kinds = check_config(
+            type(self).__name__, attention_options, num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim, in_channels=in_channels, num_layers=num_layers,
+            sample_size=sample_size, patch_size=patch_size, out_channels=out_channels, num_classes=num_classes,
+            num_embeds_ada_norm=num_embeds_ada_norm, norm_num_groups=norm_num_groups, objective=objective,
+            flow_convention=flow_convention, timestep_freq_shift=timestep_freq_shift, attention_type=attention_type,
+            attention_types=attention_types, position_embedding=position_embedding)
         super().__init__(
             num_attention_heads=num_attention_heads,
             attention_head_dim=attention_head_dim,
