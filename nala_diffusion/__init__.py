@@ -33,6 +33,7 @@ _EXPORTS: Dict[str, List[str]] = {
     "models.norm_awareness": ["calibrate_norm_scale", "capture_queries", "saturation_report"],
     "models.options": ["AttentionOptions"],
     "models.processors": [
+        "ATTENTION_KINDS",
         "ATTENTION_PROCESSORS",
         "ELULinearAttnProcessor",
         "KernelAttnProcessor",
@@ -52,6 +53,8 @@ _EXPORTS: Dict[str, List[str]] = {
     ],
     "pipelines": ["HighResPipelineOutput", "NaLaDiTHighResPipeline", "NaLaDiTPipeline", "NaLaPipelineOutput",
                   "convert_dit_pipeline_to_nala"],
+    "pipelines.request": ["SamplingRequest"],
+    "train.run_config": ["RunConfig"],
 }
 # diffusers' pipeline loader looks up base classes such as ModelMixin in the namespace of the
 # library named in model_index.json; these names make "nala_diffusion" such a library.

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from nala_diffusion.ops.params import INHIBIT_MODES, KERNEL_DEFAULTS, check_positive
+from nala_diffusion.ops.params import INHIBIT_MODES, KERNEL_DEFAULTS, KERNEL_PARAMS, LinearParams, check_positive
 
 NORM_SCALE_MODES = ("fixed", "learnable", "calibrated")
 #: sigma's one default. A NaLa model is built with per-head sigma buffers at norm_scale (1): training,
@@ -28,14 +28,15 @@ NORM_SCALE_MODES = ("fixed", "learnable", "calibrated")
 DEFAULT_NORM_SCALE_MODE = "calibrated"
 #: what a model config that lacks a key was built with (the key did not exist yet)
 LEGACY_CONFIG_DEFAULTS = {"norm_scale_mode": "fixed"}
-ATTENTION_TYPES = ("nala", "softmax", "relu_linear", "elu_linear")
+#: the attention types, as the kernels declare them (:data:`~nala_diffusion.ops.params.KERNEL_PARAMS`)
+ATTENTION_TYPES = tuple(KERNEL_PARAMS)
 #: positions above the training size: squeezed into the training range, or extended beyond it
 POSITION_EMBEDDINGS = ("extend", "interpolate")
 #: initialisations of the depthwise convolutions (LePE, CPE): NaLaFormer's, or identity at the start
 CONV_INITS = ("zero", "trunc_normal")
 
 _ALL = ATTENTION_TYPES
-_LINEAR = ("nala", "relu_linear", "elu_linear")
+_LINEAR = tuple(kind for kind, params in KERNEL_PARAMS.items() if issubclass(params, LinearParams))
 _NALA = ("nala",)
 
 

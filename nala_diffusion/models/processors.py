@@ -13,6 +13,7 @@ They are ``nn.Module``s: diffusers registers a module processor as a submodule o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple, Type
 
 import torch
@@ -20,7 +21,12 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from nala_diffusion.models.conv_positions import init_depthwise
-from nala_diffusion.models.options import NORM_SCALE_MODES, AttentionOptions, option_names  # noqa: F401  (NORM_SCALE_MODES re-exported)
+from nala_diffusion.models.options import (  # noqa: F401  (NORM_SCALE_MODES re-exported)
+    ATTENTION_TYPES,
+    NORM_SCALE_MODES,
+    AttentionOptions,
+    option_names,
+)
 from nala_diffusion.ops import (
     LinearParams,
     NaLaParams,
@@ -31,6 +37,7 @@ from nala_diffusion.ops import (
     rope_2d_tables,
     softmax_attention,
 )
+from nala_diffusion.ops.params import KERNEL_PARAMS
 
 
 def _resolve_grid(grid_size: Optional[Sequence[int]], num_tokens: int) -> Tuple[int, int]:
@@ -223,10 +230,10 @@ class _NoMaskMixin:
 
 
 class LinearAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
-    """Kernel linear attention with ``feature_map`` ``"relu"`` (as SANA) or ``"elu"`` (1 + ELU)."""
+    """Kernel linear attention, the base of :class:`ReLULinearAttnProcessor` (``feature_map`` ``"relu"``, as
+    SANA) and :class:`ELULinearAttnProcessor` (``"elu"``, 1 + ELU)."""
 
-    attention_type = "relu_linear"
-    feature_map = "relu"
+    feature_map: str
 
     def kernel_params(self) -> LinearParams:
         return LinearParams(**{name: getattr(self, name) for name in LinearParams.names()})
@@ -238,11 +245,15 @@ class LinearAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
 
 
 class ReLULinearAttnProcessor(LinearAttnProcessor):
+    """ReLU linear attention (SANA's kernel)."""
+
     attention_type = "relu_linear"
     feature_map = "relu"
 
 
 class ELULinearAttnProcessor(LinearAttnProcessor):
+    """1 + ELU linear attention (Katharopoulos et al. 2020)."""
+
     attention_type = "elu_linear"
     feature_map = "elu"
 
@@ -330,9 +341,27 @@ class NaLaAttnProcessor(_NoMaskMixin, KernelAttnProcessor):
                               backend=getattr(self, "backend", "auto"))
 
 
-ATTENTION_PROCESSORS: Dict[str, Type[KernelAttnProcessor]] = {
-    "nala": NaLaAttnProcessor,
-    "softmax": SoftmaxAttnProcessor,
-    "relu_linear": ReLULinearAttnProcessor,
-    "elu_linear": ELULinearAttnProcessor,
+@dataclass(frozen=True)
+class AttentionKind:
+    """One attention type: its processor class, its kernel's parameter class and the options it takes."""
+
+    name: str
+    processor: Type[KernelAttnProcessor]
+    params: type
+
+    @property
+    def options(self) -> Tuple[str, ...]:
+        return option_names(self.name)
+
+
+#: every attention type (:data:`~nala_diffusion.models.options.ATTENTION_TYPES`) with its processor, parameters
+#: and options: the one table the swap, the model and the tools read
+ATTENTION_KINDS: Dict[str, AttentionKind] = {
+    cls.attention_type: AttentionKind(cls.attention_type, cls, KERNEL_PARAMS[cls.attention_type])
+    for cls in (NaLaAttnProcessor, SoftmaxAttnProcessor, ReLULinearAttnProcessor, ELULinearAttnProcessor)
 }
+if tuple(sorted(ATTENTION_KINDS)) != tuple(sorted(ATTENTION_TYPES)):
+    raise ImportError(f"attention kinds without a processor or processors without a kind: {sorted(ATTENTION_KINDS)} "
+                      f"against {sorted(ATTENTION_TYPES)}")
+ATTENTION_PROCESSORS: Dict[str, Type[KernelAttnProcessor]] = {name: kind.processor
+                                                              for name, kind in ATTENTION_KINDS.items()}

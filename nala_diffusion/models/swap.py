@@ -12,7 +12,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from nala_diffusion.models.options import ATTENTION_TYPES, block_indices, check_attention_type, option_names  # noqa: F401  (ATTENTION_TYPES re-exported)
-from nala_diffusion.models.processors import ATTENTION_PROCESSORS, KernelAttnProcessor
+from nala_diffusion.models.processors import ATTENTION_KINDS, KernelAttnProcessor
 
 
 def self_attention_modules(model: nn.Module) -> Iterator[Tuple[str, Attention]]:
@@ -25,12 +25,11 @@ def self_attention_modules(model: nn.Module) -> Iterator[Tuple[str, Attention]]:
 def processor_options(attention_type: str) -> Tuple[str, ...]:
     """Keyword options a processor of ``attention_type`` accepts (besides the sizes), from
     :class:`~nala_diffusion.models.options.AttentionOptions`."""
-    processor_class(attention_type)
-    return option_names(attention_type)
+    return ATTENTION_KINDS[check_attention_type(attention_type)].options
 
 
 def processor_class(attention_type: str):
-    return ATTENTION_PROCESSORS[check_attention_type(attention_type)]
+    return ATTENTION_KINDS[check_attention_type(attention_type)].processor
 
 
 def make_processor(attention_type: str, attn: Attention, **options) -> KernelAttnProcessor:

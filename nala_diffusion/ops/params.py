@@ -146,10 +146,14 @@ for _cls in (SoftmaxParams, LinearParams, NaLaParams):
     _cls._names = tuple(f.name for f in dataclasses.fields(_cls))
 
 
+#: the attention kinds and their kernels' parameter classes: the one declaration of which kinds exist (the
+#: processors, the model options and the tools' choices are built from it)
+KERNEL_PARAMS = {"nala": NaLaParams, "softmax": SoftmaxParams, "relu_linear": LinearParams, "elu_linear": LinearParams}
+
+
 def default_params(kind: str) -> Optional[_Params]:
     """The default parameters of an attention kind's kernel (None for kinds without any)."""
-    return {"softmax": SoftmaxParams, "relu_linear": LinearParams, "elu_linear": LinearParams,
-            "nala": NaLaParams}.get(kind, lambda: None)()
+    return KERNEL_PARAMS[kind]() if kind in KERNEL_PARAMS else None
 
 
 KERNEL_DEFAULTS = NaLaParams()
