@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 _EXPORTS: Dict[str, List[str]] = {
     "assets": ["demo_classifier_path", "demo_pipeline_path"],
     "metrics.classifier": ["DomainClassifier"],
-    "models.conversion": ["convert_dit_to_nala", "load_dit", "with_new_class_embedding"],
-    "models.sources": ["load_transformer", "load_vae"],
+    "models.conversion": ["convert_dit_to_nala", "with_new_class_embedding"],
+    "models.sources": ["load_denoiser", "load_dit", "load_vae"],
     "models.sit": ["convert_sit_to_nala", "load_sit"],
     "ops": [
         "apply_rope",
@@ -81,9 +81,9 @@ def __dir__() -> List[str]:
 
 if TYPE_CHECKING:  # names for type checkers and IDEs
     from nala_diffusion.assets import demo_classifier_path, demo_pipeline_path  # noqa: F401
-    from nala_diffusion.models.conversion import convert_dit_to_nala, load_dit  # noqa: F401
+    from nala_diffusion.models.conversion import convert_dit_to_nala  # noqa: F401
     from nala_diffusion.models.sit import convert_sit_to_nala, load_sit  # noqa: F401
-    from nala_diffusion.models.sources import load_transformer, load_vae  # noqa: F401
+    from nala_diffusion.models.sources import load_denoiser, load_dit, load_vae  # noqa: F401
     from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel  # noqa: F401
     from nala_diffusion.ops import linear_attention, nala_attention, softmax_attention  # noqa: F401
     from nala_diffusion.pipelines import NaLaDiTHighResPipeline, NaLaDiTPipeline, convert_dit_pipeline_to_nala  # noqa: F401

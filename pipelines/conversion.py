@@ -17,7 +17,7 @@ import torch
 from nala_diffusion.models.conversion import convert_dit_to_nala
 from nala_diffusion.models.sources import (
     hub_options,
-    load_transformer,
+    load_dit,
     not_found,
     pipeline_id2label,
     pipeline_index,
@@ -114,7 +114,7 @@ def convert_dit_pipeline_to_nala(
             raise not_found(name, "DiT pipeline", revision)
         if index.get("_class_name") not in DIT_PIPELINES:
             raise ValueError(f"{name!r} is a {index.get('_class_name')!r}, not one of {DIT_PIPELINES}")
-        transformer = load_transformer(name, dtype=dtype, revision=revision)
+        transformer = load_dit(name, dtype=dtype, revision=revision)
         has_vae = bool((index.get("vae") or [None])[0])
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", use_safetensors=True, dtype=dtype,
                                             **hub_options(name, revision)) if has_vae else None

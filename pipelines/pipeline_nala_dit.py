@@ -23,9 +23,9 @@ from diffusers.utils.torch_utils import randn_tensor
 # diffusers loads a component only from a module that is already imported
 import nala_diffusion.model  # noqa: F401
 from nala_diffusion.diffusion.objectives import clipping_step_kwargs, model_timestep, to_scheduler_velocity
-from nala_diffusion.models.loading import check_loaded_weights
 from nala_diffusion.models.norm_awareness import warn_if_uncalibrated
 from nala_diffusion.models.sharpness import attention_sharpness_of, set_attention_sharpness
+from nala_diffusion.models.sources import check_loaded_weights
 from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel
 from nala_diffusion.pipelines import inputs
 from nala_diffusion.pipelines.attention_sharpness import SharpnessArg, set_sharpness_for_size

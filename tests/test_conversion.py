@@ -106,12 +106,12 @@ def test_converting_one_of_our_models_keeps_its_extras_and_their_weights():
 def test_a_hub_id_on_an_offline_machine_fails_fast_naming_the_way_out(monkeypatch):
     import time
 
-    from nala_diffusion.models import conversion, sources
+    from nala_diffusion.models import sources
 
     monkeypatch.setattr(sources, "hub_reachable", lambda timeout=3.0: False)
     start = time.perf_counter()
     with pytest.raises(ValueError, match="cannot be reached .* local Hub cache .* has no copy"):
-        conversion.load_dit("facebook/DiT-XL-2-256")
+        sources.load_dit("facebook/DiT-XL-2-256")
     assert time.perf_counter() - start < 10
     from huggingface_hub import constants
 

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from nala_diffusion.diffusion.objectives import NUM_TRAIN_TIMESTEPS
 from nala_diffusion.models.options import layer_attention_types
+from nala_diffusion.models.sources import load_denoiser
 from nala_diffusion.train.run_data import RunData, probe_batch
 from nala_diffusion.train.run_setup import LazyLogger
 
@@ -50,14 +51,6 @@ def model_config_file(name: str) -> str:
     raise ValueError(f"--model_config {name!r} is neither a preset ({', '.join(sorted(DIT_PRESETS))}) nor a file")
 
 
-def load_source(path: str):
-    """A pretrained denoiser: a SiT checkpoint file, else a transformer or pipeline folder or Hub id."""
-    from nala_diffusion.models.sit import load_sit, looks_like_checkpoint_file
-    from nala_diffusion.models.sources import load_transformer
-
-    return load_sit(path) if looks_like_checkpoint_file(path) else load_transformer(path)
-
-
 def build_model(config, in_channels: int, sample_size: int, num_classes: int):
     """The model to train and the model whose queries calibrate its sigma (the pretrained source
     for ``--init_from``, else the model itself)."""
@@ -69,7 +62,7 @@ def build_model(config, in_channels: int, sample_size: int, num_classes: int):
         expected["num_classes"] = num_classes
     overrides, layout = config.attention_overrides, config.layout_overrides
     if config.init_from:
-        source = model = load_source(config.init_from)  # a SiT checkpoint is converted to NaLa, as a DiT is
+        source = model = load_denoiser(config.init_from)  # a SiT checkpoint is converted to NaLa, as a DiT is
         if looks_like_checkpoint_file(config.init_from) or not isinstance(source, NaLaDiTTransformer2DModel) \
                 or overrides or layout:
             # calibrated later on real data from the source's own queries
@@ -162,7 +155,7 @@ def load_teacher(config, model, objective, data: RunData, device):
     from nala_diffusion.diffusion.objectives import objective_of
 
     in_channels = data.in_channels
-    teacher = load_source(config.teacher).to(device).eval().requires_grad_(False)
+    teacher = load_denoiser(config.teacher).to(device).eval().requires_grad_(False)
     if teacher.config.in_channels != in_channels or teacher.config.num_embeds_ada_norm != model.config.num_classes:
         raise ValueError(f"the teacher {config.teacher!r} has {teacher.config.in_channels} channels and "
                          f"{teacher.config.num_embeds_ada_norm} classes; the student has {in_channels} and "

@@ -17,7 +17,7 @@ from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DMod
 
 from nala_diffusion.models.norm_awareness import calibrate_norm_scale
 from nala_diffusion.models.options import CONFIG_KEYS, layer_attention_types
-from nala_diffusion.models.sources import check_dit_config, load_transformer
+from nala_diffusion.models.sources import check_dit_config, load_dit
 from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel
 
 # what a model was trained for and how it reads time (SiT's conventions): kept by every conversion
@@ -41,20 +41,6 @@ DIT_CONFIG_KEYS = (
     "norm_elementwise_affine",
     "norm_eps",
 )
-
-
-def load_dit(
-    path: Union[str, os.PathLike],
-    *,
-    subfolder: Optional[str] = None,
-    variant: Optional[str] = None,
-    dtype: Optional[torch.dtype] = None,
-    revision: Optional[str] = None,
-) -> DiTTransformer2DModel:
-    """A DiT-family transformer from a local folder or Hub id, from safetensors only: a transformer
-    folder, or a pipeline with a ``transformer/`` folder (the layout of ``facebook/DiT-XL-2-256``,
-    whose config names the legacy ``Transformer2DModel``). See :mod:`nala_diffusion.models.sources`."""
-    return load_transformer(path, dtype=dtype, revision=revision, variant=variant, subfolder=subfolder)
 
 
 def convert_dit_to_nala(

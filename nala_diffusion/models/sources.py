@@ -6,6 +6,11 @@ revisions and tokens behave as they do for any diffusers user. A pipeline (a fol
 with ``model_index.json``, such as ``facebook/DiT-XL-2-256``) gives its transformer from
 ``transformer/``, its VAE from ``vae/`` and its class names from ``id2label``. A model that cannot
 be found is one ``ValueError`` naming what was looked for and where.
+
+This is the one module the tools and pipelines load model weights through: :func:`load_dit` (DiT-family
+transformers), :func:`load_denoiser` (those, or a SiT checkpoint file), :func:`load_vae`, and
+:func:`check_loaded_weights`, the check every load ends with. Whole pipelines are
+:func:`nala_diffusion.pipelines.conversion.load_pipeline`'s, built on these.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 
@@ -153,10 +158,12 @@ def require_safetensors(name: str, subfolder: Optional[str]) -> None:
         )
 
 
-def load_transformer(name: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None,
-                     revision: Optional[str] = None, variant: Optional[str] = None, subfolder: Optional[str] = None):
-    """A DiT-family transformer from a transformer or pipeline folder or Hub id (or its ``subfolder``):
-    ours as saved (``NaLaDiTTransformer2DModel``), diffusers' DiT as ``DiTTransformer2DModel``."""
+def load_dit(name: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, revision: Optional[str] = None,
+             variant: Optional[str] = None, subfolder: Optional[str] = None):
+    """A DiT-family transformer from a local folder or Hub id, from safetensors only: a transformer folder, or a
+    pipeline with a ``transformer/`` folder (the layout of ``facebook/DiT-XL-2-256``, whose config names the
+    legacy ``Transformer2DModel``), or its ``subfolder``. Ours load as saved (``NaLaDiTTransformer2DModel``),
+    diffusers' DiT as ``DiTTransformer2DModel``."""
     from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
     from nala_diffusion.models.transformer import NaLaDiTTransformer2DModel
@@ -170,6 +177,15 @@ def load_transformer(name: Union[str, os.PathLike], *, dtype: Optional[torch.dty
                                    **hub_options(name, revision))
     except OSError as error:  # a repository whose config exists but whose weights could not be fetched
         raise ValueError(f"cannot load the transformer of {name!r}: {str(error).splitlines()[0]}") from None
+
+
+def load_denoiser(name: Union[str, os.PathLike], **kwargs):
+    """A denoiser from any source the tools take: a SiT checkpoint file (``.pt``, ``.safetensors``; a flow model
+    in SiT's conventions, :func:`~nala_diffusion.models.sit.load_sit`), else a transformer or pipeline folder
+    or Hub id (:func:`load_dit`, with ``kwargs``)."""
+    from nala_diffusion.models.sit import load_sit, looks_like_checkpoint_file
+
+    return load_sit(name) if looks_like_checkpoint_file(name) else load_dit(name, **kwargs)
 
 
 def load_vae(name: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, revision: Optional[str] = None):
@@ -203,3 +219,34 @@ def pipeline_id2label(index: Optional[dict]) -> Optional[Dict[int, str]]:
     """The class names of a pipeline's ``model_index.json`` as ``{id: name}``, or None."""
     labels = (index or {}).get("id2label")
     return {int(k): str(v) for k, v in labels.items()} if labels else None
+
+
+def _listing(names: Iterable[str], limit: int = 12) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_loaded_weights(module: torch.nn.Module, where: str, *, missing: Optional[List[str]] = None,
+                         unexpected: Optional[List[str]] = None, mismatched: Optional[list] = None) -> None:
+    """Raise ``ValueError`` naming the tensors when a module loaded from ``where`` lacks weights (given
+    as ``missing``, or left on the ``meta`` device), had tensors it does not use, tensors of other
+    shapes, or holds NaN/inf values."""
+    missing = set(missing or [])
+    missing |= {name for name, tensor in [*module.named_parameters(), *module.named_buffers()]
+                if tensor.device.type == "meta"}
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"tensors of another shape: {_listing(str(m[0]) if isinstance(m, tuple) else str(m) for m in mismatched)}")
+    if not problems:
+        bad = [name for name, tensor in module.state_dict().items()
+               if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+        if bad:
+            problems.append(f"non-finite values (NaN or inf) in: {_listing(bad)}")
+    if problems:
+        raise ValueError(f"the weights in {where} do not fit {type(module).__name__}: " + "; ".join(problems)
+                         + ". The file is incomplete, corrupt or for another model; nothing was loaded.")

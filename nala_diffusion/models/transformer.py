@@ -30,7 +30,6 @@ from torch import nn
 
 from nala_diffusion.diffusion.objectives import FLOW_CONVENTIONS, OBJECTIVES
 from nala_diffusion.models.conv_positions import BlockConvPositions
-from nala_diffusion.models.loading import check_loaded_weights
 from nala_diffusion.models.options import (
     CONFIG_KEYS,
     DEFAULTS,
@@ -41,6 +40,7 @@ from nala_diffusion.models.options import (
     layer_attention_types,
     options_from_config,
 )
+from nala_diffusion.models.sources import check_loaded_weights
 from nala_diffusion.models.swap import set_attention
 from nala_diffusion.utils.files import follow_umask
 
