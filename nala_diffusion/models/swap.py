@@ -92,9 +92,23 @@ def set_attention(model: nn.Module, attention_type: str = "nala", layers: Option
     :func:`select_layers`), the others left as they are.
 
     Returns the processors that were there before, keyed like diffusers' ``attn_processors``
-    (``"transformer_blocks.0.attn1.processor"``); :func:`restore_attention` puts them back.
+    (``"transformer_blocks.0.attn1.processor"``); :func:`restore_attention` puts them back. A model whose
+    config records its attention (``NaLaDiTTransformer2DModel``, through its ``attention_config_after_swap``)
+    has its config say what is swapped in, or refuses what the config cannot say.
     """
-    previous = {}
+    modules, processors = new_processors(model, attention_type, layers, **options)  # all or none
+    config_update = getattr(model, "attention_config_after_swap", None)
+    updates = config_update({name: p for (name, _), p in zip(modules, processors)}) if config_update else {}
+    previous = place_processors(modules, processors)
+    if updates:
+        model.register_to_config(**updates)
+    return previous
+
+
+def new_processors(model: nn.Module, attention_type: str, layers: Optional[Sequence[Union[int, str]]] = None,
+                   **options) -> Tuple[List[Tuple[str, Attention]], List[KernelAttnProcessor]]:
+    """(the chosen self-attention modules, a fresh ``attention_type`` processor for each), nothing installed;
+    joint-attention models are refused."""
     modules = select_layers(model, layers)
     joint = [name for name, attn in modules if getattr(attn, "added_kv_proj_dim", None) is not None]
     if joint:
@@ -104,16 +118,16 @@ def set_attention(model: nn.Module, attention_type: str = "nala", layers: Option
             f"({shown}); the processors here are for self-attention over image tokens only. Models whose "
             "self-attention takes only image tokens work: DiT, PixArt-alpha/sigma, Sana. Nothing was swapped."
         )
-    processors = [(attn, make_processor(attention_type, attn, **options)) for _, attn in modules]  # all or none
-    # a model whose config records its attention (NaLaDiTTransformer2DModel) checks that the config can say
-    # what is swapped in, and says it; save_pretrained would otherwise restore the old processors
-    config_update = getattr(model, "attention_config_after_swap", None)
-    updates = config_update({name: p for (name, _), (_, p) in zip(modules, processors)}) if config_update else {}
-    for (name, attn), (_, processor) in zip(modules, processors):
+    return modules, [make_processor(attention_type, attn, **options) for _, attn in modules]
+
+
+def place_processors(modules: Sequence[Tuple[str, Attention]], processors: Sequence[object]) -> Dict[str, object]:
+    """Install ``processors`` in ``modules`` (from :func:`new_processors`); returns the previous ones by
+    ``"<module>.processor"``. The model's config is not consulted: a model builds its own layers with it."""
+    previous = {}
+    for (name, attn), processor in zip(modules, processors):
         previous[f"{name}.processor"] = attn.processor
         attn.set_processor(processor)
-    if updates:
-        model.register_to_config(**updates)
     return previous
 
 

@@ -41,7 +41,7 @@ from nala_diffusion.models.options import (
     options_from_config,
 )
 from nala_diffusion.models.sources import check_loaded_weights
-from nala_diffusion.models.swap import set_attention
+from nala_diffusion.models.swap import new_processors, place_processors
 from nala_diffusion.utils.files import follow_umask
 
 # DiT sizes (Peebles & Xie, Table 1); every patch size 2, 4, 8 is offered as in the DiT repo.
@@ -230,7 +230,7 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
             self.register_to_config(attention_types=kinds)
         for kind in dict.fromkeys(kinds):
             blocks = [index for index, each in enumerate(kinds) if each == kind]
-            set_attention(self, kind, layers=blocks, **self.attention_options(kind))
+            place_processors(*new_processors(self, kind, layers=blocks, **self.attention_options(kind)))
         if not isinstance(use_cpe, bool):
             raise ValueError(f"use_cpe must be True or False, got {use_cpe!r}")
         self.conv_positions = None

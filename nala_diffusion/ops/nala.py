@@ -15,9 +15,11 @@ tanh bends: sigma = 1 is the official formula, which saturates (p = lambda (tau 
 once query norms exceed about 3, as they do in a DiT with head_dim 64; sigma near the typical query
 norm keeps the power responsive (see :func:`~nala_diffusion.ops.feature_maps.query_power`).
 
-The paths, one module each: ``dense`` (autograd, CUDA; chunked inference), ``gather`` (relu_split
-inference on CPU), ``fused`` (``torch.compile``), and ``reference`` (the formulas written literally). The
-dense path's readout runs in Triton on CUDA (``backend``; :mod:`~nala_diffusion.ops.triton_readout`).
+The paths, one module each: ``dense`` (batched products: training on any device, inference on CUDA, and on
+CPU wherever ``gather`` does not apply, i.e. with the cosine form or RoPE; chunked in inference), ``gather``
+(relu_split inference without RoPE on CPU), ``fused`` (``torch.compile``), and ``reference`` (the formulas
+written literally). The dense path's readout runs in Triton on CUDA (``backend``;
+:mod:`~nala_diffusion.ops.triton_readout`).
 """
 
 from __future__ import annotations
