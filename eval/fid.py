@@ -146,17 +146,23 @@ def sampling_request(args, pipe) -> SamplingRequest:
     return request.resolved(pipe)
 
 
+def request_fields(args, pipe, request: SamplingRequest, label_draw: str) -> dict:
+    """What both the sample folder's fingerprint and fid.json record of a request: its size, steps, guidance,
+    labels and high-resolution choices, with the pipeline's defaults filled in."""
+    return {"steps": request.steps, "guidance": request.guidance, "height": request.height, "width": request.width,
+            "labels": args.labels or label_draw, "highres_mode": request.highres_mode,
+            "position_embedding": request.position_embedding or pipe.transformer.config.position_embedding,
+            "attention_sharpness": request.attention_sharpness or "off"}
+
+
 def sample_fingerprint(args, pipe, request: SamplingRequest, label_draw: str) -> dict:
-    """What a sample folder's images depend on: the pipeline's weights and sampler, the request, the batch size."""
+    """What a sample folder's images depend on: the pipeline's weights and sampler, the request (its guidance
+    schedule where it differs from the default), the seed and the batch size."""
     defaults = SamplingRequest()
     return {
-        **pipeline_fingerprint(args.model, pipe), "steps": request.steps, "guidance": request.guidance,
+        **pipeline_fingerprint(args.model, pipe), **request_fields(args, pipe, request, label_draw),
         "batch_size": args.batch_size,  # batched numerics move pixels by a level: another batch size, other images
-        "height": request.height, "width": request.width,
         "labels": args.labels or f"{label_draw} over {pipe.num_classes} classes", "seed": request.seed,
-        "highres_mode": request.highres_mode,
-        "position_embedding": request.position_embedding or pipe.transformer.config.position_embedding,
-        "attention_sharpness": request.attention_sharpness or "off",
         **{k: getattr(request, k) for k in RECORDED_WHEN_SET if getattr(request, k) != getattr(defaults, k)},
     }
 
@@ -199,13 +205,9 @@ def run_sampling(args, state: PartialState) -> dict:
         "model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
         "model_config_hash": config_hash(pipe), "attention_type": config.attention_type,
         "attention_types": config.get("attention_types"), "scheduler": type(pipe.scheduler).__name__,
-        "objective": objective_of(config), "steps": request.steps, "guidance": request.guidance,
+        "objective": objective_of(config), **request_fields(args, pipe, request, label_draw),
         "num_samples": args.num_samples, "seeds": [request.seed, request.seed + args.num_samples - 1],
-        "labels": args.labels or label_draw, "height": request.height, "width": request.width,
-        "highres_mode": request.highres_mode,
-        "position_embedding": request.position_embedding or config.position_embedding,
-        "attention_sharpness": request.attention_sharpness or "off", **request.guidance_kwargs(),
-        "protocol": request.protocol, "written_by_process_0": written,
+        **request.guidance_kwargs(), "protocol": request.protocol, "written_by_process_0": written,
         "sampling_seconds": time.perf_counter() - start, "num_processes": state.num_processes,
     }
 
