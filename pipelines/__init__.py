@@ -1,6 +1,6 @@
 """Pipelines of nala_diffusion (installed as ``nala_diffusion.pipelines``), loaded on first use."""
 
-import importlib
+from nala_diffusion.utils.lazy import lazy_getattr
 
 _WHERE = {
     "NaLaDiTPipeline": "pipeline_nala_dit",
@@ -10,11 +10,4 @@ _WHERE = {
     "convert_dit_pipeline_to_nala": "conversion",
 }
 __all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _WHERE, globals())

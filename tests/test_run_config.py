@@ -6,29 +6,14 @@ import json
 import re
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
-from helpers import TINY
-from PIL import Image
+from test_train import data  # noqa: F401 (the tiny ImageFolder fixture)
 
 from nala_diffusion.train.run_config import RunConfig, build_parser, flags_of
 from nala_diffusion.train.train_nala_dit import cli, parse_args, train
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        (root / "images" / f"class{c}").mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray((rng.random((16, 16, 3)) * 80 + c * 80).astype("uint8")).save(
-                root / "images" / f"class{c}" / f"{i}.png")
-    (root / "tiny.json").write_text(json.dumps({k: v for k, v in TINY.items() if k != "sample_size"}))
-    return root
-
-
-def test_train_from_python_and_from_the_command_line_give_identical_weights(data, tmp_path):
+def test_train_from_python_and_from_the_command_line_give_identical_weights(data, tmp_path):  # noqa: F811
     settings = {"train_data_dir": str(data / "images"), "resolution": 16, "model_config": str(data / "tiny.json"),
                 "train_batch_size": 4, "max_train_steps": 3, "checkpointing_steps": 2, "report_to": "none",
                 "use_ema": True, "softmax_layers": [-1], "use_lepe": True, "power_scale": 2.0, "learning_rate": 1e-3}

@@ -1,15 +1,8 @@
 """Training tools of nala_diffusion (installed as ``nala_diffusion.train``): ``train(RunConfig(...))`` runs what
 ``nala-train`` runs with the same flags."""
 
-import importlib
+from nala_diffusion.utils.lazy import lazy_getattr
 
 _WHERE = {"RunConfig": "run_config", "train": "train_nala_dit"}
 __all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _WHERE, globals())
