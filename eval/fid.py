@@ -122,10 +122,11 @@ def config_hash(pipe) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-#: the request fields a sample folder's fingerprint records only where they differ from the request's defaults,
-#: so that folders sampled before they existed stay valid
-RECORDED_WHEN_SET = ("guidance_interval", "guidance_interval_unit", "guidance_channels", "use_learned_variance",
-                     "protocol")
+def recorded_when_set(request: SamplingRequest) -> dict:
+    """The choices a sample folder's fingerprint records only where they differ from the defaults (so that
+    folders sampled before they existed stay valid): the guidance schedule, as the pipelines take it, and the
+    protocol."""
+    return {**request.guidance_kwargs(), "protocol": request.protocol}
 
 
 def sampling_request(args, pipe) -> SamplingRequest:
@@ -163,7 +164,7 @@ def sample_fingerprint(args, pipe, request: SamplingRequest, label_draw: str) ->
         **pipeline_fingerprint(args.model, pipe), **request_fields(args, pipe, request, label_draw),
         "batch_size": args.batch_size,  # batched numerics move pixels by a level: another batch size, other images
         "labels": args.labels or f"{label_draw} over {pipe.num_classes} classes", "seed": request.seed,
-        **{k: getattr(request, k) for k in RECORDED_WHEN_SET if getattr(request, k) != getattr(defaults, k)},
+        **{k: v for k, v in recorded_when_set(request).items() if v != recorded_when_set(defaults)[k]},
     }
 
 

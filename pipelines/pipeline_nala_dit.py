@@ -22,7 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 # pipeline folders saved before the sub-packages name this module as the transformer's library, and
 # diffusers loads a component only from a module that is already imported
 import nala_diffusion.model  # noqa: F401
-from nala_diffusion.diffusion.objectives import clipping_step_kwargs, model_timestep, to_scheduler_velocity
+from nala_diffusion.diffusion.objectives import clipping_step_kwargs, scheduler_prediction
 from nala_diffusion.models.norm_awareness import warn_if_uncalibrated
 from nala_diffusion.models.sharpness import attention_sharpness_of, set_attention_sharpness
 from nala_diffusion.models.sources import check_loaded_weights
@@ -266,12 +266,11 @@ class NaLaDiTPipeline(DiffusionPipeline):
         the ``guidance`` interval run the conditional branch alone (see :meth:`__call__`)."""
         do_guidance = guidance_scale != 1.0
         self._guidance_scale, self._num_timesteps = guidance_scale, len(timesteps)
-        channels = self.transformer.config.in_channels
         both_ids = torch.cat([class_ids, torch.full_like(class_ids, self.transformer.null_class_label)])  # cond, uncond
         step_kwargs = self._step_kwargs(generator)
         # a step that clips x0 would turn NaN/inf predictions into finite, saturated images: checked before it
         clipping = bool(clipping_step_kwargs(self.scheduler))
-        config, train_steps = self.transformer.config, self.scheduler.config.num_train_timesteps
+        train_steps = self.scheduler.config.num_train_timesteps
         scale_input = getattr(self.scheduler, "scale_model_input", lambda sample, t: sample)  # none in flow schedulers
         if do_guidance:
             guidance.check_steps(timesteps, self.scheduler)
@@ -284,13 +283,10 @@ class NaLaDiTPipeline(DiffusionPipeline):
                 model_input = torch.cat([latents, latents]) if guided else latents
                 model_input = scale_input(model_input, t)
                 timestep = t.expand(model_input.shape[0]).to(model_input.device) if torch.is_tensor(t) else t
-                timestep = model_timestep(config, timestep, train_steps)  # SiT's flow time: 1 - sigma
-                output = self.transformer(
-                    model_input, timestep=timestep, class_labels=both_ids if guided else class_ids,
-                    position_embedding=position_embedding,
-                ).sample  # (B or 2B, C or 2C, h, w)
-                prediction, variance = output[:, :channels], output[:, channels:]  # the mean; v of a learned variance
-                prediction = to_scheduler_velocity(config, prediction)  # SiT's velocity x0 - noise, negated
+                # the mean in the scheduler's convention (SiT's time and velocity sign translated); a learned variance
+                prediction, variance = scheduler_prediction(self.transformer, model_input, timestep, train_steps,
+                                                            class_labels=both_ids if guided else class_ids,
+                                                            position_embedding=position_embedding)
                 if guided:
                     prediction = guidance.combine(*prediction.chunk(2), guidance_scale)
                     variance = variance.chunk(2)[0]  # the conditional branch's, as DiT samples
@@ -401,8 +397,7 @@ class NaLaDiTPipeline(DiffusionPipeline):
         if sigmas is not None:
             num_inference_steps = self.check_sigmas(sigmas, num_inference_steps)
         request = SamplingRequest(
-            height=self.default_sample_size if height is None else height, images_per_label=num_images_per_label,
-            width=self.default_sample_size if width is None else width, steps=num_inference_steps,
+            height=height, width=width, images_per_label=num_images_per_label, steps=num_inference_steps,
             guidance=guidance_scale, position_embedding=position_embedding, attention_sharpness=attention_sharpness,
             guidance_interval=guidance_interval, guidance_interval_unit=guidance_interval_unit,
             guidance_channels=guidance_channels, use_learned_variance=use_learned_variance, check_memory=check_memory)

@@ -49,7 +49,7 @@ class SamplingRequest:
     guidance: Optional[float] = None
     guidance_interval: Optional[Tuple[float, float]] = None
     guidance_interval_unit: str = "timestep"
-    guidance_channels: Union[str, int] = "all"
+    guidance_channels: Union[None, str, int] = None  # None: every mean channel ("all"), unless a protocol sets it
     use_learned_variance: bool = False
     scheduler: Optional[str] = None
     highres_mode: str = "direct"
@@ -109,7 +109,7 @@ class SamplingRequest:
                   "seed": args.seed, "check_memory": args.memory_check,
                   "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
                   "guidance_interval_unit": args.guidance_interval_unit,
-                  "guidance_channels": "all" if args.guidance_channels in (None, "all") else int(args.guidance_channels),
+                  "guidance_channels": args.guidance_channels,
                   "use_learned_variance": args.learned_variance}
         for name in ("images_per_label", "strength", "dtype", "protocol"):
             if getattr(args, name, None) is not None:
@@ -139,8 +139,13 @@ class SamplingRequest:
     # -- against a pipeline ---------------------------------------------------------------------------------
     @property
     def guidance_schedule(self) -> GuidanceSchedule:
-        return GuidanceSchedule(self.guidance_interval, self.guidance_interval_unit, self.guidance_channels,
+        return GuidanceSchedule(self.guidance_interval, self.guidance_interval_unit, self.channels,
                                 self.use_learned_variance)
+
+    @property
+    def channels(self) -> Union[str, int]:
+        """The guided channels as the pipelines take them: ``"all"`` or a count."""
+        return "all" if self.guidance_channels is None else self.guidance_channels
 
     def resolved(self, pipe, output_type: str = "pt", callback_tensor_inputs=("latents",)) -> "SamplingRequest":
         """The request with the pipeline's choices filled in (size, steps, guidance) and every check the
@@ -164,7 +169,7 @@ class SamplingRequest:
     def guidance_kwargs(self) -> Dict[str, Any]:
         """The pipelines' guidance-schedule keyword arguments."""
         return {"guidance_interval": self.guidance_interval, "guidance_interval_unit": self.guidance_interval_unit,
-                "guidance_channels": self.guidance_channels, "use_learned_variance": self.use_learned_variance}
+                "guidance_channels": self.channels, "use_learned_variance": self.use_learned_variance}
 
     def pipeline_kwargs(self, highres: bool = True) -> Dict[str, Any]:
         """The keyword arguments of a pipeline call for this request (labels, generators and output type

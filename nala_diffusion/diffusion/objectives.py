@@ -80,6 +80,18 @@ def to_scheduler_velocity(config: Mapping[str, Any], output: torch.Tensor) -> to
     return output
 
 
+def scheduler_prediction(transformer, sample: torch.Tensor, timesteps: torch.Tensor,
+                         num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, **model_kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the model's mean prediction in the scheduler's convention, its variance channels, empty without a learned
+    variance) at the scheduler's ``timesteps``: the model reads them in its own convention
+    (:func:`model_timestep`) and its output is translated back (:func:`to_scheduler_velocity`), so a sampler
+    never sees SiT's conventions."""
+    config = transformer.config
+    output = transformer(sample, timestep=model_timestep(config, timesteps, num_train_timesteps), **model_kwargs).sample
+    channels = config.in_channels
+    return to_scheduler_velocity(config, output[:, :channels]), output[:, channels:]
+
+
 def noised(x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor, scheduler=None) -> torch.Tensor:
     """x_t from ``x0`` and ``noise``: the one function that noises data, for training, the measurement tools and
     the high-resolution pipeline's re-noising. On a DDPM schedule (a scheduler that is not flow-matching)
