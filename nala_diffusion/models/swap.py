@@ -11,7 +11,14 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from nala_diffusion.models.options import ATTENTION_TYPES, block_indices, check_attention_type, option_names  # noqa: F401  (ATTENTION_TYPES re-exported)
+from nala_diffusion.models.options import (  # noqa: F401  (ATTENTION_TYPES re-exported)
+    ATTENTION_TYPES,
+    block_indices,
+    check_attention_type,
+    layer_attention_types,
+    option_names,
+    options_from_config,
+)
 from nala_diffusion.models.processors import ATTENTION_KINDS, KernelAttnProcessor
 
 
@@ -93,12 +100,11 @@ def set_attention(model: nn.Module, attention_type: str = "nala", layers: Option
 
     Returns the processors that were there before, keyed like diffusers' ``attn_processors``
     (``"transformer_blocks.0.attn1.processor"``); :func:`restore_attention` puts them back. A model whose
-    config records its attention (``NaLaDiTTransformer2DModel``, through its ``attention_config_after_swap``)
-    has its config say what is swapped in, or refuses what the config cannot say.
+    config records its attention (``NaLaDiTTransformer2DModel``)
+    has its config say what is swapped in, or refuses what the config cannot say (:func:`config_after_swap`).
     """
     modules, processors = new_processors(model, attention_type, layers, **options)  # all or none
-    config_update = getattr(model, "attention_config_after_swap", None)
-    updates = config_update({name: p for (name, _), p in zip(modules, processors)}) if config_update else {}
+    updates = config_after_swap(model, {name: p for (name, _), p in zip(modules, processors)})
     previous = place_processors(modules, processors)
     if updates:
         model.register_to_config(**updates)
@@ -131,6 +137,45 @@ def place_processors(modules: Sequence[Tuple[str, Attention]], processors: Seque
     return previous
 
 
+def records_attention(model: nn.Module) -> bool:
+    """Whether ``model``'s config records the attention of its blocks (a ``NaLaDiTTransformer2DModel``)."""
+    config = getattr(model, "config", None)
+    return config is not None and "attention_type" in config and "num_layers" in config
+
+
+def config_after_swap(model: nn.Module, processors: Dict[str, object]) -> Dict[str, object]:
+    """The config entries that describe ``model`` once ``processors`` (attention module name -> processor) are
+    installed, so that ``save_pretrained``/``from_pretrained`` restore them (nothing for a model whose config
+    does not record its attention). A processor the config cannot describe (not one of this package's kernels,
+    or options other than the config's for its kind, which the config holds once for all blocks) is a
+    ``ValueError``."""
+    if not records_attention(model):
+        return {}
+    config = model.config
+    declared = layer_attention_types(config["num_layers"], config["attention_type"], config.get("attention_types"))
+    kinds = list(declared)
+    for name, processor in processors.items():
+        kind = getattr(processor, "attention_type", None)
+        if kind is None or not hasattr(processor, "options"):
+            raise ValueError(f"{name}: a {type(processor).__name__} cannot be recorded in the config of a "
+                             f"{type(model).__name__}, so save_pretrained would not restore it; use a processor "
+                             "of nala_diffusion (set_attention) or a diffusers DiT")
+        recorded = options_from_config(config, kind)
+        differing = {k: (recorded[k], v) for k, v in processor.options().items() if k in recorded and recorded[k] != v}
+        if differing:
+            shown = ", ".join(f"{k}: config {a!r}, swapped in {b!r}" for k, (a, b) in sorted(differing.items()))
+            raise ValueError(
+                f"the config of this {type(model).__name__} holds one set of {kind} options for every block, and "
+                f"{name} would differ from it ({shown}), which save_pretrained would not keep. Build a model with "
+                "those options in its config instead (convert_dit_to_nala(model, ...) or the class with them)")
+        kinds[int(name.split(".")[1])] = kind
+    if kinds == declared:
+        return {}
+    if len(set(kinds)) == 1:
+        return {"attention_type": kinds[0], "attention_types": None}
+    return {"attention_types": kinds}
+
+
 def set_nala_attention(model: nn.Module, layers: Optional[Sequence[Union[int, str]]] = None,
                        **options) -> Dict[str, object]:
     """Swap NaLa into the self-attention layers of ``model`` (all, or those chosen by ``layers``: block
@@ -156,8 +201,7 @@ def restore_attention(model: nn.Module, processors: Dict[str, object]) -> None:
         if not isinstance(module, Attention):
             raise ValueError(f"{name!r} is not an Attention module of {type(model).__name__}")
         named[name] = processor
-    config_update = getattr(model, "attention_config_after_swap", None)
-    updates = config_update(named) if config_update else {}
+    updates = config_after_swap(model, named)
     for name, processor in named.items():
         model.get_submodule(name).set_processor(processor)
     if updates:

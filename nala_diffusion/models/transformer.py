@@ -261,34 +261,6 @@ class NaLaDiTTransformer2DModel(DiTTransformer2DModel):
         config's ``attention_type``) accepts (:func:`~nala_diffusion.models.options.options_from_config`)."""
         return options_from_config(self.config, attention_type)
 
-    def attention_config_after_swap(self, processors: Dict[str, Any]) -> Dict[str, Any]:
-        """The config entries that describe the model once ``processors`` (attention module name ->
-        processor) are installed, so that ``save_pretrained``/``from_pretrained`` restore them; called by
-        :func:`~nala_diffusion.models.swap.set_attention` and ``restore_attention`` before they swap. A
-        processor the config cannot describe (not one of this package's kernels, or options other than
-        the config's for its kind, which the config holds once for all blocks) is a ``ValueError``."""
-        kinds = list(self.layer_attention_types)
-        for name, processor in processors.items():
-            kind = getattr(processor, "attention_type", None)
-            if kind is None or not hasattr(processor, "options"):
-                raise ValueError(f"{name}: a {type(processor).__name__} cannot be recorded in the config of a "
-                                 f"{type(self).__name__}, so save_pretrained would not restore it; use a processor "
-                                 "of nala_diffusion (set_attention) or a diffusers DiT")
-            recorded = self.attention_options(kind)
-            differing = {k: (recorded[k], v) for k, v in processor.options().items() if k in recorded and recorded[k] != v}
-            if differing:
-                shown = ", ".join(f"{k}: config {a!r}, swapped in {b!r}" for k, (a, b) in sorted(differing.items()))
-                raise ValueError(
-                    f"the config of this {type(self).__name__} holds one set of {kind} options for every block, and "
-                    f"{name} would differ from it ({shown}), which save_pretrained would not keep. Build a model with "
-                    "those options in its config instead (convert_dit_to_nala(model, ...) or the class with them)")
-            kinds[int(name.split(".")[1])] = kind
-        if kinds == self.layer_attention_types:
-            return {}
-        if len(set(kinds)) == 1:
-            return {"attention_type": kinds[0], "attention_types": None}
-        return {"attention_types": kinds}
-
     @property
     def layer_attention_types(self) -> List[str]:
         """The attention type of each block, as the config declares it."""
