@@ -139,8 +139,11 @@ def place_processors(modules: Sequence[Tuple[str, Attention]], processors: Seque
 
 def records_attention(model: nn.Module) -> bool:
     """Whether ``model``'s config records the attention of its blocks (a ``NaLaDiTTransformer2DModel``)."""
-    config = getattr(model, "config", None)
-    return config is not None and "attention_type" in config and "num_layers" in config
+    from nala_diffusion.models.transformer import (
+        NaLaDiTTransformer2DModel,  # here: the transformer imports this module
+    )
+
+    return isinstance(model, NaLaDiTTransformer2DModel)
 
 
 def config_after_swap(model: nn.Module, processors: Dict[str, object]) -> Dict[str, object]:
