@@ -70,6 +70,7 @@ def test_ddpm_objective_draws_and_noises_as_before():
     assert torch.equal(objective.target(x0, noise, times), noise)
 
 
+@pytest.mark.slow  # a full training run (or several): the default set stays under five minutes
 def test_nala_train_objective_flow(data, tmp_path):
     out = tmp_path / "flow"
     result = train(args_for(data, out, steps=4, objective="flow", weighting_scheme="logit_normal", use_ema=True,

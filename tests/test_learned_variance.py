@@ -67,6 +67,7 @@ def variance_rows(weights, channels=3, out_channels=6):
     return weights["proj_out_2.weight"][rows], weights["proj_out_2.bias"][rows]
 
 
+@pytest.mark.slow  # a full training run (or several): the default set stays under five minutes
 def test_training_changes_the_variance_channels_only_with_vlb(data, learned_sigma_model, tmp_path):  # noqa: F811
     initial = variance_rows(load_file(learned_sigma_model / "diffusion_pytorch_model.safetensors"))
     finals = {}

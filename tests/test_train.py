@@ -193,6 +193,7 @@ def test_norm_scale_flags_fixed_and_learnable(data, tmp_path):
     assert isinstance(sigma, torch.nn.Parameter) and sigma.exp().min() > 1.2  # calibrated start, then trained
 
 
+@pytest.mark.slow  # a full training run (or several): the default set stays under five minutes
 def test_latent_space_with_cached_latents(data, tmp_path):
     from diffusers import AutoencoderKL
 
@@ -343,6 +344,7 @@ def test_a_second_trainer_on_one_folder_is_refused(data, tmp_path, capsys):
         assert os.listdir(out) == [".lock"]
 
 
+@pytest.mark.slow  # a full training run (or several): the default set stays under five minutes
 def test_hybrid_layout_trains_loads_and_refuses_another_layout_on_resume(data, tmp_path, capsys):
     out = tmp_path / "hybrid"
     train(base_args(data, out, steps=4, softmax_layers=-1, use_ema=True))
@@ -369,6 +371,7 @@ def test_hybrid_layout_trains_loads_and_refuses_another_layout_on_resume(data, t
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a full training run (or several): the default set stays under five minutes
 def test_a_decaying_schedule_refuses_another_step_count_on_resume(data, tmp_path):
     out = tmp_path / "cosine"
     train(base_args(data, out, steps=4, lr_scheduler="cosine"))
