@@ -1,0 +1,32 @@
+"""The token-scaling reading puts retrieval records of several token counts side by side, from the records alone."""
+
+from pathlib import Path
+
+from PIL import Image
+
+from nala_diffusion.eval.studies.retrieval import gap_closed
+from nala_diffusion.eval.studies.token_scaling import main, per_kind, read_record
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def test_the_table_and_figure_come_from_the_records(tmp_path, capsys):
+    records = {64: RESULTS / "retrieval_calibrated", 256: RESULTS / "retrieval_tokens" / "patch2"}
+    out = tmp_path / "token_scaling"
+    assert main(["--records", *(f"{tokens}={folder}" for tokens, folder in records.items()), "--out", str(out)]) == 0
+    table = (tmp_path / "token_scaling.md").read_text()
+    small = read_record(str(records[64]))
+    shares = gap_closed(small, "hybrid_nala")
+    assert len(shares) >= 2 and all(f"{s:+.3f}" in table for s in shares)  # the hybrid's per-seed shares, as recorded
+    assert per_kind(small)["nala_calibrated"][0]["entropy"] == list(small["runs"]["nala_calibrated"][0]["mass"].values())[-1]["entropy"]
+    rows = [line for line in table.splitlines() if line.startswith("| 256 |")]
+    assert {row.split(" | ")[1] for row in rows} >= {"softmax", "relu_linear"}
+    with Image.open(tmp_path / "token_scaling.png") as image:
+        assert image.size[0] > 600
+
+
+def test_a_bad_record_is_named(tmp_path, capsys):
+    assert main(["--records", "64", "--out", str(tmp_path / "x")]) == 2
+    assert "TOKENS=FOLDER" in capsys.readouterr().err
+    assert main(["--records", f"64={tmp_path}", "--out", str(tmp_path / "x")]) == 2
+    assert "holds no results.json" in capsys.readouterr().err
