@@ -103,10 +103,13 @@ def plot(records: Dict[int, dict], path: str) -> None:
             panel.plot(*zip(*points), marker, color=colour, alpha=0.6, ms=5)
             means = [(t, float(np.mean([p for q, p in points if q == t]))) for t in counts if any(q == t for q, _ in points)]
             panel.plot(*zip(*means), "-", color=colour, label=kind)
+    steps = {tokens: max((r["steps"] for runs in records[tokens]["runs"].values() for r in runs), default=0)
+             for tokens in counts}
     for panel in axes:
         panel.set_xscale("log", base=2)
-        panel.set_xticks(counts, [f"{c:,}" for c in counts])
-        panel.set_xlabel("tokens")
+        panel.set_xticks(counts, [f"{c:,}\n({steps[c]:,} steps)" for c in counts])
+        panel.set_xlabel("tokens (training budget)")
+    axes[1].plot(counts, [float(np.log(c)) for c in counts], "--", color="grey", lw=0.8, label="uniform attention, ln N")
     axes[0].axhline(0, color="grey", lw=0.8)
     axes[0].axhline(1, color="grey", lw=0.8, ls="--")
     axes[0].set(ylabel="share of the ReLU -> softmax retrieval gap", title="gap share (points: seeds)")
