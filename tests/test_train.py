@@ -181,6 +181,7 @@ def test_distillation_from_a_converted_dit(data, tmp_path):
     assert sigma.shape == (2,) and (sigma > 1.2).all()
 
 
+@pytest.mark.slow  # a full training run (or several): the default set stays under five minutes
 def test_norm_scale_flags_fixed_and_learnable(data, tmp_path):
     fixed = tmp_path / "fixed"
     train(base_args(data, fixed, steps=2, norm_scale_mode="fixed", norm_scale=2.5))
@@ -222,6 +223,7 @@ def test_latent_space_with_cached_latents(data, tmp_path):
     assert len(list((out / "latent_cache").glob("*.safetensors"))) == 1  # nothing added to the old run
 
 
+@pytest.mark.slow  # a full training run (or several): the default set stays under five minutes
 def test_resume_refuses_other_data_behind_the_same_class_names(data, tmp_path):
     out = tmp_path / "run"
     copy = tmp_path / "images"
@@ -399,6 +401,7 @@ def test_weights_and_checkpoints_follow_the_umask(data, tmp_path):
     assert set(modes.values()) == {"0o644"}, modes
 
 
+@pytest.mark.slow  # a full training run (or several): the default set stays under five minutes
 def test_overwrite_removes_only_the_run_and_data_inside_output_dir_is_refused(data, tmp_path, capsys):
     out = tmp_path / "run"
     train(base_args(data, out, steps=4))
