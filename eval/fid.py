@@ -159,12 +159,12 @@ def request_fields(args, pipe, request: SamplingRequest, label_draw: str) -> dic
 def sample_fingerprint(args, pipe, request: SamplingRequest, label_draw: str) -> dict:
     """What a sample folder's images depend on: the pipeline's weights and sampler, the request (its guidance
     schedule where it differs from the default), the seed and the batch size."""
-    defaults = SamplingRequest()
+    defaults = recorded_when_set(SamplingRequest())
     return {
         **pipeline_fingerprint(args.model, pipe), **request_fields(args, pipe, request, label_draw),
         "batch_size": args.batch_size,  # batched numerics move pixels by a level: another batch size, other images
         "labels": args.labels or f"{label_draw} over {pipe.num_classes} classes", "seed": request.seed,
-        **{k: v for k, v in recorded_when_set(request).items() if v != recorded_when_set(defaults)[k]},
+        **{k: v for k, v in recorded_when_set(request).items() if v != defaults[k]},
     }
 
 

@@ -3,6 +3,7 @@ classes mapped onto the data's, sigma calibrated on real queries, the objective,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -145,7 +146,7 @@ def build_models(config, data: RunData, device, resume_path: Optional[str]):
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     teacher = load_teacher(config, model, objective, data, device) if config.teacher else None
-    data = RunData(**{**vars(data), "dataset": dataset})
+    data = dataclasses.replace(data, dataset=dataset)
     return config, RunModels(model, teacher, objective, id2label, class_ids, probe), data
 
 
