@@ -1,11 +1,17 @@
 """The token-scaling reading puts retrieval records of several token counts side by side, from the records alone."""
 
+import json
+import os
+import shlex
+import shutil
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from nala_diffusion.eval.studies.retrieval import gap_closed
 from nala_diffusion.eval.studies.token_scaling import main, per_kind, read_record
+from nala_diffusion.eval.study import main as study_main
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
@@ -30,3 +36,24 @@ def test_a_bad_record_is_named(tmp_path, capsys):
     assert "TOKENS=FOLDER" in capsys.readouterr().err
     assert main(["--records", f"64={tmp_path}", "--out", str(tmp_path / "x")]) == 2
     assert "holds no results.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tokens", ["patch2", "patch1"])
+def test_report_only_rebuilds_each_token_counts_table_from_its_records(tmp_path, tokens):
+    """docs/results/retrieval_tokens/<patch>: the recorded command with --report_only writes the table that is
+    committed, from the runs' records and the cached forward costs alone (nothing trained, measured or timed)."""
+    recorded = RESULTS / "retrieval_tokens" / tokens
+    copy = tmp_path / tokens
+    shutil.copytree(recorded, copy, ignore=shutil.ignore_patterns("*.png"))
+    argv = shlex.split(json.loads((recorded / "results.json").read_text())["command"])[1:]
+    argv[argv.index("--out") + 1] = str(copy)
+    argv[argv.index("--model_config") + 1] = str(copy / "model_config.json")
+    if "--report_only" not in argv:
+        argv.append("--report_only")
+    assert study_main(argv) == 0
+    assert sorted(os.listdir(copy / "scores")) == sorted(os.listdir(recorded / "scores"))  # nothing measured again
+
+    def tables(text):  # the report without its first line (the command, which names the folder)
+        return text.split("\n", 1)[1]
+
+    assert tables((copy / "results.md").read_text()) == tables((recorded / "results.md").read_text())
