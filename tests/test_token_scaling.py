@@ -27,6 +27,10 @@ def test_the_table_and_figure_come_from_the_records(tmp_path, capsys):
     assert per_kind(small)["nala_calibrated"][0]["entropy"] == list(small["runs"]["nala_calibrated"][0]["mass"].values())[-1]["entropy"]
     rows = [line for line in table.splitlines() if line.startswith("| 256 |")]
     assert {row.split(" | ")[1] for row in rows} >= {"softmax", "relu_linear"}
+    anchors = per_kind(read_record(str(records[256])))  # the gain ratio pairs the anchors of each seed
+    paired = [s for s in anchors["softmax"] if s in anchors["relu_linear"]]
+    ratios = ", ".join(f"{anchors['softmax'][s]['gain'] / anchors['relu_linear'][s]['gain']:.2f}" for s in paired)
+    assert paired and all(row.split(" | ")[4] == ratios for row in rows)
     with Image.open(tmp_path / "token_scaling.png") as image:
         assert image.size[0] > 600
 

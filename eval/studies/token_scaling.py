@@ -70,17 +70,18 @@ def table(records: Dict[int, dict]) -> str:
                          mean_std([v["entropy"] for v in values]),
                          f"{mean_std([v['mass'] for v in values])} ({mean_std([v['baseline'] for v in values])})",
                          mean_std([v["norm_effect"] for v in values])])
-    header = ["tokens", "kind", "steps", "gap share per seed", "softmax gain / ReLU gain", "last-layer entropy",
+    header = ["tokens", "kind", "steps", "gap share per seed", "softmax gain / ReLU gain per seed", "last-layer entropy",
               "last-layer partner mass (baseline)", "last-layer dH/dlog‖q‖"]
     return "\n".join(markdown_table(header, rows)) + "\n"
 
 
 def _gain_ratio(kinds: Dict[str, dict]) -> str:
+    """Softmax's gain over ReLU linear's, per seed that has both anchors (the gap share's pairing)."""
     if not all(anchor in kinds for anchor in ANCHORS):
         return "–"
-    soft = np.mean([v["gain"] for v in kinds["softmax"].values()])
-    relu = np.mean([v["gain"] for v in kinds["relu_linear"].values()])
-    return f"{soft / relu:.2f}" if relu > 0 else f"{soft:.4f} / {relu:.4f}"
+    seeds = [seed for seed in kinds["softmax"] if seed in kinds["relu_linear"]]
+    pairs = [(kinds["softmax"][seed]["gain"], kinds["relu_linear"][seed]["gain"]) for seed in seeds]
+    return ", ".join(f"{soft / relu:.2f}" if relu > 0 else f"{soft:.4f} / {relu:.4f}" for soft, relu in pairs) or "–"
 
 
 def plot(records: Dict[int, dict], path: str) -> None:
